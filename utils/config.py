@@ -1,0 +1,237 @@
+"""YAML configuration: layered ``_base_`` files, ``key=value`` overrides, strict keys, frozen result.
+
+Every key that exists is declared, with its default and a comment, in ``configs/base.yaml``. A recipe file
+names the keys it changes; ``_base_`` (a path or a list of paths relative to the file) layers files. Any key
+absent from ``base.yaml`` is an error that names the closest valid key, and a value whose type differs from
+the default's is an error too (an int may stand for a float; a default of ``null`` accepts anything).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed; the message names the file and the key."""
+
+
+class Config(Mapping):
+    """A frozen, nested mapping with attribute access (``cfg.train.lr``)."""
+
+    def __init__(self, data: Mapping[str, Any]):
+        frozen = {k: Config(v) if isinstance(v, Mapping) else _freeze(v) for k, v in data.items()}
+        object.__setattr__(self, "_data", frozen)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Config is frozen; pass key=value overrides instead of assigning")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
+
+    def __reduce__(self):
+        return (Config, (self.to_dict(),))
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else _thaw(v) for k, v in self._data.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def digest(self) -> str:
+        """A short content hash, stable across key order, to tell configs apart in results files."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def get_path(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def replace(self, overrides: Iterable[str] = (), **sections: Mapping[str, Any]) -> "Config":
+        """A new Config with nested dict ``sections`` and then ``key=value`` strings applied, checked."""
+        data = self.to_dict()
+        schema = _load_schema()
+        for name, value in sections.items():
+            _merge_checked(data, {name: value}, schema, source="<replace>")
+        _apply_overrides(data, overrides, schema)
+        return Config(data)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(Config(v) if isinstance(v, Mapping) else _freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [v.to_dict() if isinstance(v, Config) else _thaw(v) for v in value]
+    return value
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+_SCHEMA_CACHE: dict | None = None
+
+
+def _load_schema() -> dict:
+    global _SCHEMA_CACHE
+    if _SCHEMA_CACHE is None:
+        _SCHEMA_CACHE = _read_yaml(BASE_CONFIG)
+    return copy.deepcopy(_SCHEMA_CACHE)
+
+
+def _all_keys(schema: Mapping, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in schema.items():
+        keys.append(prefix + k)
+        if isinstance(v, Mapping):
+            keys.extend(_all_keys(v, prefix + k + "."))
+    return keys
+
+
+def _unknown_key_error(dotted: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(dotted, _all_keys(_load_schema()), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{source}: unknown config key {dotted!r}{hint} (every key is declared in {BASE_CONFIG.name})")
+
+
+def _check_type(dotted: str, default: Any, value: Any, source: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(
+            f"{source}: key {dotted!r} expects {type(default).__name__} (default {default!r}), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _merge_checked(target: dict, update: Mapping, schema: Mapping, source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        dotted = prefix + str(key)
+        if key not in schema:
+            raise _unknown_key_error(dotted, source)
+        default = schema[key]
+        if isinstance(default, Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: key {dotted!r} is a section; expected a mapping, got {value!r}")
+            _merge_checked(target[key], value, default, source, dotted + ".")
+        else:
+            target[key] = _check_type(dotted, default, copy.deepcopy(value), source)
+
+
+def _layer_file(path: Path, schema: dict, seen: tuple[Path, ...] = ()) -> dict:
+    """The merged data of ``path`` and its ``_base_`` chain, on top of the schema defaults."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {[str(p) for p in seen]}")
+    raw = _read_yaml(path)
+    bases = raw.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    data = copy.deepcopy(schema)
+    for base in bases:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if base_path.resolve() == BASE_CONFIG.resolve():
+            continue
+        _merge_checked(data, _layer_file(base_path, schema, seen + (path,)), schema, str(base_path))
+    _merge_checked(data, raw, schema, str(path))
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_overrides(data: dict, overrides: Iterable[str], schema: dict) -> None:
+    for text in overrides:
+        dotted, value = parse_override(text)
+        parts = dotted.split(".")
+        node, sch = data, schema
+        for part in parts[:-1]:
+            if part not in sch or not isinstance(sch[part], Mapping):
+                raise _unknown_key_error(dotted, "command line")
+            node, sch = node[part], sch[part]
+        leaf = parts[-1]
+        if leaf not in sch:
+            raise _unknown_key_error(dotted, "command line")
+        if isinstance(sch[leaf], Mapping):
+            raise ConfigError(f"command line: {dotted!r} is a section; override one of its keys")
+        node[leaf] = _check_type(dotted, sch[leaf], value, "command line")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults from base.yaml, then ``path`` with its ``_base_`` chain, then ``key=value`` overrides."""
+    schema = _load_schema()
+    data = _layer_file(Path(path), schema) if path is not None else copy.deepcopy(schema)
+    _apply_overrides(data, overrides, schema)
+    return Config(data)
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), source: str = "<dict>") -> Config:
+    """Rebuild a config saved in a checkpoint (a plain dict), checked against today's schema."""
+    schema = _load_schema()
+    merged = copy.deepcopy(schema)
+    _merge_checked(merged, data, schema, source)
+    _apply_overrides(merged, overrides, schema)
+    return Config(merged)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())
