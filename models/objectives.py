@@ -1,0 +1,95 @@
+"""The training step's losses: IVT fine-tuning (CMPM over MLA x BMM) and the ITC/ITM/MLM objectives.
+
+``RetrievalObjective`` wraps an :class:`~models.ivt.IVT` so that ``objective(batch)`` returns a dict whose
+``*_loss`` entries the engine sums (already weighted) and whose other entries it logs. It is the module that DDP
+wraps; checkpoints store the inner model's state dict.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.ivt import IVT
+from models.losses import (cmpm_loss, gather_with_grad, itc_loss, itm_loss, itm_targets, mlm_loss,
+                           sample_hard_negatives)
+from utils.config import Config
+
+
+class RetrievalObjective(nn.Module):
+    """Computes the weighted losses of the recipe for one collated batch (see datasets.collate.TrainCollator)."""
+
+    def __init__(self, model: IVT, loss_cfg: Config):
+        super().__init__()
+        self.model = model
+        self.weights = {name: float(loss_cfg[f"{name}_weight"]) for name in ("cmpm", "itc", "itm", "mlm")}
+        self.itc_normalize = bool(loss_cfg.itc_normalize)
+        self.gather = bool(loss_cfg.gather_features)
+        needs_fusion = self.weights["itm"] > 0 or self.weights["mlm"] > 0
+        if needs_fusion and not model.has_fusion:
+            raise ValueError("loss.itm_weight/loss.mlm_weight > 0 need a fusion stack: set model.fusion_layers > 0")
+        if not any(self.weights.values()):
+            raise ValueError("every loss weight is 0: set loss.cmpm_weight or loss.itc_weight/itm_weight/mlm_weight")
+        self._freeze_unused()
+
+    def _freeze_unused(self) -> None:
+        # Parameters no loss reaches would get no gradient; freezing them keeps DDP free of
+        # find_unused_parameters and keeps weight decay from shrinking them for nothing.
+        self.model.temperature.requires_grad_(self.weights["itc"] > 0)
+        if self.model.has_fusion:
+            self.model.itm_head.requires_grad_(self.weights["itm"] > 0)
+            self.model.mlm_head.requires_grad_(self.weights["mlm"] > 0)
+            self.model.fusion.requires_grad_(self.weights["itm"] > 0 or self.weights["mlm"] > 0)
+
+    def _maybe_gather(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(gather_with_grad(t) for t in tensors) if self.gather else tensors
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        model, w = self.model, self.weights
+        out: dict[str, torch.Tensor] = {}
+        images = batch["images"]  # [V*B,3,H,W], view-major
+        pids = batch["pids"]  # [B]
+        batch_size = pids.shape[0]
+        image_tokens, image_feats = model.encode_image(images)
+
+        if w["cmpm"] > 0:
+            # MLA x BMM: every view and every text level of the batch in one CMPM, person ids as targets.
+            _, text_feats = model.encode_text(batch["text_ids"], batch["text_mask"])
+            v, t, vp, tp = self._maybe_gather(image_feats, text_feats, batch["image_pids"], batch["text_pids"])
+            out["cmpm_loss"] = w["cmpm"] * cmpm_loss(v, t, vp, tp)
+
+        if w["itc"] > 0 or w["itm"] > 0 or w["mlm"] > 0:
+            # The ALBEF-style objectives pair view 0 of each image with its full caption, never token-dropped,
+            # so that MLM labels stay aligned with the caption tokens.
+            view0_tokens, view0_feats = image_tokens[:batch_size], image_feats[:batch_size]
+            caption_ids, caption_mask = batch["caption_ids"], batch["caption_mask"]
+            caption_tokens, caption_feats = model.encode_text(caption_ids, caption_mask, bmm=False)
+            temperature = model.temperature
+            if w["itc"] > 0:
+                v, t = view0_feats, caption_feats
+                if self.itc_normalize:
+                    v, t = F.normalize(v, dim=-1), F.normalize(t, dim=-1)
+                v, t, vp, tp = self._maybe_gather(v, t, pids, pids)
+                out["itc_loss"] = w["itc"] * itc_loss(v, t, vp, tp, temperature)
+                out["temperature"] = temperature.detach()
+            if w["itm"] > 0:
+                out["itm_loss"] = w["itm"] * self._itm(view0_tokens, view0_feats, caption_tokens, caption_feats,
+                                                      caption_mask, pids, temperature)
+            if w["mlm"] > 0:
+                masked_tokens, _ = model.encode_text(batch["mlm_ids"], caption_mask, bmm=False)
+                labels = batch["mlm_labels"]
+                positions = labels != -100
+                logits = model.mlm_logits(masked_tokens, caption_mask, view0_tokens, positions=positions)
+                out["mlm_loss"] = w["mlm"] * mlm_loss(logits, labels[positions])
+        return out
+
+    def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature) -> torch.Tensor:
+        """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call."""
+        with torch.no_grad():
+            sim_i2t = image_feats.float() @ text_feats.float().t() / temperature.float()
+        neg_image_for_text, neg_text_for_image = sample_hard_negatives(sim_i2t, pids, pids)
+        text_all = torch.cat([text_tokens, text_tokens, text_tokens[neg_text_for_image]])
+        mask_all = torch.cat([text_mask, text_mask, text_mask[neg_text_for_image]])
+        image_all = torch.cat([image_tokens, image_tokens[neg_image_for_text], image_tokens])
+        logits = self.model.itm_logits(text_all, mask_all, image_all)
+        return itm_loss(logits, itm_targets(pids.shape[0], logits.device))

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Launch a training or evaluation script with torchrun.
+#   bash start.sh SCRIPT NUM_GPUS [args and key=value overrides ...]
+#   bash start.sh train_cuhkpedes.py 4
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash start.sh train_pretrain.py 8   # on each node
+# NUM_GPUS is the number of processes on this node. With NNODES > 1 every node runs the same command with its
+# own NODE_RANK. PYTHON selects the interpreter (default: python3 on PATH).
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: bash start.sh SCRIPT NUM_GPUS [args ...]" >&2
+  exit 2
+fi
+script=$1; nproc=$2; shift 2
+cd "$(dirname "$0")"
+nnodes=${NNODES:-1}
+node_rank=${NODE_RANK:-0}
+master_addr=${MASTER_ADDR:-127.0.0.1}
+master_port=${MASTER_PORT:-29500}
+python=${PYTHON:-python3}
+cmd=("$python" -m torch.distributed.run --nproc_per_node="$nproc" --nnodes="$nnodes" --node_rank="$node_rank"
+     --master_addr="$master_addr" --master_port="$master_port" "$script" "$@")
+echo "+ ${cmd[*]}"
+exec "${cmd[@]}"

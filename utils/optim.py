@@ -1,0 +1,66 @@
+"""Optimizer and learning-rate schedule of the recipe (ivt_reference.md §4).
+
+SGD (momentum 0.9) over every trainable tensor, biases at ``lr * bias_lr_factor``; timm's cosine schedule with
+linear warmup from ``warmup_lr_init``, the same floor and warmup start for every group. The authors step it once
+per epoch (``schedule_unit: epoch``); ``step`` moves it every optimizer step instead.
+"""
+from __future__ import annotations
+
+import torch
+from timm.scheduler import CosineLRScheduler
+
+from utils.config import Config
+
+
+def parameter_groups(model: torch.nn.Module, train_cfg: Config) -> list[dict]:
+    decay, bias = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (bias if "bias" in name else decay).append(param)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay})
+    if bias:
+        groups.append({"params": bias, "lr": train_cfg.lr * train_cfg.bias_lr_factor,
+                       "weight_decay": train_cfg.weight_decay_bias})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, train_cfg: Config) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, train_cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum)
+    if train_cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas))
+    raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train_cfg.optimizer!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Config, steps_per_epoch: int) -> CosineLRScheduler:
+    """Cosine to ``min_lr`` over ``epochs`` after ``warmup_epochs`` of linear warmup (timm semantics)."""
+    if train_cfg.schedule_unit == "epoch":
+        scale, in_epochs = 1, True
+    elif train_cfg.schedule_unit == "step":
+        scale, in_epochs = max(1, steps_per_epoch), False
+    else:
+        raise ValueError(f"train.schedule_unit must be 'epoch' or 'step', got {train_cfg.schedule_unit!r}")
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, train_cfg.epochs * scale),
+        lr_min=train_cfg.min_lr,
+        warmup_t=train_cfg.warmup_epochs * scale,
+        warmup_lr_init=train_cfg.warmup_lr_init,
+        warmup_prefix=False,
+        cycle_limit=1,
+        t_in_epochs=in_epochs,
+    )
+
+
+def set_schedule(scheduler: CosineLRScheduler, train_cfg: Config, epoch: int, global_step: int) -> None:
+    """Put the optimizer's learning rates where the schedule says for this point of training."""
+    if train_cfg.schedule_unit == "epoch":
+        scheduler.step(epoch)
+    else:
+        scheduler.step_update(global_step)
