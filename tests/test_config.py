@@ -1,0 +1,85 @@
+import pytest
+import yaml
+
+from utils.config import ConfigError, config_from_dict, load_config, save_config
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_are_the_authors_recipe():
+    cfg = load_config(None)
+    assert cfg.train.lr == 0.005 and cfg.train.bias_lr_factor == 2.0
+    assert cfg.input.image_size == (384, 128)
+    assert cfg.model.stride == 12 and cfg.model.bmm_ratio == 0.2
+
+
+def test_base_chain_and_overrides(tmp_path):
+    parent = write(tmp_path / "parent.yaml", {"train": {"epochs": 7, "lr": 0.1}, "model": {"depth": 3}})
+    child = write(tmp_path / "child.yaml", {"_base_": "parent.yaml", "train": {"lr": 0.2}})
+    cfg = load_config(child, ["model.depth=5", "eval.selection_split=null", "input.image_size=[64, 32]"])
+    assert cfg.train.epochs == 7  # from the parent
+    assert cfg.train.lr == 0.2  # child wins over parent
+    assert cfg.model.depth == 5  # command line wins over files
+    assert cfg.eval.selection_split is None
+    assert cfg.input.image_size == (64, 32)
+    assert cfg.train.momentum == 0.9  # untouched default
+    assert parent.exists()
+
+
+def test_int_is_accepted_for_float_and_coerced():
+    cfg = load_config(None, ["train.lr=1"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.lrr=0.1", ["train.lrr", "train.lr"]),
+    ("modle.depth=2", ["modle.depth"]),
+    ("train.epochs=abc", ["train.epochs", "int"]),
+    ("train.epochs=1.5", ["train.epochs", "int"]),
+    ("data.check_images=1", ["data.check_images", "bool"]),
+    ("train=3", ["train", "section"]),
+    ("noequals", ["key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_unknown_key_in_file_names_file_key_and_closest(tmp_path):
+    bad = write(tmp_path / "bad.yaml", {"train": {"warmup_epoch": 3}})
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert "bad.yaml" in message and "train.warmup_epoch" in message and "train.warmup_epochs" in message
+
+
+def test_frozen_and_round_trip(tmp_path):
+    cfg = load_config(None, ["train.epochs=3"])
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 4
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again.to_dict() == cfg.to_dict()
+    assert again.digest() == cfg.digest()
+    assert config_from_dict(cfg.to_dict()).digest() == cfg.digest()
+    assert load_config(None, ["train.epochs=4"]).digest() != cfg.digest()
+
+
+def test_replace_checks_sections():
+    cfg = load_config(None)
+    changed = cfg.replace(["train.epochs=2"], model={"stride": 16})
+    assert changed.model.stride == 16 and changed.train.epochs == 2 and cfg.model.stride == 12
+    with pytest.raises(ConfigError):
+        cfg.replace(model={"strid": 16})
+
+
+def test_every_recipe_loads():
+    from utils.config import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from utils.config import load_config
+from utils.optim import build_optimizer, build_scheduler, set_schedule
+
+
+def test_bias_groups_and_sgd_settings():
+    cfg = load_config(None)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, cfg.train)
+    assert isinstance(opt, torch.optim.SGD)
+    weights, biases = opt.param_groups
+    assert len(weights["params"]) == 2 and len(biases["params"]) == 2
+    assert weights["lr"] == pytest.approx(0.005) and biases["lr"] == pytest.approx(0.01)
+    assert weights["momentum"] == 0.9 and weights["weight_decay"] == biases["weight_decay"] == 1e-4
+
+
+# The authors' learning rates per epoch (ivt_reference.md §4), weight group and bias group.
+@pytest.mark.parametrize("epoch, weight_lr, bias_lr", [
+    (0, 5e-5, 5e-5), (1, 1.04e-3, 2.04e-3), (5, 4.979e-3, 9.957e-3), (30, 4.269e-3, None),
+    (60, 2.505e-3, None), (90, 7.41e-4, None), (120, 1e-5, 1e-5),
+])
+def test_epoch_schedule_matches_the_authors(epoch, weight_lr, bias_lr):
+    cfg = load_config(None)
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg.train)
+    scheduler = build_scheduler(opt, cfg.train, steps_per_epoch=100)
+    set_schedule(scheduler, cfg.train, epoch, global_step=0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(weight_lr, rel=2e-3)
+    if bias_lr is not None:
+        assert opt.param_groups[1]["lr"] == pytest.approx(bias_lr, rel=2e-3)
+
+
+def test_step_schedule_is_smooth_and_ends_at_min_lr():
+    cfg = load_config(None, ["train.schedule_unit=step", "train.epochs=2", "train.warmup_epochs=1"])
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg.train)
+    scheduler = build_scheduler(opt, cfg.train, steps_per_epoch=10)
+    lrs = []
+    for step in range(21):
+        set_schedule(scheduler, cfg.train, step // 10, step)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(5e-5)
+    assert lrs[5] == pytest.approx(5e-5 + 0.5 * (0.005 - 5e-5))  # halfway through warmup
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # rising during warmup
+    assert lrs[20] == pytest.approx(1e-5)
