@@ -9,12 +9,14 @@ import argparse
 import contextlib
 import logging
 import math
+import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -59,9 +61,8 @@ def _synthesize_if_missing(cfg: Config) -> None:
 def pretrain_corpora(cfg: Config) -> list[dict]:
     corpora = [dict(c) for c in cfg.data.pretrain_corpora]
     if not corpora and cfg.data.format == "pretrain":
-        from datasets.synthetic import PRETRAIN_ANNOTATION
-
-        corpora = [{"annotation": str(Path(cfg.data.root) / PRETRAIN_ANNOTATION), "image_root": cfg.data.root}]
+        # The synthetic pretraining corpus (python -m datasets.synthetic --format pretrain) lives in data.root.
+        corpora = [{"annotation": str(Path(cfg.data.root) / "pretrain.json"), "image_root": cfg.data.root}]
     return corpora
 
 
@@ -277,6 +278,8 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
     logger.info("run directory %s, world size %d, device %s, config digest %s", output_dir, world_size, device,
                 cfg.digest())
     torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
@@ -301,7 +304,7 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
     test_split = cfg.eval.test_split
     if eval_only:
         results = evaluate_split(model, eval_splits, test_split, tokenizer, cfg, device, output_dir)
-        return {"test": results}
+        return {"test": results, "model": model}
 
     train_module = objective
     if world_size > 1:
@@ -437,7 +440,7 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
                 stopped = True
     writer.close()
     summary = {"stopped": stopped, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
-               "global_step": state.global_step, "test": None}
+               "global_step": state.global_step, "test": None, "model": model}
     if stopped:
         return summary
     best_path = output_dir / "best.pth"

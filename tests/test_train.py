@@ -1,0 +1,181 @@
+"""End-to-end training tests on synthetic data with the tiny model (CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import train_cuhkpedes
+import train_icfg
+import train_pretrain
+import train_rstp
+from tests.tiny import tiny_overrides
+from utils.checkpoint import load_file
+from utils.config import load_config
+from utils.engine import NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_one_step_lowers_the_loss_on_a_repeated_batch(tmp_path):
+    from datasets.build import build_train_loader
+    from models.ivt import build_model
+    from models.objectives import RetrievalObjective
+    from utils.engine import build_run_tokenizer, load_data
+    from utils.optim import build_optimizer
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "data") + ["model.bmm_ratio=0", "model.text_dropout=0"])
+    torch.manual_seed(0)
+    records, _ = load_data(cfg)
+    tokenizer = build_run_tokenizer(cfg, records, None)
+    loader, sampler, dataset = build_train_loader(cfg, records, tokenizer)
+    sampler.set_epoch(0)
+    dataset.set_epoch(0)
+    batch = next(iter(loader))
+    objective = RetrievalObjective(build_model(cfg), cfg.loss)
+    optimizer = build_optimizer(objective.model, cfg.train)
+    before = objective(batch)["cmpm_loss"]
+    before.backward()
+    optimizer.step()
+    after = objective(batch)["cmpm_loss"]
+    assert torch.isfinite(before) and after.item() < before.item()
+
+
+@pytest.mark.parametrize("module, fmt", [
+    (train_cuhkpedes, "cuhkpedes"), (train_icfg, "icfg"), (train_rstp, "rstp"),
+])
+def test_each_fine_tuning_script_then_evaluate(tmp_path, module, fmt):
+    out = tmp_path / "run"
+    summary = module.main(["--output-dir", str(out)] + tiny_overrides(tmp_path / "data", fmt))
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "last.pth", "best.pth", "metrics_test.json"):
+        assert (out / name).is_file(), name
+    written = _metrics(out / "metrics_test.json")
+    assert written["t2i"]["R1"] == pytest.approx(summary["test"]["t2i"]["R1"])
+    checkpoint = load_file(out / "last.pth")
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 6
+    assert fmt == load_config(out / "config.yaml").data.format
+    # The stored checkpoint alone rebuilds everything; evaluation reproduces the training run's test numbers.
+    results = evaluate.main(["--checkpoint", str(out / "best.pth"), "--output-dir", str(tmp_path / "eval")])
+    assert results["t2i"]["R1"] == pytest.approx(written["t2i"]["R1"], abs=1e-6)
+    assert results["t2i"]["mAP"] == pytest.approx(written["t2i"]["mAP"], abs=1e-6)
+    assert (tmp_path / "eval" / "metrics_test.json").is_file()
+
+
+def test_pretrain_then_rerank_fine_tune(tmp_path):
+    from datasets.synthetic import make_synthetic
+
+    eval_root = tmp_path / "cuhk"
+    make_synthetic("cuhkpedes", eval_root, num_ids=12, seed=1)
+    pre_out = tmp_path / "pre"
+    losses = {}
+    train_pretrain.main(["--output-dir", str(pre_out)] + tiny_overrides(tmp_path / "pretrain", "pretrain")
+                        + ["model.fusion_layers=1", f"data.eval_root={eval_root}"])
+    for line in (pre_out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            for key in ("itc_loss", "itm_loss", "mlm_loss"):
+                losses.setdefault(key, []).append(record[key])
+    assert set(losses) == {"itc_loss", "itm_loss", "mlm_loss"}
+    assert (pre_out / "metrics_test.json").is_file()  # zero-shot evaluation on the retrieval split
+    pretrained = load_file(pre_out / "last.pth")["model"]
+
+    ft_out = tmp_path / "ft"
+    summary = train_cuhkpedes.main(
+        ["--config", str(ROOT / "configs" / "cuhkpedes_rerank.yaml"), "--output-dir", str(ft_out),
+         "--init-from", str(pre_out / "last.pth")]
+        + tiny_overrides(eval_root, "cuhkpedes", epochs=1, steps=1)
+        + ["model.fusion_layers=1", "eval.rerank_top_k=4", "train.lr=0", "train.warmup_lr_init=0",
+           "train.min_lr=0"])
+    # lr=0: after one step the fusion weights are still exactly the pretrained ones.
+    fine_tuned = load_file(ft_out / "last.pth")["model"]
+    fusion_keys = [k for k in pretrained if k.startswith("fusion.")]
+    assert fusion_keys
+    for key in fusion_keys:
+        torch.testing.assert_close(fine_tuned[key], pretrained[key])
+    assert "t2i_rerank" in summary["test"] and "t2i" in summary["test"]
+    again = evaluate.main(["--checkpoint", str(ft_out / "best.pth"), "--output-dir", str(tmp_path / "ev")])
+    assert again["t2i_rerank"]["R1"] == pytest.approx(summary["test"]["t2i_rerank"]["R1"], abs=1e-6)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    data = tmp_path / "data"
+    overrides = tiny_overrides(data, epochs=2, steps=3)
+    full = tmp_path / "full"
+    train_cuhkpedes.main(["--output-dir", str(full)] + overrides)
+
+    parted = tmp_path / "parted"
+    from utils.engine import train_main
+
+    summary = train_main(["--output-dir", str(parted)] + overrides, description="t",
+                         default_config=train_cuhkpedes.DEFAULT_CONFIG, stop_after_steps=4)
+    assert summary["stopped"]
+    stopped = load_file(parted / "last.pth")
+    assert (stopped["epoch"], stopped["step_in_epoch"], stopped["step"]) == (1, 1, 4)
+    train_cuhkpedes.main(["--output-dir", str(parted), "--resume", "auto"] + overrides)
+
+    a, b = load_file(full / "last.pth"), load_file(parted / "last.pth")
+    assert a["step"] == b["step"] == 6
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
+    assert _metrics(full / "metrics_test.json")["t2i"] == _metrics(parted / "metrics_test.json")["t2i"]
+
+
+def test_sigterm_saves_last_and_stops(tmp_path, monkeypatch):
+    from models.objectives import RetrievalObjective
+
+    calls = {"n": 0}
+    original = RetrievalObjective.forward
+
+    def forward(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(RetrievalObjective, "forward", forward)
+    out = tmp_path / "run"
+    summary = train_cuhkpedes.main(["--output-dir", str(out)] + tiny_overrides(tmp_path / "data"))
+    assert summary["stopped"]
+    assert load_file(out / "last.pth")["step"] == 2
+    assert not (out / "metrics_test.json").exists()
+
+
+def test_non_finite_loss_names_the_loss(tmp_path, monkeypatch):
+    from models.objectives import RetrievalObjective
+
+    def forward(self, batch):
+        nan = self.model.encoder.cls_token.sum() * float("nan")
+        return {"cmpm_loss": nan}
+
+    monkeypatch.setattr(RetrievalObjective, "forward", forward)
+    with pytest.raises(NonFiniteLossError, match="cmpm_loss"):
+        train_cuhkpedes.main(["--output-dir", str(tmp_path / "run")] + tiny_overrides(tmp_path / "data"))
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(ROOT / "tests" / "ddp_worker.py"), str(out)] + tiny_overrides(tmp_path / "data", epochs=1, steps=2)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert rank0["step"] == rank1["step"] == 2
+    for key in rank0["model"]:
+        torch.testing.assert_close(rank0["model"][key], rank1["model"][key], rtol=0, atol=0, msg=key)
+    # The two ranks saw different records: their first batches' pids differ.
+    assert rank0["first_pids"] != rank1["first_pids"]
+    assert (out / "metrics_test.json").is_file()
