@@ -1,0 +1,84 @@
+"""Wire records, transforms, sampler and collator into the training DataLoader from a Config."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import BertTokenizerFast
+
+from datasets.collate import MlmSettings, TrainCollator
+from datasets.sampler import IdentitySampler, ShardedShuffleSampler
+from datasets.text_levels import pre_caption
+from datasets.train_data import TrainDataset
+from datasets.transforms import build_train_transform
+
+TrainSampler = IdentitySampler | ShardedShuffleSampler
+
+
+def _worker_init(worker_id: int) -> None:
+    # Each worker processes one item at a time; intra-op threads would only oversubscribe the CPU cores.
+    torch.set_num_threads(1)
+
+
+def build_train_loader(
+    cfg: Any,
+    records: Sequence[Any],
+    tokenizer: BertTokenizerFast,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    pretrain: bool = False,
+) -> tuple[DataLoader, TrainSampler, TrainDataset]:
+    """The training DataLoader, its sampler and dataset (call ``set_train_epoch`` before each epoch).
+
+    Fine-tuning: ``input.num_views`` views, ``text.levels``, P x K identity batches of
+    ``train.batch_size_per_gpu`` per process. Pretraining: one view, the sentence level cleaned by pre_caption,
+    and plainly shuffled batches. MLM inputs are added when ``loss.mlm_weight`` > 0.
+    """
+    if not records:
+        raise ValueError("build_train_loader: no training records")
+    batch_size = cfg.train.batch_size_per_gpu
+    transform = build_train_transform(cfg.input)
+    if pretrain:
+        levels: tuple[str, ...] = ("sentence",)
+        dataset = TrainDataset(
+            records, transform, num_views=1, levels=levels, seed=cfg.seed, lowercase=cfg.text.lowercase,
+            caption_fn=functools.partial(pre_caption, max_words=cfg.text.pretrain_max_words),
+        )
+        sampler: TrainSampler = ShardedShuffleSampler(len(records), batch_size, cfg.seed, rank, world_size)
+    else:
+        levels = tuple(cfg.text.levels)
+        dataset = TrainDataset(
+            records, transform, num_views=cfg.input.num_views, levels=levels, seed=cfg.seed,
+            lowercase=cfg.text.lowercase,
+        )
+        sampler = IdentitySampler(
+            [r.pid for r in records], batch_size, cfg.sampler.num_instances, cfg.seed, rank, world_size
+        )
+    mlm = MlmSettings.from_config(cfg.text) if cfg.loss.mlm_weight > 0 else None
+    workers = cfg.data.num_workers
+    if workers > 0:
+        # The Rust tokenizer's own thread pool is unsafe after fork; workers tokenize one batch each anyway.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()),
+        persistent_workers=False,
+        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, levels, mlm),
+        worker_init_fn=_worker_init if workers > 0 else None,
+    )
+    return loader, sampler, dataset
+
+
+def set_train_epoch(sampler: TrainSampler, dataset: TrainDataset, epoch: int, start_batch: int = 0) -> None:
+    """Point sampler and dataset at ``epoch``; ``start_batch`` > 0 resumes after that many batches."""
+    sampler.set_epoch(epoch)
+    dataset.set_epoch(epoch)
+    sampler.set_start_batch(start_batch)

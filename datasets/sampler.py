@@ -1,0 +1,163 @@
+"""Epoch-seeded, DDP-sharded index samplers: P x K identity batches (fine-tuning) and plain shuffling (pretraining).
+
+Both derive the epoch's order from ``seed`` and the epoch alone, so every rank computes the same global order
+without communication and takes its own disjoint, equally long share of whole batches. ``set_start_batch(n)``
+makes the next iteration skip this rank's first n batches, which together with per-item seeding in
+TrainDataset makes a mid-epoch resume reproduce the interrupted run exactly.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"sampler: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+class _EpochBatches(Sampler[int]):
+    """Shared epoch/resume bookkeeping; subclasses list this rank's batches for an epoch."""
+
+    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int):
+        _check_rank(rank, world_size)
+        if batch_size < 1:
+            raise ValueError(f"sampler: batch_size must be positive, got {batch_size}")
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def set_start_batch(self, n: int) -> None:
+        """Skip this rank's first ``n`` batches in the next iteration only (resume inside an epoch)."""
+        if n < 0:
+            raise ValueError(f"sampler: start batch must be >= 0, got {n}")
+        self.start_batch = n
+
+    def num_batches(self) -> int:
+        """Batches this rank yields in a full pass of the current epoch."""
+        raise NotImplementedError
+
+    def _rank_batches(self, start: int) -> Iterator[list[int]]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        """Indices of this rank for the whole epoch (``set_start_batch`` does not change it)."""
+        return self.num_batches() * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start_batch = self.start_batch, 0
+        for batch in self._rank_batches(start):
+            yield from batch
+
+
+class IdentitySampler(_EpochBatches):
+    """P x K batches: ``batch_size // num_instances`` identities with ``num_instances`` records each.
+
+    Per epoch each identity's records are shuffled (identities with fewer than K are drawn with replacement
+    up to K), cut into chunks of K (a remainder below K is dropped), and batches take P chunks of distinct
+    identities at random until fewer than P identities have chunks left. Consecutive batches are grouped by
+    ``world_size``; rank r takes the r-th batch of each full group, so the global step sees P x K x world_size
+    records and every rank has the same number of batches.
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        batch_size: int,
+        num_instances: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(batch_size, seed, rank, world_size)
+        if num_instances < 1 or batch_size % num_instances != 0:
+            raise ValueError(
+                f"IdentitySampler: train.batch_size_per_gpu ({batch_size}) must be a positive multiple of "
+                f"sampler.num_instances ({num_instances})"
+            )
+        self.num_instances = num_instances
+        self.pids_per_batch = batch_size // num_instances
+        groups: dict[int, list[int]] = defaultdict(list)
+        for index, pid in enumerate(pids):
+            groups[int(pid)].append(index)
+        self._groups = [groups[pid] for pid in sorted(groups)]
+        if len(self._groups) < self.pids_per_batch:
+            raise ValueError(
+                f"IdentitySampler: a batch needs {self.pids_per_batch} distinct identities "
+                f"(batch {batch_size} / K {num_instances}) but the data has only {len(self._groups)}"
+            )
+        self._cache: tuple[int, list[list[int]]] | None = None
+        if self.num_batches() == 0:
+            raise ValueError(
+                f"IdentitySampler: {len(pids)} records give no full group of {world_size} batch(es) "
+                f"of {batch_size}; lower train.batch_size_per_gpu or the number of processes"
+            )
+
+    def _global_batches(self) -> list[list[int]]:
+        """All batches of the epoch (before sharding), cached for the current epoch."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        rng = random.Random(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        k = self.num_instances
+        chunks: list[list[list[int]]] = []
+        for indices in self._groups:
+            if len(indices) < k:
+                pool = [rng.choice(indices) for _ in range(k)]
+            else:
+                pool = list(indices)
+                rng.shuffle(pool)
+            chunks.append([pool[i : i + k] for i in range(0, len(pool) - len(pool) % k, k)])
+        available = list(range(len(chunks)))
+        batches = []
+        while len(available) >= self.pids_per_batch:
+            picks = rng.sample(range(len(available)), self.pids_per_batch)
+            batches.append([index for j in picks for index in chunks[available[j]].pop()])
+            # Swap-remove exhausted identities, highest slot first, so lower slots keep their meaning.
+            for j in sorted(picks, reverse=True):
+                if not chunks[available[j]]:
+                    available[j] = available[-1]
+                    available.pop()
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def num_batches(self) -> int:
+        return len(self._global_batches()) // self.world_size
+
+    def _rank_batches(self, start: int) -> Iterator[list[int]]:
+        batches = self._global_batches()
+        for group in range(start, self.num_batches()):
+            yield batches[group * self.world_size + self.rank]
+
+
+class ShardedShuffleSampler(_EpochBatches):
+    """A permutation of 0..n-1 per epoch, cut into batches; rank r takes the r-th batch of each group of
+    ``world_size`` consecutive batches (an incomplete final group is dropped)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        super().__init__(batch_size, seed, rank, world_size)
+        self.n = n
+        if self.num_batches() == 0:
+            raise ValueError(
+                f"ShardedShuffleSampler: {n} records give no full group of {world_size} batch(es) of {batch_size}"
+            )
+
+    def num_batches(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def _rank_batches(self, start: int) -> Iterator[list[int]]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+        order = rng.permutation(self.n)
+        b, w = self.batch_size, self.world_size
+        for group in range(start, self.num_batches()):
+            first = (group * w + self.rank) * b
+            yield order[first : first + b].tolist()
