@@ -1,0 +1,399 @@
+"""Evaluation: protocol, encoding order, ITM re-ranking, evaluate.main on both checkpoint formats, bad input."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.records import Record
+from utils.checkpoint import atomic_save
+from utils.config import load_config
+from utils.evaluation import (build_eval_protocol, chance_r1, encode_images, encode_texts, evaluate_model,
+                              rerank_scores)
+from utils.metrics import retrieval_metrics
+
+TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=16", "model.stride=16",
+        "input.image_size=[64,32]", "text.tokenizer=train", "text.tokenizer_vocab_size=200", "model.vocab_size=200",
+        "eval.batch_size=8", "data.num_workers=0", "eval.amp=false"]
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> Path:
+    from datasets.synthetic import make_synthetic
+
+    return make_synthetic("cuhkpedes", tmp_path_factory.mktemp("synth") / "cuhk", num_ids=20, seed=0)
+
+
+@pytest.fixture(scope="module")
+def splits(synth_root):
+    from datasets.readers import load_annotations
+
+    return load_annotations("cuhkpedes", synth_root)
+
+
+def tiny_cfg(root: Path, *extra: str):
+    return load_config(None, TINY + [f"data.root={root}", *extra])
+
+
+def tiny_model(cfg, seed: int = 0):
+    from models.ivt import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(splits):
+    from datasets.tokenizer import build_tokenizer
+
+    return build_tokenizer(load_config(None, TINY).text, [r.caption for r in splits.train])
+
+
+def save_ours(path: Path, model, cfg, tokenizer) -> Path:
+    from datasets.tokenizer import tokenizer_vocab
+
+    atomic_save({"format": "ivt-retrieval-checkpoint", "format_version": 1, "model": model.state_dict(),
+                 "config": cfg.to_dict(), "tokenizer": {"vocab": tokenizer_vocab(tokenizer), "lowercase": True},
+                 "epoch": 0, "step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def our_checkpoint(tmp_path_factory, synth_root, tokenizer) -> Path:
+    cfg = tiny_cfg(synth_root)
+    return save_ours(tmp_path_factory.mktemp("ckpt") / "tiny.pth", tiny_model(cfg), cfg, tokenizer)
+
+
+def error_of(argv: list[str]) -> str:
+    import evaluate
+
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(argv)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+# ------------------------------------------------------------------------------------------- protocol
+def _records() -> list[Record]:
+    # image 0 and 1 show person 7 (three captions), image 2 shows person 9 (two captions)
+    return [Record("a.jpg", "cap a1", 7, 0), Record("a.jpg", "cap a2", 7, 0), Record("b.jpg", "cap b1", 7, 1),
+            Record("c.jpg", "cap c1", 9, 2), Record("c.jpg", "cap c2", 9, 2)]
+
+
+def test_protocol_one_gallery_entry_per_image_and_pid_matching():
+    sets = build_eval_protocol(_records())
+    assert sets.texts == ["cap a1", "cap a2", "cap b1", "cap c1", "cap c2"]
+    assert sets.query_pids.tolist() == [7, 7, 7, 9, 9]
+    assert sets.query_image_ids.tolist() == [0, 0, 1, 2, 2]
+    assert sets.image_paths == ["a.jpg", "b.jpg", "c.jpg"]
+    assert sets.gallery_pids.tolist() == [7, 7, 9]
+    # positives per query: 2, 2, 2, 1, 1 of 3 images
+    assert chance_r1(sets.query_pids, sets.gallery_pids) == pytest.approx(100 * 8 / 15)
+    # every text query ranks b.jpg first: person 7's captions hit (another image of the same person counts),
+    # person 9's miss
+    text = torch.eye(3)[[1, 1, 1, 1, 1]]
+    metrics = retrieval_metrics(text, torch.eye(3), sets.query_pids, sets.gallery_pids)
+    assert metrics["R1"] == pytest.approx(60.0)
+
+
+def test_protocol_rejects_empty_and_inconsistent_records():
+    with pytest.raises(ValueError, match="no records"):
+        build_eval_protocol([])
+    bad = _records() + [Record("a.jpg", "cap a3", 8, 0)]
+    with pytest.raises(ValueError, match="record 5: image_id 0"):
+        build_eval_protocol(bad)
+
+
+# ------------------------------------------------------------------------------------------- encoding
+def test_encoders_keep_order_and_ignore_batching(splits, synth_root, tokenizer):
+    from datasets.transforms import build_test_transform, load_image
+
+    cfg = tiny_cfg(synth_root)
+    model = tiny_model(cfg)
+    sets = build_eval_protocol(splits.test)
+    transform = build_test_transform(cfg.input)
+    images = encode_images(model, sets.image_paths, transform, 3, "cpu", amp=False)
+    texts = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, 3, "cpu", amp=False)
+    assert images.shape == (sets.num_gallery, 32) and images.dtype == torch.float32
+    assert texts.shape == (sets.num_queries, 32) and texts.dtype == torch.float32
+    with torch.no_grad():
+        for i in (0, 4, sets.num_gallery - 1):
+            alone = model.encode_image(transform(load_image(sets.image_paths[i]))[None], bmm=False)[1]
+            torch.testing.assert_close(images[i], alone[0], atol=1e-5, rtol=1e-4)
+        for i in (0, 7, sets.num_queries - 1):
+            batch = tokenizer([sets.texts[i]], return_tensors="pt")
+            alone = model.encode_text(batch["input_ids"], batch["attention_mask"], bmm=False)[1]
+            # the batched row was padded to a longer caption: the mask must make that invisible
+            torch.testing.assert_close(texts[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_texts_are_truncated_at_max_text_len(splits, synth_root, tokenizer):
+    cfg = tiny_cfg(synth_root)
+    model = tiny_model(cfg)
+    seen = []
+    original = model.encode_text
+    model.encode_text = lambda ids, mask, bmm=True: (seen.append(ids.shape[1]), original(ids, mask, bmm))[1]
+    encode_texts(model, tokenizer, [r.caption for r in splits.test[:4]], 6, 4, "cpu", amp=False)
+    assert seen == [6]
+
+
+def test_evaluate_model_matches_brute_force(splits, synth_root, tokenizer):
+    cfg = tiny_cfg(synth_root, "eval.save_examples=3")
+    model = tiny_model(cfg)
+    results = evaluate_model(model, splits.test, tokenizer, cfg, "cpu", "test")
+    sets = build_eval_protocol(splits.test)
+    from datasets.transforms import build_test_transform
+
+    img = encode_images(model, sets.image_paths, build_test_transform(cfg.input), 64, "cpu", amp=False)
+    txt = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, 64, "cpu", amp=False)
+    sim = torch.nn.functional.normalize(txt, dim=1) @ torch.nn.functional.normalize(img, dim=1).t()
+    hits_at_1 = sum(int(sets.gallery_pids[int(row.argmax())] == pid) for row, pid in zip(sim, sets.query_pids))
+    assert results["t2i"]["R1"] == pytest.approx(100.0 * hits_at_1 / sets.num_queries)
+    i2t_hits = sum(int(sets.query_pids[int(col.argmax())] == pid) for col, pid in zip(sim.t(), sets.gallery_pids))
+    assert results["i2t"]["R1"] == pytest.approx(100.0 * i2t_hits / sets.num_gallery)
+    assert results["counts"] == {"queries": 20, "gallery_images": 10, "identities": 3}
+    examples = results["examples"]
+    assert examples["query_indices"] == [0, 10, 19]
+    best = sim[examples["query_indices"]].sort(dim=1, descending=True)
+    assert examples["indices"] == best.indices.tolist()
+    torch.testing.assert_close(torch.tensor(examples["scores"]), best.values)
+    assert "t2i_rerank" not in results
+
+
+# ----------------------------------------------------------------------------------------- re-ranking
+def test_rerank_scores_match_pairwise_itm(splits, synth_root, tokenizer):
+    from datasets.transforms import build_test_transform, load_image
+
+    cfg = tiny_cfg(synth_root, "model.fusion_layers=1")
+    model = tiny_model(cfg)
+    sets = build_eval_protocol(splits.test)
+    transform = build_test_transform(cfg.input)
+    top = torch.tensor([[3, 0, 7], [9, 3, 1], [0, 2, 5], [3, 4, 6]])
+    texts = sets.texts[:4]
+    # batch size 5 cuts the 12 pairs at odd places, across images and queries
+    got = rerank_scores(model, tokenizer, texts, sets.image_paths, top, transform, 100, 5, "cpu", amp=False)
+    with torch.no_grad():
+        for q in range(4):
+            batch = tokenizer([texts[q]], return_tensors="pt")
+            text_tokens, _ = model.encode_text(batch["input_ids"], batch["attention_mask"], bmm=False)
+            for j, g in enumerate(top[q].tolist()):
+                image_tokens, _ = model.encode_image(transform(load_image(sets.image_paths[g]))[None], bmm=False)
+                logits = model.itm_logits(text_tokens, batch["attention_mask"], image_tokens)[0]
+                assert got[q, j].item() == pytest.approx((logits[1] - logits[0]).item(), abs=1e-4)
+
+
+def _oracle_itm(model, sets, tokenizer, cfg):
+    """Replace model.itm_logits by an ITM that knows the truth: it recognises each text and image by its CLS
+    token (nearest neighbour among all captions / images) and scores same-person pairs +5, others -5."""
+    from datasets.transforms import build_test_transform
+
+    img = encode_images(model, sets.image_paths, build_test_transform(cfg.input), 64, "cpu", amp=False)
+    txt = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, 64, "cpu", amp=False)
+    calls = []
+
+    def itm_logits(text_tokens, text_mask, image_tokens, image_mask=None):
+        q = torch.cdist(text_tokens[:, 0].float(), txt).argmin(dim=1)
+        g = torch.cdist(image_tokens[:, 0].float(), img).argmin(dim=1)
+        calls.append(len(q))
+        match = (sets.query_pids[q] == sets.gallery_pids[g]).float() * 10 - 5
+        return torch.stack([torch.zeros_like(match), match], dim=1)
+
+    model.itm_logits = itm_logits
+    return calls
+
+
+def test_rerank_with_oracle_itm_reaches_r1_100(splits, synth_root, tokenizer):
+    cfg = tiny_cfg(synth_root, "model.fusion_layers=1", "eval.rerank_top_k=10", "eval.rerank_batch_size=7")
+    model = tiny_model(cfg)
+    sets = build_eval_protocol(splits.test)
+    calls = _oracle_itm(model, sets, tokenizer, cfg)
+    results = evaluate_model(model, splits.test, tokenizer, cfg, "cpu", "test")
+    assert sum(calls) == 20 * 10 and max(calls) <= 7
+    assert results["t2i"]["R1"] < 100.0  # an untrained model
+    # the whole gallery is re-ranked and the oracle puts every positive first
+    assert results["t2i_rerank"]["R1"] == 100.0 and results["t2i_rerank"]["mAP"] == pytest.approx(100.0)
+    assert results["rerank_top_k"] == 10
+
+
+def test_rerank_only_reorders_the_top_k(splits, synth_root, tokenizer):
+    cfg = tiny_cfg(synth_root, "model.fusion_layers=1", "eval.rerank_top_k=2")
+    model = tiny_model(cfg)
+    sets = build_eval_protocol(splits.test)
+    _oracle_itm(model, sets, tokenizer, cfg)
+    results = evaluate_model(model, splits.test, tokenizer, cfg, "cpu", "test")
+    # R@1 after re-ranking = share of queries with a positive among the first-stage top 2 = plain R@2
+    plain = retrieval_metrics(*_features(model, sets, tokenizer, cfg), sets.query_pids, sets.gallery_pids, ks=(2,))
+    assert results["t2i_rerank"]["R1"] == pytest.approx(plain["R2"])
+    assert results["t2i_rerank"]["R10"] == results["t2i"]["R10"]
+
+
+def _features(model, sets, tokenizer, cfg):
+    from datasets.transforms import build_test_transform
+
+    txt = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, 64, "cpu", amp=False)
+    img = encode_images(model, sets.image_paths, build_test_transform(cfg.input), 64, "cpu", amp=False)
+    return txt, img
+
+
+def test_rerank_without_fusion_is_an_error(splits, synth_root, tokenizer):
+    cfg = tiny_cfg(synth_root, "eval.rerank_top_k=5")
+    with pytest.raises(ValueError, match="needs a model with a fusion stack"):
+        evaluate_model(tiny_model(cfg), splits.test, tokenizer, cfg, "cpu", "test")
+
+
+# ----------------------------------------------------------------------------------------- evaluate.py
+def test_evaluate_main_on_our_checkpoint(our_checkpoint, synth_root, tmp_path):
+    import evaluate
+    from utils.checkpoint import load_for_inference
+
+    out = tmp_path / "out"
+    results = evaluate.main(["--checkpoint", str(our_checkpoint), "--output-dir", str(out), "--save-examples", "2"])
+    saved = json.loads((out / "metrics_test.json").read_text())
+    for direction in ("t2i", "i2t"):
+        assert set(saved[direction]) >= {"R1", "R5", "R10", "mAP", "mINP", "num_queries", "num_gallery"}
+        assert saved[direction]["R1"] == pytest.approx(results[direction]["R1"])
+        assert saved[direction]["R1"] <= saved[direction]["R5"] <= saved[direction]["R10"]
+    assert saved["counts"] == {"queries": 20, "gallery_images": 10, "identities": 3}
+    assert saved["t2i"]["R10"] == 100.0  # the gallery has 10 images
+    assert saved["checkpoint"] == str(our_checkpoint)
+    _, cfg, _, _ = load_for_inference(our_checkpoint, overrides=["eval.save_examples=2"])
+    assert saved["config_digest"] == cfg.digest()
+    assert sorted(p.name for p in (out / "examples_test").iterdir()) == ["query_00000.png", "query_00019.png"]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_evaluate_main_defaults_to_the_checkpoint_folder(our_checkpoint):
+    import evaluate
+
+    evaluate.main(["--checkpoint", str(our_checkpoint), "--split", "val"])
+    saved = json.loads((our_checkpoint.parent / "metrics_val.json").read_text())
+    assert saved["split"] == "val" and saved["counts"]["queries"] == 16
+
+
+def _official_state(synth_root: Path, vocab: int) -> dict[str, torch.Tensor]:
+    """A tiny fine-tuned checkpoint in the authors' layout: 'module.encoder_vl.*' (the converter maps those
+    names 1:1 onto our encoder) at their 384x128 stride-16 grid, plus their unused temp/classifier/bottleneck."""
+    cfg = tiny_cfg(synth_root, "model.embed_dim=64", "model.num_heads=1", "input.image_size=[384,128]",
+                   f"model.vocab_size={vocab}")
+    encoder = tiny_model(cfg).encoder.state_dict()
+    state = {"module.encoder_vl." + k: v for k, v in encoder.items()}
+    state.update({"module.temp": torch.tensor(0.5),
+                  "module.encoder_vl.embeddings.position_ids": torch.arange(512)[None],
+                  "module.classifier_img.weight": torch.randn(5, 64), "module.bottleneck_img.weight": torch.ones(64),
+                  "module.bottleneck_img.bias": torch.zeros(64), "module.bottleneck_img.running_mean": torch.zeros(64),
+                  "module.bottleneck_img.running_var": torch.ones(64),
+                  "module.bottleneck_img.num_batches_tracked": torch.tensor(0)})
+    assert state["module.encoder_vl.pos_embed"].shape == (1, 193, 64)  # the authors' stride-16 grid, 24 x 8 + 1
+    return state
+
+
+def _bert_folder(path: Path, captions: list[str]) -> Path:
+    """A BERT vocabulary folder of 1000 tokens holding the captions' words (the authors' path needs one)."""
+    from datasets.tokenizer import SPECIAL_TOKENS, save_tokenizer, tokenizer_from_vocab
+
+    words = sorted({w for c in captions for w in c.lower().replace(",", " , ").replace(".", " . ").split()})
+    chars = sorted({ch for w in words for ch in w})
+    tokens = list(SPECIAL_TOKENS) + chars + ["##" + ch for ch in chars] + [w for w in words if w not in chars]
+    tokens += [f"[unused{i}]" for i in range(1000 - len(tokens))]
+    return save_tokenizer(tokenizer_from_vocab(tokens, lowercase=True), path)
+
+
+def test_evaluate_main_on_authors_checkpoint(splits, synth_root, tmp_path):
+    import evaluate
+
+    folder = _bert_folder(tmp_path / "bert", [r.caption for r in splits.train])
+    ckpt = tmp_path / "authors" / "ivt_cuhk.pth"
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": _official_state(synth_root, 1000), "epoch": 37, "best_acc": 0.6}, ckpt)
+    results = evaluate.main(["--checkpoint", str(ckpt), f"data.root={synth_root}", f"text.tokenizer={folder}",
+                             "input.image_size=[64,32]", "eval.batch_size=8", "data.num_workers=0"])
+    saved = json.loads((ckpt.parent / "metrics_test.json").read_text())
+    assert saved["t2i"]["R1"] == pytest.approx(results["t2i"]["R1"])
+    assert saved["counts"]["queries"] == 20 and saved["t2i"]["num_gallery"] == 10
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def test_bad_checkpoints_give_one_line_errors(tmp_path, our_checkpoint):
+    assert "checkpoint not found" in error_of(["--checkpoint", str(tmp_path / "nope.pth")])
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    assert "cannot be read as a PyTorch checkpoint" in error_of(["--checkpoint", str(tmp_path / "text.pth")])
+    torch.save({"weights": torch.zeros(2), "iteration": 3}, tmp_path / "other.pth")
+    message = error_of(["--checkpoint", str(tmp_path / "other.pth")])
+    assert "neither one of our checkpoints" in message and "weights" in message
+    # a config that does not fit the tensors names the first tensor that differs
+    message = error_of(["--checkpoint", str(our_checkpoint), "model.embed_dim=64"])
+    assert "shape" in message and "encoder." in message and "config does not match" in message
+    assert "did you mean 'eval.batch_size'" in error_of(["--checkpoint", str(our_checkpoint), "eval.batch_sise=4"])
+
+
+def test_empty_split_and_missing_images_give_one_line_errors(our_checkpoint, synth_root, tmp_path):
+    raw = json.loads((synth_root / "reid_raw.json").read_text())
+    (tmp_path / "noval.json").write_text(json.dumps([e for e in raw if e["split"] != "val"]))
+    message = error_of(["--checkpoint", str(our_checkpoint), "--split", "val",
+                        f"data.annotation_file={tmp_path / 'noval.json'}"])
+    assert "split 'val'" in message and "is empty" in message
+    moved = [e for e in raw if e["split"] == "test"]
+    moved[0] = dict(moved[0], file_path="SYNTH/missing.jpg")
+    (tmp_path / "missing.json").write_text(json.dumps([e for e in raw if e["split"] != "test"] + moved))
+    message = error_of(["--checkpoint", str(our_checkpoint), f"data.annotation_file={tmp_path / 'missing.json'}",
+                        f"--output-dir={tmp_path}"])
+    assert "missing.jpg" in message
+    assert not (tmp_path / "metrics_test.json").exists()
+
+
+# ---------------------------------------------------------------------------------------- distributed
+_SHARD_TOPK = torch.arange(19 * 3).reshape(19, 3) % 9  # distinct gallery indices per row
+
+
+def _sharded_worker(rank: int, world: int, init_file: str, root: str, vocab: list, out: str) -> None:
+    import torch.distributed as dist
+
+    from datasets.readers import load_annotations
+    from datasets.tokenizer import tokenizer_from_vocab
+    from datasets.transforms import build_test_transform
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = tiny_cfg(Path(root), "model.fusion_layers=1")
+    model = tiny_model(cfg)
+    sets = build_eval_protocol(load_annotations("cuhkpedes", root).test)
+    tok = tokenizer_from_vocab(vocab, True)
+    transform = build_test_transform(cfg.input)
+    img = encode_images(model, sets.image_paths[:9], transform, 4, "cpu", amp=False)
+    txt = encode_texts(model, tok, sets.texts[:19], cfg.text.max_text_len, 4, "cpu", amp=False)
+    itm = rerank_scores(model, tok, sets.texts[:19], sets.image_paths, _SHARD_TOPK, transform, 100, 8, "cpu", False)
+    if rank == 0:
+        torch.save({"img": img, "txt": txt, "itm": itm}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_encoding_gathers_in_order(splits, synth_root, tokenizer, tmp_path):
+    import torch.multiprocessing as mp
+
+    from datasets.tokenizer import tokenizer_vocab
+    from datasets.transforms import build_test_transform
+
+    out = tmp_path / "gathered.pt"
+    # 2 ranks over 9 images / 19 captions: uneven shards (5, 4) and (10, 9), so gathering must cut the padding
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(synth_root), tokenizer_vocab(tokenizer), str(out)),
+             nprocs=2, join=True)
+    gathered = torch.load(out)
+    cfg = tiny_cfg(synth_root, "model.fusion_layers=1")
+    model = tiny_model(cfg)
+    sets = build_eval_protocol(splits.test)
+    transform = build_test_transform(cfg.input)
+    img = encode_images(model, sets.image_paths[:9], transform, 4, "cpu", amp=False)
+    txt = encode_texts(model, tokenizer, sets.texts[:19], cfg.text.max_text_len, 4, "cpu", amp=False)
+    itm = rerank_scores(model, tokenizer, sets.texts[:19], sets.image_paths, _SHARD_TOPK, transform, 100, 8, "cpu",
+                        False)
+    assert gathered["img"].shape == img.shape and gathered["txt"].shape == txt.shape
+    assert gathered["itm"].shape == (19, 3)
+    torch.testing.assert_close(gathered["itm"], itm, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gathered["img"], img, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gathered["txt"], txt, atol=1e-5, rtol=1e-4)

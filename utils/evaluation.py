@@ -1,0 +1,408 @@
+"""Text-to-image retrieval evaluation: the protocol, batched sharded encoding, optional ITM re-ranking, reports.
+
+Protocol (ivt_reference.md §9): every caption of the split is a query, every unique image (by ``image_id``) is
+a gallery entry, and a gallery entry matches a query when they share the person id. Features are encoded once
+(batched, autocast on CUDA, each rank a contiguous shard, gathered back in order), ranked by cosine
+similarity, and, when the model has a fusion stack and ``eval.rerank_top_k > 0``, each query's top-k images
+are re-scored by the ITM head. Image-to-text metrics (images as queries, captions as gallery) are reported too.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datasets.records import MissingImagesError, Record
+from utils.distributed import (broadcast_object, gather_in_order, get_world_size, is_distributed,
+                               is_main_process, shard_counts, shard_range)
+from utils.metrics import apply_rerank, format_metrics_table, retrieval_metrics, topk_indices
+
+logger = logging.getLogger(__name__)
+
+EXAMPLE_TOP_K = 10  # gallery images shown per example query
+
+
+# ------------------------------------------------------------------------------------------- protocol
+@dataclass
+class EvalSets:
+    """Queries (one per caption) and gallery (one per unique image) of one split.
+
+    texts: [Q] captions; query_pids: [Q] long; query_image_ids: [Q] long, the ``image_id`` of each caption's
+    own image; image_paths: [G]; gallery_pids: [G] long; gallery_image_ids: [G] long, in order of first
+    appearance in the records.
+    """
+
+    texts: list[str]
+    query_pids: torch.Tensor
+    query_image_ids: torch.Tensor
+    image_paths: list[str]
+    gallery_pids: torch.Tensor
+    gallery_image_ids: torch.Tensor
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_gallery(self) -> int:
+        return len(self.image_paths)
+
+
+def build_eval_protocol(records: Sequence[Record]) -> EvalSets:
+    """Queries = every record's caption; gallery = each ``image_id`` once, in order of first appearance.
+
+    Raises ValueError for an empty split, or when two records of one ``image_id`` disagree on the path or pid.
+    """
+    if not records:
+        raise ValueError("the evaluation split has no records")
+    texts, query_pids, query_image_ids = [], [], []
+    first_seen: dict[int, int] = {}  # image_id -> index of the record that introduced it
+    for index, record in enumerate(records):
+        texts.append(record.caption)
+        query_pids.append(record.pid)
+        query_image_ids.append(record.image_id)
+        known = first_seen.get(record.image_id)
+        if known is None:
+            first_seen[record.image_id] = index
+        elif (records[known].image_path, records[known].pid) != (record.image_path, record.pid):
+            raise ValueError(
+                f"record {index}: image_id {record.image_id} is ({record.image_path!r}, pid {record.pid}) but "
+                f"record {known} gave it ({records[known].image_path!r}, pid {records[known].pid}); "
+                "expected one path and one pid per image_id"
+            )
+    gallery = [records[i] for i in first_seen.values()]
+    return EvalSets(
+        texts=texts,
+        query_pids=torch.tensor(query_pids, dtype=torch.long),
+        query_image_ids=torch.tensor(query_image_ids, dtype=torch.long),
+        image_paths=[r.image_path for r in gallery],
+        gallery_pids=torch.tensor([r.pid for r in gallery], dtype=torch.long),
+        gallery_image_ids=torch.tensor([r.image_id for r in gallery], dtype=torch.long),
+    )
+
+
+def check_images_exist(paths: Sequence[str], limit: int = 5) -> None:
+    """MissingImagesError naming the count and the first ``limit`` paths when some files do not exist."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:limit]) + (", ..." if len(missing) > limit else "")
+        raise MissingImagesError(f"{len(missing)} of {len(paths)} gallery images do not exist: {shown}")
+
+
+def chance_r1(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> float:
+    """Expected R@1 (percent) of a random ranking: the mean over queries of positives / gallery size."""
+    gallery_pids = gallery_pids.to(query_pids.device)
+    _, inverse, counts = torch.unique(torch.cat([query_pids, gallery_pids]), return_inverse=True,
+                                      return_counts=True)
+    per_pid = torch.bincount(inverse[query_pids.numel():], minlength=counts.numel())
+    positives = per_pid[inverse[: query_pids.numel()]].double()
+    return float(positives.mean() / gallery_pids.numel() * 100.0)
+
+
+# ------------------------------------------------------------------------------------------- encoding
+def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``amp`` (fp16 on GPUs without bf16); fp32 elsewhere."""
+    device = torch.device(device)
+    if not amp or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _image_loader(dataset: Dataset, batch_size: int | None, device: torch.device, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=torch.device(device).type == "cuda")
+
+
+def _gather_rows(local: torch.Tensor, total: int, row_shape: tuple[int, ...]) -> torch.Tensor:
+    """All ranks' contiguous shards of a [total, *row_shape] tensor, in order; the tensor itself at world size 1."""
+    if local.numel() == 0:
+        local = local.reshape((0,) + row_shape)
+    return gather_in_order(local, shard_counts(total))
+
+
+def _feature_dim(local_dim: int | None) -> int:
+    """The feature width on every rank: rank 0 always holds a non-empty shard, the others may not."""
+    return broadcast_object(local_dim) if is_distributed() else int(local_dim or 0)
+
+
+def encode_images(model: torch.nn.Module, paths: Sequence[str], transform: Callable, batch_size: int,
+                  device: torch.device | str, amp: bool, num_workers: int = 0) -> torch.Tensor:
+    """Global image features [G, D] float32 on ``device``, in the order of ``paths``.
+
+    Each rank encodes its ``shard_range`` of the paths through a DataLoader over EvalImageDataset; the shards
+    are gathered back in order (no duplicated or padded rows). Call ``model.eval()`` first.
+    """
+    from datasets.train_data import EvalImageDataset
+
+    device = torch.device(device)
+    start, stop = shard_range(len(paths))
+    loader = _image_loader(EvalImageDataset(list(paths[start:stop]), transform), batch_size, device, num_workers)
+    feats = []
+    with torch.inference_mode(), autocast_context(device, amp):
+        for images, _ in loader:
+            _, feature = model.encode_image(images.to(device, non_blocking=True), bmm=False)
+            feats.append(feature.float())
+    local = torch.cat(feats) if feats else torch.zeros((0, 0), device=device)
+    dim = _feature_dim(local.shape[1] if feats else None)
+    return _gather_rows(local, len(paths), (dim,))
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_text_len: int, device: torch.device | str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] and attention mask [B, T] (1 = token), padded to the longest, cut at ``max_text_len``."""
+    batch = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_text_len,
+                      return_tensors="pt")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def encode_text_tokens(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_text_len: int,
+                       device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of captions -> (tokens [B, T, D], mask [B, T], feature [B, D]) in the autocast dtype.
+
+    Call inside ``torch.inference_mode()`` and the autocast context; used for features and re-ranking.
+    """
+    ids, mask = tokenize(tokenizer, texts, max_text_len, device)
+    tokens, feature = model.encode_text(ids, mask, bmm=False)
+    return tokens, mask, feature
+
+
+def encode_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_text_len: int, batch_size: int,
+                 device: torch.device | str, amp: bool) -> torch.Tensor:
+    """Global text features [Q, D] float32 on ``device``, in the order of ``texts`` (sharded like images)."""
+    device = torch.device(device)
+    start, stop = shard_range(len(texts))
+    feats = []
+    with torch.inference_mode(), autocast_context(device, amp):
+        for begin in range(start, stop, batch_size):
+            chunk = texts[begin:min(begin + batch_size, stop)]
+            feats.append(encode_text_tokens(model, tokenizer, chunk, max_text_len, device)[2].float())
+    local = torch.cat(feats) if feats else torch.zeros((0, 0), device=device)
+    dim = _feature_dim(local.shape[1] if feats else None)
+    return _gather_rows(local, len(texts), (dim,))
+
+
+# ------------------------------------------------------------------------------------------ re-ranking
+class _PairChunkImages(Dataset):
+    """Item i: the stacked images [n_i, 3, H, W] of pair chunk i's unique gallery images (in order)."""
+
+    def __init__(self, paths: Sequence[str], transform: Callable, chunks: list[list[int]]):
+        from datasets.train_data import EvalImageDataset
+
+        self.images = EvalImageDataset(list(paths), transform)
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.stack([self.images[j][0] for j in self.chunks[i]])
+
+
+def _pair_chunks(topk_idx: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Split the (query row, gallery index) pairs of ``topk_idx`` [q, k] into batches sorted by gallery index.
+
+    Sorting by image means a batch holds few distinct images, so each gallery image is encoded about once
+    in total instead of once per query that retrieved it. Yields (flat pair positions [b], gallery indices [b]).
+    """
+    flat = topk_idx.reshape(-1).cpu()
+    order = torch.sort(flat, stable=True).indices
+    for begin in range(0, order.numel(), batch_size):
+        positions = order[begin:begin + batch_size]
+        yield positions, flat[positions]
+
+
+def rerank_scores(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], image_paths: Sequence[str],
+                  topk_idx: torch.Tensor, transform: Callable, max_text_len: int, batch_size: int,
+                  device: torch.device | str, amp: bool, num_workers: int = 0) -> torch.Tensor:
+    """ITM scores [Q, k] float32 (logit of "match" minus logit of "no match") of each query's top-k images.
+
+    topk_idx: [Q, k] gallery indices per query. Text and image tokens are recomputed per batch of
+    ``batch_size`` pairs instead of being stored for the whole gallery. Queries are sharded across ranks and
+    the scores gathered back in order.
+    """
+    device = torch.device(device)
+    num_queries, k = topk_idx.shape
+    start, stop = shard_range(num_queries)
+    local_idx = topk_idx[start:stop].cpu()
+    batches = list(_pair_chunks(local_idx, batch_size))
+    unique_images = [torch.unique(gallery).tolist() for _, gallery in batches]
+    loader = _image_loader(_PairChunkImages(image_paths, transform, unique_images), None, device, num_workers)
+    scores = torch.zeros(local_idx.numel(), device=device)
+    with torch.inference_mode(), autocast_context(device, amp):
+        for (positions, gallery), images, image_ids in zip(batches, loader, unique_images):
+            image_tokens, _ = model.encode_image(images.to(device, non_blocking=True), bmm=False)
+            query_rows = positions // k + start
+            unique_queries, query_inverse = torch.unique(query_rows, return_inverse=True)
+            text_tokens, text_mask, _ = encode_text_tokens(
+                model, tokenizer, [texts[q] for q in unique_queries.tolist()], max_text_len, device)
+            image_inverse = torch.searchsorted(torch.tensor(image_ids), gallery)
+            logits = model.itm_logits(text_tokens[query_inverse.to(device)], text_mask[query_inverse.to(device)],
+                                      image_tokens[image_inverse.to(device)]).float()
+            scores[positions.to(device)] = logits[:, 1] - logits[:, 0]
+    local = scores.reshape(stop - start, k)
+    return _gather_rows(local, num_queries, (k,))
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def _example_rows(num_queries: int, n: int) -> torch.Tensor:
+    """``n`` query indices spread evenly over the split (different persons rather than the first few)."""
+    n = min(n, num_queries)
+    return torch.linspace(0, num_queries - 1, n).round().long().unique() if n > 0 else torch.zeros(0, dtype=torch.long)
+
+
+def _examples(text_feats: torch.Tensor, image_feats: torch.Tensor, n: int,
+              rerank: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """Final top-10 (re-ranked when ``rerank`` = (topk_idx [Q,k], itm scores [Q,k])) of ``n`` spread queries.
+
+    Scores are the cosine similarities of the shown images, whatever ranked them.
+    """
+    rows = _example_rows(text_feats.shape[0], n).to(text_feats.device)
+    q = torch.nn.functional.normalize(text_feats[rows].float(), dim=1)
+    g = torch.nn.functional.normalize(image_feats.float(), dim=1)
+    cosine = q @ g.t()
+    ranking = cosine if rerank is None else apply_rerank(cosine, rerank[0][rows], rerank[1][rows])
+    k = min(EXAMPLE_TOP_K, image_feats.shape[0])
+    indices = torch.sort(ranking, dim=1, descending=True, stable=True).indices[:, :k]
+    return {
+        "query_indices": rows.tolist(),
+        "indices": indices.tolist(),
+        "scores": cosine.gather(1, indices).tolist(),
+        "ranked_by": "cosine" if rerank is None else "itm_rerank",
+    }
+
+
+def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer: Any, cfg: Any,
+                   device: torch.device | str, split_name: str) -> dict:
+    """Evaluate ``model`` on one split's records; every rank calls it and gets the same results.
+
+    Returns {"split", "t2i", "i2t", "t2i_rerank" (only when re-ranking), "chance_R1", "counts",
+    "encode_seconds", "rerank_seconds" (when re-ranking), "examples" (when eval.save_examples > 0)}; metric
+    dicts are those of ``retrieval_metrics`` (percentages). Logs one table per direction.
+    """
+    from datasets.transforms import build_test_transform
+
+    device = torch.device(device)
+    sets = build_eval_protocol(records)
+    ev = cfg.eval
+    rerank_k = int(ev.rerank_top_k)
+    if rerank_k > 0 and not getattr(model, "has_fusion", False):
+        raise ValueError(f"eval.rerank_top_k={rerank_k} needs a model with a fusion stack (model.fusion_layers > 0); "
+                         "set eval.rerank_top_k=0")
+    check_images_exist(sets.image_paths)
+    transform = build_test_transform(cfg.input)
+    amp = bool(ev.amp)
+    num_workers = int(cfg.data.num_workers)
+    was_training = model.training
+    model.eval()
+
+    logger.info("evaluating on %s: %d captions, %d images, %d rank(s)", split_name, sets.num_queries,
+                sets.num_gallery, get_world_size())
+    began = time.perf_counter()
+    image_feats = encode_images(model, sets.image_paths, transform, ev.batch_size, device, amp, num_workers)
+    text_feats = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, ev.batch_size, device, amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    results: dict[str, Any] = {"split": split_name, "encode_seconds": time.perf_counter() - began}
+
+    query_pids = sets.query_pids.to(device)
+    gallery_pids = sets.gallery_pids.to(device)
+    chunk = int(ev.chunk_size)
+    results["t2i"] = retrieval_metrics(text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk)
+    results["i2t"] = retrieval_metrics(image_feats, text_feats, gallery_pids, query_pids, chunk_size=chunk)
+    results["chance_R1"] = chance_r1(query_pids, gallery_pids)
+    results["counts"] = {"queries": sets.num_queries, "gallery_images": sets.num_gallery,
+                         "identities": int(torch.unique(sets.query_pids).numel())}
+
+    rerank = None
+    if rerank_k > 0:
+        began = time.perf_counter()
+        k = min(rerank_k, sets.num_gallery)
+        _, top_idx = topk_indices(text_feats, image_feats, k, chunk_size=chunk)
+        itm = rerank_scores(model, tokenizer, sets.texts, sets.image_paths, top_idx, transform,
+                            cfg.text.max_text_len, int(ev.rerank_batch_size), device, amp, num_workers)
+        rerank = (top_idx, itm)
+        results["t2i_rerank"] = retrieval_metrics(
+            text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk,
+            score_fn=lambda sim, rows: apply_rerank(sim, top_idx[rows.start:rows.stop], itm[rows.start:rows.stop]))
+        results["rerank_top_k"] = k
+        results["rerank_seconds"] = time.perf_counter() - began
+    if int(ev.save_examples) > 0:
+        results["examples"] = _examples(text_feats, image_feats, int(ev.save_examples), rerank)
+    model.train(was_training)
+    log_results(results)
+    return results
+
+
+def log_results(results: dict) -> None:
+    """The metric tables of ``evaluate_model``'s results, one per direction, in the log."""
+    counts = results["counts"]
+    split = results["split"]
+    sizes = f"{counts['queries']} captions, {counts['gallery_images']} images"
+    shown = ("R1", "R5", "R10", "mAP", "mINP")
+    tables = [("t2i", f"text-to-image on {split} ({sizes}; chance R@1 {results['chance_R1']:.3f}%)")]
+    if "t2i_rerank" in results:
+        tables.append(("t2i_rerank", f"text-to-image on {split}, ITM re-ranking of the top {results['rerank_top_k']}"))
+    tables.append(("i2t", f"image-to-text on {split} ({sizes})"))
+    for key, title in tables:
+        logger.info("\n%s", format_metrics_table({m: results[key][m] for m in shown}, title))
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_metrics_json(path: str | Path, results: dict, checkpoint: str | Path | None, config: Any) -> None:
+    """Write ``results`` with the checkpoint path and the config digest to ``path`` atomically (rank 0 only).
+
+    Other ranks return at once; it holds no collective, so rank 0 may call it alone (callers barrier after).
+    """
+    if not is_main_process():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"checkpoint": None if checkpoint is None else str(checkpoint),
+               "config_digest": config.digest(), **_json_ready(results)}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record]) -> list[Path]:
+    """PNGs of ``results["examples"]`` (see utils.visualize.save_query_examples); rank 0 only, no collective."""
+    from utils.visualize import save_query_examples
+
+    written: list[Path] = []
+    examples = results.get("examples")
+    if is_main_process() and examples and examples["query_indices"]:
+        sets = build_eval_protocol(records)
+        rows = examples["query_indices"]
+        queries = [(sets.texts[i], int(sets.query_pids[i])) for i in rows]
+        gallery = list(zip(sets.image_paths, sets.gallery_pids.tolist()))
+        written = save_query_examples(out_dir, queries, gallery, torch.tensor(examples["indices"]),
+                                      torch.tensor(examples["scores"]), len(rows), query_ids=rows)
+    return written

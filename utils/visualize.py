@@ -1,0 +1,141 @@
+"""Pictures of retrieval results for people: a query's text above its ranked gallery images (PIL only).
+
+Each picture is one row of thumbnails, best match on the left, each with its rank and score under it. In
+evaluation pictures a green frame marks a gallery image of the query's person and a red frame another person.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+HIT_COLOUR = (34, 160, 60)
+MISS_COLOUR = (210, 40, 40)
+NEUTRAL_COLOUR = (120, 120, 120)
+BACKGROUND = (255, 255, 255)
+TEXT_COLOUR = (20, 20, 20)
+
+THUMB_SIZE = (96, 224)          # (width, height): person crops are about 1:2.5
+FRAME = 4                        # frame width around each thumbnail
+GAP = 8                          # space between thumbnails and around the picture
+FONT_SIZE = 15
+MAX_COLUMNS = 10                 # contact sheets wrap into rows of this many images
+
+
+def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _text_width(font: ImageFont.ImageFont, text: str) -> float:
+    return font.getlength(text) if hasattr(font, "getlength") else 6 * len(text)
+
+
+def _line_height(font: ImageFont.ImageFont) -> int:
+    box = font.getbbox("Ag")
+    return int(box[3] - box[1]) + 6
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width_px: int) -> list[str]:
+    """Greedy word wrap to ``width_px`` using the font's real glyph widths."""
+    average = max(_text_width(font, "abcdefghijklmnopqrstuvwxyz") / 26, 1.0)
+    columns = max(int(width_px / average), 10)
+    lines = textwrap.wrap(" ".join(text.split()), width=columns) or [""]
+    # The average-width guess can overshoot on wide letters; re-wrap narrower until every line fits.
+    while columns > 10 and any(_text_width(font, line) > width_px for line in lines):
+        columns -= 2
+        lines = textwrap.wrap(" ".join(text.split()), width=columns)
+    return lines
+
+
+def _thumbnail(path: str | Path) -> Image.Image:
+    """The image letterboxed into THUMB_SIZE; a grey placeholder that says so when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+            image = ImageOps.contain(image, THUMB_SIZE)
+    except (OSError, ValueError):
+        placeholder = Image.new("RGB", THUMB_SIZE, (200, 200, 200))
+        ImageDraw.Draw(placeholder).text((8, THUMB_SIZE[1] // 2), "unreadable", fill=TEXT_COLOUR, font=_font(12))
+        return placeholder
+    canvas = Image.new("RGB", THUMB_SIZE, BACKGROUND)
+    canvas.paste(image, ((THUMB_SIZE[0] - image.width) // 2, (THUMB_SIZE[1] - image.height) // 2))
+    return canvas
+
+
+def _render(header: list[str], paths: Sequence[str], captions: Sequence[str],
+            colours: Sequence[tuple[int, int, int]], out_path: str | Path, columns: int) -> Path:
+    """Header lines on top, then the thumbnails in rows of ``columns`` with a caption line under each."""
+    font = _font()
+    line_h = _line_height(font)
+    cell_w = THUMB_SIZE[0] + 2 * FRAME
+    cell_h = THUMB_SIZE[1] + 2 * FRAME + line_h
+    columns = max(1, min(columns, len(paths))) if paths else 1
+    rows = (len(paths) + columns - 1) // columns
+    width = max(GAP + columns * (cell_w + GAP), 360)
+    wrapped = [line for text in header for line in _wrap(text, font, width - 2 * GAP)]
+    header_h = GAP + len(wrapped) * line_h + GAP
+    height = header_h + rows * (cell_h + GAP)
+
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(wrapped):
+        draw.text((GAP, GAP + i * line_h), line, fill=TEXT_COLOUR, font=font)
+    for i, (path, caption, colour) in enumerate(zip(paths, captions, colours)):
+        x = GAP + (i % columns) * (cell_w + GAP)
+        y = header_h + (i // columns) * (cell_h + GAP)
+        draw.rectangle([x, y, x + cell_w - 1, y + THUMB_SIZE[1] + 2 * FRAME - 1], fill=colour)
+        sheet.paste(_thumbnail(path), (x + FRAME, y + FRAME))
+        text_x = x + max((cell_w - _text_width(font, caption)) / 2, 0)
+        draw.text((text_x, y + THUMB_SIZE[1] + 2 * FRAME + 2), caption, fill=TEXT_COLOUR, font=font)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_path)
+    return out_path
+
+
+def save_query_examples(out_dir: str | Path, queries: Sequence[tuple[str, int]],
+                        gallery: Sequence[tuple[str, int]], topk_indices: torch.Tensor,
+                        topk_scores: torch.Tensor, n: int, query_ids: Sequence[int] | None = None) -> list[Path]:
+    """One PNG per query (the first ``n`` rows): its text, then its top-k gallery images framed by hit/miss.
+
+    queries: (caption, pid) per row of ``topk_indices``; gallery: (image path, pid) per gallery index;
+    topk_indices, topk_scores: [n_rows, k] gallery indices and scores, best first; query_ids: the queries'
+    indices in the split, used in the titles and file names (default 0..n_rows-1).
+    Returns the paths written, ``query_<id>.png`` in ``out_dir``.
+    """
+    if topk_indices.shape != topk_scores.shape or topk_indices.dim() != 2:
+        raise ValueError(f"topk_indices {tuple(topk_indices.shape)} and topk_scores {tuple(topk_scores.shape)} "
+                         "must both be [num_queries, k]")
+    if len(queries) != topk_indices.shape[0]:
+        raise ValueError(f"{len(queries)} queries but {topk_indices.shape[0]} rows of top-k results")
+    query_ids = list(range(len(queries))) if query_ids is None else list(query_ids)
+    written = []
+    for row in range(min(n, len(queries))):
+        text, pid = queries[row]
+        indices = topk_indices[row].tolist()
+        scores = topk_scores[row].tolist()
+        hits = [gallery[j][1] == pid for j in indices]
+        header = [f"query {query_ids[row]} (person {pid}): {text}",
+                  f"top {len(indices)}: {sum(hits)} of the same person (green frame), others red"]
+        captions = [f"#{rank + 1} {score:.3f}" for rank, score in enumerate(scores)]
+        colours = [HIT_COLOUR if hit else MISS_COLOUR for hit in hits]
+        paths = [gallery[j][0] for j in indices]
+        written.append(_render(header, paths, captions, colours,
+                               Path(out_dir) / f"query_{query_ids[row]:05d}.png", columns=len(indices)))
+    return written
+
+
+def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: str, out_path: str | Path) -> Path:
+    """Ranked images with their scores under ``title`` (wrapped), MAX_COLUMNS per row; returns ``out_path``."""
+    if len(paths) != len(scores):
+        raise ValueError(f"{len(paths)} paths but {len(scores)} scores")
+    captions = [f"#{rank + 1} {float(score):.3f}" for rank, score in enumerate(scores)]
+    return _render([title], [str(p) for p in paths], captions, [NEUTRAL_COLOUR] * len(paths), out_path,
+                   columns=MAX_COLUMNS)
