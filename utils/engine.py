@@ -316,14 +316,21 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
     loader, sampler, dataset = build_train_loader(cfg, train_records, tokenizer, rank=rank, world_size=world_size,
                                                   pretrain=cfg.data.format == "pretrain")
     accum = cfg.train.grad_accum_steps
-    steps_per_epoch = len(loader) // accum
-    if cfg.train.max_steps_per_epoch > 0:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise ValueError(f"an epoch has no full batch: {len(train_records)} records, batch "
-                         f"{cfg.train.batch_size_per_gpu} x {world_size} ranks x accumulation {accum}")
+
+    def epoch_steps(epoch: int) -> int:
+        # P x K batching makes the number of batches vary a little from epoch to epoch.
+        sampler.set_epoch(epoch)
+        steps = len(loader) // accum
+        if cfg.train.max_steps_per_epoch > 0:
+            steps = min(steps, cfg.train.max_steps_per_epoch)
+        if steps == 0:
+            raise ValueError(f"an epoch has no full batch: {len(train_records)} records, batch "
+                             f"{cfg.train.batch_size_per_gpu} x {world_size} ranks x accumulation {accum}")
+        return steps
+
+    nominal_steps = epoch_steps(0)
     optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.train, nominal_steps)
     use_scaler = device.type == "cuda" and cfg.train.amp == "fp16"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
@@ -357,11 +364,11 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
     with _StopRequest() as stop:
         while state.epoch < cfg.train.epochs and not stopped:
             epoch = state.epoch
-            sampler.set_epoch(epoch)
+            steps_per_epoch = epoch_steps(epoch)
             dataset.set_epoch(epoch)
             sampler.set_start_batch(state.step_in_epoch * accum)
             objective.train()
-            set_schedule(scheduler, cfg.train, epoch, state.global_step)
+            set_schedule(scheduler, cfg.train, epoch, epoch * nominal_steps)
             # Creating the loader iterator draws worker seeds from the global RNG; items do not depend on them
             # (each item is a function of seed, epoch, index), so keep the global stream untouched for resume.
             with torch.random.fork_rng(devices=[]):
@@ -372,7 +379,9 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
                             disable=not du.is_main_process(), dynamic_ncols=True, leave=False)
             while state.step_in_epoch < steps_per_epoch:
                 if cfg.train.schedule_unit == "step":
-                    set_schedule(scheduler, cfg.train, epoch, state.global_step)
+                    # Progress in nominal steps, so the schedule ends with the last epoch whatever its length.
+                    set_schedule(scheduler, cfg.train, epoch,
+                                 round((epoch + state.step_in_epoch / steps_per_epoch) * nominal_steps))
                 for micro in range(accum):
                     batch = _to_device(next(batches), device)
                     sync_context = (train_module.no_sync() if world_size > 1 and micro < accum - 1

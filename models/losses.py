@@ -1,0 +1,246 @@
+"""Training losses: CMPM, id-aware ITC, ITM with hard negatives, MLM, and cross-rank gathering.
+
+Every function is pure (no module state, no global config). Person id defines "positive" everywhere:
+two items with the same id are a positive pair, whatever their position in the batch.
+Losses are computed in float32 even under autocast, because softmax over raw (unnormalised) CLS
+features overflows or loses precision in bf16/fp16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = [
+    "cmpm_loss",
+    "itc_loss",
+    "gather_with_grad",
+    "gather_no_grad",
+    "sample_hard_negatives",
+    "itm_targets",
+    "itm_loss",
+    "mlm_loss",
+]
+
+
+def _check_pairs(name: str, feats: torch.Tensor, ids: torch.Tensor, what: str) -> None:
+    if feats.dim() != 2:
+        raise ValueError(f"{name}: {what} features must be [n, D], got shape {tuple(feats.shape)}")
+    if ids.dim() != 1 or ids.shape[0] != feats.shape[0]:
+        raise ValueError(
+            f"{name}: {what} ids must be [{feats.shape[0]}] to match the features, got shape {tuple(ids.shape)}"
+        )
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def cmpm_loss(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    image_pids: torch.Tensor,
+    text_pids: torch.Tensor,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Cross-modal projection matching loss (IVT / Zhang & Lu 2018), as in the authors' code.
+
+    Args:
+        image_feats: [N, D] image embeddings, NOT normalised (the raw vector is projected on the unit text vector).
+        text_feats: [M, D] text embeddings, NOT normalised.
+        image_pids: [N] person ids of the images.
+        text_pids: [M] person ids of the texts.
+        eps: added to the targets inside the log, so non-matching pairs cost p * -log(eps).
+
+    Returns:
+        scalar float32: KL_i2t + KL_t2i, each the mean over its query rows of KL(p_i || q_i), where
+        p_i = softmax_j(v_i . t_j / ||t_j||) (no temperature) and q_ij = 1[same pid] / sqrt(#positives in row i).
+        With N = M and the same labels on both sides, q equals the authors' Y / ||Y_row||.
+        A row without any positive has q = 0 everywhere (no NaN); it is then penalised at p * -log(eps).
+    """
+    _check_pairs("cmpm_loss", image_feats, image_pids, "image")
+    _check_pairs("cmpm_loss", text_feats, text_pids, "text")
+    if image_feats.shape[1] != text_feats.shape[1]:
+        raise ValueError(
+            f"cmpm_loss: image and text features differ in width: {image_feats.shape[1]} vs {text_feats.shape[1]}"
+        )
+    with _no_autocast(image_feats.device):
+        v = image_feats.float()
+        t = text_feats.float()
+        same = (image_pids[:, None] == text_pids[None, :]).float()  # [N, M]
+
+        def direction(query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            logits = query @ F.normalize(key, dim=1).t()
+            # clamp: a row with no positive would divide 0 by 0
+            q = labels / labels.sum(dim=1, keepdim=True).clamp(min=1.0).sqrt()
+            log_p = F.log_softmax(logits, dim=1)
+            kl = log_p.exp() * (log_p - torch.log(q + eps))
+            return kl.sum(dim=1).mean()
+
+        return direction(v, t, same) + direction(t, v, same.t())
+
+
+def itc_loss(
+    image_feats: torch.Tensor,
+    text_feats: torch.Tensor,
+    image_ids: torch.Tensor,
+    text_ids: torch.Tensor,
+    temperature: torch.Tensor,
+) -> torch.Tensor:
+    """Image-text contrastive loss with id-aware soft targets (ALBEF/IVT pretraining style).
+
+    Args:
+        image_feats: [N, D] image embeddings, used as given (the caller decides whether to normalise).
+        text_feats: [M, D] text embeddings, used as given.
+        image_ids: [N] ids (person id, or record index for one-hot targets).
+        text_ids: [M] ids.
+        temperature: scalar tensor (may be a learnable parameter; gradients flow through it).
+
+    Returns:
+        scalar float32: 0.5 * (CE_i2t + CE_t2i), each a soft cross-entropy against the same-id matrix
+        normalised to sum 1 per row. A row without any same-id partner contributes 0.
+    """
+    _check_pairs("itc_loss", image_feats, image_ids, "image")
+    _check_pairs("itc_loss", text_feats, text_ids, "text")
+    if temperature.numel() != 1:
+        raise ValueError(f"itc_loss: temperature must be a scalar tensor, got shape {tuple(temperature.shape)}")
+    with _no_autocast(image_feats.device):
+        logits = image_feats.float() @ text_feats.float().t() / temperature.float().reshape(())  # [N, M]
+        same = (image_ids[:, None] == text_ids[None, :]).float()
+
+        def soft_ce(lg: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            target = labels / labels.sum(dim=1, keepdim=True).clamp(min=1.0)
+            return -(target * F.log_softmax(lg, dim=1)).sum(dim=1).mean()
+
+        return 0.5 * (soft_ce(logits, same) + soft_ce(logits.t(), same.t()))
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0, keeping the gradient of the local slice only.
+
+    Args:
+        x: [B, ...], the same shape on every rank (all_gather needs equal sizes).
+
+    Returns:
+        [world * B, ...] ordered by rank; rank r's rows are x itself on rank r (so gradients reach x),
+        detached copies elsewhere. Identity without a process group or with world size 1.
+    """
+    world, rank = _world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 without gradient: [B, ...] -> [world * B, ...] ordered by rank (identity if world 1)."""
+    world, _ = _world()
+    if world == 1:
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    sim_i2t: torch.Tensor,
+    image_pids: torch.Tensor,
+    text_pids: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one hard negative per anchor, never one that shares the anchor's person id.
+
+    Args:
+        sim_i2t: [B, B] image-to-text similarities (row = image i, column = text j); the t2i weights use
+            its transpose.
+        image_pids: [B] person ids of the images.
+        text_pids: [B] person ids of the texts.
+        generator: optional torch.Generator for reproducible draws (must live on sim_i2t's device).
+
+    Returns:
+        neg_image_for_text: [B] long, for each text j the index of an image with a different pid.
+        neg_text_for_image: [B] long, for each image i the index of a text with a different pid.
+
+    The weights are softmax(similarity) over the allowed entries. Same-pid entries are excluded before the
+    softmax (masked to -inf) rather than zeroed after it; multinomial renormalises, so the distribution is
+    the same, but a large similarity can no longer underflow every allowed weight to zero.
+
+    Raises:
+        ValueError: when some row has no allowed negative (every item in the batch shares its pid).
+    """
+    if sim_i2t.dim() != 2 or sim_i2t.shape[0] != sim_i2t.shape[1]:
+        raise ValueError(f"sample_hard_negatives: sim_i2t must be [B, B], got shape {tuple(sim_i2t.shape)}")
+    b = sim_i2t.shape[0]
+    if image_pids.shape != (b,) or text_pids.shape != (b,):
+        raise ValueError(
+            f"sample_hard_negatives: pids must be [{b}], got image {tuple(image_pids.shape)}, "
+            f"text {tuple(text_pids.shape)}"
+        )
+    sim = sim_i2t.float()
+    same_i2t = image_pids[:, None] == text_pids[None, :]  # [B images, B texts]
+    # one sync for the whole batch; the alternative is multinomial failing (or a device assert on CUDA)
+    n_bad_images, n_bad_texts = torch.stack([same_i2t.all(dim=1).sum(), same_i2t.all(dim=0).sum()]).tolist()
+    if n_bad_images or n_bad_texts:
+        raise ValueError(
+            f"sample_hard_negatives: {n_bad_images} of {b} image rows and {n_bad_texts} of {b} text rows have no "
+            f"negative with a different person id in the batch; the sampler must put at least two identities in "
+            f"each batch"
+        )
+    w_t2i = sim.t().masked_fill(same_i2t.t(), float("-inf")).softmax(dim=1)  # [texts, images]
+    w_i2t = sim.masked_fill(same_i2t, float("-inf")).softmax(dim=1)  # [images, texts]
+    neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    return neg_image_for_text, neg_text_for_image
+
+
+def itm_targets(batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """ITM labels [3B] long: 1 for the B positive pairs, then 0 for the 2B negatives (text->neg image, neg text->image)."""
+    return torch.cat(
+        [
+            torch.ones(batch_size, dtype=torch.long, device=device),
+            torch.zeros(2 * batch_size, dtype=torch.long, device=device),
+        ]
+    )
+
+
+def itm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the 2-way ITM head: logits [3B, 2], targets [3B] long -> scalar float32."""
+    if logits.dim() != 2 or logits.shape[1] != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"itm_loss: expected logits [n, 2] and targets [n], got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    with _no_autocast(logits.device):
+        return F.cross_entropy(logits.float(), targets)
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Masked-language-model cross-entropy over the positions whose label is not ignore_index.
+
+    Args:
+        logits: [n, V] or [B, T, V] vocabulary logits.
+        labels: [n] or [B, T] target token ids, ignore_index where nothing was masked.
+
+    Returns:
+        scalar float32: mean cross-entropy over the labelled positions; 0 (still attached to the graph, so
+        backward works on every rank) when no position is labelled.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"mlm_loss: logits {tuple(logits.shape)} must be labels {tuple(labels.shape)} plus a vocabulary dim"
+        )
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    with _no_autocast(logits.device):
+        total = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=ignore_index, reduction="sum")
+        count = (flat_labels != ignore_index).sum().clamp(min=1)
+        return total / count

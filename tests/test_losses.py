@@ -1,0 +1,242 @@
+"""Losses against hand-computed values; hard negatives, ITM/MLM helpers and gathering."""
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.losses import (
+    cmpm_loss,
+    gather_no_grad,
+    gather_with_grad,
+    itc_loss,
+    itm_loss,
+    itm_targets,
+    mlm_loss,
+    sample_hard_negatives,
+)
+
+EPS = 1e-8
+
+
+def kl_row(logits, q):
+    """KL(softmax(logits) || q) with the eps of the authors' code, in plain Python."""
+    z = sum(math.exp(x) for x in logits)
+    p = [math.exp(x) / z for x in logits]
+    return sum(pi * (math.log(pi) - math.log(qi + EPS)) for pi, qi in zip(p, q))
+
+
+def test_cmpm_matches_hand_computation():
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    t = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    pids = torch.tensor([0, 0, 1])
+    r2, h = math.sqrt(2.0), 1.0 / math.sqrt(2.0)
+    # image i . unit text j; unit texts are (1,0), (0,1), (h,h)
+    i2t_logits = [[1.0, 0.0, h], [0.0, 1.0, h], [1.0, 1.0, r2]]
+    # text i . unit image j; unit images are (1,0), (0,1), (h,h)
+    t2i_logits = [[2.0, 0.0, r2], [0.0, 1.0, h], [1.0, 1.0, r2]]
+    # ids 0,0 have two positives -> 1/sqrt(2); id 1 has one -> 1
+    q = [[h, h, 0.0], [h, h, 0.0], [0.0, 0.0, 1.0]]
+    i2t = sum(kl_row(i2t_logits[i], q[i]) for i in range(3)) / 3
+    t2i = sum(kl_row(t2i_logits[i], q[i]) for i in range(3)) / 3
+    got = cmpm_loss(v, t, pids, pids)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(i2t + t2i, rel=1e-5)
+
+
+def test_cmpm_non_square_uses_row_counts():
+    # 1 image (pid 0) against texts with pids [0, 0, 1]: its row has two positives
+    v = torch.tensor([[1.0, 0.0]])
+    t = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+    h = 1.0 / math.sqrt(2.0)
+    i2t = kl_row([1.0, 0.0, 1.0], [h, h, 0.0])
+    # texts against the single image: every row holds one entry, softmax = 1, q = 1 or 0
+    t2i = (kl_row([1.0], [1.0]) + kl_row([0.0], [1.0]) + kl_row([1.0], [0.0])) / 3
+    got = cmpm_loss(v, t, torch.tensor([0]), torch.tensor([0, 0, 1]))
+    assert got.item() == pytest.approx(i2t + t2i, rel=1e-5)
+    assert t2i == pytest.approx(-math.log(EPS) / 3, rel=1e-6)  # the row with no positive pays -log(eps)
+
+
+def test_cmpm_equals_authors_formula_for_symmetric_labels():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(9, 5, generator=g)
+    t = torch.randn(9, 5, generator=g)
+    pids = torch.tensor([3, 3, 1, 1, 1, 7, 3, 2, 7])
+    y = (pids[:, None] == pids[None, :]).float()
+    y_norm = y / y.norm(dim=1)  # the authors' broadcast: column j divided by ||row j||
+
+    def authors(a, b):
+        logits = a @ F.normalize(b, dim=1).t()
+        pred = F.softmax(logits, dim=1)
+        return (pred * (F.log_softmax(logits, dim=1) - torch.log(y_norm + EPS))).sum(1).mean()
+
+    expected = authors(v, t) + authors(t, v)
+    assert cmpm_loss(v, t, pids, pids).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_cmpm_float32_under_autocast_and_gradients():
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(6, 8, generator=g, requires_grad=True)
+    t = torch.randn(6, 8, generator=g, requires_grad=True)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2])
+    ref = cmpm_loss(v, t, pids, pids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cmpm_loss(v, t, pids, pids)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    got.backward()
+    assert torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0 and t.grad.abs().sum() > 0
+
+
+def test_cmpm_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="image ids must be"):
+        cmpm_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(2), torch.zeros(3))
+
+
+def test_itc_one_hot_by_hand():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    temp = torch.tensor(0.5, requires_grad=True)
+    # logits = [[2, 2], [0, 2]]; i2t rows: log 2, log(1 + e^-2); t2i rows: log(1 + e^-2), log 2
+    expected = 0.5 * (math.log(2) + math.log(1 + math.exp(-2)))
+    got = itc_loss(img, txt, torch.tensor([0, 1]), torch.tensor([0, 1]), temp)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    got.backward()
+    assert temp.grad is not None and temp.grad.item() != 0.0
+
+
+def test_itc_soft_targets_by_hand():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # images both id 7, texts ids 7 and 8. logits = [[2, 2], [0, 2]].
+    # i2t: image0 -> text0 only: log 2; image1 -> text0 only: -log(e^0 / (e^0 + e^2)) = log(1 + e^2)
+    # t2i: text0 -> both images at 1/2: -(0.5 * 2 - log(e^2 + 1)) = log(1 + e^2) - 1; text1 has no positive: 0
+    i2t = (math.log(2) + math.log(1 + math.exp(2))) / 2
+    t2i = (math.log(1 + math.exp(2)) - 1) / 2
+    got = itc_loss(img, txt, torch.tensor([7, 7]), torch.tensor([7, 8]), torch.tensor(0.5))
+    assert got.item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-6)
+
+
+def test_hard_negatives_never_share_the_anchor_pid():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        b = 12
+        pids = torch.randint(0, 4, (b,), generator=g)
+        if (pids == pids[0]).all():
+            continue
+        # make same-pid pairs by far the most similar, so only the masking keeps them out
+        sim = torch.randn(b, b, generator=g) + 50.0 * (pids[:, None] == pids[None, :]).float()
+        neg_img, neg_txt = sample_hard_negatives(sim, pids, pids, generator=g)
+        assert neg_img.shape == (b,) and neg_txt.shape == (b,)
+        assert (pids[neg_img] != pids).all()
+        assert (pids[neg_txt] != pids).all()
+
+
+def test_hard_negatives_follow_softmax_weights():
+    # n anchors with distinct pids in one batch: image i sees text i+1 at score 0 and text i+2 at log 3 (weights
+    # 1:3), every other text at -1e4 (weight 0), and its own text at +10, which the pid mask must remove.
+    n = 2000
+    i = torch.arange(n)
+    sim = torch.full((n, n), -1e4)
+    sim[i, i] = 10.0
+    sim[i, (i + 1) % n] = 0.0
+    sim[i, (i + 2) % n] = math.log(3.0)
+    neg_img, neg_txt = sample_hard_negatives(sim, i, i, generator=torch.Generator().manual_seed(0))
+    assert ((neg_txt == (i + 1) % n) | (neg_txt == (i + 2) % n)).all()
+    assert ((neg_img == (i - 1) % n) | (neg_img == (i - 2) % n)).all()  # text j's column: images j-1, j-2
+    # 0.75 expected; the binomial standard deviation is about 0.01
+    assert (neg_txt == (i + 2) % n).float().mean().item() == pytest.approx(0.75, abs=0.04)
+    assert (neg_img == (i - 2) % n).float().mean().item() == pytest.approx(0.75, abs=0.04)
+
+
+def test_hard_negatives_reproducible_with_generator():
+    sim = torch.randn(8, 8, generator=torch.Generator().manual_seed(3))
+    pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    a = sample_hard_negatives(sim, pids, pids, generator=torch.Generator().manual_seed(5))
+    b = sample_hard_negatives(sim, pids, pids, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_hard_negatives_error_counts_rows_without_negative():
+    with pytest.raises(ValueError, match="4 of 4 image rows and 4 of 4 text rows"):
+        sample_hard_negatives(torch.zeros(4, 4), torch.tensor([5, 5, 5, 5]), torch.tensor([5, 5, 5, 5]))
+    # images 0 and 1 (pid 0) see only pid-0 texts; every text can still take image 2
+    with pytest.raises(ValueError, match="2 of 3 image rows and 0 of 3 text rows"):
+        sample_hard_negatives(torch.zeros(3, 3), torch.tensor([0, 0, 1]), torch.tensor([0, 0, 0]))
+
+
+def test_itm_targets_and_loss():
+    targets = itm_targets(2, "cpu")
+    assert targets.dtype == torch.long
+    assert targets.tolist() == [1, 1, 0, 0, 0, 0]
+    logits = torch.zeros(6, 2)
+    logits[0] = torch.tensor([0.0, 1.0])
+    # five rows at log 2, one row at -log(e / (1 + e)) = log(1 + e^-1)
+    expected = (5 * math.log(2) + math.log(1 + math.exp(-1))) / 6
+    assert itm_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mlm_loss_only_counts_labelled_positions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, generator=g)
+    labels = torch.full((2, 4), -100)
+    labels[0, 1] = 3
+    labels[1, 2] = 0
+
+    def ce(row, target):
+        return math.log(sum(math.exp(x) for x in row)) - row[target]
+
+    expected = (ce(logits[0, 1].tolist(), 3) + ce(logits[1, 2].tolist(), 0)) / 2
+    assert mlm_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+    changed = logits.clone()
+    changed[0, 0] += 10.0
+    changed[1, 3] -= 7.0
+    assert mlm_loss(changed, labels).item() == mlm_loss(logits, labels).item()
+    # the flat [n, V] form gives the same value
+    assert mlm_loss(logits.reshape(8, 5), labels.reshape(8)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mlm_loss_zero_with_grad_when_nothing_masked():
+    logits = torch.randn(3, 4, 6, requires_grad=True)
+    loss = mlm_loss(logits, torch.full((3, 4), -100))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_gather_is_identity_without_process_group():
+    x = torch.randn(4, 3, requires_grad=True)
+    assert gather_with_grad(x) is x
+    y = gather_no_grad(x)
+    assert torch.equal(y, x) and not y.requires_grad
+
+
+def _gather_worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        gathered = gather_with_grad(x)
+        (gathered * torch.arange(1.0, 5.0)[:, None]).sum().backward()
+        torch.save({"gathered": gathered.detach(), "grad": x.grad, "no_grad": gather_no_grad(x)},
+                   os.path.join(result_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_with_two_gloo_ranks():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_gather_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        out = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+    expected = torch.tensor([[1.0] * 3, [1.0] * 3, [2.0] * 3, [2.0] * 3])
+    for r in range(2):
+        assert torch.equal(out[r]["gathered"], expected)
+        assert torch.equal(out[r]["no_grad"], expected)
+    # only the local slice carries gradient: rank 0 owns rows 0-1 (weights 1, 2), rank 1 rows 2-3 (3, 4)
+    assert torch.equal(out[0]["grad"], torch.tensor([[1.0] * 3, [2.0] * 3]))
+    assert torch.equal(out[1]["grad"], torch.tensor([[3.0] * 3, [4.0] * 3]))
