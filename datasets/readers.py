@@ -1,0 +1,392 @@
+"""Annotation readers: CUHK-PEDES, ICFG-PEDES and RSTPReid (raw and the authors' processed JSON), pretraining
+corpora, and the image check that runs before training.
+
+Every reader returns canonical :class:`~datasets.records.Record` lists. On purpose and unlike the authors'
+loaders: no caption is dropped for its length or cut at a substring, each caption is its own record (image-major
+order, so one image's captions stay adjacent), and ``image_id`` comes from the unique image paths.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from datasets.records import (
+    SPLIT_NAMES,
+    AnnotationNotFoundError,
+    DatasetSplits,
+    DataFormatError,
+    MissingImagesError,
+    Record,
+    describe_value,
+)
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_MARKER = "SYNTHETIC.json"
+# Keys of the authors' processed files that repeat test records; accepted and not read.
+_IGNORED_PROCESSED_KEYS = ("query", "gallery")
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class _FormatSpec:
+    title: str
+    candidates: tuple[str, ...]  # names as distributed, raw first, then the authors' processed JSON
+    path_field: str
+    raw_splits: tuple[str, ...]
+    processed_caption_is_list: bool
+    processed_has_att: bool
+
+
+_SPECS: dict[str, _FormatSpec] = {
+    "cuhkpedes": _FormatSpec(
+        "CUHK-PEDES", ("reid_raw.json", "caption_all.json", "cuhk_pedes_att.json"), "file_path",
+        ("train", "val", "test"), False, True,
+    ),
+    "icfg": _FormatSpec(
+        "ICFG-PEDES", ("ICFG-PEDES.json", "ICFG_PEDES.json", "ICFG_PEDES_VISTXT.json"), "file_path",
+        ("train", "test"), True, False,
+    ),
+    "rstp": _FormatSpec(
+        "RSTPReid", ("data_captions.json", "rstpreid_vistxt.json"), "img_path",
+        ("train", "val", "test"), False, False,
+    ),
+}
+FORMATS = tuple(_SPECS)
+
+# (ids, images, captions) per split as published with each dataset.
+PUBLISHED_COUNTS: dict[str, dict[str, tuple[int, int, int]]] = {
+    "cuhkpedes": {"train": (11003, 34054, 68126), "val": (1000, 3078, 6158), "test": (1000, 3074, 6156)},
+    "icfg": {"train": (3102, 34674, 34674), "val": (0, 0, 0), "test": (1000, 19848, 19848)},
+    "rstp": {"train": (3701, 18505, 37010), "val": (200, 1000, 2000), "test": (200, 1000, 2000)},
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One annotation element before image ids and labels are assigned."""
+
+    split: str
+    index: int
+    rel_path: str
+    captions: tuple[str, ...]
+    raw_id: int
+    phrases: tuple[str, ...] | None
+
+
+# ----------------------------------------------------------------------------------------------- field access
+
+def read_json(path: str | PathLike[str]) -> Any:
+    """Parse a JSON file; a missing file or invalid JSON raises DataFormatError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise AnnotationNotFoundError(path, "an existing annotation file") from None
+    except json.JSONDecodeError as error:
+        raise DataFormatError(
+            path, "valid JSON", got=f"{error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    except UnicodeDecodeError as error:
+        raise DataFormatError(path, "UTF-8 text", got=str(error)) from None
+
+
+def _require(item: dict, name: str, path: Any, index: int, split: str | None) -> Any:
+    if name not in item:
+        raise DataFormatError(path, "the field to be present", index=index, split=split, field=name,
+                              got=f"keys {sorted(item)}")
+    return item[name]
+
+
+def _get_str(item: dict, name: str, path: Any, index: int, split: str | None) -> str:
+    value = _require(item, name, path, index, split)
+    if not isinstance(value, str):
+        raise DataFormatError(path, "a string", index=index, split=split, field=name, got=describe_value(value))
+    return value
+
+
+def _get_int(item: dict, name: str, path: Any, index: int, split: str | None) -> int:
+    value = _require(item, name, path, index, split)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataFormatError(path, "an integer", index=index, split=split, field=name,
+                              got=describe_value(value))
+    return value
+
+
+def _get_str_list(item: dict, name: str, path: Any, index: int, split: str | None) -> list[str]:
+    value = _require(item, name, path, index, split)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataFormatError(path, "a list of strings", index=index, split=split, field=name,
+                              got=describe_value(value))
+    return value
+
+
+def _get_phrases(item: dict, path: Any, index: int, split: str | None) -> tuple[str, ...] | None:
+    """The authors' ``att`` dict as a tuple of non-empty phrases (dict order); None when absent or empty."""
+    if "att" not in item or item["att"] is None:
+        return None
+    att = item["att"]
+    if not isinstance(att, dict) or not all(isinstance(v, str) for v in att.values()):
+        raise DataFormatError(path, "a dict of phrase strings", index=index, split=split, field="att",
+                              got=describe_value(att))
+    phrases = tuple(p.strip() for p in att.values() if p.strip())
+    return phrases or None
+
+
+def _as_object(item: Any, path: Any, index: int, split: str | None) -> dict:
+    if not isinstance(item, dict):
+        raise DataFormatError(path, "a JSON object", index=index, split=split, got=describe_value(item))
+    return item
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+def _parse_raw(data: list, path: str, spec: _FormatSpec) -> Iterator[_Entry]:
+    """The datasets' own files: a list of image entries, each with its split and a list of captions."""
+    for index, item in enumerate(data):
+        item = _as_object(item, path, index, None)
+        split = _get_str(item, "split", path, index, None)
+        if split not in spec.raw_splits:
+            raise DataFormatError(path, f"one of {list(spec.raw_splits)}", index=index, field="split",
+                                  got=describe_value(split))
+        yield _Entry(
+            split=split,
+            index=index,
+            rel_path=_get_str(item, spec.path_field, path, index, None),
+            captions=tuple(_get_str_list(item, "captions", path, index, None)),
+            raw_id=_get_int(item, "id", path, index, None),
+            phrases=None,
+        )
+
+
+def _parse_processed(data: dict, path: str, spec: _FormatSpec) -> Iterator[_Entry]:
+    """The authors' processed files: ``{split: [record, ...]}``, one caption per record (ICFG: first caption)."""
+    allowed = set(spec.raw_splits) | set(_IGNORED_PROCESSED_KEYS)
+    for key in data:
+        if key not in allowed:
+            raise DataFormatError(path, f"top-level keys among {sorted(allowed)}", field=key,
+                                  got="an unknown key")
+    for required in ("train", "test"):
+        if required not in data:
+            raise DataFormatError(path, "the split to be present", field=required, got=f"keys {sorted(data)}")
+    for split in spec.raw_splits:
+        items = data.get(split, [])
+        if not isinstance(items, list):
+            raise DataFormatError(path, "a list of records", field=split, got=describe_value(items))
+        for index, item in enumerate(items):
+            item = _as_object(item, path, index, split)
+            if spec.processed_caption_is_list:
+                captions = _get_str_list(item, "captions", path, index, split)[:1]
+            else:
+                captions = [_get_str(item, "captions", path, index, split)]
+            yield _Entry(
+                split=split,
+                index=index,
+                rel_path=_get_str(item, spec.path_field, path, index, split),
+                captions=tuple(captions),
+                raw_id=_get_int(item, "id", path, index, split),
+                phrases=_get_phrases(item, path, index, split) if spec.processed_has_att else None,
+            )
+
+
+def _build_records(
+    entries: Iterable[_Entry], root: str, path: str, splits: Sequence[str]
+) -> tuple[dict[str, list[Record]], int]:
+    """Flatten entries to one record per caption; returns records per split and the number of train pids."""
+    rows: dict[str, list[tuple[str, str, int, tuple[str, ...] | None]]] = {s: [] for s in splits}
+    image_pid: dict[str, dict[str, tuple[int, int]]] = {s: {} for s in splits}
+    empty: list[tuple[str, int, str]] = []
+    for entry in entries:
+        seen = image_pid[entry.split].setdefault(entry.rel_path, (entry.raw_id, entry.index))
+        if seen[0] != entry.raw_id:
+            raise DataFormatError(
+                path, f"image '{entry.rel_path}' to keep id {seen[0]} given at record {seen[1]}",
+                index=entry.index, split=entry.split, field="id", got=entry.raw_id,
+            )
+        kept = [c.strip() for c in entry.captions if c.strip()]
+        if len(kept) < len(entry.captions) or not entry.captions:
+            empty.append((entry.split, entry.index, entry.rel_path))
+        for caption in kept:
+            rows[entry.split].append((entry.rel_path, caption, entry.raw_id, entry.phrases))
+    if empty:
+        shown = ", ".join(f"{s}[{i}] {p}" for s, i, p in empty[:_MAX_LISTED])
+        logger.warning("%s: skipped empty captions in %d record(s); first: %s", path, len(empty), shown)
+
+    train_ids = sorted({raw_id for _, _, raw_id, _ in rows.get("train", [])})
+    train_label = {raw_id: label for label, raw_id in enumerate(train_ids)}
+    records: dict[str, list[Record]] = {}
+    for split, split_rows in rows.items():
+        image_ids: dict[str, int] = {}
+        records[split] = [
+            Record(
+                image_path=os.path.join(root, "imgs", rel_path),
+                caption=caption,
+                pid=train_label[raw_id] if split == "train" else raw_id,
+                image_id=image_ids.setdefault(rel_path, len(image_ids)),
+                phrases=phrases,
+            )
+            for rel_path, caption, raw_id, phrases in split_rows
+        ]
+    return records, len(train_ids)
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+def split_counts(records: Sequence[Record]) -> tuple[int, int, int]:
+    """(ids, images, captions) of one split."""
+    return len({r.pid for r in records}), len({r.image_id for r in records}), len(records)
+
+
+def format_statistics(splits: DatasetSplits) -> str:
+    """A plain-text table with ids, images and captions per split."""
+    lines = [f"{'split':<6} | {'ids':>6} | {'images':>7} | {'captions':>8}"]
+    lines.append("-" * len(lines[0]))
+    for name in SPLIT_NAMES:
+        ids, images, captions = split_counts(getattr(splits, name))
+        lines.append(f"{name:<6} | {ids:>6} | {images:>7} | {captions:>8}")
+    return "\n".join(lines)
+
+
+def _check_published_counts(splits: DatasetSplits) -> None:
+    if (Path(splits.root) / SYNTHETIC_MARKER).exists():
+        return
+    expected = PUBLISHED_COUNTS[splits.name]
+    differing = []
+    for name in SPLIT_NAMES:
+        got = split_counts(getattr(splits, name))
+        if got != expected[name]:
+            differing.append(f"{name} {got[0]}/{got[1]}/{got[2]} (published {'/'.join(map(str, expected[name]))})")
+    if differing:
+        logger.warning(
+            "%s: ids/images/captions differ from the published %s counts: %s; check that the file is complete",
+            splits.annotation_file, _SPECS[splits.name].title, "; ".join(differing),
+        )
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+def find_annotation_file(fmt: str, root: str | PathLike[str]) -> Path:
+    """The first of the format's distributed file names present in ``root``."""
+    spec = _spec(fmt)
+    for name in spec.candidates:
+        if (Path(root) / name).is_file():
+            return Path(root) / name
+    raise AnnotationNotFoundError(
+        root, f"one of {list(spec.candidates)} in the {spec.title} root (or pass annotation_file)",
+        got="none of them",
+    )
+
+
+def _spec(fmt: str) -> _FormatSpec:
+    if fmt not in _SPECS:
+        raise ValueError(f"unknown annotation format '{fmt}': expected one of {FORMATS}")
+    return _SPECS[fmt]
+
+
+def load_annotations(
+    fmt: str, root: str | PathLike[str], annotation_file: str | PathLike[str] | None = None
+) -> DatasetSplits:
+    """Read one fine-tuning dataset into canonical records.
+
+    ``fmt`` is "cuhkpedes", "icfg" or "rstp". Without ``annotation_file`` the distributed names are looked up
+    in ``root``; an explicit file may be relative to ``root`` or absolute. Raw versus processed is decided by
+    the JSON shape (a list versus an object of splits). Images are expected at ``<root>/imgs/<path>``.
+    """
+    spec = _spec(fmt)
+    root = str(root)
+    if annotation_file is None:
+        path = find_annotation_file(fmt, root)
+    else:
+        path = Path(annotation_file) if os.path.isabs(annotation_file) else Path(root) / annotation_file
+    data = read_json(path)
+    if isinstance(data, list):
+        entries = _parse_raw(data, str(path), spec)
+    elif isinstance(data, dict):
+        entries = _parse_processed(data, str(path), spec)
+    else:
+        raise DataFormatError(path, "a JSON list of image entries (raw) or an object of splits (processed)",
+                              got=describe_value(data))
+    records, num_train_pids = _build_records(entries, root, str(path), SPLIT_NAMES)
+    splits = DatasetSplits(fmt, root, str(path), records["train"], records["val"], records["test"], num_train_pids)
+    logger.info("%s annotations from %s:\n%s", spec.title, path, format_statistics(splits))
+    _check_published_counts(splits)
+    return splits
+
+
+def _join(root: str, image: str) -> str:
+    return image if os.path.isabs(image) else os.path.join(root, image)
+
+
+def load_pretrain_corpora(entries: list[dict]) -> list[Record]:
+    """Image-caption corpora for pretraining; pid = image_id = the running index over all records.
+
+    Each entry is ``{"annotation": JSON list of {"image", "caption"}, "image_root": folder}``; relative image
+    paths are joined to ``image_root``. A caption may also be a list of strings (one record each).
+    """
+    where = "pretrain corpora list"
+    if not isinstance(entries, list) or not entries:
+        raise DataFormatError(where, "a non-empty list of {annotation, image_root} entries",
+                              got=describe_value(entries))
+    records: list[Record] = []
+    for number, entry in enumerate(entries):
+        entry = _as_object(entry, where, number, None)
+        annotation = _get_str(entry, "annotation", where, number, None)
+        image_root = _get_str(entry, "image_root", where, number, None)
+        data = read_json(annotation)
+        if not isinstance(data, list):
+            raise DataFormatError(annotation, "a JSON list of {image, caption} objects", got=describe_value(data))
+        empty: list[tuple[int, str]] = []
+        first = len(records)
+        for index, item in enumerate(data):
+            item = _as_object(item, annotation, index, None)
+            image = _get_str(item, "image", annotation, index, None)
+            caption = item.get("caption")
+            if isinstance(caption, str):
+                captions = [caption]
+            else:
+                captions = _get_str_list(item, "caption", annotation, index, None)
+            kept = [c.strip() for c in captions if c.strip()]
+            if len(kept) < len(captions) or not captions:
+                empty.append((index, image))
+            image_path = _join(image_root, image)
+            for text in kept:
+                records.append(Record(image_path, text, len(records), len(records)))
+        if empty:
+            shown = ", ".join(f"[{i}] {p}" for i, p in empty[:_MAX_LISTED])
+            logger.warning("%s: skipped empty captions in %d record(s); first: %s", annotation, len(empty), shown)
+        logger.info("pretrain corpus %s: %d captions", annotation, len(records) - first)
+    logger.info("pretrain corpora: %d captions from %d file(s)", len(records), len(entries))
+    return records
+
+
+def _undecodable(path: str) -> bool:
+    from PIL import Image  # imported here so reading annotations never needs Pillow
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception:  # any decoder failure means the image cannot be used
+        return True
+    return False
+
+
+def check_images(records: Iterable[Record], *, decode: bool = False, max_listed: int = 5) -> None:
+    """Raise MissingImagesError (a FileNotFoundError) when any unique image path is missing.
+
+    With ``decode=True`` every image is also fully decoded with Pillow. The message gives the count of bad
+    images out of the total and the first ``max_listed`` paths.
+    """
+    paths = list(dict.fromkeys(r.image_path for r in records))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    missing_set = set(missing)
+    bad = [p for p in paths if p not in missing_set and _undecodable(p)] if decode else []
+    if missing or bad:
+        parts = [f"{len(found)} of {len(paths)} images {what} (first: {', '.join(found[:max_listed])})"
+                 for found, what in ((missing, "are missing"), (bad, "cannot be decoded")) if found]
+        raise MissingImagesError("; ".join(parts))
+    logger.info("all %d images found%s", len(paths), " and decoded" if decode else "")
