@@ -35,7 +35,7 @@ def make_batch(cfg, records: int, text_len: int, device) -> dict:
     views, levels = cfg.input.num_views, len(cfg.text.levels)
     height, width = cfg.input.image_size
     pids = torch.arange(records, device=device) // cfg.sampler.num_instances
-    ids = torch.randint(1000, cfg.model.vocab_size, (levels * records, text_len), device=device)
+    ids = torch.randint(5, cfg.model.vocab_size, (levels * records, text_len), device=device)
     ids[:, 0] = 101
     return {
         "images": torch.randn(views * records, 3, height, width, device=device),

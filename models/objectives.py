@@ -65,16 +65,16 @@ class RetrievalObjective(nn.Module):
             caption_ids, caption_mask = batch["caption_ids"], batch["caption_mask"]
             caption_tokens, caption_feats = model.encode_text(caption_ids, caption_mask, bmm=False)
             temperature = model.temperature
+            v, t = view0_feats, caption_feats
+            if self.itc_normalize:
+                v, t = F.normalize(v, dim=-1), F.normalize(t, dim=-1)
             if w["itc"] > 0:
-                v, t = view0_feats, caption_feats
-                if self.itc_normalize:
-                    v, t = F.normalize(v, dim=-1), F.normalize(t, dim=-1)
-                v, t, vp, tp = self._maybe_gather(v, t, pids, pids)
-                out["itc_loss"] = w["itc"] * itc_loss(v, t, vp, tp, temperature)
+                gv, gt, vp, tp = self._maybe_gather(v, t, pids, pids)
+                out["itc_loss"] = w["itc"] * itc_loss(gv, gt, vp, tp, temperature)
                 out["temperature"] = temperature.detach()
             if w["itm"] > 0:
-                out["itm_loss"] = w["itm"] * self._itm(view0_tokens, view0_feats, caption_tokens, caption_feats,
-                                                      caption_mask, pids, temperature)
+                out["itm_loss"] = w["itm"] * self._itm(view0_tokens, v, caption_tokens, t, caption_mask, pids,
+                                                      temperature)
             if w["mlm"] > 0:
                 masked_tokens, _ = model.encode_text(batch["mlm_ids"], caption_mask, bmm=False)
                 labels = batch["mlm_labels"]
@@ -84,7 +84,11 @@ class RetrievalObjective(nn.Module):
         return out
 
     def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature) -> torch.Tensor:
-        """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call."""
+        """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call.
+
+        Negatives are drawn from the softmax of the ITC similarities (``image_feats``/``text_feats`` as ITC sees
+        them), so the hardest non-matching pairs are the likeliest.
+        """
         with torch.no_grad():
             sim_i2t = image_feats.float() @ text_feats.float().t() / temperature.float()
         neg_image_for_text, neg_text_for_image = sample_hard_negatives(sim_i2t, pids, pids)

@@ -112,10 +112,11 @@ def initialise_weights(model, cfg: Config, init_from: str | None) -> None:
         load_bert_weights(model, cfg.model.bert_weights)
     source = init_from or cfg.model.init_from
     if source:
-        init_from_checkpoint(model, source)
+        # A temperature learnt on raw features (the authors' pretraining) is meaningless for normalised ITC.
+        init_from_checkpoint(model, source, skip=("temperature",) if cfg.loss.itc_normalize else ())
 
 
-def init_from_checkpoint(model, path: str) -> None:
+def init_from_checkpoint(model, path: str, skip: Sequence[str] = ()) -> None:
     """Copy matching tensors of our or the authors' checkpoint (e.g. IVT pretraining) into ``model``.
 
     Grid embeddings are resampled when the patch grid differs; tensors the model lacks (a pretraining fusion stack
@@ -132,7 +133,9 @@ def init_from_checkpoint(model, path: str) -> None:
         state, _ = convert_official(obj)
     else:
         raise ValueError(f"--init-from {path}: neither our checkpoint nor an authors' IVT checkpoint")
-    state = adapt_grid_embeddings(dict(state), model, prefix="encoder.")
+    state = adapt_grid_embeddings({k: v for k, v in state.items() if k not in skip}, model, prefix="encoder.")
+    if skip:
+        logger.info("--init-from: not taking %s from the checkpoint (kept at their configured init)", list(skip))
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
