@@ -179,3 +179,20 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     # The two ranks saw different records: their first batches' pids differ.
     assert rank0["first_pids"] != rank1["first_pids"]
     assert (out / "metrics_test.json").is_file()
+
+
+def test_tiny_pretraining_lowers_all_three_losses(tmp_path):
+    out = tmp_path / "pre"
+    train_pretrain.main(["--output-dir", str(out)]
+                        + tiny_overrides(tmp_path / "pretrain", "pretrain", num_ids=40, steps=8, epochs=6)
+                        + ["model.fusion_layers=1", "train.lr=0.002", "data.check_images=false"])
+    history = {key: [] for key in ("itc_loss", "itm_loss", "mlm_loss")}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "train":
+            for key in history:
+                history[key].append(record[key])
+    for key, values in history.items():
+        assert len(values) >= 40, key
+        first, last = sum(values[:8]) / 8, sum(values[-8:]) / 8
+        assert last < first, f"{key}: first 8 steps {first:.3f}, last 8 steps {last:.3f}"

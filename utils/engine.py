@@ -460,6 +460,11 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
         model.load_state_dict(load_file(best_path)["model"])
     summary["test"] = evaluate_split(model, eval_splits, test_split, tokenizer, cfg, device, output_dir,
                                      checkpoint=str(best_path))
+    if summary["test"] is not None:
+        t2i = summary["test"]["t2i"]
+        logger.info("%s: text-to-image R@1 %.2f%% (chance %.2f%%), R@5 %.2f%%, mAP %.2f%%; all metrics in %s",
+                    test_split, t2i["R1"], summary["test"]["chance_R1"], t2i["R5"], t2i["mAP"],
+                    output_dir / f"metrics_{test_split}.json")
     return summary
 
 
