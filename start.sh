@@ -2,7 +2,7 @@
 # Launch a training or evaluation script with torchrun.
 #   bash start.sh SCRIPT NUM_GPUS [args and key=value overrides ...]
 #   bash start.sh train_cuhkpedes.py 4
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash start.sh train_pretrain.py 8   # on each node
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 bash start.sh train_pretrain.py 8   # on each node
 # NUM_GPUS is the number of processes on this node. With NNODES > 1 every node runs the same command with its
 # own NODE_RANK. PYTHON selects the interpreter (default: python3 on PATH).
 set -euo pipefail

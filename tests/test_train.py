@@ -196,3 +196,15 @@ def test_tiny_pretraining_lowers_all_three_losses(tmp_path):
         assert len(values) >= 40, key
         first, last = sum(values[:8]) / 8, sum(values[-8:]) / 8
         assert last < first, f"{key}: first 8 steps {first:.3f}, last 8 steps {last:.3f}"
+
+
+def test_start_sh_prints_and_runs_the_torchrun_command():
+    env = dict(os.environ, PYTHON="echo", NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29555")
+    result = subprocess.run(["bash", str(ROOT / "start.sh"), "train_icfg.py", "4", "--resume", "auto",
+                             "train.epochs=3"], capture_output=True, text=True, env=env, check=True)
+    printed, ran = result.stdout.splitlines()
+    expected = ("-m torch.distributed.run --nproc_per_node=4 --nnodes=2 --node_rank=1 --master_addr=node0 "
+                "--master_port=29555 train_icfg.py --resume auto train.epochs=3")
+    assert printed == "+ echo " + expected and ran == expected
+    usage = subprocess.run(["bash", str(ROOT / "start.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
