@@ -42,6 +42,12 @@ def test_int_is_accepted_for_float_and_coerced():
     ("data.check_images=1", ["data.check_images", "bool"]),
     ("train=3", ["train", "section"]),
     ("noequals", ["key=value"]),
+    ("train.amp=fp32", ["train.amp", "bf16"]),
+    ("train.amp=null", ["train.amp"]),
+    ("data.format=cuhk", ["data.format", "cuhkpedes"]),
+    ("eval.selection_split=test", ["eval.selection_split", "val"]),
+    ("eval.selection_metric=R5", ["eval.selection_metric"]),
+    ("text.levels=[word,clause]", ["text.levels", "clause"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as err:

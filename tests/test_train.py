@@ -208,3 +208,19 @@ def test_start_sh_prints_and_runs_the_torchrun_command():
     assert printed == "+ echo " + expected and ran == expected
     usage = subprocess.run(["bash", str(ROOT / "start.sh")], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("previous run\n")
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(SystemExit) as err:
+        train_cuhkpedes.main(["--output-dir", str(out)] + tiny_overrides(missing)
+                             + ["data.synthesize_if_missing=false"])
+    assert str(err.value).startswith("error: ") and str(missing) in str(err.value)
+    assert (out / "config.yaml").read_text() == "previous run\n"
+    with pytest.raises(SystemExit, match="data.format"):
+        train_cuhkpedes.main(["--output-dir", str(out), "data.format=cuhk"])
+    with pytest.raises(SystemExit, match="nope.yaml"):
+        train_cuhkpedes.main(["--config", str(tmp_path / "nope.yaml")])

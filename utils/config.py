@@ -24,6 +24,31 @@ class ConfigError(ValueError):
     """A configuration file or override is malformed; the message names the file and the key."""
 
 
+# Keys whose value must be one of a few words; checked when a config is built, not deep inside a run.
+CHOICES = {
+    "data.format": ("cuhkpedes", "icfg", "rstp", "pretrain"),
+    "data.eval_format": ("cuhkpedes", "icfg", "rstp"),
+    "train.optimizer": ("sgd", "adamw"),
+    "train.schedule_unit": ("epoch", "step"),
+    "train.amp": ("bf16", "fp16", "none"),
+    "eval.selection_split": ("val", None),  # never the test split
+    "eval.test_split": ("train", "val", "test"),
+    "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
+}
+
+
+def _check_choices(data: dict, source: str) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = data[section][key]
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else repr(a) for a in allowed)
+            raise ConfigError(f"{source}: key {dotted!r} must be one of {shown}, got {value!r}")
+    for text_level in data["text"]["levels"]:
+        if text_level not in ("word", "phrase", "sentence"):
+            raise ConfigError(f"{source}: text.levels entries must be word, phrase or sentence, got {text_level!r}")
+
+
 class Config(Mapping):
     """A frozen, nested mapping with attribute access (``cfg.train.lr``)."""
 
@@ -79,6 +104,7 @@ class Config(Mapping):
         for name, value in sections.items():
             _merge_checked(data, {name: value}, schema, source="<replace>")
         _apply_overrides(data, overrides, schema)
+        _check_choices(data, "<replace>")
         return Config(data)
 
 
@@ -221,6 +247,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     schema = _load_schema()
     data = _layer_file(Path(path), schema) if path is not None else copy.deepcopy(schema)
     _apply_overrides(data, overrides, schema)
+    _check_choices(data, str(path) if path is not None else "command line")
     return Config(data)
 
 
@@ -230,6 +257,7 @@ def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), sou
     merged = copy.deepcopy(schema)
     _merge_checked(merged, data, schema, source)
     _apply_overrides(merged, overrides, schema)
+    _check_choices(merged, source)
     return Config(merged)
 
 

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -46,15 +47,26 @@ class TrainState:
 
 # ----------------------------------------------------------------------------------------------- data
 def _synthesize_if_missing(cfg: Config) -> None:
-    root = Path(cfg.data.root)
-    if not cfg.data.synthesize_if_missing or (root.is_dir() and any(root.iterdir())):
+    """Write the synthetic dataset into data.root when it is absent (rank 0 decides and writes; all wait).
+
+    It is written next to the root and renamed into place, so an interrupted synthesis never leaves a
+    half-written dataset that a later run would take for a real one.
+    """
+    if not cfg.data.synthesize_if_missing:
         return
-    if du.is_main_process():
+    root = Path(cfg.data.root)
+    if du.is_main_process() and not (root.is_dir() and any(root.iterdir())):
         from datasets.synthetic import make_synthetic
 
         logger.info("data.root %s is missing: writing the synthetic %s dataset (%d identities) there",
                     root, cfg.data.format, cfg.data.synthetic_num_ids)
-        make_synthetic(cfg.data.format, root, num_ids=cfg.data.synthetic_num_ids, seed=cfg.data.synthetic_seed)
+        partial = root.with_name(root.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        make_synthetic(cfg.data.format, partial, num_ids=cfg.data.synthetic_num_ids, seed=cfg.data.synthetic_seed)
+        if root.is_dir():
+            root.rmdir()  # empty, checked above
+        partial.rename(root)
     du.barrier()
 
 
@@ -275,9 +287,7 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
     if resume_obj is not None and detect_format(resume_obj) != "ours":
         raise ValueError(f"--resume {resume_path}: not one of our checkpoints")
 
-    setup_logging(output_dir, rank)
-    if du.is_main_process():
-        save_config(cfg, output_dir / "config.yaml")
+    setup_logging(None, rank)
     logger.info("run directory %s, world size %d, device %s, config digest %s", output_dir, world_size, device,
                 cfg.digest())
     torch.manual_seed(cfg.seed + rank)
@@ -297,8 +307,18 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
     if resume_obj is None:
         initialise_weights(model, cfg, init_from)
     else:
+        if init_from:
+            logger.warning("--init-from %s is ignored: resuming from %s", init_from, resume_path)
+        if resume_obj.get("world_size", world_size) != world_size:
+            logger.warning("resuming a run of world size %d with %d processes: data order and RNG streams differ "
+                           "from an uninterrupted run", resume_obj["world_size"], world_size)
         model.load_state_dict(resume_obj["model"])
     model.to(device)
+    # Only now, with data and model in hand, does the run directory take this run's config and log; a run that
+    # fails to start leaves an existing run directory as it was.
+    setup_logging(output_dir, rank)
+    if du.is_main_process():
+        save_config(cfg, output_dir / "config.yaml")
     objective = RetrievalObjective(model, cfg.loss)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters (%.2fM trainable)", n_params / 1e6,
@@ -440,14 +460,15 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
                             cfg.eval.selection_metric, score, state.best_metric, state.best_epoch)
             elif not selection:
                 state.best_epoch, improved = epoch, True
+            stop_now = stop.agreed(device)  # one collective, so every rank takes the same branches below
             names = []
-            if state.epoch % cfg.train.save_every_epochs == 0 or is_last or stop.requested:
+            if state.epoch % cfg.train.save_every_epochs == 0 or is_last or stop_now:
                 names.append("last.pth")
             if improved:
                 names.append("best.pth")
             if names:
                 save(names)
-            if stop.agreed(device) and not is_last:
+            if stop_now and not is_last:
                 logger.info("stopped after epoch %d; resume with --resume auto", epoch)
                 stopped = True
     writer.close()
@@ -456,7 +477,7 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
     if stopped:
         return summary
     best_path = output_dir / "best.pth"
-    if best_path.is_file():
+    if state.best_epoch >= 0:  # known on every rank (a file check would differ between nodes without a shared disk)
         model.load_state_dict(load_file(best_path)["model"])
     summary["test"] = evaluate_split(model, eval_splits, test_split, tokenizer, cfg, device, output_dir,
                                      checkpoint=str(best_path))
@@ -500,17 +521,28 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
 def train_main(argv: Sequence[str] | None, *, description: str, default_config: str,
                stop_after_steps: int | None = None) -> dict:
     """Shared main() of the train_*.py scripts."""
+    from datasets.records import DataFormatError
+    from datasets.tokenizer import TokenizerError
+    from utils.checkpoint import CheckpointError
+    from utils.config import ConfigError
+
     args = build_parser(description, default_config).parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    output_dir = Path(args.output_dir or cfg.output_dir)
-    resume_path = resolve_resume(args.resume, output_dir)
-    if resume_path is not None:
-        # A resumed run keeps the configuration it started with; overrides still apply on top.
-        cfg = config_from_dict(load_file(resume_path)["config"], args.overrides, source=str(resume_path))
-        args.resume = str(resume_path)
-    cfg = cfg.replace([f"output_dir={output_dir}"])
     try:
+        cfg = load_config(args.config, args.overrides)
+        output_dir = Path(args.output_dir or cfg.output_dir)
+        resume_path = resolve_resume(args.resume, output_dir)
+        if resume_path is not None:
+            # A resumed run keeps the configuration it started with; overrides still apply on top.
+            cfg = config_from_dict(load_file(resume_path)["config"], args.overrides, source=str(resume_path))
+            args.resume = str(resume_path)
+            if args.config != default_config:
+                logger.warning("--config %s is ignored: a resumed run keeps the config stored in %s",
+                               args.config, resume_path)
+        cfg = cfg.replace([f"output_dir={output_dir}"])
         return train(cfg, output_dir=output_dir, resume=args.resume, init_from=args.init_from,
                      eval_only=args.eval_only, stop_after_steps=stop_after_steps)
+    except (ConfigError, DataFormatError, CheckpointError, TokenizerError, FileNotFoundError) as exc:
+        # The user's input is wrong (config, data, checkpoint, weights): one line, no stack trace.
+        raise SystemExit(f"error: {exc}") from None
     finally:
         du.cleanup_distributed()
