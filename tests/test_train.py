@@ -58,7 +58,8 @@ def test_one_step_lowers_the_loss_on_a_repeated_batch(tmp_path):
 def test_each_fine_tuning_script_then_evaluate(tmp_path, module, fmt):
     out = tmp_path / "run"
     summary = module.main(["--output-dir", str(out)] + tiny_overrides(tmp_path / "data", fmt))
-    for name in ("config.yaml", "log.txt", "metrics.jsonl", "last.pth", "best.pth", "metrics_test.json"):
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "last.pth", "best.pth", "metrics_test.json",
+                 "tokenizer/vocab.txt"):
         assert (out / name).is_file(), name
     written = _metrics(out / "metrics_test.json")
     assert written["t2i"]["R1"] == pytest.approx(summary["test"]["t2i"]["R1"])

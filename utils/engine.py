@@ -319,6 +319,10 @@ def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from
     setup_logging(output_dir, rank)
     if du.is_main_process():
         save_config(cfg, output_dir / "config.yaml")
+        if cfg.text.tokenizer == "train":
+            from datasets.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, output_dir / "tokenizer")  # the learnt vocabulary, also kept in checkpoints
     objective = RetrievalObjective(model, cfg.loss)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters (%.2fM trainable)", n_params / 1e6,
