@@ -273,17 +273,22 @@ def _autocast(cfg: Config, device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def train(cfg: Config, *, output_dir: Path, resume: str | None = None, init_from: str | None = None,
-          eval_only: bool = False, stop_after_steps: int | None = None) -> dict:
-    """Run (or resume) the recipe in ``cfg``; returns {"test": metrics or None, "best_metric": ..., ...}."""
+def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, resume_obj: dict | None = None,
+          init_from: str | None = None, eval_only: bool = False, stop_after_steps: int | None = None) -> dict:
+    """Run (or resume) the recipe in ``cfg``; returns {"test": metrics or None, "best_metric": ..., ...}.
+
+    ``resume`` is a checkpoint path (``train_main`` resolves "auto"); ``resume_obj`` is that checkpoint when the
+    caller has already loaded it, so a multi-GB file is not read twice.
+    """
     from datasets.build import build_train_loader
     from models.ivt import build_model
     from models.objectives import RetrievalObjective
 
     device = du.init_distributed()
     rank, world_size = du.get_rank(), du.get_world_size()
-    resume_path = resolve_resume(resume, output_dir)
-    resume_obj = load_file(resume_path) if resume_path is not None else None
+    resume_path = Path(resume) if resume is not None else None
+    if resume_path is not None and resume_obj is None:
+        resume_obj = load_file(resume_path)
     if resume_obj is not None and detect_format(resume_obj) != "ours":
         raise ValueError(f"--resume {resume_path}: not one of our checkpoints")
 
@@ -535,15 +540,15 @@ def train_main(argv: Sequence[str] | None, *, description: str, default_config: 
         cfg = load_config(args.config, args.overrides)
         output_dir = Path(args.output_dir or cfg.output_dir)
         resume_path = resolve_resume(args.resume, output_dir)
-        if resume_path is not None:
+        resume_obj = load_file(resume_path) if resume_path is not None else None
+        if resume_obj is not None:
             # A resumed run keeps the configuration it started with; overrides still apply on top.
-            cfg = config_from_dict(load_file(resume_path)["config"], args.overrides, source=str(resume_path))
-            args.resume = str(resume_path)
+            cfg = config_from_dict(resume_obj["config"], args.overrides, source=str(resume_path))
             if args.config != default_config:
                 logger.warning("--config %s is ignored: a resumed run keeps the config stored in %s",
                                args.config, resume_path)
         cfg = cfg.replace([f"output_dir={output_dir}"])
-        return train(cfg, output_dir=output_dir, resume=args.resume, init_from=args.init_from,
+        return train(cfg, output_dir=output_dir, resume=resume_path, resume_obj=resume_obj, init_from=args.init_from,
                      eval_only=args.eval_only, stop_after_steps=stop_after_steps)
     except (ConfigError, DataFormatError, CheckpointError, TokenizerError, FileNotFoundError) as exc:
         # The user's input is wrong (config, data, checkpoint, weights): one line, no stack trace.
