@@ -4,7 +4,8 @@
     python evaluate.py --checkpoint ivt_cuhk.pth --config configs/cuhkpedes.yaml data.root=data/CUHK-PEDES
     torchrun --nproc_per_node 4 evaluate.py --checkpoint runs/cuhkpedes/best.pth
 
-Our checkpoints carry their config; ``--config`` then only replaces the data and eval sections. The authors'
+Our checkpoints carry their config; ``--config`` then only replaces the task, data and eval settings (a
+pretraining checkpoint evaluates zero-shot on the data.eval_root it was given, or on the one you pass). The authors'
 checkpoints carry none, so ``--config`` names the recipe (the architecture is read from the tensors).
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 from typing import Sequence
+
+from utils.errors import user_errors_as_one_line
 
 logger = logging.getLogger("evaluate")
 
@@ -35,11 +38,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the evaluation; returns the results dict (the same on every rank). Bad input exits with one line."""
     args = parse_args(argv)
     # Heavy imports after argument parsing, so that --help is instant.
-    from datasets.readers import load_annotations
-    from datasets.tokenizer import TokenizerError
+    from engine.checkpoints import load_for_inference
+    from engine.data import load_eval_splits
+    from engine.evaluation import EvaluationError, evaluate_model, save_examples, write_metrics_json
     from utils import distributed as du
-    from utils.checkpoint import load_for_inference
-    from utils.evaluation import evaluate_model, save_examples, write_metrics_json
     from utils.logging_utils import setup_logging
 
     device = du.init_distributed(args.device)
@@ -47,29 +49,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     overrides = list(args.overrides)
     if args.save_examples is not None:
         overrides.append(f"eval.save_examples={args.save_examples}")
-    try:
-        model, cfg, tokenizer, info = load_for_inference(args.checkpoint, args.config, overrides, device)
-        logger.info("loaded %s (%s format, epoch %s) on %s", args.checkpoint, info["format"], info.get("epoch"), device)
-        splits = load_annotations(cfg.data.format, cfg.data.root, cfg.data.annotation_file)
-        records = splits.split(args.split)
-        results = evaluate_model(model, records, tokenizer, cfg, device, args.split)
-    except (ValueError, OSError, KeyError, TokenizerError) as exc:
-        # Checkpoint, config, data and tokenizer errors name the file and key; a stack trace adds nothing.
-        du.cleanup_distributed()
-        message = f"{args.checkpoint}: missing entry {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise SystemExit(f"error: {' '.join(message.split())}") from None
-
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent
-    metrics_path = output_dir / f"metrics_{args.split}.json"
-    write_metrics_json(metrics_path, results, args.checkpoint, cfg)
-    if du.is_main_process():
-        logger.info("wrote %s", metrics_path)
-        if "examples" in results:
-            written = save_examples(output_dir / f"examples_{args.split}", results, records)
-            logger.info("wrote %d example pictures to %s", len(written), output_dir / f"examples_{args.split}")
-    du.barrier()
-    du.cleanup_distributed()
-    return results
+    with user_errors_as_one_line():
+        try:
+            model, cfg, tokenizer, info = load_for_inference(args.checkpoint, args.config, overrides, device)
+            logger.info("loaded %s (%s format, epoch %s) on %s", args.checkpoint, info["format"], info.get("epoch"),
+                        device)
+            splits = load_eval_splits(cfg)
+            if splits is None:
+                raise EvaluationError(f"{args.checkpoint} is a pretraining checkpoint without an evaluation set: "
+                                      "pass data.eval_root=PATH (and data.eval_format=cuhkpedes|icfg|rstp)")
+            records = splits.split(args.split)
+            results = evaluate_model(model, records, tokenizer, cfg, device, args.split)
+            output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent
+            metrics_path = output_dir / f"metrics_{args.split}.json"
+            write_metrics_json(metrics_path, results, args.checkpoint, cfg)
+            if du.is_main_process():
+                logger.info("wrote %s", metrics_path)
+                if "examples" in results:
+                    written = save_examples(output_dir / f"examples_{args.split}", results, records)
+                    logger.info("wrote %d example pictures to %s", len(written), output_dir / f"examples_{args.split}")
+            du.barrier()
+            return results
+        finally:
+            du.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from utils.errors import user_errors_as_one_line
+
 logger = logging.getLogger("retrieve")
 
 
@@ -35,15 +37,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
     """Returns the ranked (path, score) list; bad input exits with a one-line error."""
     args = parse_args(argv)
-    from datasets.tokenizer import TokenizerError
+    from engine.retrieval import Retriever
     from utils.logging_utils import setup_logging
-    from utils.retrieval import Retriever
     from utils.visualize import contact_sheet
 
     setup_logging(None)
     if args.top_k < 1:
         raise SystemExit(f"error: --top-k must be >= 1, got {args.top_k}")
-    try:
+    with user_errors_as_one_line():
         retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
         gallery = Path(args.gallery)
         if gallery.is_file():
@@ -51,9 +52,6 @@ def main(argv: Sequence[str] | None = None) -> list[tuple[str, float]]:
         else:
             retriever.index(gallery, index_file=args.index_file, strict=args.strict)
         results = retriever.search(args.query, k=args.top_k)
-    except (ValueError, OSError, KeyError, TokenizerError) as exc:
-        message = f"{args.checkpoint}: missing entry {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise SystemExit(f"error: {' '.join(message.split())}") from None
 
     print(f'top {len(results)} of {len(retriever.gallery)} images for "{args.query}":')
     for rank, (path, score) in enumerate(results, 1):

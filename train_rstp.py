@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from utils.engine import train_main
+from engine.cli import train_main
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "rstp.yaml")
 

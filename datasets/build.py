@@ -30,19 +30,18 @@ def build_train_loader(
     *,
     rank: int = 0,
     world_size: int = 1,
-    pretrain: bool = False,
 ) -> tuple[DataLoader, TrainSampler, TrainDataset]:
     """The training DataLoader, its sampler and dataset (call ``set_train_epoch`` before each epoch).
 
-    Fine-tuning: ``input.num_views`` views, ``text.levels``, P x K identity batches of
-    ``train.batch_size_per_gpu`` per process. Pretraining: one view, the sentence level cleaned by pre_caption,
+    ``task: retrieval``: ``input.num_views`` views, ``text.levels``, P x K identity batches of
+    ``train.batch_size_per_gpu`` per process. ``task: pretrain``: one view, the sentence level cleaned by pre_caption,
     and plainly shuffled batches. MLM inputs are added when ``loss.mlm_weight`` > 0.
     """
     if not records:
         raise ValueError("build_train_loader: no training records")
     batch_size = cfg.train.batch_size_per_gpu
     transform = build_train_transform(cfg.input)
-    if pretrain:
+    if cfg.task == "pretrain":
         levels: tuple[str, ...] = ("sentence",)
         dataset = TrainDataset(
             records, transform, num_views=1, levels=levels, seed=cfg.seed, lowercase=cfg.text.lowercase,

@@ -24,6 +24,7 @@ from datasets.records import (
     Record,
     describe_value,
 )
+from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,8 @@ def find_annotation_file(fmt: str, root: str | PathLike[str]) -> Path:
 
 def _spec(fmt: str) -> _FormatSpec:
     if fmt not in _SPECS:
-        raise ValueError(f"unknown annotation format '{fmt}': expected one of {FORMATS}")
+        raise ConfigError(f"unknown annotation format {fmt!r} (data.format / data.eval_format): expected one of "
+                          f"{', '.join(FORMATS)}")
     return _SPECS[fmt]
 
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
+from utils.errors import UserError
+
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -24,7 +26,7 @@ class Record:
     phrases: tuple[str, ...] | None = None
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """Malformed annotation input; the message names the file, the record, the field and the expectation."""
 
     def __init__(
@@ -58,8 +60,12 @@ class AnnotationNotFoundError(DataFormatError, FileNotFoundError):
     """No annotation file where one was expected; catchable as DataFormatError or FileNotFoundError."""
 
 
-class MissingImagesError(FileNotFoundError):
+class MissingImagesError(UserError, FileNotFoundError):
     """Some images named by the annotations are missing or cannot be decoded."""
+
+
+class SplitError(UserError, ValueError):
+    """A split that does not exist or holds no records."""
 
 
 def describe_value(value: Any) -> str:
@@ -83,12 +89,12 @@ class DatasetSplits:
     num_train_pids: int = 0
 
     def split(self, name: str) -> list[Record]:
-        """The records of split ``name``; raises ValueError for an unknown or empty split."""
+        """The records of split ``name``; raises SplitError for an unknown or empty split."""
         if name not in SPLIT_NAMES:
-            raise ValueError(f"unknown split '{name}' for dataset '{self.name}': expected one of {SPLIT_NAMES}")
+            raise SplitError(f"unknown split '{name}' for dataset '{self.name}': expected one of {SPLIT_NAMES}")
         records = getattr(self, name)
         if not records:
-            raise ValueError(
+            raise SplitError(
                 f"split '{name}' of dataset '{self.name}' ({self.annotation_file}) is empty"
                 + ("; ICFG-PEDES has no val split, select on another split" if self.name == "icfg" else "")
             )

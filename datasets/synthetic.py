@@ -25,9 +25,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from datasets.readers import FORMATS as RETRIEVAL_FORMATS
+
 logger = logging.getLogger(__name__)
 
-FORMATS = ("cuhkpedes", "icfg", "rstp", "pretrain")
+# The retrieval formats the readers know (their order seeds the image noise), then the pretraining corpus.
+FORMATS = (*RETRIEVAL_FORMATS, "pretrain")
 IMAGE_HEIGHT, IMAGE_WIDTH = 128, 64
 _SUPERSAMPLE = 2  # drawn at twice the size, then box-reduced, for clean edges
 _JPEG_QUALITY = 90

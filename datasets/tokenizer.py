@@ -14,11 +14,13 @@ from typing import Any, Iterable, Sequence
 
 from transformers import BertTokenizerFast
 
+from utils.errors import UserError
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in a learned vocabulary
 MIN_VOCAB = 1000
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(UserError, RuntimeError):
     """The configured tokenizer could not be obtained or is not a usable BERT vocabulary."""
 
 

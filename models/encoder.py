@@ -16,6 +16,8 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from models.config import IVTConfig
+
 VISION = "vis"
 TEXT = "txt"
 
@@ -139,30 +141,25 @@ def _index_on(device: torch.device, index: torch.Tensor) -> torch.Tensor:
 class UnifiedEncoder(nn.Module):
     """Shared transformer over image patches and caption tokens; outputs are after the final norm."""
 
-    def __init__(self, *, img_size: Sequence[int] = (384, 128), patch_size: int = 16, stride: int = 12,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.1, vocab_size: int = 30522,
-                 max_text_positions: int = 512, type_vocab_size: int = 2, text_dropout: float = 0.1,
-                 pad_token_id: int = 0, bmm_ratio: float = 0.2, grad_checkpointing: bool = False) -> None:
+    def __init__(self, config: IVTConfig) -> None:
         super().__init__()
-        if not 0.0 <= bmm_ratio < 1.0:
-            raise ValueError(f"bmm_ratio must be in [0, 1), got {bmm_ratio}")
-        self.embed_dim = embed_dim
-        self.patch_size = patch_size
-        self.stride = stride
-        self.bmm_ratio = float(bmm_ratio)
-        self.grad_checkpointing = bool(grad_checkpointing)
+        c = config
+        self.embed_dim = c.embed_dim
+        self.patch_size = c.patch_size
+        self.stride = c.stride
+        self.bmm_ratio = float(c.bmm_ratio)
+        self.grad_checkpointing = bool(c.grad_checkpointing)
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, stride, embed_dim)
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.stride, c.embed_dim)
         num_tokens = self.patch_embed.num_patches + 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
-        self.type_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
-        self.embeddings = TextEmbeddings(vocab_size, embed_dim, max_text_positions, type_vocab_size,
-                                         pad_token_id, text_dropout)
-        rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, c.embed_dim))
+        self.type_embed = nn.Parameter(torch.zeros(1, num_tokens, c.embed_dim))
+        self.embeddings = TextEmbeddings(c.vocab_size, c.embed_dim, c.max_text_positions, c.type_vocab_size,
+                                         c.pad_token_id, c.text_dropout)
+        rates = [c.drop_path_rate * i / (c.depth - 1) if c.depth > 1 else 0.0 for i in range(c.depth)]
+        self.blocks = nn.ModuleList(Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, r) for r in rates)
+        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
 
     @property
     def img_size(self) -> tuple[int, int]:

@@ -5,11 +5,12 @@ The training ``forward(batch)`` is added by the training code; this module only 
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from models.config import IVTConfig
 from models.encoder import UnifiedEncoder
 from models.fusion import FusionStack, MlmHead
 
@@ -17,27 +18,17 @@ from models.fusion import FusionStack, MlmHead
 class IVT(nn.Module):
     """Dual-use retrieval model: CLS features of the shared encoder for ranking, fusion heads for ITM/MLM."""
 
-    def __init__(self, *, img_size: Sequence[int] = (384, 128), patch_size: int = 16, stride: int = 12,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.1, vocab_size: int = 30522,
-                 max_text_positions: int = 512, type_vocab_size: int = 2, text_dropout: float = 0.1,
-                 pad_token_id: int = 0, bmm_ratio: float = 0.2, grad_checkpointing: bool = False,
-                 fusion_layers: int = 0, temperature_init: float = 0.07) -> None:
+    def __init__(self, config: IVTConfig) -> None:
         super().__init__()
-        if fusion_layers < 0:
-            raise ValueError(f"fusion_layers must be >= 0, got {fusion_layers}")
-        self.encoder = UnifiedEncoder(
-            img_size=img_size, patch_size=patch_size, stride=stride, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
-            vocab_size=vocab_size, max_text_positions=max_text_positions, type_vocab_size=type_vocab_size,
-            text_dropout=text_dropout, pad_token_id=pad_token_id, bmm_ratio=bmm_ratio,
-            grad_checkpointing=grad_checkpointing)
-        self.temperature = nn.Parameter(torch.tensor(float(temperature_init)))
-        if fusion_layers > 0:
-            self.fusion = FusionStack(fusion_layers, embed_dim, num_heads, int(embed_dim * mlp_ratio),
-                                      image_width=embed_dim, layer_norm_eps=1e-12, dropout=text_dropout)
-            self.itm_head = nn.Linear(embed_dim, 2)
-            self.mlm_head = MlmHead(embed_dim, vocab_size)
+        self.config = config
+        self.encoder = UnifiedEncoder(config)
+        self.temperature = nn.Parameter(torch.tensor(float(config.temperature_init)))
+        if config.fusion_layers > 0:
+            width = config.embed_dim
+            self.fusion = FusionStack(config.fusion_layers, width, config.num_heads, int(width * config.mlp_ratio),
+                                      image_width=width, layer_norm_eps=1e-12, dropout=config.text_dropout)
+            self.itm_head = nn.Linear(width, 2)
+            self.mlm_head = MlmHead(width, config.vocab_size)
         self.apply(self._init_module)
         for param in (self.encoder.cls_token, self.encoder.pos_embed, self.encoder.type_embed):
             nn.init.trunc_normal_(param, std=0.02)
@@ -108,12 +99,5 @@ class IVT(nn.Module):
 
 
 def build_model(cfg: Any) -> IVT:
-    """Build IVT from ``cfg.input.image_size`` and ``cfg.model.*`` (attribute access only; reads no files)."""
-    m = cfg.model
-    return IVT(
-        img_size=tuple(cfg.input.image_size), patch_size=m.patch_size, stride=m.stride, embed_dim=m.embed_dim,
-        depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, qkv_bias=m.qkv_bias,
-        drop_path_rate=m.drop_path_rate, vocab_size=m.vocab_size, max_text_positions=m.max_text_positions,
-        type_vocab_size=m.type_vocab_size, text_dropout=m.text_dropout, pad_token_id=m.pad_token_id,
-        bmm_ratio=m.bmm_ratio, grad_checkpointing=m.grad_checkpointing, fusion_layers=m.fusion_layers,
-        temperature_init=m.temperature_init)
+    """Build IVT from a recipe's ``model`` section and ``input.image_size`` (reads no files)."""
+    return IVT(IVTConfig.from_config(cfg))

@@ -6,30 +6,32 @@ wraps; checkpoints store the inner model's state dict.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.config import ModelConfigError
 from models.ivt import IVT
 from models.losses import (cmpm_loss, gather_with_grad, itc_loss, itm_loss, itm_targets, mlm_loss,
                            sample_hard_negatives)
-from utils.config import Config
 
 
 class RetrievalObjective(nn.Module):
     """Computes the weighted losses of the recipe for one collated batch (see datasets.collate.TrainCollator)."""
 
-    def __init__(self, model: IVT, loss_cfg: Config):
+    def __init__(self, model: IVT, loss_cfg: Mapping[str, Any]):
         super().__init__()
         self.model = model
         self.weights = {name: float(loss_cfg[f"{name}_weight"]) for name in ("cmpm", "itc", "itm", "mlm")}
-        self.itc_normalize = bool(loss_cfg.itc_normalize)
-        self.gather = bool(loss_cfg.gather_features)
+        self.itc_normalize = bool(loss_cfg["itc_normalize"])
+        self.gather = bool(loss_cfg["gather_features"])
         needs_fusion = self.weights["itm"] > 0 or self.weights["mlm"] > 0
         if needs_fusion and not model.has_fusion:
-            raise ValueError("loss.itm_weight/loss.mlm_weight > 0 need a fusion stack: set model.fusion_layers > 0")
+            raise ModelConfigError("loss.itm_weight/loss.mlm_weight > 0 need a fusion stack: set model.fusion_layers > 0")
         if not any(self.weights.values()):
-            raise ValueError("every loss weight is 0: set loss.cmpm_weight or loss.itc_weight/itm_weight/mlm_weight")
+            raise ModelConfigError("every loss weight is 0: set loss.cmpm_weight or loss.itc_weight/itm_weight/mlm_weight")
         self._freeze_unused()
 
     def _freeze_unused(self) -> None:

@@ -1,7 +1,7 @@
 """Explicit loading of pretrained weights into IVT: timm ViT -> image side, transformers BERT -> text side.
 
 Mapping as in the authors' ``load_param_hybrid`` (``ivt_reference.md`` §1.1.5 steps 3-4, §1.2). Every loader
-returns a :class:`LoadReport` (also logged) and raises ``ValueError`` on a shape mismatch before copying
+returns a :class:`LoadReport` (also logged) and raises :class:`WeightsError` on a shape mismatch before copying
 anything.
 """
 from __future__ import annotations
@@ -19,10 +19,15 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from models.encoder import grid_size
+from utils.errors import UserError
 
 _log = logging.getLogger(__name__)
 
 GRID_EMBEDDINGS = ("pos_embed", "type_embed")
+
+
+class WeightsError(UserError, ValueError):
+    """Pretrained weights that cannot be loaded into the model; the message names the source and the tensor."""
 
 
 @dataclass
@@ -64,10 +69,10 @@ def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
                 obj = obj[wrapper]
                 break
     if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{source}: expected a non-empty state dict (optionally under 'model' or 'state_dict')")
+        raise WeightsError(f"{source}: expected a non-empty state dict (optionally under 'model' or 'state_dict')")
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{source}: entry '{key}' is a {type(value).__name__}, expected a tensor")
+            raise WeightsError(f"{source}: entry '{key}' is a {type(value).__name__}, expected a tensor")
     return dict(obj)
 
 
@@ -84,9 +89,9 @@ def copy_into(model: nn.Module, assignments: Sequence[tuple[str, str, torch.Tens
     params.update(dict(model.named_buffers()))
     for dst, src, tensor in assignments:
         if dst not in params:
-            raise ValueError(f"{source}: '{src}' maps to '{dst}', which the model does not have")
+            raise WeightsError(f"{source}: '{src}' maps to '{dst}', which the model does not have")
         if tuple(params[dst].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: shape mismatch: source '{src}' {list(tensor.shape)} vs model '{dst}' "
+            raise WeightsError(f"{source}: shape mismatch: source '{src}' {list(tensor.shape)} vs model '{dst}' "
                              f"{list(params[dst].shape)}")
     with torch.no_grad():
         for dst, _, tensor in assignments:
@@ -109,10 +114,10 @@ def infer_grid(num_tokens: int, img_size: Sequence[int], patch_size: int, what: 
     grids = {grid_size(img_size, patch_size, s) for s in range(1, patch_size + 1)}
     fits = sorted(g for g in grids if g[0] * g[1] + 1 == num_tokens)
     if not fits:
-        raise ValueError(f"{what} has {num_tokens} tokens, but no stride 1..{patch_size} at image size "
+        raise WeightsError(f"{what} has {num_tokens} tokens, but no stride 1..{patch_size} at image size "
                          f"{img_size[0]}x{img_size[1]} (patch {patch_size}) gives 1 + gy*gx = {num_tokens}")
     if len(fits) > 1:
-        raise ValueError(f"{what} with {num_tokens} tokens fits several grids {fits}; pass the source grid")
+        raise WeightsError(f"{what} with {num_tokens} tokens fits several grids {fits}; pass the source grid")
     return fits[0]
 
 
@@ -121,7 +126,7 @@ def resample_grid_embedding(embedding: torch.Tensor, old_grid: Sequence[int], ne
     """[1, 1+old_gy*old_gx, D] -> [1, 1+new_gy*new_gx, D]; the CLS row is kept, the grid is resized bilinearly
     without antialiasing (the authors' ``F.interpolate(mode='bilinear')``)."""
     if embedding.ndim != 3 or embedding.shape[0] != 1 or embedding.shape[1] != old_grid[0] * old_grid[1] + 1:
-        raise ValueError(f"expected an embedding [1, {old_grid[0] * old_grid[1] + 1}, D] for grid {tuple(old_grid)}, "
+        raise WeightsError(f"expected an embedding [1, {old_grid[0] * old_grid[1] + 1}, D] for grid {tuple(old_grid)}, "
                          f"got {list(embedding.shape)}")
     return resample_abs_pos_embed(embedding, new_size=list(new_grid), old_size=list(old_grid),
                                   num_prefix_tokens=1, interpolation="bilinear", antialias=False)
@@ -179,7 +184,7 @@ def _timm_npz_state(path: Path, encoder: nn.Module) -> dict[str, torch.Tensor]:
         patches = num_pos - (1 if any(k.split("/")[-1] == "cls" for k in names) else 0)
         side = math.isqrt(patches)
         if side * side != patches:
-            raise ValueError(f"{path}: '{pos_key}' has {num_pos} positions, not 1 + a square grid")
+            raise WeightsError(f"{path}: '{pos_key}' has {num_pos} positions, not 1 + a square grid")
         img_size = side * encoder.patch_size
     block = encoder.blocks[0]
     vit = VisionTransformer(
@@ -201,10 +206,10 @@ def _read_vit_state(source: str, model: nn.Module) -> dict[str, torch.Tensor]:
             return unwrap_state_dict(load_file(str(path)), source)
         if suffix in (".pth", ".pt", ".bin"):
             return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), source)
-        raise ValueError(f"{source}: unsupported ViT weight file (expected .pth, .pt, .bin, .safetensors or .npz)")
+        raise WeightsError(f"{source}: unsupported ViT weight file (expected .pth, .pt, .bin, .safetensors or .npz)")
     import timm
     if not timm.is_model(source):
-        raise ValueError(f"{source}: neither an existing file nor a timm model name")
+        raise WeightsError(f"{source}: neither an existing file nor a timm model name")
     return timm.create_model(source, pretrained=True).state_dict()
 
 
@@ -226,7 +231,7 @@ def load_vit_weights(model: nn.Module, source: str) -> LoadReport:
         if key == "pos_embed" and tensor.shape[1] != encoder.pos_embed.shape[1]:
             side = math.isqrt(tensor.shape[1] - 1)
             if side * side + 1 != tensor.shape[1]:
-                raise ValueError(f"{source}: pos_embed has {tensor.shape[1]} tokens, not 1 + a square grid")
+                raise WeightsError(f"{source}: pos_embed has {tensor.shape[1]} tokens, not 1 + a square grid")
             tensor = resample_grid_embedding(tensor, (side, side), encoder.grid)
             report.resampled.append(f"pos_embed {side}x{side}->{encoder.grid[0]}x{encoder.grid[1]}")
         assignments.append((_prefixed(model, target), key, tensor))
@@ -288,7 +293,7 @@ def load_bert_weights(model: nn.Module, source: str) -> LoadReport:
     finally:
         hf_logging.set_verbosity(verbosity)
     if bert.config.hidden_size != encoder.embed_dim:
-        raise ValueError(f"{source}: BERT hidden_size {bert.config.hidden_size} differs from the encoder's "
+        raise WeightsError(f"{source}: BERT hidden_size {bert.config.hidden_size} differs from the encoder's "
                          f"embed_dim {encoder.embed_dim}")
     absent = set(info["missing_keys"])  # in BertForMaskedLM but not in the checkpoint: keep ours at init
     fusion_layers = len(model.fusion.layer) if getattr(model, "fusion", None) is not None else 0

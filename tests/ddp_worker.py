@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.objectives import RetrievalObjective  # noqa: E402
-from utils.engine import train_main  # noqa: E402
+from engine.cli import train_main  # noqa: E402
 
 first_pids = []
 original_forward = RetrievalObjective.forward

@@ -8,8 +8,8 @@ from safetensors.torch import load_file as load_safetensors
 
 from models.ivt import build_model
 from tests.tiny import TINY_MODEL
-from utils.checkpoint import (CheckpointError, atomic_save, capture_rng_state, export_safetensors, load_file,
-                              restore_rng_state)
+from engine.checkpoints import export_safetensors
+from utils.checkpoint import CheckpointError, atomic_save, capture_rng_state, load_file, restore_rng_state
 from utils.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -246,11 +246,13 @@ def records(tmp_path_factory):
 
 
 def small_cfg(*overrides):
+    # P x K only exists in retrieval; pretraining batches are plain shuffles.
+    pretrain = "task=pretrain" in overrides
     return load_config(
         overrides=[
             "input.image_size=[32,16]",
             "train.batch_size_per_gpu=4",
-            "sampler.num_instances=2",
+            *([] if pretrain else ["sampler.num_instances=2"]),
             "data.num_workers=0",
             "text.max_text_len=32",
             *overrides,
@@ -334,8 +336,8 @@ def test_loader_is_identical_across_workers_and_resumes_exactly(records, tok):
 
 
 def test_pretrain_loader(records, tok):
-    cfg = small_cfg("text.pretrain_max_words=4", "loss.mlm_weight=0.0")
-    loader, sampler, dataset = build_train_loader(cfg, records, tok, rank=1, world_size=2, pretrain=True)
+    cfg = small_cfg("task=pretrain", "text.pretrain_max_words=4", "loss.mlm_weight=0.0")
+    loader, sampler, dataset = build_train_loader(cfg, records, tok, rank=1, world_size=2)
     assert isinstance(sampler, ShardedShuffleSampler) and len(sampler) == 12  # 24 // (4 * 2) batches of 4
     batch = next(iter(loader))
     assert batch["images"].shape == (4, 3, 32, 16)

@@ -44,7 +44,6 @@ def test_int_is_accepted_for_float_and_coerced():
     ("noequals", ["key=value"]),
     ("train.amp=fp32", ["train.amp", "bf16"]),
     ("train.amp=null", ["train.amp"]),
-    ("data.format=cuhk", ["data.format", "cuhkpedes"]),
     ("eval.selection_split=test", ["eval.selection_split", "val"]),
     ("eval.selection_metric=R5", ["eval.selection_metric"]),
     ("text.levels=[word,clause]", ["text.levels", "clause"]),
@@ -54,6 +53,29 @@ def test_bad_overrides_name_the_key(override, words):
         load_config(None, [override])
     for word in words:
         assert word in str(err.value)
+
+
+def test_unknown_dataset_format_is_named_by_the_readers():
+    # The readers own the list of formats (one entry per dataset); the config only carries the name.
+    from engine.data import load_eval_splits
+
+    with pytest.raises(ConfigError) as err:
+        load_eval_splits(load_config(None, ["data.format=cuhk"]))
+    assert "data.format" in str(err.value) and "cuhkpedes" in str(err.value)
+
+
+@pytest.mark.parametrize("task, override", [
+    ("pretrain", "input.num_views=1"),
+    ("pretrain", "text.levels=[sentence]"),
+    ("pretrain", "data.format=icfg"),
+    ("retrieval", "data.eval_root=data/CUHK-PEDES"),
+    ("retrieval", "text.pretrain_max_words=20"),
+])
+def test_a_key_the_task_ignores_is_an_error(task, override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"task={task}", override])
+    assert override.split("=")[0] in str(err.value) and task in str(err.value)
+    load_config(None, [f"task={'retrieval' if task == 'pretrain' else 'pretrain'}", override])  # the other task
 
 
 def test_unknown_key_in_file_names_file_key_and_closest(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from datasets.records import Record
 from utils.checkpoint import atomic_save
 from utils.config import load_config
-from utils.evaluation import (build_eval_protocol, chance_r1, encode_images, encode_texts, evaluate_model,
+from engine.evaluation import (build_eval_protocol, chance_r1, encode_images, encode_texts, evaluate_model,
                               rerank_scores)
 from utils.metrics import retrieval_metrics
 
@@ -249,7 +249,7 @@ def test_rerank_without_fusion_is_an_error(splits, synth_root, tokenizer):
 # ----------------------------------------------------------------------------------------- evaluate.py
 def test_evaluate_main_on_our_checkpoint(our_checkpoint, synth_root, tmp_path):
     import evaluate
-    from utils.checkpoint import load_for_inference
+    from engine.checkpoints import load_for_inference
 
     out = tmp_path / "out"
     results = evaluate.main(["--checkpoint", str(our_checkpoint), "--output-dir", str(out), "--save-examples", "2"])

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from models.config import IVTConfig
 from models.encoder import Attention, UnifiedEncoder, grid_size
 from models.fusion import FusionStack
 from models.ivt import IVT, build_model
@@ -16,7 +17,7 @@ TINY = dict(img_size=(64, 32), patch_size=16, stride=12, embed_dim=32, depth=2, 
 
 def tiny(**overrides) -> IVT:
     torch.manual_seed(0)
-    return IVT(**{**TINY, "fusion_layers": 2, **overrides})
+    return IVT(IVTConfig(**{**TINY, "fusion_layers": 2, **overrides}))
 
 
 def test_grid_size_matches_the_authors_numbers():
@@ -31,11 +32,11 @@ def test_base_parameter_counts_on_meta_device():
     counts = {}
     for stride in (12, 16):
         with torch.device("meta"):
-            encoder = UnifiedEncoder(stride=stride)
+            encoder = UnifiedEncoder(IVTConfig(stride=stride))
         counts[stride] = sum(p.numel() for p in encoder.parameters())
     assert counts == {12: 166_631_424, 16: 166_450_176}
     with torch.device("meta"):
-        model = IVT(stride=16, fusion_layers=6)
+        model = IVT(IVTConfig(stride=16, fusion_layers=6))
     # The authors' pretraining model has 247,622,205 unique parameters, of which the fusion BERT's unused
     # position/type embeddings and embedding LayerNorm (512*768 + 2*768 + 2*768 = 396,288) have no place here.
     assert sum(p.numel() for p in model.parameters()) == 247_622_205 - 396_288
@@ -126,7 +127,7 @@ def _marked_tokens(batch: int, length: int, dim: int = 32) -> torch.Tensor:
 
 
 def test_bmm_drops_a_bounded_random_subset_keeping_cls_and_order():
-    encoder = UnifiedEncoder(**{**TINY, "bmm_ratio": 0.5})
+    encoder = UnifiedEncoder(IVTConfig(**{**TINY, "bmm_ratio": 0.5}))
     length = 11
     max_drop = math.floor(0.5 * length)
     mask = torch.randint(0, 2, (3, length))
@@ -145,7 +146,7 @@ def test_bmm_drops_a_bounded_random_subset_keeping_cls_and_order():
 
 
 def test_bmm_follows_the_torch_seed_only():
-    encoder = UnifiedEncoder(**TINY)
+    encoder = UnifiedEncoder(IVTConfig(**TINY))
     results = []
     for python_seed in (1, 2):
         torch.manual_seed(7)
@@ -235,3 +236,11 @@ def test_bad_inputs_raise_clear_errors():
         model.encode_text(torch.ones(1, 30, dtype=torch.long), None)
     with pytest.raises(ValueError, match="mask shape"):
         model.encode_text(torch.ones(1, 5, dtype=torch.long), torch.ones(1, 4))
+
+
+def test_model_config_defaults_are_the_yaml_defaults():
+    from utils.config import load_config
+
+    assert IVTConfig.from_config(load_config()) == IVTConfig()
+    with pytest.raises(ValueError, match="model.bmm_ratio"):
+        IVTConfig(bmm_ratio=1.0)

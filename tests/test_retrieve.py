@@ -1,4 +1,4 @@
-"""retrieve.py / utils.retrieval: indexing a folder, reusing the index, skipping bad files, search scores."""
+"""retrieve.py / engine.retrieval: indexing a folder, reusing the index, skipping bad files, search scores."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ import torch
 
 from utils.checkpoint import atomic_save
 from utils.config import load_config
-from utils.retrieval import GalleryError, Retriever
+from engine.retrieval import GalleryError, Retriever
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=16", "model.stride=16",
         "input.image_size=[64,32]", "text.tokenizer=train", "text.tokenizer_vocab_size=200", "model.vocab_size=200",
@@ -71,7 +71,7 @@ def test_retrieve_writes_index_and_sheet_then_reuses_the_index(checkpoint, galle
     index_file, sheet = tmp_path / "photos.index.pt", tmp_path / "grid.png"
     args = ["--checkpoint", str(checkpoint), "--gallery", str(gallery), "--query", QUERY, "--top-k", "3",
             "--out", str(sheet), "--index-file", str(index_file)]
-    with caplog.at_level(logging.WARNING, logger="utils.retrieval"):
+    with caplog.at_level(logging.WARNING, logger="engine.retrieval"):
         first = run(*args)
     assert "skipped 1 unreadable image(s) of 6" in caplog.text and "broken.jpg" in caplog.text
     assert index_file.is_file() and sheet.is_file()

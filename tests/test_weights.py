@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from models.convert_official import convert_official, is_official_checkpoint, load_official_into, main
+from models.config import IVTConfig
 from models.ivt import IVT
 from models.weights import adapt_grid_embeddings, load_bert_weights, load_vit_weights
 
@@ -33,7 +34,7 @@ def bilinear_grid(embedding: torch.Tensor, old: tuple, new: tuple) -> torch.Tens
 def _empty_model(**overrides) -> IVT:
     """A base-size model without the cost of random init: built on the meta device, then zero-filled."""
     with torch.device("meta"):
-        model = IVT(**overrides)
+        model = IVT(IVTConfig(**overrides))
     model = model.to_empty(device="cpu")
     with torch.no_grad():
         for tensor in model.state_dict().values():
@@ -107,7 +108,7 @@ def test_timm_npz_and_pth_give_identical_weights(tmp_path):
     source = vit.state_dict()
     _write_jax_npz(source, tmp_path / "vit.npz", heads=4)
     torch.save(source, tmp_path / "vit.pth")
-    from_npz, from_pth = IVT(**TINY), IVT(**TINY)
+    from_npz, from_pth = IVT(IVTConfig(**TINY)), IVT(IVTConfig(**TINY))
     report = load_vit_weights(from_npz, str(tmp_path / "vit.npz"))
     load_vit_weights(from_pth, str(tmp_path / "vit.pth"))
     assert len(report.loaded) == 4 + 2 * 12 + 2 and report.unexpected == []
@@ -123,7 +124,7 @@ def test_vit_shape_mismatch_and_bad_source_raise(tmp_path):
 
     vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=4, num_classes=0)
     torch.save(vit.state_dict(), tmp_path / "wide.pth")
-    model = IVT(**TINY)
+    model = IVT(IVTConfig(**TINY))
     before = model.encoder.cls_token.clone()
     with pytest.raises(ValueError, match=r"source 'cls_token' \[1, 1, 48\] vs model 'encoder.cls_token' \[1, 1, 32\]"):
         load_vit_weights(model, str(tmp_path / "wide.pth"))
@@ -151,7 +152,7 @@ def test_bert_loads_into_text_side_and_fusion(tmp_path):
     folder = _minilm_folder()
     source = load_file(str(folder / "model.safetensors"))  # read directly, independent of transformers
     torch.manual_seed(0)
-    model = IVT(img_size=(32, 32), embed_dim=384, depth=6, num_heads=12, fusion_layers=2)
+    model = IVT(IVTConfig(img_size=(32, 32), embed_dim=384, depth=6, num_heads=12, fusion_layers=2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = load_bert_weights(model, str(folder))
     state = model.state_dict()
@@ -194,7 +195,7 @@ def test_bert_with_prefix_and_mlm_head_loads_the_head(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = ["BertForMaskedLM"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = IVT(img_size=(32, 32), embed_dim=384, depth=6, num_heads=12, fusion_layers=1)
+    model = IVT(IVTConfig(img_size=(32, 32), embed_dim=384, depth=6, num_heads=12, fusion_layers=1))
     report = load_bert_weights(model, str(tmp_path))
     state = model.state_dict()
     assert torch.equal(state["mlm_head.transform.dense.weight"], head["cls.predictions.transform.dense.weight"])
@@ -206,13 +207,13 @@ def test_bert_with_prefix_and_mlm_head_loads_the_head(tmp_path):
 
 def test_bert_width_mismatch_raises():
     with pytest.raises(ValueError, match="hidden_size 384 differs from the encoder's embed_dim 32"):
-        load_bert_weights(IVT(**TINY), str(_minilm_folder()))
+        load_bert_weights(IVT(IVTConfig(**TINY)), str(_minilm_folder()))
 
 
 # ------------------------------------------------------------------------------------------- grid embeddings
 
 def test_adapt_grid_embeddings_resamples_from_an_inferred_stride():
-    model = IVT(**TINY)  # 64x32, stride 12 -> grid 5x2
+    model = IVT(IVTConfig(**TINY))  # 64x32, stride 12 -> grid 5x2
     torch.manual_seed(0)
     pos, typ = torch.randn(1, 4 * 2 + 1, 32), torch.randn(1, 4 * 2 + 1, 32)  # stride 16 -> grid 4x2
     other = torch.randn(3)
@@ -275,7 +276,7 @@ def test_official_keys_convert_and_load_strictly_on_meta(variant, prefix):
         assert (overrides["embed_dim"], overrides["depth"], overrides["num_heads"], overrides["vocab_size"]) == \
             (768, 12, 12, 30522)
         with torch.device("meta"):
-            model = IVT(**overrides)
+            model = IVT(IVTConfig(**overrides))
         ours = set(model.state_dict())
         assert set(converted) == (ours if pretrain else ours - {"temperature"})
         # Every source key is converted, a tied copy, or dropped by name.
@@ -363,7 +364,7 @@ def _export_official(model: IVT) -> dict:
 
 def test_cli_converts_a_tiny_authors_checkpoint_atomically(tmp_path):
     torch.manual_seed(0)
-    source_model = IVT(**TINY, fusion_layers=2).eval()
+    source_model = IVT(IVTConfig(**TINY, fusion_layers=2)).eval()
     src, dst = tmp_path / "checkpoint_best.pth", tmp_path / "out" / "converted.pth"
     torch.save(_export_official(source_model), src, _use_new_zipfile_serialization=False)
     main([str(src), str(dst), "--image-size", "64", "32"])
@@ -373,7 +374,7 @@ def test_cli_converts_a_tiny_authors_checkpoint_atomically(tmp_path):
     model_cfg = checkpoint["config"]["model"]
     assert (model_cfg["stride"], model_cfg["fusion_layers"], model_cfg["embed_dim"]) == (12, 2, 32)
     assert not list(dst.parent.glob("*.tmp"))
-    rebuilt = IVT(**{**TINY, **model_cfg, "img_size": (64, 32), "num_heads": 4}).eval()
+    rebuilt = IVT(IVTConfig(**{**TINY, **model_cfg, "img_size": (64, 32), "num_heads": 4})).eval()
     rebuilt.load_state_dict(checkpoint["model"], strict=True)
     images, ids = torch.randn(2, 3, 64, 32), torch.randint(1, 50, (2, 6))
     for a, b in zip(source_model.encode_image(images), rebuilt.encode_image(images)):
@@ -385,19 +386,19 @@ def test_converter_rejects_other_inputs(tmp_path):
     with pytest.raises(ValueError, match=r"not an IVT checkpoint.*\[model, epoch\]"):
         convert_official({"model": {"a": torch.zeros(1)}, "epoch": 1})
     assert not is_official_checkpoint({"model": {}}) and not is_official_checkpoint([1, 2])
-    state = dict(_export_official(IVT(**TINY, fusion_layers=1))["state_dict"])
+    state = dict(_export_official(IVT(IVTConfig(**TINY, fusion_layers=1)))["state_dict"])
     state["module.encoder_fusion.cls.predictions.bias"] = torch.randn(50)
     with pytest.raises(ValueError, match="tied in the authors' model but differ"):
         convert_official(state, img_size=(64, 32))
-    state = dict(_export_official(IVT(**TINY))["state_dict"], **{"module.extra.weight": torch.zeros(1)})
+    state = dict(_export_official(IVT(IVTConfig(**TINY)))["state_dict"], **{"module.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unrecognised keys.*extra.weight"):
         convert_official(state, img_size=(64, 32))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match=r"found a dict with keys \[weights\]"):
         main([str(tmp_path / "other.pth"), str(tmp_path / "out.pth")])
     # A fine-tuned checkpoint into a model with a fusion stack would leave it random: refused unless asked.
-    finetuned = _export_official(IVT(**TINY))
+    finetuned = _export_official(IVT(IVTConfig(**TINY)))
     with pytest.raises(ValueError, match="missing.*fusion.layer"):
-        load_official_into(IVT(**TINY, fusion_layers=1), finetuned, img_size=(64, 32))
-    load_official_into(IVT(**TINY, fusion_layers=1), finetuned, img_size=(64, 32),
+        load_official_into(IVT(IVTConfig(**TINY, fusion_layers=1)), finetuned, img_size=(64, 32))
+    load_official_into(IVT(IVTConfig(**TINY, fusion_layers=1)), finetuned, img_size=(64, 32),
                        allow_fresh=("fusion.", "itm_head.", "mlm_head."))

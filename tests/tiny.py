@@ -14,7 +14,7 @@ TINY_MODEL = [
 def tiny_overrides(data_root: Path, fmt: str = "cuhkpedes", num_ids: int = 12, steps: int = 3,
                    epochs: int = 2) -> list[str]:
     return TINY_MODEL + [
-        f"data.format={fmt}", f"data.root={data_root}", "data.synthesize_if_missing=true",
+        "task=pretrain" if fmt == "pretrain" else f"data.format={fmt}", f"data.root={data_root}", "data.synthesize_if_missing=true",
         f"data.synthetic_num_ids={num_ids}", "data.num_workers=0", "data.pin_memory=false",
         f"train.epochs={epochs}", "train.batch_size_per_gpu=8", f"train.max_steps_per_epoch={steps}",
         "train.amp=none", "train.log_every_steps=1", "train.warmup_epochs=1", "train.optimizer=adamw",

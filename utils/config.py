@@ -16,18 +16,20 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from utils.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override is malformed; the message names the file and the key."""
 
 
 # Keys whose value must be one of a few words; checked when a config is built, not deep inside a run.
+# (data.format and data.eval_format are checked by the dataset readers, which own the list of formats.)
 CHOICES = {
-    "data.format": ("cuhkpedes", "icfg", "rstp", "pretrain"),
-    "data.eval_format": ("cuhkpedes", "icfg", "rstp"),
+    "task": ("retrieval", "pretrain"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule_unit": ("epoch", "step"),
     "train.amp": ("bf16", "fp16", "none"),
@@ -36,17 +38,35 @@ CHOICES = {
     "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
 }
 
+# Keys a task never reads: a value other than the default there is a mistake the user should hear about.
+IGNORED_BY_TASK = {
+    "retrieval": ("data.pretrain_corpora", "data.eval_root", "data.eval_format", "text.pretrain_max_words"),
+    "pretrain": ("data.format", "data.annotation_file", "input.num_views", "text.levels", "sampler.num_instances"),
+}
 
-def _check_choices(data: dict, source: str) -> None:
+
+def _lookup(data: Mapping, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _check_values(data: dict, source: str) -> None:
     for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        value = data[section][key]
+        value = _lookup(data, dotted)
         if value not in allowed:
             shown = ", ".join("null" if a is None else repr(a) for a in allowed)
             raise ConfigError(f"{source}: key {dotted!r} must be one of {shown}, got {value!r}")
     for text_level in data["text"]["levels"]:
         if text_level not in ("word", "phrase", "sentence"):
             raise ConfigError(f"{source}: text.levels entries must be word, phrase or sentence, got {text_level!r}")
+    defaults = _load_schema()
+    for dotted in IGNORED_BY_TASK[data["task"]]:
+        value = _lookup(data, dotted)
+        if value != _lookup(defaults, dotted):
+            raise ConfigError(f"{source}: task {data['task']!r} does not use {dotted} (set to {value!r}); "
+                              f"leave it at its default {_lookup(defaults, dotted)!r} or change task")
 
 
 class Config(Mapping):
@@ -91,12 +111,6 @@ class Config(Mapping):
         canonical = json.dumps(self.to_dict(), sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
-    def get_path(self, dotted: str) -> Any:
-        node: Any = self
-        for part in dotted.split("."):
-            node = node[part]
-        return node
-
     def replace(self, overrides: Iterable[str] = (), **sections: Mapping[str, Any]) -> "Config":
         """A new Config with nested dict ``sections`` and then ``key=value`` strings applied, checked."""
         data = self.to_dict()
@@ -104,7 +118,7 @@ class Config(Mapping):
         for name, value in sections.items():
             _merge_checked(data, {name: value}, schema, source="<replace>")
         _apply_overrides(data, overrides, schema)
-        _check_choices(data, "<replace>")
+        _check_values(data, "<replace>")
         return Config(data)
 
 
@@ -247,7 +261,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     schema = _load_schema()
     data = _layer_file(Path(path), schema) if path is not None else copy.deepcopy(schema)
     _apply_overrides(data, overrides, schema)
-    _check_choices(data, str(path) if path is not None else "command line")
+    _check_values(data, str(path) if path is not None else "command line")
     return Config(data)
 
 
@@ -257,7 +271,7 @@ def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), sou
     merged = copy.deepcopy(schema)
     _merge_checked(merged, data, schema, source)
     _apply_overrides(merged, overrides, schema)
-    _check_choices(merged, source)
+    _check_values(merged, source)
     return Config(merged)
 
 

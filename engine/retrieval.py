@@ -22,8 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from utils.checkpoint import atomic_save, load_for_inference
-from utils.evaluation import autocast_context, encode_text_tokens
+from datasets.transforms import build_test_transform, load_image
+from engine.checkpoints import load_for_inference
+from engine.evaluation import encode_text_tokens
+from utils.amp import autocast
+from utils.checkpoint import atomic_save
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 LISTED_FAILURES = 5  # unreadable images named in the log / error message
 
 
-class GalleryError(ValueError):
+class GalleryError(UserError, ValueError):
     """A gallery that cannot be indexed or an index file that cannot be used; the message says why."""
 
 
@@ -102,8 +106,6 @@ class _TolerantImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
-        from datasets.transforms import load_image
-
         try:
             return self.transform(load_image(self.paths[i])), i, ""
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
@@ -125,7 +127,7 @@ class Retriever:
     def from_checkpoint(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
                         config_path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
                         ) -> "Retriever":
-        """Rebuild the model from one of our checkpoints or the authors' (see utils.checkpoint.load_for_inference)."""
+        """Rebuild the model from one of our checkpoints or the authors' (see engine.checkpoints.load_for_inference)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, cfg, tokenizer, _ = load_for_inference(path, config_path, list(overrides), device)
         return cls(model, cfg, tokenizer, device, model_digest(path, cfg.input))
@@ -195,14 +197,12 @@ class Retriever:
 
     def _encode_images(self, paths: list[str], strict: bool) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
         """Normalised features [n_kept, D] (CPU), the kept paths and the (path, reason) of unreadable ones."""
-        from datasets.transforms import build_test_transform
-
         dataset = _TolerantImages(paths, build_test_transform(self.cfg.input), self.cfg.input.image_size)
         workers = min(int(self.cfg.data.num_workers), os.cpu_count() or 1, max(len(paths) // 64, 0))
         loader = DataLoader(dataset, batch_size=int(self.cfg.eval.batch_size), num_workers=workers,
                             pin_memory=self.device.type == "cuda")
         feats, kept, skipped = [], [], []
-        with torch.inference_mode(), autocast_context(self.device, bool(self.cfg.eval.amp)):
+        with torch.inference_mode(), autocast(self.device, bool(self.cfg.eval.amp)):
             for images, indices, errors in loader:
                 ok = torch.tensor([not e for e in errors])
                 for i, error in zip(indices.tolist(), errors):
@@ -232,7 +232,7 @@ class Retriever:
     # ------------------------------------------------------------------------------------------- search
     def encode_query(self, text: str) -> torch.Tensor:
         """The normalised feature [D] (float32, CPU) of one caption."""
-        with torch.inference_mode(), autocast_context(self.device, bool(self.cfg.eval.amp)):
+        with torch.inference_mode(), autocast(self.device, bool(self.cfg.eval.amp)):
             _, _, feature = encode_text_tokens(self.model, self.tokenizer, [text], self.cfg.text.max_text_len,
                                                self.device)
         return F.normalize(feature.float(), dim=1)[0].cpu()

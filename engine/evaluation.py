@@ -1,6 +1,6 @@
 """Text-to-image retrieval evaluation: the protocol, batched sharded encoding, optional ITM re-ranking, reports.
 
-Protocol (ivt_reference.md §9): every caption of the split is a query, every unique image (by ``image_id``) is
+Protocol: every caption of the split is a query, every unique image (by ``image_id``) is
 a gallery entry, and a gallery entry matches a query when they share the person id. Features are encoded once
 (batched, autocast on CUDA, each rank a contiguous shard, gathered back in order), ranked by cosine
 similarity, and, when the model has a fusion stack and ``eval.rerank_top_k > 0``, each query's top-k images
@@ -8,12 +8,10 @@ are re-scored by the ITM head. Image-to-text metrics (images as queries, caption
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +21,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.records import MissingImagesError, Record
+from datasets.train_data import EvalImageDataset
+from datasets.transforms import build_test_transform
+from utils.amp import autocast
+from utils.checkpoint import atomic_write
+from utils.errors import UserError
 from utils.distributed import (broadcast_object, gather_in_order, get_world_size, is_distributed,
                                is_main_process, shard_counts, shard_range)
 from utils.metrics import apply_rerank, format_metrics_table, retrieval_metrics, topk_indices
+from utils.visualize import save_query_examples
 
 logger = logging.getLogger(__name__)
 
 EXAMPLE_TOP_K = 10  # gallery images shown per example query
+
+
+class EvaluationError(UserError, ValueError):
+    """A split or setting that cannot be evaluated; the message says which and why."""
 
 
 # ------------------------------------------------------------------------------------------- protocol
@@ -61,10 +69,10 @@ class EvalSets:
 def build_eval_protocol(records: Sequence[Record]) -> EvalSets:
     """Queries = every record's caption; gallery = each ``image_id`` once, in order of first appearance.
 
-    Raises ValueError for an empty split, or when two records of one ``image_id`` disagree on the path or pid.
+    Raises EvaluationError for an empty split, or when two records of one ``image_id`` disagree on the path or pid.
     """
     if not records:
-        raise ValueError("the evaluation split has no records")
+        raise EvaluationError("the evaluation split has no records")
     texts, query_pids, query_image_ids = [], [], []
     first_seen: dict[int, int] = {}  # image_id -> index of the record that introduced it
     for index, record in enumerate(records):
@@ -75,7 +83,7 @@ def build_eval_protocol(records: Sequence[Record]) -> EvalSets:
         if known is None:
             first_seen[record.image_id] = index
         elif (records[known].image_path, records[known].pid) != (record.image_path, record.pid):
-            raise ValueError(
+            raise EvaluationError(
                 f"record {index}: image_id {record.image_id} is ({record.image_path!r}, pid {record.pid}) but "
                 f"record {known} gave it ({records[known].image_path!r}, pid {records[known].pid}); "
                 "expected one path and one pid per image_id"
@@ -110,15 +118,6 @@ def chance_r1(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- encoding
-def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``amp`` (fp16 on GPUs without bf16); fp32 elsewhere."""
-    device = torch.device(device)
-    if not amp or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
 def _image_loader(dataset: Dataset, batch_size: int | None, device: torch.device, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       pin_memory=torch.device(device).type == "cuda")
@@ -143,13 +142,11 @@ def encode_images(model: torch.nn.Module, paths: Sequence[str], transform: Calla
     Each rank encodes its ``shard_range`` of the paths through a DataLoader over EvalImageDataset; the shards
     are gathered back in order (no duplicated or padded rows). Call ``model.eval()`` first.
     """
-    from datasets.train_data import EvalImageDataset
-
     device = torch.device(device)
     start, stop = shard_range(len(paths))
     loader = _image_loader(EvalImageDataset(list(paths[start:stop]), transform), batch_size, device, num_workers)
     feats = []
-    with torch.inference_mode(), autocast_context(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         for images, _ in loader:
             _, feature = model.encode_image(images.to(device, non_blocking=True), bmm=False)
             feats.append(feature.float())
@@ -183,7 +180,7 @@ def encode_texts(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], m
     device = torch.device(device)
     start, stop = shard_range(len(texts))
     feats = []
-    with torch.inference_mode(), autocast_context(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         for begin in range(start, stop, batch_size):
             chunk = texts[begin:min(begin + batch_size, stop)]
             feats.append(encode_text_tokens(model, tokenizer, chunk, max_text_len, device)[2].float())
@@ -197,8 +194,6 @@ class _PairChunkImages(Dataset):
     """Item i: the stacked images [n_i, 3, H, W] of pair chunk i's unique gallery images (in order)."""
 
     def __init__(self, paths: Sequence[str], transform: Callable, chunks: list[list[int]]):
-        from datasets.train_data import EvalImageDataset
-
         self.images = EvalImageDataset(list(paths), transform)
         self.chunks = chunks
 
@@ -239,7 +234,7 @@ def rerank_scores(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
     unique_images = [torch.unique(gallery).tolist() for _, gallery in batches]
     loader = _image_loader(_PairChunkImages(image_paths, transform, unique_images), None, device, num_workers)
     scores = torch.zeros(local_idx.numel(), device=device)
-    with torch.inference_mode(), autocast_context(device, amp):
+    with torch.inference_mode(), autocast(device, amp):
         for (positions, gallery), images, image_ids in zip(batches, loader, unique_images):
             image_tokens, _ = model.encode_image(images.to(device, non_blocking=True), bmm=False)
             query_rows = positions // k + start
@@ -290,14 +285,12 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     "encode_seconds", "rerank_seconds" (when re-ranking), "examples" (when eval.save_examples > 0)}; metric
     dicts are those of ``retrieval_metrics`` (percentages). Logs one table per direction.
     """
-    from datasets.transforms import build_test_transform
-
     device = torch.device(device)
     sets = build_eval_protocol(records)
     ev = cfg.eval
     rerank_k = int(ev.rerank_top_k)
     if rerank_k > 0 and not getattr(model, "has_fusion", False):
-        raise ValueError(f"eval.rerank_top_k={rerank_k} needs a model with a fusion stack (model.fusion_layers > 0); "
+        raise EvaluationError(f"eval.rerank_top_k={rerank_k} needs a model with a fusion stack (model.fusion_layers > 0); "
                          "set eval.rerank_top_k=0")
     check_images_exist(sets.image_paths)
     transform = build_test_transform(cfg.input)
@@ -377,25 +370,14 @@ def write_metrics_json(path: str | Path, results: dict, checkpoint: str | Path |
     """
     if not is_main_process():
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"checkpoint": None if checkpoint is None else str(checkpoint),
                "config_digest": config.digest(), **_json_ready(results)}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    text = json.dumps(payload, indent=2)
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record]) -> list[Path]:
     """PNGs of ``results["examples"]`` (see utils.visualize.save_query_examples); rank 0 only, no collective."""
-    from utils.visualize import save_query_examples
-
     written: list[Path] = []
     examples = results.get("examples")
     if is_main_process() and examples and examples["query_indices"]:
@@ -406,3 +388,26 @@ def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record])
         written = save_query_examples(out_dir, queries, gallery, torch.tensor(examples["indices"]),
                                       torch.tensor(examples["scores"]), len(rows), query_ids=rows)
     return written
+
+
+# ----------------------------------------------------------------------------------- inside training
+def evaluate_split(model: torch.nn.Module, splits: Any, split_name: str, tokenizer: Any, cfg: Any,
+                   device: torch.device, output_dir: Path | None, checkpoint: str | None = None) -> dict | None:
+    """Evaluate one split of ``splits`` (None when it is empty); writes metrics_<split>.json into ``output_dir``."""
+    records = getattr(splits, split_name, None) if splits is not None else None
+    if not records:
+        return None
+    # Evaluation must not move the training RNG streams, or resumed runs would diverge from uninterrupted ones.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        results = evaluate_model(model, records, tokenizer, cfg, device, split_name)
+    if output_dir is not None and is_main_process():
+        write_metrics_json(output_dir / f"metrics_{split_name}.json", results, checkpoint, cfg)
+    return results
+
+
+def selection_score(results: dict, metric: str) -> float:
+    """The model-selection number of ``eval.selection_metric`` (re-ranked when re-ranking ran)."""
+    t2i = results["t2i_rerank"] if "t2i_rerank" in results else results["t2i"]
+    if metric == "R1+mAP":
+        return 0.5 * (t2i["R1"] + t2i["mAP"])
+    return t2i[metric]

@@ -1,0 +1,226 @@
+"""What a run saves and loads: our self-describing checkpoints, the authors' ones, and weight initialisation.
+
+Our checkpoint holds the model state dict, the resolved config as a plain dict and the tokenizer (its vocabulary
+when it was learnt from the data), plus the optimizer, scheduler, scaler, epoch, global step, best metric and
+every rank's RNG states for exact resume. The authors' checkpoints are recognised and converted on the fly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from datasets.tokenizer import build_tokenizer, tokenizer_from_vocab, tokenizer_vocab
+from models.convert_official import convert_official, is_official_checkpoint, load_official_into
+from models.ivt import build_model
+from models.weights import adapt_grid_embeddings, load_bert_weights, load_vit_weights
+from utils import distributed as du
+from utils.checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, atomic_save, capture_rng_state,
+                              describe_keys, load_file)
+from utils.config import Config, config_from_dict, load_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint and restored on resume."""
+
+    epoch: int = 0  # the epoch to run next (or the one interrupted)
+    step_in_epoch: int = 0  # optimizer steps already done inside ``epoch``
+    global_step: int = 0
+    best_metric: float = float("-inf")
+    best_epoch: int = -1
+
+    @classmethod
+    def from_checkpoint(cls, obj: dict) -> "TrainState":
+        return cls(obj["epoch"], obj["step_in_epoch"], obj["step"], obj["best_metric"], obj["best_epoch"])
+
+
+def detect_format(obj: Any) -> str:
+    """'ours', 'official' (the authors' fine-tune or pretrain checkpoints) or 'unknown'."""
+    if isinstance(obj, dict) and obj.get("format") == FORMAT_NAME:
+        return "ours"
+    return "official" if is_official_checkpoint(obj) else "unknown"
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def tokenizer_record(tokenizer, text_cfg: Config) -> dict:
+    """What a checkpoint stores to rebuild the tokenizer: the vocabulary itself when it was learnt here."""
+    if text_cfg.tokenizer == "train":
+        return {"vocab": tokenizer_vocab(tokenizer), "lowercase": bool(text_cfg.lowercase)}
+    return {"name": text_cfg.tokenizer}
+
+
+def tokenizer_from_record(record: dict | None, text_cfg: Config):
+    if record and "vocab" in record:
+        return tokenizer_from_vocab(list(record["vocab"]), bool(record.get("lowercase", True)))
+    if text_cfg.tokenizer == "train":
+        raise CheckpointError("the config says text.tokenizer=train but the checkpoint holds no vocabulary")
+    return build_tokenizer(text_cfg)
+
+
+# ------------------------------------------------------------------------------------------- training
+def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg: Config, tokenizer) -> dict:
+    """The checkpoint dict; a collective when distributed (every rank's RNG state is gathered)."""
+    rng = capture_rng_state()
+    if du.is_distributed():
+        gathered = [None] * du.get_world_size()
+        dist.all_gather_object(gathered, rng)
+        rng = gathered
+    else:
+        rng = [rng]
+    return {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "step": state.global_step,
+        "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+        "config": cfg.to_dict(), "tokenizer": tokenizer_record(tokenizer, cfg.text), "rng": rng,
+        "world_size": du.get_world_size(),
+    }
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    """Collective: rank 0 writes, then all wait."""
+    if du.is_main_process():
+        atomic_save(obj, path)
+    du.barrier()
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: a path, ``auto`` = <output_dir>/last.pth when it exists, or None."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = output_dir / "last.pth"
+        if not path.is_file():
+            logger.info("--resume auto: no %s yet, starting a new run", path)
+            return None
+        return path
+    return Path(resume)
+
+
+def read_resume(path: Path | None, obj: dict | None) -> dict | None:
+    """The checkpoint to resume from, read once (``obj`` when the caller already holds it), checked to be ours."""
+    if path is not None and obj is None:
+        obj = load_file(path)
+    if obj is not None and detect_format(obj) != "ours":
+        raise CheckpointError(f"--resume {path}: not one of our checkpoints (found {describe_keys(obj)})")
+    return obj
+
+
+# ------------------------------------------------------------------------------------ initialisation
+def initialise_weights(model, cfg: Config, init_from: str | None) -> None:
+    """Explicit pretrained-weight loading: ViT and BERT first, then an IVT checkpoint on top."""
+    if cfg.model.vit_weights:
+        load_vit_weights(model, cfg.model.vit_weights)
+    if cfg.model.bert_weights:
+        load_bert_weights(model, cfg.model.bert_weights)
+    source = init_from or cfg.model.init_from
+    if source:
+        # A temperature learnt on raw features (the authors' pretraining) is meaningless for normalised ITC.
+        init_from_checkpoint(model, source, skip=("temperature",) if cfg.loss.itc_normalize else ())
+
+
+def init_from_checkpoint(model, path: str, skip: Sequence[str] = ()) -> None:
+    """Copy matching tensors of our or the authors' checkpoint (e.g. IVT pretraining) into ``model``.
+
+    Grid embeddings are resampled when the patch grid differs; tensors the model lacks (a pretraining fusion stack
+    when the recipe has none) and model tensors the checkpoint lacks are both listed in the log.
+    """
+    obj = load_file(path)
+    kind = detect_format(obj)
+    if kind == "ours":
+        state = obj["model"]
+    elif kind == "official":
+        state, _ = convert_official(obj)
+    else:
+        raise CheckpointError(f"--init-from {path}: neither our checkpoint nor an authors' IVT checkpoint")
+    state = adapt_grid_embeddings({k: v for k, v in state.items() if k not in skip}, model, prefix="encoder.")
+    if skip:
+        logger.info("--init-from: not taking %s from the checkpoint (kept at their configured init)", list(skip))
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise CheckpointError(f"--init-from {path}: shapes differ for {mismatched[:5]} (e.g. {mismatched[0]}: "
+                              f"{tuple(state[mismatched[0]].shape)} vs {tuple(own[mismatched[0]].shape)})")
+    model.load_state_dict(usable, strict=False)
+    unused = sorted(set(state) - set(usable))
+    fresh = sorted(set(own) - set(usable))
+    logger.info("initialised %d tensors from %s (%s format); %d checkpoint tensors unused%s; %d model tensors "
+                "not in the checkpoint%s", len(usable), path, kind, len(unused), f" {unused[:6]}" if unused else "",
+                len(fresh), f" {fresh[:6]}" if fresh else "")
+
+
+# ------------------------------------------------------------------------------------------ inference
+def _strict_load(model: torch.nn.Module, state_dict: dict, path: Path) -> None:
+    own = model.state_dict()
+    for key, value in state_dict.items():
+        if key in own and own[key].shape != value.shape:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(own[key].shape)} in the model built from the config; the config does not match it"
+            )
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: checkpoint and config disagree: missing in checkpoint {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def load_for_inference(path: str | Path, config_path: str | Path | None = None, overrides: tuple | list = (),
+                       device: str | torch.device = "cpu"):
+    """Rebuild model, config and tokenizer from any supported checkpoint. Returns (model, cfg, tokenizer, info).
+
+    Ours: the config stored in the checkpoint, with ``--config``'s task, data and eval settings (a different
+    dataset or batch size) and then ``overrides`` on top. The authors': the recipe ``config_path`` (default: base)
+    with the architecture inferred from the tensors.
+    """
+    path = Path(path)
+    obj = load_file(path)
+    kind = detect_format(obj)
+    if kind == "ours":
+        cfg = config_from_dict(obj["config"], source=str(path))
+        if config_path is not None:
+            recipe = load_config(config_path)
+            cfg = cfg.replace(task=recipe.task, data=recipe.data.to_dict(), eval=recipe.eval.to_dict())
+        cfg = cfg.replace(overrides)
+        model = build_model(cfg)
+        _strict_load(model, obj["model"], path)
+        tokenizer = tokenizer_from_record(obj.get("tokenizer"), cfg.text)
+        info = {"format": "ours", "epoch": obj.get("epoch"), "step": obj.get("step")}
+    elif kind == "official":
+        _, model_overrides = convert_official(obj)
+        cfg = load_config(config_path).replace(model=model_overrides)
+        cfg = cfg.replace(overrides)
+        model = build_model(cfg)
+        load_official_into(model, obj)
+        tokenizer = tokenizer_from_record(None, cfg.text)
+        info = {"format": "official", "epoch": obj.get("epoch") if isinstance(obj, dict) else None}
+    else:
+        raise CheckpointError(
+            f"{path}: neither one of our checkpoints (no format={FORMAT_NAME!r}) nor an authors' IVT checkpoint "
+            f"(no encoder_vl.* tensors); found {describe_keys(obj)}"
+        )
+    info["checkpoint"] = str(path)
+    model.to(device).eval()
+    return model, cfg, tokenizer, info
+
+
+def export_safetensors(checkpoint_path: str | Path, out_path: str | Path) -> None:
+    """Write the model weights of one of our checkpoints as .safetensors (config as JSON metadata)."""
+    from safetensors.torch import save_file
+
+    obj = load_file(checkpoint_path)
+    if detect_format(obj) != "ours":
+        raise CheckpointError(f"{checkpoint_path}: not one of our checkpoints; convert it first")
+    tensors = {k: v.contiguous() for k, v in obj["model"].items()}
+    save_file(tensors, str(out_path), metadata={"config": json.dumps(obj["config"])})

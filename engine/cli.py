@@ -1,0 +1,53 @@
+"""The command line shared by the ``train_*.py`` scripts: arguments, config resolution, resume, error handling."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from utils.errors import user_errors_as_one_line
+
+logger = logging.getLogger("engine")
+
+
+def build_parser(description: str, default_config: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help=f"recipe YAML (default {default_config})")
+    parser.add_argument("--output-dir", default=None, help="run directory (default: output_dir of the config)")
+    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue from a last.pth; 'auto' takes <output-dir>/last.pth when it exists")
+    parser.add_argument("--init-from", default=None, help="initialise from our or the authors' checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the test split and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def train_main(argv: Sequence[str] | None, *, description: str, default_config: str,
+               stop_after_steps: int | None = None) -> dict:
+    """Shared main() of the train_*.py scripts: a user mistake exits with one line, a bug with its traceback."""
+    args = build_parser(description, default_config).parse_args(argv)
+    # Heavy imports after argument parsing, so that --help answers at once.
+    from engine.checkpoints import resolve_resume
+    from engine.training import train
+    from utils import distributed as du
+    from utils.checkpoint import load_file
+    from utils.config import config_from_dict, load_config
+
+    with user_errors_as_one_line():
+        try:
+            cfg = load_config(args.config, args.overrides)
+            output_dir = Path(args.output_dir or cfg.output_dir)
+            resume_path = resolve_resume(args.resume, output_dir)
+            resume_obj = load_file(resume_path) if resume_path is not None else None
+            if resume_obj is not None:
+                # A resumed run keeps the configuration it started with; overrides still apply on top.
+                cfg = config_from_dict(resume_obj["config"], args.overrides, source=str(resume_path))
+                if args.config != default_config:
+                    logger.warning("--config %s is ignored: a resumed run keeps the config stored in %s",
+                                   args.config, resume_path)
+            cfg = cfg.replace([f"output_dir={output_dir}"])
+            return train(cfg, output_dir=output_dir, resume=resume_path, resume_obj=resume_obj,
+                         init_from=args.init_from, eval_only=args.eval_only, stop_after_steps=stop_after_steps)
+        finally:
+            du.cleanup_distributed()

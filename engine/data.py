@@ -1,0 +1,94 @@
+"""A run's data: the training records, the evaluation splits and the tokenizer, for either task.
+
+``task: retrieval`` trains and evaluates on one person-retrieval dataset (``data.format`` in ``data.root``).
+``task: pretrain`` trains on image-caption corpora (``data.pretrain_corpora``) and evaluates zero-shot on the
+retrieval dataset ``data.eval_format`` in ``data.eval_root``, when one is given.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from datasets.readers import DatasetSplits, check_images, load_annotations, load_pretrain_corpora
+from datasets.records import Record
+from datasets.synthetic import make_synthetic
+from datasets.tokenizer import build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab
+from engine.checkpoints import tokenizer_from_record
+from utils import distributed as du
+from utils.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def synthesize_if_missing(cfg: Config) -> None:
+    """Write the synthetic dataset into data.root when it is absent (rank 0 decides and writes; all wait).
+
+    It is written next to the root and renamed into place, so an interrupted synthesis never leaves a
+    half-written dataset that a later run would take for a real one.
+    """
+    if not cfg.data.synthesize_if_missing:
+        return
+    root = Path(cfg.data.root)
+    fmt = "pretrain" if cfg.task == "pretrain" else cfg.data.format
+    if du.is_main_process() and not (root.is_dir() and any(root.iterdir())):
+        logger.info("data.root %s is missing: writing the synthetic %s dataset (%d identities) there",
+                    root, fmt, cfg.data.synthetic_num_ids)
+        partial = root.with_name(root.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        make_synthetic(fmt, partial, num_ids=cfg.data.synthetic_num_ids, seed=cfg.data.synthetic_seed)
+        if root.is_dir():
+            root.rmdir()  # empty, checked above
+        partial.rename(root)
+    du.barrier()
+
+
+def pretrain_corpora(cfg: Config) -> list[dict]:
+    """``data.pretrain_corpora``, or the synthetic corpus in data.root (``python -m datasets.synthetic``)."""
+    corpora = [dict(c) for c in cfg.data.pretrain_corpora]
+    if not corpora:
+        corpora = [{"annotation": str(Path(cfg.data.root) / "pretrain.json"), "image_root": cfg.data.root}]
+    return corpora
+
+
+def load_eval_splits(cfg: Config) -> DatasetSplits | None:
+    """The retrieval dataset that evaluates this task (None for pretraining without ``data.eval_root``)."""
+    if cfg.task == "pretrain":
+        return load_annotations(cfg.data.eval_format, cfg.data.eval_root) if cfg.data.eval_root else None
+    return load_annotations(cfg.data.format, cfg.data.root, cfg.data.annotation_file)
+
+
+def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
+    """(train records, eval splits or None), with every image checked on rank 0 before anything trains."""
+    synthesize_if_missing(cfg)
+    eval_splits = load_eval_splits(cfg)
+    if cfg.task == "pretrain":
+        train = load_pretrain_corpora(pretrain_corpora(cfg))
+    else:
+        train = eval_splits.train
+    if cfg.data.check_images and du.is_main_process():
+        check_images(train)
+        if eval_splits is not None:
+            check_images(eval_splits.val + eval_splits.test)
+    du.barrier()
+    return train, eval_splits
+
+
+def build_run_tokenizer(cfg: Config, train_records, resume_obj: dict | None):
+    """The tokenizer: from the checkpoint being resumed, learnt on rank 0 and shared, or loaded by name."""
+    if resume_obj is not None:
+        return tokenizer_from_record(resume_obj.get("tokenizer"), cfg.text)
+    if cfg.text.tokenizer == "train":
+        vocab = None
+        if du.is_main_process():
+            vocab = tokenizer_vocab(build_tokenizer(cfg.text, train_captions=[r.caption for r in train_records]))
+        vocab = du.broadcast_object(vocab)
+        return tokenizer_from_vocab(vocab, cfg.text.lowercase)
+    return build_tokenizer(cfg.text)
+
+
+def save_run_tokenizer(cfg: Config, tokenizer, output_dir: Path) -> None:
+    """A learnt vocabulary goes into the run directory too (it is also kept in every checkpoint)."""
+    if cfg.text.tokenizer == "train" and du.is_main_process():
+        save_tokenizer(tokenizer, output_dir / "tokenizer")

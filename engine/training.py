@@ -1,0 +1,408 @@
+"""The training loop shared by every entry script, in named phases that read top-down.
+
+:func:`train` sets up the process, reads the data, builds the model, prepares the optimisation, restores a
+resumed run, runs the epochs and tests the selected model. One run directory holds ``config.yaml``,
+``log.txt``, ``metrics.jsonl``, ``last.pth``, ``best.pth`` and the ``metrics_<split>.json`` files.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from datasets.build import build_train_loader, set_train_epoch
+from engine.checkpoints import (TrainState, checkpoint_state, initialise_weights, read_resume, save_checkpoint)
+from engine.data import build_run_tokenizer, load_data, save_run_tokenizer
+from engine.evaluation import evaluate_split, selection_score
+from models.ivt import build_model
+from models.objectives import RetrievalObjective
+from utils import distributed as du
+from utils.amp import autocast
+from utils.checkpoint import load_file, restore_rng_state
+from utils.config import Config, ConfigError, save_config
+from utils.errors import UserError
+from utils.logging_utils import MetricsWriter, setup_logging
+from utils.optim import build_optimizer, build_scheduler, set_schedule
+
+logger = logging.getLogger("engine")
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """A loss became NaN or infinite; the message names the loss and the steps."""
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built by the phases of :func:`train`."""
+
+    cfg: Config
+    output_dir: Path
+    device: torch.device
+    model: torch.nn.Module
+    objective: torch.nn.Module  # the model and the recipe's losses: what DDP wraps
+    tokenizer: Any
+    train_records: list
+    eval_splits: Any
+    train_module: torch.nn.Module | None = None
+    loader: Any = None
+    sampler: Any = None
+    dataset: Any = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    scaler: Any = None
+    nominal_steps: int = 0  # optimizer steps of epoch 0: the schedule's unit of progress
+    selection: str | None = None  # the split that picks best.pth, None = the last epoch
+    state: TrainState = field(default_factory=TrainState)
+    writer: MetricsWriter | None = None
+
+    @property
+    def world_size(self) -> int:
+        return du.get_world_size()
+
+
+def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, resume_obj: dict | None = None,
+          init_from: str | None = None, eval_only: bool = False, stop_after_steps: int | None = None) -> dict:
+    """Run (or resume) the recipe in ``cfg``; returns the run summary (see :func:`summary`).
+
+    ``resume`` is a checkpoint path (the CLI resolves "auto"); ``resume_obj`` is that checkpoint when the caller
+    has already loaded it, so a multi-GB file is not read twice.
+    """
+    resume_path = Path(resume) if resume is not None else None
+    device = set_up_process(cfg, output_dir)
+    resume_obj = read_resume(resume_path, resume_obj)
+    run = prepare_run(cfg, output_dir, device, resume_obj, init_from)
+    if eval_only:
+        return summary(run, stopped=False, test=evaluate_split(run.model, run.eval_splits, cfg.eval.test_split,
+                                                               run.tokenizer, cfg, device, output_dir))
+    prepare_optimisation(run)
+    if resume_obj is not None:
+        restore_training(run, resume_obj, resume_path)
+    stopped = run_epochs(run, stop_after_steps)
+    return summary(run, stopped, test=None if stopped else test_selected_model(run))
+
+
+# -------------------------------------------------------------------------------------------- set up
+def set_up_process(cfg: Config, output_dir: Path) -> torch.device:
+    """Process group, console logging and seeds (rank r seeds with seed + r); returns this rank's device."""
+    device = du.init_distributed()
+    rank = du.get_rank()
+    setup_logging(None, rank)
+    logger.info("run directory %s, world size %d, device %s, config digest %s", output_dir, du.get_world_size(),
+                device, cfg.digest())
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return device
+
+
+def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj: dict | None,
+                init_from: str | None) -> Run:
+    """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run."""
+    train_records, eval_splits = load_data(cfg)
+    tokenizer = build_run_tokenizer(cfg, train_records, resume_obj)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}")
+    model = build_model(cfg)
+    if resume_obj is None:
+        initialise_weights(model, cfg, init_from)
+    else:
+        if init_from:
+            logger.warning("--init-from %s is ignored: resuming a run", init_from)
+        model.load_state_dict(resume_obj["model"])
+    model.to(device)
+    # A run that fails before this point leaves an existing run directory as it was.
+    setup_logging(output_dir, du.get_rank())
+    if du.is_main_process():
+        save_config(cfg, output_dir / "config.yaml")
+    save_run_tokenizer(cfg, tokenizer, output_dir)
+    objective = RetrievalObjective(model, cfg.loss)  # freezes what no loss reaches, so count after it
+    logger.info("model: %.2fM parameters (%.2fM trainable)", sum(p.numel() for p in model.parameters()) / 1e6,
+                sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+    return Run(cfg, output_dir, device, model, objective, tokenizer, train_records, eval_splits)
+
+
+# ------------------------------------------------------------------------------------- optimisation
+def prepare_optimisation(run: Run) -> None:
+    """Objective (DDP-wrapped and compiled as configured), loader, optimizer, schedule, scaler, selection."""
+    cfg, device, world_size = run.cfg, run.device, run.world_size
+    run.train_module = run.objective
+    if world_size > 1:
+        run.train_module = torch.nn.parallel.DistributedDataParallel(
+            run.objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        run.train_module = torch.compile(run.train_module)
+    run.loader, run.sampler, run.dataset = build_train_loader(
+        cfg, run.train_records, run.tokenizer, rank=du.get_rank(), world_size=world_size)
+    set_train_epoch(run.sampler, run.dataset, 0)
+    run.nominal_steps = steps_in_epoch(run)
+    run.optimizer = build_optimizer(run.model, cfg.train)
+    run.scheduler = build_scheduler(run.optimizer, cfg.train, run.nominal_steps)
+    if device.type == "cuda" and cfg.train.amp == "fp16":
+        run.scaler = torch.amp.GradScaler("cuda")
+    run.selection = cfg.eval.selection_split
+    if run.selection and (run.eval_splits is None or not getattr(run.eval_splits, run.selection, None)):
+        logger.info("no %r split to select on: best.pth will be the last epoch", run.selection)
+        run.selection = None
+    run.writer = MetricsWriter(run.output_dir, enabled=du.is_main_process())
+
+
+def steps_in_epoch(run: Run) -> int:
+    """Optimizer steps in the epoch the sampler points at (P x K batching varies it a little per epoch)."""
+    cfg = run.cfg
+    steps = len(run.loader) // cfg.train.grad_accum_steps
+    if cfg.train.max_steps_per_epoch > 0:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    if steps == 0:
+        raise ConfigError(f"an epoch has no full batch: {len(run.train_records)} records, train.batch_size_per_gpu "
+                          f"{cfg.train.batch_size_per_gpu} x {run.world_size} ranks x train.grad_accum_steps "
+                          f"{cfg.train.grad_accum_steps}")
+    return steps
+
+
+def restore_training(run: Run, obj: dict, path: Path | None) -> None:
+    """Optimizer, schedule, scaler, progress and this rank's RNG streams from a checkpoint of ours."""
+    rank, world_size = du.get_rank(), run.world_size
+    if obj.get("world_size", world_size) != world_size:
+        logger.warning("resuming a run of world size %d with %d processes: data order and RNG streams differ "
+                       "from an uninterrupted run", obj["world_size"], world_size)
+    run.optimizer.load_state_dict(obj["optimizer"])
+    run.scheduler.load_state_dict(obj["scheduler"])
+    if run.scaler is not None and obj.get("scaler"):
+        run.scaler.load_state_dict(obj["scaler"])
+    run.state = TrainState.from_checkpoint(obj)
+    rng_states = obj["rng"]
+    restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
+    logger.info("resumed from %s at epoch %d, step %d of the epoch", path, run.state.epoch, run.state.step_in_epoch)
+
+
+# ------------------------------------------------------------------------------------------- epochs
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves last.pth at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logger.warning("received signal %d: saving last.pth at the next step and stopping", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, device) -> bool:
+        """Whether any rank was asked to stop (a collective when distributed, so every rank agrees)."""
+        if not du.is_distributed():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def run_epochs(run: Run, stop_after_steps: int | None) -> bool:
+    """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
+    with StopRequest() as stop:
+        try:
+            while run.state.epoch < run.cfg.train.epochs:
+                if train_one_epoch(run, stop, stop_after_steps) or end_of_epoch(run, stop):
+                    return True
+        finally:
+            run.writer.close()
+    return False
+
+
+def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None) -> bool:
+    """The optimizer steps of ``run.state.epoch`` from ``step_in_epoch`` on; True when stopped inside it."""
+    cfg, state = run.cfg, run.state
+    epoch, accum = state.epoch, cfg.train.grad_accum_steps
+    set_train_epoch(run.sampler, run.dataset, epoch, state.step_in_epoch * accum)
+    steps = steps_in_epoch(run)
+    run.objective.train()
+    set_schedule(run.scheduler, cfg.train, epoch, epoch * run.nominal_steps)
+    # Creating the loader iterator draws worker seeds from the global RNG; items do not depend on them
+    # (each item is a function of seed, epoch, index), so keep the global stream untouched for resume.
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(run.loader)
+    window = LogWindow(run)
+    stop_check_every = 1 if run.world_size == 1 else 10
+    with tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {epoch}", disable=not du.is_main_process(),
+              dynamic_ncols=True, leave=False) as progress:
+        while state.step_in_epoch < steps:
+            if cfg.train.schedule_unit == "step":
+                # Progress in nominal steps, so the schedule ends with the last epoch whatever its length.
+                set_schedule(run.scheduler, cfg.train, epoch,
+                             round((epoch + state.step_in_epoch / steps) * run.nominal_steps))
+            window.add(optimizer_step(run, batches))
+            state.step_in_epoch += 1
+            state.global_step += 1
+            progress.update(1)
+            last_of_epoch = state.step_in_epoch == steps
+            if window.steps >= cfg.train.log_every_steps or last_of_epoch:
+                window.flush(progress)
+            if stop_after_steps is not None and state.global_step >= stop_after_steps:
+                stop.requested = True
+            if state.global_step % stop_check_every == 0 and not last_of_epoch and stop.agreed(run.device):
+                save(run, ["last.pth"])
+                logger.info("stopped at epoch %d step %d; resume with --resume auto", epoch, state.step_in_epoch)
+                return True
+    return False
+
+
+def optimizer_step(run: Run, batches: Iterator[dict]) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``grad_accum_steps`` micro-batches; returns the summed (detached) outputs."""
+    cfg, accum = run.cfg, run.cfg.train.grad_accum_steps
+    scaler, optimizer = run.scaler, run.optimizer
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(accum):
+        batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in next(batches).items()}
+        sync_context = (run.train_module.no_sync() if run.world_size > 1 and micro < accum - 1
+                        else contextlib.nullcontext())
+        with sync_context, autocast(run.device, cfg.train.amp):
+            out = run.train_module(batch)
+        loss = sum(v for k, v in out.items() if k.endswith("_loss"))
+        (scaler.scale(loss / accum) if scaler else loss / accum).backward()
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
+        sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.train.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+class LogWindow:
+    """Sums a few steps' outputs on the device and logs their rank-averaged means with one sync."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.images_per_step = run.cfg.train.batch_size_per_gpu * (
+            1 if run.cfg.task == "pretrain" else run.cfg.input.num_views)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, step_sums: dict[str, torch.Tensor]) -> None:
+        for key, value in step_sums.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.steps += 1
+
+    def flush(self, progress: tqdm) -> None:
+        run, state = self.run, self.run.state
+        accum = run.cfg.train.grad_accum_steps
+        micro_steps = self.steps * accum
+        pairs_per_s = (self.images_per_step * run.world_size * micro_steps / (time.perf_counter() - self.started))
+        names = sorted(self.sums)
+        values = du.all_reduce_mean(torch.stack([self.sums[n] for n in names]) / micro_steps).tolist()
+        scalars = dict(zip(names, values))
+        for name, value in scalars.items():
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{name} is {value} in the {micro_steps} steps up to global step {state.global_step} "
+                    f"(epoch {state.epoch}); stopping without saving (last.pth holds the last good state)")
+        scalars.update(lr=run.optimizer.param_groups[0]["lr"], epoch=state.epoch, pairs_per_s=pairs_per_s)
+        run.writer.write("train", state.global_step, scalars)
+        progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2e}", pairs_s=f"{pairs_per_s:.0f}")
+        logger.info("epoch %d step %d: %s", state.epoch, state.global_step,
+                    " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k != "epoch"))
+        self._reset()
+
+
+# --------------------------------------------------------------------------------------- end of epoch
+def end_of_epoch(run: Run, stop: StopRequest) -> bool:
+    """Evaluate on the selection split when due, save last/best; True when a stop request ends the run here."""
+    cfg, state = run.cfg, run.state
+    epoch = state.epoch
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    is_last = state.epoch == cfg.train.epochs
+    improved = False
+    if run.selection and (state.epoch % cfg.train.eval_every_epochs == 0 or is_last):
+        results = evaluate_split(run.model, run.eval_splits, run.selection, run.tokenizer, cfg, run.device,
+                                 run.output_dir)
+        score = selection_score(results, cfg.eval.selection_metric)
+        run.writer.write("eval", state.global_step, {"epoch": epoch, "split": run.selection, "score": score})
+        if score > state.best_metric:
+            state.best_metric, state.best_epoch, improved = score, epoch, True
+        logger.info("epoch %d: %s %s = %.2f (best %.2f at epoch %d)", epoch, run.selection,
+                    cfg.eval.selection_metric, score, state.best_metric, state.best_epoch)
+    elif not run.selection:
+        state.best_epoch, improved = epoch, True
+    stop_now = stop.agreed(run.device)  # one collective, so every rank takes the same branches below
+    names = []
+    if state.epoch % cfg.train.save_every_epochs == 0 or is_last or stop_now:
+        names.append("last.pth")
+    if improved:
+        names.append("best.pth")
+    if names:
+        save(run, names)
+    if stop_now and not is_last:
+        logger.info("stopped after epoch %d; resume with --resume auto", epoch)
+        return True
+    return False
+
+
+def save(run: Run, names: Sequence[str]) -> None:
+    """Write the current state under each of ``names`` in the run directory (a collective)."""
+    obj = checkpoint_state(run.model, run.optimizer, run.scheduler, run.scaler, run.state, run.cfg, run.tokenizer)
+    for name in names:
+        save_checkpoint(obj, run.output_dir / name)
+
+
+# ------------------------------------------------------------------------------------------ final test
+def test_selected_model(run: Run) -> dict | None:
+    """Load best.pth and evaluate it on the test split (None when the split is empty)."""
+    cfg, state = run.cfg, run.state
+    best_path = run.output_dir / "best.pth"
+    if state.best_epoch >= 0:  # known on every rank (a file check would differ between nodes without a shared disk)
+        run.model.load_state_dict(load_file(best_path)["model"])
+    test_split = cfg.eval.test_split
+    results = evaluate_split(run.model, run.eval_splits, test_split, run.tokenizer, cfg, run.device,
+                             run.output_dir, checkpoint=str(best_path))
+    if results is not None:
+        t2i = results["t2i"]
+        logger.info("%s: text-to-image R@1 %.2f%% (chance %.2f%%), R@5 %.2f%%, mAP %.2f%%; all metrics in %s",
+                    test_split, t2i["R1"], results["chance_R1"], t2i["R5"], t2i["mAP"],
+                    run.output_dir / f"metrics_{test_split}.json")
+    return results
+
+
+def summary(run: Run, stopped: bool, test: dict | None) -> dict:
+    """The one return shape of :func:`train`."""
+    state = run.state
+    return {"stopped": stopped, "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+            "global_step": state.global_step, "test": test, "model": run.model}
