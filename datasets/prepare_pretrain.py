@@ -234,10 +234,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if not getattr(args, f"{name}_root"):
             parser.error(f"--{name} needs --{name}-root")
     corpora, reports = [], []
-    for name in chosen:
-        entry, report = prepare_corpus(name, getattr(args, name), getattr(args, f"{name}_root"), args.out)
-        corpora.append(entry)
-        reports.append(report)
+    with user_errors_as_one_line():
+        for name in chosen:
+            entry, report = prepare_corpus(name, getattr(args, name), getattr(args, f"{name}_root"), args.out)
+            corpora.append(entry)
+            reports.append(report)
     with open(Path(args.out) / "corpora.json", "w", encoding="utf-8") as handle:
         json.dump(corpora, handle, indent=2)
     summary = format_summary(reports)
