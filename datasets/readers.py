@@ -15,6 +15,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from datasets.image_check import DEFAULT_MODE, ImageCheckReport, scan_images
 from datasets.records import (
     SPLIT_NAMES,
     AnnotationNotFoundError,
@@ -364,29 +365,26 @@ def load_pretrain_corpora(entries: list[dict]) -> list[Record]:
     return records
 
 
-def _undecodable(path: str) -> bool:
-    from PIL import Image  # imported here so reading annotations never needs Pillow
+def check_images(
+    records: Iterable[Record],
+    *,
+    decode: bool | str = DEFAULT_MODE,
+    max_listed: int = 5,
+    workers: int | None = None,
+    progress: bool | None = None,
+    base: str | None = None,
+) -> ImageCheckReport:
+    """Check every unique image path of ``records``; raise MissingImagesError (a FileNotFoundError) if any is bad.
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception:  # any decoder failure means the image cannot be used
-        return True
-    return False
-
-
-def check_images(records: Iterable[Record], *, decode: bool = False, max_listed: int = 5) -> None:
-    """Raise MissingImagesError (a FileNotFoundError) when any unique image path is missing.
-
-    With ``decode=True`` every image is also fully decoded with Pillow. The message gives the count of bad
-    images out of the total and the first ``max_listed`` paths.
+    ``decode`` is the check level of :mod:`datasets.image_check`: "exists", "header" (the default: Pillow
+    header and verify, JPEG end marker, a full decode only to confirm a suspect file) or "full"; ``False``
+    and ``True`` still mean "exists" and "full". The one-line message gives, separately for missing and
+    undecodable images, the count out of the total, the counts per top-level folder and the first
+    ``max_listed`` paths; the error's ``report`` lists them all. Returns the report when all is well.
     """
-    paths = list(dict.fromkeys(r.image_path for r in records))
-    missing = [p for p in paths if not os.path.isfile(p)]
-    missing_set = set(missing)
-    bad = [p for p in paths if p not in missing_set and _undecodable(p)] if decode else []
-    if missing or bad:
-        parts = [f"{len(found)} of {len(paths)} images {what} (first: {', '.join(found[:max_listed])})"
-                 for found, what in ((missing, "are missing"), (bad, "cannot be decoded")) if found]
-        raise MissingImagesError("; ".join(parts))
-    logger.info("all %d images found%s", len(paths), " and decoded" if decode else "")
+    report = scan_images((r.image_path for r in records), decode, workers=workers, progress=progress, base=base)
+    if not report.ok:
+        raise MissingImagesError(report.summary(max_listed), report)
+    logger.info("all %d images found%s (%s check, %.1f s)", report.total,
+                "" if report.mode == "exists" else " and readable", report.mode, report.seconds)
+    return report

@@ -59,7 +59,15 @@ class AnnotationNotFoundError(DataFormatError, FileNotFoundError):
 
 
 class MissingImagesError(FileNotFoundError):
-    """Some images named by the annotations are missing or cannot be decoded."""
+    """Some images named by the annotations are missing or cannot be decoded.
+
+    ``report`` is the :class:`datasets.image_check.ImageCheckReport` behind the message when there is one
+    (missing and undecodable paths listed separately, grouped by folder).
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def describe_value(value: Any) -> str:

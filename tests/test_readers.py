@@ -282,15 +282,24 @@ def test_check_images(tmp_path: Path) -> None:
     present = [str(_image(tmp_path / f"{i}.png")) for i in range(3)]
     missing = [str(tmp_path / "gone1.png"), str(tmp_path / "gone2.png")]
     records = [Record(p, "c", 0, i) for i, p in enumerate(present + missing + present)]
-    check_images([Record(p, "c", 0, 0) for p in present], decode=True)
-    with pytest.raises(MissingImagesError, match=r"2 of 5 images are missing \(first: .*gone1.png\)$") as caught:
+    report = check_images([Record(p, "c", 0, 0) for p in present], decode=True)
+    assert (report.total, report.mode, report.ok) == (3, "full", True)
+    with pytest.raises(MissingImagesError,
+                       match=r"^2 of 5 images are missing under .* \(by folder: \./ 2; first: .*gone1.png\)$") as caught:
         check_images(records, max_listed=1)
     assert isinstance(caught.value, FileNotFoundError) and "gone2" not in str(caught.value)
+    assert caught.value.report.missing == missing and caught.value.report.undecodable == []
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png at all")
-    check_images([Record(str(broken), "c", 0, 0)])  # exists, so fine without decoding
-    with pytest.raises(MissingImagesError, match=r"1 of 4 images cannot be decoded \(first: .*broken.png\)"):
-        check_images([Record(p, "c", 0, 0) for p in present + [str(broken)]], decode=True)
+    check_images([Record(str(broken), "c", 0, 0)], decode=False)  # exists, so fine without decoding
+    check_images([Record(str(broken), "c", 0, 0)], decode="exists")
+    for decode in (True, "full", "header"):  # the default level, "header", reads the file too
+        with pytest.raises(MissingImagesError, match=r"^1 of 4 images cannot be decoded .*broken.png \(cannot identify"):
+            check_images([Record(p, "c", 0, 0) for p in present + [str(broken)]], decode=decode)
+    with pytest.raises(MissingImagesError, match="cannot be decoded"):
+        check_images([Record(str(broken), "c", 0, 0)])
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        check_images(records, decode="fast")
 
 
 # ----------------------------------------------------------------------------------------------- prepare_pretrain
