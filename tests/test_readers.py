@@ -221,24 +221,77 @@ def test_format_statistics_table() -> None:
         ["train", "2", "3", "6"], ["val", "1", "1", "2"], ["test", "2", "3", "7"]]
 
 
-def test_published_count_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    root = _copy("rstp_raw", tmp_path)
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_published_count_warning_only_for_near_copies(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy("rstp_raw", tmp_path)  # 2/4/8, 1/2/4, 1/2/4: a small custom dataset, far from the published one
     with caplog.at_level(logging.WARNING, logger="datasets.readers"):
         load_annotations("rstp", root)
-    assert any("train 2/4/8 (published 3701/18505/37010)" in r.getMessage() for r in caplog.records)
+    assert _warnings(caplog) == []
 
-    caplog.clear()
+    # published counts within 20% of the file's (train images 4 vs 5, captions 8 vs 9): a near copy, warned about
+    monkeypatch.setitem(readers.PUBLISHED_COUNTS, "rstp", {"train": (2, 5, 9), "val": (1, 2, 4), "test": (1, 2, 4)})
+    with caplog.at_level(logging.WARNING, logger="datasets.readers"):
+        load_annotations("rstp", root)
+    [warning] = _warnings(caplog)
+    assert "train 2/4/8 (published 2/5/9)" in warning and "val" not in warning and "RSTPReid" in warning
+
+    caplog.clear()  # equal counts: nothing to say
     monkeypatch.setitem(readers.PUBLISHED_COUNTS, "rstp", {"train": (2, 4, 8), "val": (1, 2, 4), "test": (1, 2, 4)})
     with caplog.at_level(logging.WARNING, logger="datasets.readers"):
         load_annotations("rstp", root)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert _warnings(caplog) == []
 
-    monkeypatch.undo()
-    (root / readers.SYNTHETIC_MARKER).write_text("{}")
+    monkeypatch.setitem(readers.PUBLISHED_COUNTS, "rstp", {"train": (2, 5, 9), "val": (1, 2, 4), "test": (1, 2, 4)})
+    (root / readers.SYNTHETIC_MARKER).write_text("{}")  # the synthetic marker silences it
     with caplog.at_level(logging.WARNING, logger="datasets.readers"):
         load_annotations("rstp", root)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert _warnings(caplog) == []
+
+
+def _records_with_counts(ids: int, images: int, captions: int, prefix: str) -> list[Record]:
+    """Records with exactly these (ids, images, captions): captions round-robin over images, images over ids."""
+    return [Record(f"{prefix}/{c % images}.jpg", "c", (c % images) % ids, c % images) for c in range(captions)]
+
+
+def _scaled_cuhk(fraction: float, splits: tuple[str, ...] = ("train", "val", "test")):
+    published = readers.PUBLISHED_COUNTS["cuhkpedes"]
+    records = {name: _records_with_counts(*(round(n * fraction) for n in published[name]), name)
+               if name in splits else [] for name in ("train", "val", "test")}
+    return readers.DatasetSplits("cuhkpedes", "/nonexistent/CUHK-PEDES", "reid_raw.json", **records)
+
+
+@pytest.mark.parametrize("fraction, splits, warned", [
+    (0.9, ("train", "val", "test"), True),   # a truncated copy of the real file
+    (1.1, ("train", "val", "test"), True),   # records added or duplicated
+    (1.0, ("train", "val", "test"), False),  # the published counts exactly
+    (0.7, ("train", "val", "test"), False),  # 30% off: a subset, i.e. a custom dataset
+    (0.9, ("train", "test"), False),         # other split names: a custom layout
+])
+def test_published_counts_on_truncated_real_format(caplog: pytest.LogCaptureFixture, fraction: float,
+                                                   splits: tuple[str, ...], warned: bool) -> None:
+    dataset = _scaled_cuhk(fraction, splits)
+    if fraction == 0.9 and len(splits) == 3:
+        assert _counts(dataset.train) == (9903, 30649, 61313)
+    with caplog.at_level(logging.WARNING, logger="datasets.readers"):
+        readers._check_published_counts(dataset)
+    warnings = _warnings(caplog)
+    assert len(warnings) == int(warned)
+    if warned:
+        train = "/".join(str(round(n * fraction)) for n in readers.PUBLISHED_COUNTS["cuhkpedes"]["train"])
+        assert f"train {train} (published 11003/34054/68126)" in warnings[0]
+        assert "CUHK-PEDES" in warnings[0] and "complete" in warnings[0]
+
+
+def test_looks_like_published_tolerance() -> None:
+    published = {"train": (100, 200, 400), "val": (0, 0, 0), "test": (10, 20, 40)}
+    assert readers.looks_like_published({"train": (80, 240, 400), "test": (12, 20, 40)}, published)
+    assert not readers.looks_like_published({"train": (79, 240, 400), "test": (12, 20, 40)}, published)
+    assert not readers.looks_like_published({"train": (100, 200, 400), "test": (10, 20, 40), "val": (1, 1, 1)},
+                                            published)
 
 
 def test_split_helper_rejects_unknown_name() -> None:
