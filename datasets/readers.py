@@ -199,8 +199,11 @@ def _parse_processed(data: dict, path: str, spec: _FormatSpec) -> Iterator[_Entr
 
 def _build_records(
     entries: Iterable[_Entry], root: str, path: str, splits: Sequence[str]
-) -> tuple[dict[str, list[Record]], int]:
-    """Flatten entries to one record per caption; returns records per split and the number of train pids."""
+) -> tuple[dict[str, list[Record]], int, list[tuple[str, int, str]]]:
+    """Flatten entries to one record per caption.
+
+    Returns records per split, the number of train pids and (split, index, path) of entries with empty captions.
+    """
     rows: dict[str, list[tuple[str, str, int, tuple[str, ...] | None]]] = {s: [] for s in splits}
     image_pid: dict[str, dict[str, tuple[int, int]]] = {s: {} for s in splits}
     empty: list[tuple[str, int, str]] = []
@@ -235,7 +238,7 @@ def _build_records(
             )
             for rel_path, caption, raw_id, phrases in split_rows
         ]
-    return records, len(train_ids)
+    return records, len(train_ids), empty
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -335,8 +338,9 @@ def load_annotations(
     else:
         raise DataFormatError(path, "a JSON list of image entries (raw) or an object of splits (processed)",
                               got=describe_value(data))
-    records, num_train_pids = _build_records(entries, root, str(path), SPLIT_NAMES)
-    splits = DatasetSplits(fmt, root, str(path), records["train"], records["val"], records["test"], num_train_pids)
+    records, num_train_pids, empty = _build_records(entries, root, str(path), SPLIT_NAMES)
+    splits = DatasetSplits(fmt, root, str(path), records["train"], records["val"], records["test"], num_train_pids,
+                           skipped_empty=empty)
     logger.info("%s annotations from %s:\n%s", spec.title, path, format_statistics(splits))
     _check_published_counts(splits)
     return splits
@@ -346,11 +350,13 @@ def _join(root: str, image: str) -> str:
     return image if os.path.isabs(image) else os.path.join(root, image)
 
 
-def load_pretrain_corpora(entries: list[dict]) -> list[Record]:
+def load_pretrain_corpora(entries: list[dict], *, skipped_empty: list | None = None) -> list[Record]:
     """Image-caption corpora for pretraining; pid = image_id = the running index over all records.
 
     Each entry is ``{"annotation": JSON list of {"image", "caption"}, "image_root": folder}``; relative image
-    paths are joined to ``image_root``. A caption may also be a list of strings (one record each).
+    paths are joined to ``image_root``. A caption may also be a list of strings (one record each). Entries
+    with an empty caption are skipped with a warning; ``skipped_empty``, when given, receives
+    (annotation file, index, image) for each of them.
     """
     where = "pretrain corpora list"
     if not isinstance(entries, list) or not entries:
@@ -380,6 +386,8 @@ def load_pretrain_corpora(entries: list[dict]) -> list[Record]:
             image_path = _join(image_root, image)
             for text in kept:
                 records.append(Record(image_path, text, len(records), len(records)))
+        if skipped_empty is not None:
+            skipped_empty.extend((annotation, i, p) for i, p in empty)
         if empty:
             shown = ", ".join(f"[{i}] {p}" for i, p in empty[:_MAX_LISTED])
             logger.warning("%s: skipped empty captions in %d record(s); first: %s", annotation, len(empty), shown)

@@ -89,6 +89,8 @@ class DatasetSplits:
     val: list[Record] = field(default_factory=list)
     test: list[Record] = field(default_factory=list)
     num_train_pids: int = 0
+    # (split, record index in the file, image path) of entries whose empty captions the reader skipped
+    skipped_empty: list[tuple[str, int, str]] = field(default_factory=list)
 
     def split(self, name: str) -> list[Record]:
         """The records of split ``name``; raises ValueError for an unknown or empty split."""
