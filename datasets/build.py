@@ -46,13 +46,14 @@ def build_train_loader(
         dataset = TrainDataset(
             records, transform, num_views=1, levels=levels, seed=cfg.seed, lowercase=cfg.text.lowercase,
             caption_fn=functools.partial(pre_caption, max_words=cfg.text.pretrain_max_words),
+            max_bad_images=cfg.data.max_bad_images,
         )
         sampler: TrainSampler = ShardedShuffleSampler(len(records), batch_size, cfg.seed, rank, world_size)
     else:
         levels = tuple(cfg.text.levels)
         dataset = TrainDataset(
             records, transform, num_views=cfg.input.num_views, levels=levels, seed=cfg.seed,
-            lowercase=cfg.text.lowercase,
+            lowercase=cfg.text.lowercase, max_bad_images=cfg.data.max_bad_images,
         )
         sampler = IdentitySampler(
             [r.pid for r in records], batch_size, cfg.sampler.num_instances, cfg.seed, rank, world_size

@@ -15,6 +15,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from datasets.image_check import DEFAULT_MODE, ImageCheckReport, scan_images
 from datasets.records import (
     SPLIT_NAMES,
     AnnotationNotFoundError,
@@ -32,6 +33,8 @@ SYNTHETIC_MARKER = "SYNTHETIC.json"
 # Keys of the authors' processed files that repeat test records; accepted and not read.
 _IGNORED_PROCESSED_KEYS = ("query", "gallery")
 _MAX_LISTED = 5
+# A dataset whose counts are all within this fraction of the published ones is taken for the real one.
+PUBLISHED_TOLERANCE = 0.2
 
 
 @dataclass(frozen=True)
@@ -197,8 +200,11 @@ def _parse_processed(data: dict, path: str, spec: _FormatSpec) -> Iterator[_Entr
 
 def _build_records(
     entries: Iterable[_Entry], root: str, path: str, splits: Sequence[str]
-) -> tuple[dict[str, list[Record]], int]:
-    """Flatten entries to one record per caption; returns records per split and the number of train pids."""
+) -> tuple[dict[str, list[Record]], int, list[tuple[str, int, str]]]:
+    """Flatten entries to one record per caption.
+
+    Returns records per split, the number of train pids and (split, index, path) of entries with empty captions.
+    """
     rows: dict[str, list[tuple[str, str, int, tuple[str, ...] | None]]] = {s: [] for s in splits}
     image_pid: dict[str, dict[str, tuple[int, int]]] = {s: {} for s in splits}
     empty: list[tuple[str, int, str]] = []
@@ -233,7 +239,7 @@ def _build_records(
             )
             for rel_path, caption, raw_id, phrases in split_rows
         ]
-    return records, len(train_ids)
+    return records, len(train_ids), empty
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -253,20 +259,40 @@ def format_statistics(splits: DatasetSplits) -> str:
     return "\n".join(lines)
 
 
+def looks_like_published(got: dict[str, tuple[int, int, int]], published: dict[str, tuple[int, int, int]],
+                         tolerance: float = PUBLISHED_TOLERANCE) -> bool:
+    """True when every count of every split is within ``tolerance`` of the published one.
+
+    This implies the same non-empty splits (an empty split is 100% off a non-empty one, and any record is off
+    a published 0). Such a dataset is taken for the real one, so any difference means an incomplete or altered
+    copy; a custom or subset dataset (counts far from the published ones, or other splits) is not compared.
+    """
+    for name in SPLIT_NAMES:
+        counts, expected = got.get(name, (0, 0, 0)), published.get(name, (0, 0, 0))
+        if any(abs(c - e) > tolerance * e for c, e in zip(counts, expected)):
+            return False
+    return True
+
+
 def _check_published_counts(splits: DatasetSplits) -> None:
+    """Warn when the dataset looks like the published one (see looks_like_published) but its counts differ."""
     if (Path(splits.root) / SYNTHETIC_MARKER).exists():
         return
     expected = PUBLISHED_COUNTS[splits.name]
-    differing = []
-    for name in SPLIT_NAMES:
-        got = split_counts(getattr(splits, name))
-        if got != expected[name]:
-            differing.append(f"{name} {got[0]}/{got[1]}/{got[2]} (published {'/'.join(map(str, expected[name]))})")
-    if differing:
-        logger.warning(
-            "%s: ids/images/captions differ from the published %s counts: %s; check that the file is complete",
-            splits.annotation_file, _SPECS[splits.name].title, "; ".join(differing),
-        )
+    got = {name: split_counts(getattr(splits, name)) for name in SPLIT_NAMES}
+    if got == expected:
+        return
+    title = _SPECS[splits.name].title
+    if not looks_like_published(got, expected):
+        logger.info("%s: counts are not close to the published %s ones; treated as a custom dataset",
+                    splits.annotation_file, title)
+        return
+    differing = [f"{name} {'/'.join(map(str, got[name]))} (published {'/'.join(map(str, expected[name]))})"
+                 for name in SPLIT_NAMES if got[name] != expected[name]]
+    logger.warning(
+        "%s: ids/images/captions are close to but differ from the published %s counts: %s; "
+        "check that the annotation file and images are complete", splits.annotation_file, title, "; ".join(differing),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -313,8 +339,9 @@ def load_annotations(
     else:
         raise DataFormatError(path, "a JSON list of image entries (raw) or an object of splits (processed)",
                               got=describe_value(data))
-    records, num_train_pids = _build_records(entries, root, str(path), SPLIT_NAMES)
-    splits = DatasetSplits(fmt, root, str(path), records["train"], records["val"], records["test"], num_train_pids)
+    records, num_train_pids, empty = _build_records(entries, root, str(path), SPLIT_NAMES)
+    splits = DatasetSplits(fmt, root, str(path), records["train"], records["val"], records["test"], num_train_pids,
+                           skipped_empty=empty)
     logger.info("%s annotations from %s:\n%s", spec.title, path, format_statistics(splits))
     _check_published_counts(splits)
     return splits
@@ -324,11 +351,13 @@ def _join(root: str, image: str) -> str:
     return image if os.path.isabs(image) else os.path.join(root, image)
 
 
-def load_pretrain_corpora(entries: list[dict]) -> list[Record]:
+def load_pretrain_corpora(entries: list[dict], *, skipped_empty: list | None = None) -> list[Record]:
     """Image-caption corpora for pretraining; pid = image_id = the running index over all records.
 
     Each entry is ``{"annotation": JSON list of {"image", "caption"}, "image_root": folder}``; relative image
-    paths are joined to ``image_root``. A caption may also be a list of strings (one record each).
+    paths are joined to ``image_root``. A caption may also be a list of strings (one record each). Entries
+    with an empty caption are skipped with a warning; ``skipped_empty``, when given, receives
+    (annotation file, index, image) for each of them.
     """
     where = "pretrain corpora list"
     if not isinstance(entries, list) or not entries:
@@ -358,6 +387,8 @@ def load_pretrain_corpora(entries: list[dict]) -> list[Record]:
             image_path = _join(image_root, image)
             for text in kept:
                 records.append(Record(image_path, text, len(records), len(records)))
+        if skipped_empty is not None:
+            skipped_empty.extend((annotation, i, p) for i, p in empty)
         if empty:
             shown = ", ".join(f"[{i}] {p}" for i, p in empty[:_MAX_LISTED])
             logger.warning("%s: skipped empty captions in %d record(s); first: %s", annotation, len(empty), shown)
@@ -366,29 +397,26 @@ def load_pretrain_corpora(entries: list[dict]) -> list[Record]:
     return records
 
 
-def _undecodable(path: str) -> bool:
-    from PIL import Image  # imported here so reading annotations never needs Pillow
+def check_images(
+    records: Iterable[Record],
+    *,
+    decode: bool | str = DEFAULT_MODE,
+    max_listed: int = 5,
+    workers: int | None = None,
+    progress: bool | None = None,
+    base: str | None = None,
+) -> ImageCheckReport:
+    """Check every unique image path of ``records``; raise MissingImagesError (a FileNotFoundError) if any is bad.
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception:  # any decoder failure means the image cannot be used
-        return True
-    return False
-
-
-def check_images(records: Iterable[Record], *, decode: bool = False, max_listed: int = 5) -> None:
-    """Raise MissingImagesError (a FileNotFoundError) when any unique image path is missing.
-
-    With ``decode=True`` every image is also fully decoded with Pillow. The message gives the count of bad
-    images out of the total and the first ``max_listed`` paths.
+    ``decode`` is the check level of :mod:`datasets.image_check`: "exists", "header" (the default: Pillow
+    header and verify, JPEG end marker, a full decode only to confirm a suspect file) or "full"; ``False``
+    and ``True`` still mean "exists" and "full". The one-line message gives, separately for missing and
+    undecodable images, the count out of the total, the counts per top-level folder and the first
+    ``max_listed`` paths; the error's ``report`` lists them all. Returns the report when all is well.
     """
-    paths = list(dict.fromkeys(r.image_path for r in records))
-    missing = [p for p in paths if not os.path.isfile(p)]
-    missing_set = set(missing)
-    bad = [p for p in paths if p not in missing_set and _undecodable(p)] if decode else []
-    if missing or bad:
-        parts = [f"{len(found)} of {len(paths)} images {what} (first: {', '.join(found[:max_listed])})"
-                 for found, what in ((missing, "are missing"), (bad, "cannot be decoded")) if found]
-        raise MissingImagesError("; ".join(parts))
-    logger.info("all %d images found%s", len(paths), " and decoded" if decode else "")
+    report = scan_images((r.image_path for r in records), decode, workers=workers, progress=progress, base=base)
+    if not report.ok:
+        raise MissingImagesError(report.summary(max_listed), report)
+    logger.info("all %d images found%s (%s check, %.1f s)", report.total,
+                "" if report.mode == "exists" else " and readable", report.mode, report.seconds)
+    return report

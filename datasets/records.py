@@ -61,7 +61,15 @@ class AnnotationNotFoundError(DataFormatError, FileNotFoundError):
 
 
 class MissingImagesError(UserError, FileNotFoundError):
-    """Some images named by the annotations are missing or cannot be decoded."""
+    """Some images named by the annotations are missing or cannot be decoded.
+
+    ``report`` is the :class:`datasets.image_check.ImageCheckReport` behind the message when there is one
+    (missing and undecodable paths listed separately, grouped by folder).
+    """
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class SplitError(UserError, ValueError):
@@ -87,6 +95,8 @@ class DatasetSplits:
     val: list[Record] = field(default_factory=list)
     test: list[Record] = field(default_factory=list)
     num_train_pids: int = 0
+    # (split, record index in the file, image path) of entries whose empty captions the reader skipped
+    skipped_empty: list[tuple[str, int, str]] = field(default_factory=list)
 
     def split(self, name: str) -> list[Record]:
         """The records of split ``name``; raises SplitError for an unknown or empty split."""

@@ -3,18 +3,37 @@
 Every random draw of an item (image augmentation of each view, text-level sampling, and the collator's MLM
 masking through ``rng_seed``) is seeded from (seed, epoch, index), so an item does not depend on the number of
 workers, on which worker loads it, or on how many batches ran before: a resumed run sees the same data.
+
+A training image that cannot be loaded (corrupt, truncated, vanished) does not stop the run: TrainDataset logs
+it and substitutes the next loadable record of the same identity (cyclically after it in record order), or
+failing that the next loadable record, so the batch keeps its size and, as far as possible, its P x K
+structure. The substitute keeps the requested index's seed, so items stay a pure function of (seed, epoch,
+index) and of which files are bad. Past ``max_bad_images`` distinct bad images it raises MissingImagesError.
 """
 from __future__ import annotations
 
+import logging
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.records import MissingImagesError
 from datasets.text_levels import make_levels, sentence_level
 from datasets.transforms import ImageTransform, load_image
+
+logger = logging.getLogger(__name__)
+
+# Default limit on distinct unloadable training images: this fraction of the records, and at least the minimum.
+BAD_IMAGE_FRACTION = 0.01
+BAD_IMAGE_MINIMUM = 10
+
+
+def default_max_bad_images(num_records: int) -> int:
+    """max(10, 1% of the records): a few broken files are skipped, a broken data set stops the run."""
+    return max(BAD_IMAGE_MINIMUM, int(BAD_IMAGE_FRACTION * num_records))
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -30,12 +49,29 @@ def _load(path: str, what: str) -> Any:
         raise type(exc)(f"{what}: {exc}") from exc
 
 
+def _reason(exc: BaseException) -> str:
+    """The decoder's own words for a load failure (the path and record are logged beside it)."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
+
+
 class TrainDataset(Dataset):
     """Records -> {"images": [V, 3, H, W], "texts": L strings, "caption", "pid", "index", "rng_seed"}.
 
     ``records`` need ``image_path``, ``caption``, ``pid`` and ``phrases`` (datasets.records.Record).
     ``texts`` follows ``levels`` (see text_levels.make_levels); ``caption`` is the sentence level, after
     ``caption_fn`` (e.g. pretraining's pre_caption) when given.
+
+    An image that fails to load is replaced as the module docstring says (the whole item then comes from the
+    substitute record: image, caption and pid; "index" and "rng_seed" stay those requested). ``max_bad_images``
+    (None: :func:`default_max_bad_images`; 0: fail on the first) bounds the distinct bad images; beyond it
+    MissingImagesError names the count and the limit. ``bad_images`` maps each bad path to its error. Both the
+    count and the map are per process: with DataLoader workers each worker counts the bad images it met itself
+    (so the limit applies per worker, and the main process's instance stays empty); as the training loader's
+    workers are not persistent, they start from zero, and warn again, each epoch.
     """
 
     def __init__(
@@ -47,9 +83,12 @@ class TrainDataset(Dataset):
         seed: int,
         lowercase: bool = True,
         caption_fn: Callable[[str], str] | None = None,
+        max_bad_images: int | None = None,
     ):
         if num_views < 1:
             raise ValueError(f"input.num_views must be >= 1, got {num_views}")
+        if max_bad_images is not None and max_bad_images < 0:
+            raise ValueError(f"max_bad_images must be >= 0 or None, got {max_bad_images}")
         self.records = records
         self.transform = transform
         self.num_views = num_views
@@ -58,6 +97,9 @@ class TrainDataset(Dataset):
         self.lowercase = lowercase
         self.caption_fn = caption_fn
         self.epoch = 0
+        self.max_bad_images = default_max_bad_images(len(records)) if max_bad_images is None else max_bad_images
+        self.bad_images: dict[str, str] = {}  # path -> error, in the order met (this process only)
+        self._pid_indices: dict[Any, list[int]] | None = None  # built on the first bad image
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,8 +107,65 @@ class TrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _views(self, path: str, index: int, rng_seed: int) -> torch.Tensor:
-        image = _load(path, f"training record {index}")
+    def _candidates(self, index: int) -> Iterator[int]:
+        """Substitutes for record ``index`` in the order tried: same pid cyclically after it, then all records."""
+        if self._pid_indices is None:
+            self._pid_indices = {}
+            for i, record in enumerate(self.records):
+                self._pid_indices.setdefault(record.pid, []).append(i)
+        same = self._pid_indices[self.records[index].pid]
+        at = same.index(index)
+        yield from same[at + 1:]
+        yield from same[:at]
+        n = len(self.records)
+        for step in range(1, n):
+            yield (index + step) % n
+
+    def _mark_bad(self, index: int, exc: OSError) -> None:
+        path = self.records[index].image_path
+        self.bad_images[path] = _reason(exc)
+        if len(self.bad_images) > self.max_bad_images:
+            raise MissingImagesError(
+                f"{len(self.bad_images)} training images could not be loaded in this process, more than the limit "
+                f"of {self.max_bad_images} (max_bad_images; default max({BAD_IMAGE_MINIMUM}, "
+                f"{BAD_IMAGE_FRACTION:.0%} of {len(self.records)} records)); last: {exc}. List them all with: "
+                f"python -m datasets.check --format FORMAT --root ROOT"
+            ) from exc
+
+    def _load_record(self, index: int) -> tuple[Any, Any]:
+        """(record, decoded image) for ``index``, or for its substitute when its image cannot be loaded."""
+        record = self.records[index]
+        newly_bad = record.image_path not in self.bad_images
+        if newly_bad:
+            try:
+                return record, _load(record.image_path, f"training record {index}")
+            except OSError as exc:
+                first_error = exc
+                self._mark_bad(index, exc)
+        else:  # known bad in this process: trying again would fail the same way
+            first_error = OSError(f"training record {index}: {self.bad_images[record.image_path]}")
+        tried = {record.image_path}
+        for candidate in self._candidates(index):
+            substitute = self.records[candidate]
+            if substitute.image_path in self.bad_images or substitute.image_path in tried:
+                continue
+            tried.add(substitute.image_path)
+            try:
+                image = _load(substitute.image_path, f"training record {candidate}")
+            except OSError as exc:
+                self._mark_bad(candidate, exc)
+                continue
+            # a warning the first time this process meets the image, then quietly each epoch
+            logger.log(logging.WARNING if newly_bad else logging.DEBUG,
+                       "training record %d: skipped unloadable image %s (%s); using record %d (%s) instead; "
+                       "%d bad image(s) so far in this process, limit %d", index, record.image_path,
+                       self.bad_images[record.image_path], candidate,
+                       "same identity" if substitute.pid == record.pid else "another identity",
+                       len(self.bad_images), self.max_bad_images)
+            return substitute, image
+        raise first_error  # no record has a loadable image
+
+    def _views(self, image: Any, rng_seed: int) -> torch.Tensor:
         # torchvision draws from torch's RNG, timm's RandomErasing from Python's `random`: seed both for
         # this item only and leave the process-wide states as they were.
         python_state = random.getstate()
@@ -79,12 +178,12 @@ class TrainDataset(Dataset):
             random.setstate(python_state)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
+        record, image = self._load_record(index)
         rng_seed = item_seed(self.seed, self.epoch, index)
         caption = record.caption if self.caption_fn is None else self.caption_fn(record.caption)
         texts = make_levels(caption, record.phrases, self.levels, random.Random(rng_seed), self.lowercase)
         return {
-            "images": self._views(record.image_path, index, rng_seed),
+            "images": self._views(image, rng_seed),
             "texts": texts,
             "caption": sentence_level(caption, self.lowercase),
             "pid": int(record.pid),

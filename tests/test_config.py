@@ -39,7 +39,7 @@ def test_int_is_accepted_for_float_and_coerced():
     ("modle.depth=2", ["modle.depth"]),
     ("train.epochs=abc", ["train.epochs", "int"]),
     ("train.epochs=1.5", ["train.epochs", "int"]),
-    ("data.check_images=1", ["data.check_images", "bool"]),
+    ("data.check_images=yes", ["data.check_images", "header"]),
     ("train=3", ["train", "section"]),
     ("noequals", ["key=value"]),
     ("train.amp=fp32", ["train.amp", "bf16"]),

@@ -221,24 +221,77 @@ def test_format_statistics_table() -> None:
         ["train", "2", "3", "6"], ["val", "1", "1", "2"], ["test", "2", "3", "7"]]
 
 
-def test_published_count_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    root = _copy("rstp_raw", tmp_path)
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_published_count_warning_only_for_near_copies(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _copy("rstp_raw", tmp_path)  # 2/4/8, 1/2/4, 1/2/4: a small custom dataset, far from the published one
     with caplog.at_level(logging.WARNING, logger="datasets.readers"):
         load_annotations("rstp", root)
-    assert any("train 2/4/8 (published 3701/18505/37010)" in r.getMessage() for r in caplog.records)
+    assert _warnings(caplog) == []
 
-    caplog.clear()
+    # published counts within 20% of the file's (train images 4 vs 5, captions 8 vs 9): a near copy, warned about
+    monkeypatch.setitem(readers.PUBLISHED_COUNTS, "rstp", {"train": (2, 5, 9), "val": (1, 2, 4), "test": (1, 2, 4)})
+    with caplog.at_level(logging.WARNING, logger="datasets.readers"):
+        load_annotations("rstp", root)
+    [warning] = _warnings(caplog)
+    assert "train 2/4/8 (published 2/5/9)" in warning and "val" not in warning and "RSTPReid" in warning
+
+    caplog.clear()  # equal counts: nothing to say
     monkeypatch.setitem(readers.PUBLISHED_COUNTS, "rstp", {"train": (2, 4, 8), "val": (1, 2, 4), "test": (1, 2, 4)})
     with caplog.at_level(logging.WARNING, logger="datasets.readers"):
         load_annotations("rstp", root)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert _warnings(caplog) == []
 
-    monkeypatch.undo()
-    (root / readers.SYNTHETIC_MARKER).write_text("{}")
+    monkeypatch.setitem(readers.PUBLISHED_COUNTS, "rstp", {"train": (2, 5, 9), "val": (1, 2, 4), "test": (1, 2, 4)})
+    (root / readers.SYNTHETIC_MARKER).write_text("{}")  # the synthetic marker silences it
     with caplog.at_level(logging.WARNING, logger="datasets.readers"):
         load_annotations("rstp", root)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert _warnings(caplog) == []
+
+
+def _records_with_counts(ids: int, images: int, captions: int, prefix: str) -> list[Record]:
+    """Records with exactly these (ids, images, captions): captions round-robin over images, images over ids."""
+    return [Record(f"{prefix}/{c % images}.jpg", "c", (c % images) % ids, c % images) for c in range(captions)]
+
+
+def _scaled_cuhk(fraction: float, splits: tuple[str, ...] = ("train", "val", "test")):
+    published = readers.PUBLISHED_COUNTS["cuhkpedes"]
+    records = {name: _records_with_counts(*(round(n * fraction) for n in published[name]), name)
+               if name in splits else [] for name in ("train", "val", "test")}
+    return readers.DatasetSplits("cuhkpedes", "/nonexistent/CUHK-PEDES", "reid_raw.json", **records)
+
+
+@pytest.mark.parametrize("fraction, splits, warned", [
+    (0.9, ("train", "val", "test"), True),   # a truncated copy of the real file
+    (1.1, ("train", "val", "test"), True),   # records added or duplicated
+    (1.0, ("train", "val", "test"), False),  # the published counts exactly
+    (0.7, ("train", "val", "test"), False),  # 30% off: a subset, i.e. a custom dataset
+    (0.9, ("train", "test"), False),         # other split names: a custom layout
+])
+def test_published_counts_on_truncated_real_format(caplog: pytest.LogCaptureFixture, fraction: float,
+                                                   splits: tuple[str, ...], warned: bool) -> None:
+    dataset = _scaled_cuhk(fraction, splits)
+    if fraction == 0.9 and len(splits) == 3:
+        assert _counts(dataset.train) == (9903, 30649, 61313)
+    with caplog.at_level(logging.WARNING, logger="datasets.readers"):
+        readers._check_published_counts(dataset)
+    warnings = _warnings(caplog)
+    assert len(warnings) == int(warned)
+    if warned:
+        train = "/".join(str(round(n * fraction)) for n in readers.PUBLISHED_COUNTS["cuhkpedes"]["train"])
+        assert f"train {train} (published 11003/34054/68126)" in warnings[0]
+        assert "CUHK-PEDES" in warnings[0] and "complete" in warnings[0]
+
+
+def test_looks_like_published_tolerance() -> None:
+    published = {"train": (100, 200, 400), "val": (0, 0, 0), "test": (10, 20, 40)}
+    assert readers.looks_like_published({"train": (80, 240, 400), "test": (12, 20, 40)}, published)
+    assert not readers.looks_like_published({"train": (79, 240, 400), "test": (12, 20, 40)}, published)
+    assert not readers.looks_like_published({"train": (100, 200, 400), "test": (10, 20, 40), "val": (1, 1, 1)},
+                                            published)
 
 
 def test_split_helper_rejects_unknown_name() -> None:
@@ -282,15 +335,24 @@ def test_check_images(tmp_path: Path) -> None:
     present = [str(_image(tmp_path / f"{i}.png")) for i in range(3)]
     missing = [str(tmp_path / "gone1.png"), str(tmp_path / "gone2.png")]
     records = [Record(p, "c", 0, i) for i, p in enumerate(present + missing + present)]
-    check_images([Record(p, "c", 0, 0) for p in present], decode=True)
-    with pytest.raises(MissingImagesError, match=r"2 of 5 images are missing \(first: .*gone1.png\)$") as caught:
+    report = check_images([Record(p, "c", 0, 0) for p in present], decode=True)
+    assert (report.total, report.mode, report.ok) == (3, "full", True)
+    with pytest.raises(MissingImagesError,
+                       match=r"^2 of 5 images are missing under .* \(by folder: \./ 2; first: .*gone1.png\)$") as caught:
         check_images(records, max_listed=1)
     assert isinstance(caught.value, FileNotFoundError) and "gone2" not in str(caught.value)
+    assert caught.value.report.missing == missing and caught.value.report.undecodable == []
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png at all")
-    check_images([Record(str(broken), "c", 0, 0)])  # exists, so fine without decoding
-    with pytest.raises(MissingImagesError, match=r"1 of 4 images cannot be decoded \(first: .*broken.png\)"):
-        check_images([Record(p, "c", 0, 0) for p in present + [str(broken)]], decode=True)
+    check_images([Record(str(broken), "c", 0, 0)], decode=False)  # exists, so fine without decoding
+    check_images([Record(str(broken), "c", 0, 0)], decode="exists")
+    for decode in (True, "full", "header"):  # the default level, "header", reads the file too
+        with pytest.raises(MissingImagesError, match=r"^1 of 4 images cannot be decoded .*broken.png \(cannot identify"):
+            check_images([Record(p, "c", 0, 0) for p in present + [str(broken)]], decode=decode)
+    with pytest.raises(MissingImagesError, match="cannot be decoded"):
+        check_images([Record(str(broken), "c", 0, 0)])
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        check_images(records, decode="fast")
 
 
 # ----------------------------------------------------------------------------------------------- prepare_pretrain
