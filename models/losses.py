@@ -73,8 +73,8 @@ def cmpm_loss(
             logits = query @ F.normalize(key, dim=1).t()
             # clamp: a row with no positive would divide 0 by 0
             q = labels / labels.sum(dim=1, keepdim=True).clamp(min=1.0).sqrt()
-            log_p = F.log_softmax(logits, dim=1)
-            kl = log_p.exp() * (log_p - torch.log(q + eps))
+            # p from softmax and log p from log_softmax, as the authors (exp(log_softmax) differs in the last bits)
+            kl = F.softmax(logits, dim=1) * (F.log_softmax(logits, dim=1) - torch.log(q + eps))
             return kl.sum(dim=1).mean()
 
         return direction(v, t, same) + direction(t, v, same.t())

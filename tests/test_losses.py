@@ -76,6 +76,30 @@ def test_cmpm_equals_authors_formula_for_symmetric_labels():
     assert cmpm_loss(v, t, pids, pids).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def authors_cmpm_written_out(image: torch.Tensor, text: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+    """The authors' CMPM step by step (one id vector for both sides, N = M): probabilities by softmax, their
+    log by log_softmax, targets Y / ||Y||_2 with the [N] norm broadcast over the last dim."""
+    labels = (pids.reshape(-1, 1) - pids.reshape(1, -1) == 0).float()
+    targets = labels / labels.norm(dim=1)
+    unit_image = image / image.norm(dim=1, keepdim=True)
+    unit_text = text / text.norm(dim=1, keepdim=True)
+    total = torch.zeros(())
+    for scores in (torch.matmul(image, unit_text.t()), torch.matmul(text, unit_image.t())):
+        per_pair = F.softmax(scores, dim=1) * (F.log_softmax(scores, dim=1) - torch.log(targets + EPS))
+        total = total + torch.mean(torch.sum(per_pair, dim=1))
+    return total
+
+
+@pytest.mark.parametrize("n, dim, num_ids, seed", [(9, 5, 4, 0), (84, 64, 7, 1), (144, 768, 12, 2), (30, 16, 30, 3)])
+def test_cmpm_is_bit_equal_to_the_authors_formula(n, dim, num_ids, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = 3.0 * torch.randn(n, dim, generator=g)
+    t = 3.0 * torch.randn(n, dim, generator=g)
+    pids = torch.randint(0, num_ids, (n,), generator=g)
+    expected = authors_cmpm_written_out(v, t, pids)
+    assert torch.equal(cmpm_loss(v, t, pids, pids), expected), (cmpm_loss(v, t, pids, pids).item(), expected.item())
+
+
 def test_cmpm_float32_under_autocast_and_gradients():
     g = torch.Generator().manual_seed(1)
     v = torch.randn(6, 8, generator=g, requires_grad=True)
