@@ -21,6 +21,7 @@ class MlmSettings:
     mlm_ngram_prob: float = 0.2
     mlm_mask_token_prob: float = 0.8
     mlm_random_token_prob: float = 0.1
+    mlm_count_cls: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.mlm_prob <= 1.0 or self.mlm_max_masks < 1:
@@ -42,6 +43,7 @@ class MlmSettings:
             mlm_ngram_prob=float(text_cfg.mlm_ngram_prob),
             mlm_mask_token_prob=float(text_cfg.mlm_mask_token_prob),
             mlm_random_token_prob=float(text_cfg.mlm_random_token_prob),
+            mlm_count_cls=bool(text_cfg.mlm_count_cls),
         )
 
 
@@ -104,7 +106,10 @@ def mask_tokens(
     ids, attention_mask: [B, T]; word_ids: per row, the word index of each token (None for special tokens and
     padding), as the fast tokenizer reports it. Per row, n = min(max_masks, max(1, round(prob * m))) of its m
     real non-special tokens are chosen as whole words (with probability ngram_prob a 2-3 word span), then 80/10/10
-    (per settings) become [MASK] / a random non-special token / stay. Returns (masked_ids [B, T], labels [B, T])
+    (per settings) become [MASK] / a random non-special token / stay. With ``settings.mlm_count_cls`` the budget
+    counts the row's leading [CLS] as well, n = min(max_masks, max(1, round(prob * (m + 1)))), as the authors'
+    pretraining does (their captions carry no [SEP]; ours does, and it is not counted); [CLS] itself is never
+    masked either way. Python's round (halves to even) is the authors' too. Returns (masked_ids [B, T], labels [B, T])
     with labels = original id at chosen positions and -100 elsewhere.
     """
     if ids.shape != attention_mask.shape or len(word_ids) != ids.shape[0]:
@@ -119,7 +124,8 @@ def mask_tokens(
         positions = [p for p, ok in enumerate(allowed) if ok]
         if not positions:
             continue
-        budget = min(settings.mlm_max_masks, max(1, round(settings.mlm_prob * len(positions))))
+        length = len(positions) + (1 if settings.mlm_count_cls else 0)
+        budget = min(settings.mlm_max_masks, max(1, round(settings.mlm_prob * length)))
         units = _units(positions, list(word_ids[row]), settings.mlm_whole_word)
         chosen[row, _choose_positions(units, budget, settings, generator)] = True
     labels = torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX))

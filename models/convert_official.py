@@ -2,7 +2,10 @@
 
 Fine-tuned checkpoints (212 keys) hold ``encoder_vl`` plus unused classifier/bottleneck/temp; pretraining
 checkpoints (377 keys) add ``encoder_fusion`` (6 BERT layers with cross-attention, tied MLM head) and ``itm``.
-Usage: ``python -m models.convert_official IN.pth OUT.pth``.
+Usage: ``python -m models.convert_official IN.pth OUT.pth``. A converted file holds every tensor of our model,
+so it loads strictly (``evaluate.py``, ``retrieve.py``, ``--init-from``): a fine-tuned ``temp``, unused by the
+authors' fine-tuning, is kept there as ``temperature``. Loading the authors' file directly (``load_official_into``)
+leaves ``temperature`` at its configured init instead; nothing at inference reads it.
 """
 from __future__ import annotations
 
@@ -94,12 +97,14 @@ def _overrides(state: Mapping[str, torch.Tensor], fusion_layers: int, img_size: 
     }
 
 
-def convert_official(obj: object, img_size: Sequence[int] = OFFICIAL_IMAGE_SIZE
+def convert_official(obj: object, img_size: Sequence[int] = OFFICIAL_IMAGE_SIZE, *, keep_temperature: bool = False
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Authors' checkpoint -> (state dict in our names, model config overrides).
 
     Every source tensor is either converted or dropped by name with a log line; anything unknown raises.
     Tied copies (MLM decoder weight = fusion word embeddings, decoder bias = predictions bias) must agree.
+    ``temp`` becomes ``temperature`` for pretraining checkpoints; a fine-tuned checkpoint's ``temp`` (unused by
+    the authors' fine-tuning) is dropped unless ``keep_temperature``, which a converted file needs to be complete.
     """
     if not is_official_checkpoint(obj):
         raise ValueError("not an IVT checkpoint by the authors (expected 'encoder_vl.*' tensors, bare or under "
@@ -113,7 +118,7 @@ def convert_official(obj: object, img_size: Sequence[int] = OFFICIAL_IMAGE_SIZE
         match = _FUSION_LAYER.fullmatch(key)
         if key in tied_sources:
             continue  # resolved below, once per tied pair
-        if key == "temp" and pretrain:
+        if key == "temp" and (pretrain or keep_temperature):
             out["temperature"] = tensor
         elif key == "temp" or key.startswith(_DROPPED_PREFIXES):
             dropped.append(key)
@@ -191,8 +196,12 @@ def _torch_load(path: str, trust_pickle: bool) -> object:
 
 def convert_file(src: str, dst: str, img_size: Sequence[int] = OFFICIAL_IMAGE_SIZE, trust_pickle: bool = False
                  ) -> dict[str, Any]:
-    """Convert the authors' checkpoint file ``src`` into our checkpoint format at ``dst`` (atomic write)."""
-    state, overrides = convert_official(_torch_load(src, trust_pickle), img_size)
+    """Convert the authors' checkpoint file ``src`` into our checkpoint format at ``dst`` (atomic write).
+
+    The file holds every tensor of the model its config describes (a fine-tuned ``temp`` included, as
+    ``temperature``), so our strict loaders accept it.
+    """
+    state, overrides = convert_official(_torch_load(src, trust_pickle), img_size, keep_temperature=True)
     checkpoint = {
         "model": state,
         "config": {"model": overrides, "input": {"image_size": [int(img_size[0]), int(img_size[1])]}},

@@ -73,8 +73,8 @@ def cmpm_loss(
             logits = query @ F.normalize(key, dim=1).t()
             # clamp: a row with no positive would divide 0 by 0
             q = labels / labels.sum(dim=1, keepdim=True).clamp(min=1.0).sqrt()
-            log_p = F.log_softmax(logits, dim=1)
-            kl = log_p.exp() * (log_p - torch.log(q + eps))
+            # p from softmax and log p from log_softmax, as the authors (exp(log_softmax) differs in the last bits)
+            kl = F.softmax(logits, dim=1) * (F.log_softmax(logits, dim=1) - torch.log(q + eps))
             return kl.sum(dim=1).mean()
 
         return direction(v, t, same) + direction(t, v, same.t())
@@ -151,29 +151,38 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+# Added to every softmax weight before the same-id entries are zeroed, as the authors do: it keeps a floor
+# under the far negatives, so they are still drawn now and then when one candidate dominates the row.
+HARD_NEGATIVE_WEIGHT_FLOOR = 1e-4
+
+
 @torch.no_grad()
 def sample_hard_negatives(
     sim_i2t: torch.Tensor,
-    image_pids: torch.Tensor,
-    text_pids: torch.Tensor,
+    image_pids: torch.Tensor | None,
+    text_pids: torch.Tensor | None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one hard negative per anchor, never one that shares the anchor's person id.
 
     Args:
-        sim_i2t: [B, B] image-to-text similarities (row = image i, column = text j); the t2i weights use
-            its transpose.
-        image_pids: [B] person ids of the images.
-        text_pids: [B] person ids of the texts.
+        sim_i2t: [B, B] image-to-text similarities, already divided by the temperature (row = image i,
+            column = text j); the t2i weights use its transpose.
+        image_pids: [B] person ids of the images, or None (with text_pids None) for "item i pairs only with
+            item i": then only the diagonal is excluded.
+        text_pids: [B] person ids of the texts, or None.
         generator: optional torch.Generator for reproducible draws (must live on sim_i2t's device).
 
     Returns:
         neg_image_for_text: [B] long, for each text j the index of an image with a different pid.
         neg_text_for_image: [B] long, for each image i the index of a text with a different pid.
 
-    The weights are softmax(similarity) over the allowed entries. Same-pid entries are excluded before the
-    softmax (masked to -inf) rather than zeroed after it; multinomial renormalises, so the distribution is
-    the same, but a large similarity can no longer underflow every allowed weight to zero.
+    Sampling weights follow the authors' ITM: per row w = softmax(sim) + 1e-4, the softmax taken over the whole
+    row (same-id entries included), then the entries sharing the anchor's pid set to 0, then one multinomial
+    draw (which renormalises). This is NOT the same distribution as a softmax over the allowed entries only:
+    the same-id entries still take their share of the softmax mass, so the floor weighs more when the anchor's
+    own pair dominates the row, and every allowed entry keeps a probability of at least
+    1e-4 / (1 + 1e-4 * B) whatever its similarity.
 
     Raises:
         ValueError: when some row has no allowed negative (every item in the batch shares its pid).
@@ -181,13 +190,17 @@ def sample_hard_negatives(
     if sim_i2t.dim() != 2 or sim_i2t.shape[0] != sim_i2t.shape[1]:
         raise ValueError(f"sample_hard_negatives: sim_i2t must be [B, B], got shape {tuple(sim_i2t.shape)}")
     b = sim_i2t.shape[0]
-    if image_pids.shape != (b,) or text_pids.shape != (b,):
-        raise ValueError(
-            f"sample_hard_negatives: pids must be [{b}], got image {tuple(image_pids.shape)}, "
-            f"text {tuple(text_pids.shape)}"
-        )
-    sim = sim_i2t.float()
-    same_i2t = image_pids[:, None] == text_pids[None, :]  # [B images, B texts]
+    if (image_pids is None) != (text_pids is None):
+        raise ValueError("sample_hard_negatives: give both image_pids and text_pids, or neither")
+    if image_pids is None:
+        same_i2t = torch.eye(b, dtype=torch.bool, device=sim_i2t.device)
+    else:
+        if image_pids.shape != (b,) or text_pids.shape != (b,):
+            raise ValueError(
+                f"sample_hard_negatives: pids must be [{b}], got image {tuple(image_pids.shape)}, "
+                f"text {tuple(text_pids.shape)}"
+            )
+        same_i2t = image_pids[:, None] == text_pids[None, :]  # [B images, B texts]
     # one sync for the whole batch; the alternative is multinomial failing (or a device assert on CUDA)
     n_bad_images, n_bad_texts = torch.stack([same_i2t.all(dim=1).sum(), same_i2t.all(dim=0).sum()]).tolist()
     if n_bad_images or n_bad_texts:
@@ -196,8 +209,9 @@ def sample_hard_negatives(
             f"negative with a different person id in the batch; the sampler must put at least two identities in "
             f"each batch"
         )
-    w_t2i = sim.t().masked_fill(same_i2t.t(), float("-inf")).softmax(dim=1)  # [texts, images]
-    w_i2t = sim.masked_fill(same_i2t, float("-inf")).softmax(dim=1)  # [images, texts]
+    sim = sim_i2t.float()
+    w_t2i = (sim.t().softmax(dim=1) + HARD_NEGATIVE_WEIGHT_FLOOR).masked_fill(same_i2t.t(), 0.0)  # [texts, images]
+    w_i2t = (sim.softmax(dim=1) + HARD_NEGATIVE_WEIGHT_FLOOR).masked_fill(same_i2t, 0.0)  # [images, texts]
     neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image_for_text, neg_text_for_image

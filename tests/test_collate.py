@@ -2,6 +2,7 @@
 per-item determinism of TrainDataset, and the DataLoader built from a config (workers, resume, pretraining)."""
 import itertools
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,6 +134,31 @@ def test_mask_hand_checked_single_choice(tok):
         assert torch.equal(masked[0, keep], ids[0, keep])
 
 
+def test_mask_budget_counts_cls_as_the_authors():
+    # [CLS] a b [SEP]: two real tokens. Ours: round(0.5 * 2) = 1. The authors' length counts [CLS] (their
+    # captions have no [SEP]): round(0.5 * 3) = 2, i.e. both words, and [CLS] / [SEP] are still never masked.
+    ids = torch.tensor([[2, 10, 11, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    words = [[None, 0, 1, None, None]]
+    for count_cls, expected in ((False, 1), (True, 2)):
+        settings = MlmSettings(mlm_prob=0.5, mlm_max_masks=8, mlm_ngram_prob=0.0, mlm_count_cls=count_cls)
+        for seed in range(5):
+            _, labels = mask_tokens(ids, mask, words, settings, 4, [0, 1, 2, 3, 4], 60,
+                                    torch.Generator().manual_seed(seed))
+            chosen = (labels != IGNORE_INDEX).nonzero()[:, 1].tolist()
+            assert len(chosen) == expected and set(chosen) <= {1, 2}
+
+
+def test_mask_rate_counting_cls_is_exact(tok):
+    settings = MlmSettings(mlm_prob=0.25, mlm_max_masks=8, mlm_whole_word=False, mlm_count_cls=True)
+    ids, mask, _, _, labels = run_mask(tok, settings, captions(200))
+    real = (mask.bool() & ~torch.isin(ids, torch.tensor(tok.all_special_ids))).sum(1)
+    # the authors' n_pred = min(8, max(1, round(0.25 * len([CLS] + wordpieces))))
+    expected = [min(8, max(1, round(0.25 * (1 + r)))) for r in real.tolist()]
+    assert (labels != IGNORE_INDEX).sum(1).tolist() == expected
+    assert expected != [min(8, max(1, round(0.25 * r))) for r in real.tolist()]  # the two counts differ here
+
+
 def test_mask_never_touches_special_or_padding_and_respects_counts(tok):
     texts = captions(400)
     settings = MlmSettings(mlm_max_masks=8)
@@ -224,6 +250,9 @@ def test_mlm_settings_from_config():
     s = MlmSettings.from_config(cfg)
     assert (s.mlm_prob, s.mlm_max_masks, s.mlm_whole_word, s.mlm_ngram_prob) == (0.3, 5, False, 0.2)
     assert (s.mlm_mask_token_prob, s.mlm_random_token_prob) == (0.8, 0.1)
+    assert not s.mlm_count_cls  # fine-tuning MLM (the re-ranking recipes) as before
+    assert MlmSettings.from_config(load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain.yaml").text
+                                   ).mlm_count_cls
     with pytest.raises(ValueError, match="mlm_mask_token_prob"):
         MlmSettings(mlm_mask_token_prob=0.95, mlm_random_token_prob=0.1)
 

@@ -76,6 +76,30 @@ def test_cmpm_equals_authors_formula_for_symmetric_labels():
     assert cmpm_loss(v, t, pids, pids).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def authors_cmpm_written_out(image: torch.Tensor, text: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+    """The authors' CMPM step by step (one id vector for both sides, N = M): probabilities by softmax, their
+    log by log_softmax, targets Y / ||Y||_2 with the [N] norm broadcast over the last dim."""
+    labels = (pids.reshape(-1, 1) - pids.reshape(1, -1) == 0).float()
+    targets = labels / labels.norm(dim=1)
+    unit_image = image / image.norm(dim=1, keepdim=True)
+    unit_text = text / text.norm(dim=1, keepdim=True)
+    total = torch.zeros(())
+    for scores in (torch.matmul(image, unit_text.t()), torch.matmul(text, unit_image.t())):
+        per_pair = F.softmax(scores, dim=1) * (F.log_softmax(scores, dim=1) - torch.log(targets + EPS))
+        total = total + torch.mean(torch.sum(per_pair, dim=1))
+    return total
+
+
+@pytest.mark.parametrize("n, dim, num_ids, seed", [(9, 5, 4, 0), (84, 64, 7, 1), (144, 768, 12, 2), (30, 16, 30, 3)])
+def test_cmpm_is_bit_equal_to_the_authors_formula(n, dim, num_ids, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = 3.0 * torch.randn(n, dim, generator=g)
+    t = 3.0 * torch.randn(n, dim, generator=g)
+    pids = torch.randint(0, num_ids, (n,), generator=g)
+    expected = authors_cmpm_written_out(v, t, pids)
+    assert torch.equal(cmpm_loss(v, t, pids, pids), expected), (cmpm_loss(v, t, pids, pids).item(), expected.item())
+
+
 def test_cmpm_float32_under_autocast_and_gradients():
     g = torch.Generator().manual_seed(1)
     v = torch.randn(6, 8, generator=g, requires_grad=True)
@@ -134,21 +158,92 @@ def test_hard_negatives_never_share_the_anchor_pid():
         assert (pids[neg_txt] != pids).all()
 
 
-def test_hard_negatives_follow_softmax_weights():
-    # n anchors with distinct pids in one batch: image i sees text i+1 at score 0 and text i+2 at log 3 (weights
-    # 1:3), every other text at -1e4 (weight 0), and its own text at +10, which the pid mask must remove.
-    n = 2000
-    i = torch.arange(n)
-    sim = torch.full((n, n), -1e4)
-    sim[i, i] = 10.0
-    sim[i, (i + 1) % n] = 0.0
-    sim[i, (i + 2) % n] = math.log(3.0)
-    neg_img, neg_txt = sample_hard_negatives(sim, i, i, generator=torch.Generator().manual_seed(0))
-    assert ((neg_txt == (i + 1) % n) | (neg_txt == (i + 2) % n)).all()
-    assert ((neg_img == (i - 1) % n) | (neg_img == (i - 2) % n)).all()  # text j's column: images j-1, j-2
-    # 0.75 expected; the binomial standard deviation is about 0.01
-    assert (neg_txt == (i + 2) % n).float().mean().item() == pytest.approx(0.75, abs=0.04)
-    assert (neg_img == (i - 2) % n).float().mean().item() == pytest.approx(0.75, abs=0.04)
+def authors_negative_probs(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """The authors' ITM sampling distribution per row, written out in float64: softmax over the whole row,
+    plus 1e-4, same-id entries set to 0, renormalised (what torch.multinomial does with the weights)."""
+    e = torch.exp(sim.double() - sim.double().max(dim=1, keepdim=True).values)
+    w = e / e.sum(dim=1, keepdim=True) + 1e-4
+    w[same] = 0.0
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def allowed_only_probs(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """The previous sampler (softmax over the allowed entries, no floor): the test must tell it apart."""
+    return sim.double().masked_fill(same, float("-inf")).softmax(dim=1)
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor, allowed: torch.Tensor) -> tuple[float, int, float]:
+    """Pearson's statistic over the allowed cells of every row, its degrees of freedom and the p-value."""
+    n = counts.sum(dim=1, keepdim=True).double()
+    expected = probs * n
+    stat = float((((counts.double() - expected) ** 2 / expected)[allowed]).sum())
+    dof = int(allowed.sum() - allowed.shape[0])
+    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
+                                            torch.tensor(stat / 2.0, dtype=torch.float64)))
+    return stat, dof, p_value
+
+
+def _hard_negative_batches():
+    """Random batches of 6: ids with repeats (or none: the diagonal), raw similarities (already / temp); in half
+    of them the anchor's own-id pairs dominate the row, which is where the 1e-4 floor changes the draw most."""
+    g = torch.Generator().manual_seed(11)
+    for case in range(8):
+        b = 6
+        pids = None if case % 4 == 3 else torch.randint(0, 3, (b,), generator=g)
+        if pids is not None and (pids == pids[0]).all():
+            pids[0] = pids[0] + 1
+        same = torch.eye(b, dtype=torch.bool) if pids is None else pids[:, None] == pids[None, :]
+        sim = 2.0 * torch.randn(b, b, generator=g)
+        if case % 2:
+            sim = sim.clamp(-1, 1) + 9.0 * same.float()  # allowed softmax mass ~ e^-9: comparable to the floor
+        yield pids, same, sim
+
+
+def test_hard_negatives_follow_the_authors_weights():
+    draws = 3000
+    results = []
+    for pids, same, sim in _hard_negative_batches():
+        b = sim.shape[0]
+        g = torch.Generator().manual_seed(b + len(results))
+        counts_i2t = torch.zeros(b, b, dtype=torch.long)
+        counts_t2i = torch.zeros(b, b, dtype=torch.long)
+        rows = torch.arange(b)
+        for _ in range(draws):
+            neg_img, neg_txt = sample_hard_negatives(sim, pids, pids, generator=g)
+            counts_t2i[rows, neg_img] += 1
+            counts_i2t[rows, neg_txt] += 1
+        for counts, s, m in ((counts_i2t, sim, same), (counts_t2i, sim.t(), same.t())):
+            assert counts[m].sum() == 0  # never a same-id (or, without ids, diagonal) negative
+            probs = authors_negative_probs(s, m)
+            stat, dof, p_value = chi_square(counts, probs, ~m)
+            max_dev = float((counts.double() / draws - probs).abs().max())
+            old_stat, _, old_p = chi_square(counts, allowed_only_probs(s, m), ~m)
+            results.append((stat, dof, p_value, max_dev, old_stat, old_p, bool(s.max() > 5)))
+    for stat, dof, p_value, max_dev, old_stat, old_p, dominated in results:
+        # 3000 draws: a cell's standard deviation is at most sqrt(0.25 / 3000) = 0.009
+        assert p_value > 1e-3 and max_dev < 0.04, (stat, dof, p_value, max_dev)
+        if dominated:  # the softmax over the allowed entries alone is far from what is drawn
+            assert old_p < 1e-12, (old_stat, dof, old_p)
+    assert sum(r[6] for r in results) >= 6
+
+
+def test_hard_negatives_floor_reaches_far_negatives():
+    # Without ids (the authors' call): in row i, text i is the own pair (zeroed), text i+1 dominates with
+    # softmax ~1 and the other b-2 texts sit at e^-40 below it. Their weights are ~0 + 1e-4 each, so a far text
+    # is drawn with probability (b-2)e-4 / (1 + (b-1)e-4) = 0.62% at b = 64; the previous sampler: ~1e-16.
+    b, calls = 64, 2000
+    i = torch.arange(b)
+    sim = torch.full((b, b), -20.0)
+    sim[i, (i + 1) % b] = 20.0
+    g = torch.Generator().manual_seed(0)
+    far = 0
+    for _ in range(calls):
+        _, neg_txt = sample_hard_negatives(sim, None, None, generator=g)
+        assert (neg_txt != i).all()
+        far += int((neg_txt != (i + 1) % b).sum())
+    p_far = (b - 2) * 1e-4 / (1 + (b - 1) * 1e-4)
+    expected = calls * b * p_far
+    assert abs(far - expected) < 4 * math.sqrt(expected), (far, expected)
 
 
 def test_hard_negatives_reproducible_with_generator():

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -43,3 +45,41 @@ def test_step_schedule_is_smooth_and_ends_at_min_lr():
     assert lrs[5] == pytest.approx(5e-5 + 0.5 * (0.005 - 5e-5))  # halfway through warmup
     assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # rising during warmup
     assert lrs[20] == pytest.approx(1e-5)
+
+
+def _lrs(overrides, steps_per_epoch=10, per_step=False):
+    cfg = load_config(None, overrides)
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg.train)
+    scheduler = build_scheduler(opt, cfg.train, steps_per_epoch=steps_per_epoch)
+    lrs = []
+    for step in range(cfg.train.epochs * steps_per_epoch):
+        if per_step or step % steps_per_epoch == 0:
+            set_schedule(scheduler, cfg.train, step // steps_per_epoch, step)
+            lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def test_epoch_offset_reads_the_schedule_ahead():
+    plain = _lrs(["train.epochs=10", "train.schedule_epochs=9"])
+    ahead = _lrs(["train.epochs=9", "train.schedule_epochs=9", "train.schedule_epoch_offset=1"])
+    assert ahead == plain[1:]  # the same curve, starting one epoch later
+    assert plain[0] == pytest.approx(5e-5) and ahead[0] == pytest.approx(5e-5 + (0.005 - 5e-5) / 5)
+    assert ahead[-2] == pytest.approx(1e-5 + 0.5 * (0.005 - 1e-5) * (1 + math.cos(math.pi * 8 / 9)))
+    assert ahead[-1] == pytest.approx(1e-5)  # the last epoch reads t = T = 9: min_lr, as the authors' t = 120
+
+
+def test_step_mode_offset_is_whole_epochs_of_steps():
+    common = ["train.schedule_unit=step", "train.epochs=3", "train.warmup_epochs=1", "train.schedule_epochs=3"]
+    plain = _lrs(common, per_step=True)
+    ahead = _lrs(common + ["train.schedule_epoch_offset=1"], per_step=True)
+    assert ahead[:20] == plain[10:]
+    assert ahead[20:] == [pytest.approx(1e-5)] * 10  # past T: min_lr
+
+
+def test_schedule_length_defaults_to_epochs_and_is_checked():
+    assert _lrs(["train.epochs=6"]) == _lrs(["train.epochs=6", "train.schedule_epochs=6"])
+    assert _lrs(["train.epochs=6"]) != _lrs(["train.epochs=6", "train.schedule_epochs=12"])
+    for bad in (["train.schedule_epochs=0"], ["train.schedule_epochs=abc"], ["train.schedule_epoch_offset=-1"]):
+        cfg = load_config(None, bad)
+        with pytest.raises(ValueError, match="train.schedule_epoch"):
+            build_scheduler(build_optimizer(torch.nn.Linear(2, 2), cfg.train), cfg.train, steps_per_epoch=5)

@@ -3,6 +3,11 @@
 SGD (momentum 0.9) over every trainable tensor, biases at ``lr * bias_lr_factor``; timm's cosine schedule with
 linear warmup from ``warmup_lr_init``, the same floor and warmup start for every group. The authors step it once
 per epoch (``schedule_unit: epoch``); ``step`` moves it every optimizer step instead.
+
+Indexing: epoch e (counted from 0) reads the schedule at t = e + ``schedule_epoch_offset``, and the cosine ends
+(lr = ``min_lr``) at t = ``schedule_epochs``. The authors' CUHK-PEDES loop reads t = 1..120 (offset 1, 120
+epochs); their ICFG-PEDES, RSTPReid and pretraining loops read t = 0..120, i.e. 121 epochs over a 120-epoch
+cosine, the last one at ``min_lr`` (offset 0, ``epochs: 121``, ``schedule_epochs: 120``).
 """
 from __future__ import annotations
 
@@ -38,17 +43,37 @@ def build_optimizer(model: torch.nn.Module, train_cfg: Config) -> torch.optim.Op
     raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train_cfg.optimizer!r}")
 
 
+def schedule_length(train_cfg: Config) -> int:
+    """T, the cosine's length in epochs (``train.schedule_epochs``, or ``train.epochs`` when that is null)."""
+    length = train_cfg.schedule_epochs
+    if length is None:
+        return train_cfg.epochs
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ValueError(f"train.schedule_epochs must be a positive integer or null, got {length!r}")
+    return length
+
+
+def schedule_offset(train_cfg: Config) -> int:
+    """Epochs the schedule is read ahead of the 0-based epoch index (``train.schedule_epoch_offset``)."""
+    offset = train_cfg.schedule_epoch_offset
+    if offset < 0:
+        raise ValueError(f"train.schedule_epoch_offset must be >= 0, got {offset}")
+    return offset
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Config, steps_per_epoch: int) -> CosineLRScheduler:
-    """Cosine to ``min_lr`` over ``epochs`` after ``warmup_epochs`` of linear warmup (timm semantics)."""
+    """Cosine to ``min_lr`` over ``schedule_epochs`` (default ``epochs``) after ``warmup_epochs`` of linear warmup
+    (timm semantics: at t = T and after, the lr is ``min_lr``)."""
     if train_cfg.schedule_unit == "epoch":
         scale, in_epochs = 1, True
     elif train_cfg.schedule_unit == "step":
         scale, in_epochs = max(1, steps_per_epoch), False
     else:
         raise ValueError(f"train.schedule_unit must be 'epoch' or 'step', got {train_cfg.schedule_unit!r}")
+    schedule_offset(train_cfg)  # a bad value fails here, before training starts
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(1, train_cfg.epochs * scale),
+        t_initial=max(1, schedule_length(train_cfg) * scale),
         lr_min=train_cfg.min_lr,
         warmup_t=train_cfg.warmup_epochs * scale,
         warmup_lr_init=train_cfg.warmup_lr_init,
@@ -59,8 +84,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Config, steps_p
 
 
 def set_schedule(scheduler: CosineLRScheduler, train_cfg: Config, epoch: int, global_step: int) -> None:
-    """Put the optimizer's learning rates where the schedule says for this point of training."""
+    """Put the optimizer's learning rates where the schedule says for this point of training.
+
+    ``epoch`` counts from 0; the schedule is read ``train.schedule_epoch_offset`` epochs further on (in step mode,
+    that many epochs' worth of steps, the steps per epoch being those the scheduler was built with).
+    """
+    offset = schedule_offset(train_cfg)
     if train_cfg.schedule_unit == "epoch":
-        scheduler.step(epoch)
+        scheduler.step(epoch + offset)
     else:
-        scheduler.step_update(global_step)
+        steps_per_epoch = max(1, scheduler.t_initial // max(1, schedule_length(train_cfg)))
+        scheduler.step_update(global_step + offset * steps_per_epoch)
