@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from datasets.readers import read_json
 from datasets.records import DataFormatError, describe_value
+from utils.errors import user_errors_as_one_line
 
 logger = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
         train = load_pretrain_corpora(pretrain_corpora(cfg))
     else:
         train = eval_splits.train
-    if cfg.data.check_images != "off" and du.is_main_process():
+    if cfg.data.check_images != "none" and du.is_main_process():
         check_images(train, decode=cfg.data.check_images)
         if eval_splits is not None:
             check_images(eval_splits.val + eval_splits.test, decode=cfg.data.check_images)

@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from models.encoder import grid_size
-from models.weights import adapt_grid_embeddings, infer_grid, strip_prefix, summarise_names
+from models.weights import WeightsError, adapt_grid_embeddings, infer_grid, strip_prefix, summarise_names
+from utils.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
+from utils.errors import user_errors_as_one_line
 
 _log = logging.getLogger(__name__)
 
 OFFICIAL_IMAGE_SIZE = (384, 128)
-CHECKPOINT_FORMAT = "ivt-retrieval-checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
 
 _FUSION = "encoder_fusion."
 _FUSION_LAYER = re.compile(r"encoder_fusion\.bert\.encoder\.layer\.(\d+)\.(.+)")
@@ -77,7 +75,7 @@ def _overrides(state: Mapping[str, torch.Tensor], fusion_layers: int, img_size: 
                 "encoder_vl.embeddings.token_type_embeddings.weight"]
     absent = [k for k in required if k not in state]
     if absent:
-        raise ValueError(f"the authors' checkpoint lacks {', '.join(absent)}")
+        raise WeightsError(f"the authors' checkpoint lacks {', '.join(absent)}")
     patch = state["encoder_vl.patch_embed.proj.weight"].shape[-1]
     dim = state["encoder_vl.cls_token"].shape[-1]
     depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder_vl.blocks."))
@@ -107,7 +105,7 @@ def convert_official(obj: object, img_size: Sequence[int] = OFFICIAL_IMAGE_SIZE,
     the authors' fine-tuning) is dropped unless ``keep_temperature``, which a converted file needs to be complete.
     """
     if not is_official_checkpoint(obj):
-        raise ValueError("not an IVT checkpoint by the authors (expected 'encoder_vl.*' tensors, bare or under "
+        raise WeightsError("not an IVT checkpoint by the authors (expected 'encoder_vl.*' tensors, bare or under "
                          f"'state_dict', optionally prefixed 'module.'); found {_describe_keys(obj)}")
     state = _state_dict_of(obj)
     pretrain = any(k.startswith(_FUSION) for k in state)
@@ -133,7 +131,7 @@ def convert_official(obj: object, img_size: Sequence[int] = OFFICIAL_IMAGE_SIZE,
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"unrecognised keys in the authors' checkpoint: {', '.join(summarise_names(unknown))}")
+        raise WeightsError(f"unrecognised keys in the authors' checkpoint: {', '.join(summarise_names(unknown))}")
     merged = 0
     for ours, sources in _TIED.items():
         present = [s for s in sources if s in state]
@@ -145,7 +143,7 @@ def convert_official(obj: object, img_size: Sequence[int] = OFFICIAL_IMAGE_SIZE,
             differs = state[other].shape != first.shape or (
                 first.device.type != "meta" and not torch.equal(state[other], first))
             if differs:
-                raise ValueError(f"'{present[0]}' and '{other}' are tied in the authors' model but differ here")
+                raise WeightsError(f"'{present[0]}' and '{other}' are tied in the authors' model but differ here")
         out[ours] = first
     fusion_layers = len({m.group(1) for m in map(_FUSION_LAYER.fullmatch, state) if m})
     overrides = _overrides(state, fusion_layers, img_size)
@@ -177,7 +175,7 @@ def load_official_into(model: nn.Module, obj: object, img_size: Sequence[int] = 
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(fresh)]
     if result.unexpected_keys or missing:
-        raise ValueError(f"authors' checkpoint does not fit the model: unexpected {result.unexpected_keys}, "
+        raise WeightsError(f"authors' checkpoint does not fit the model: unexpected {result.unexpected_keys}, "
                          f"missing {summarise_names(missing)}")
     if result.missing_keys:
         _log.info("left at init: %s", ", ".join(result.missing_keys))
@@ -190,7 +188,7 @@ def _torch_load(path: str, trust_pickle: bool) -> object:
     except Exception as err:  # the legacy pickle may hold non-tensor objects that weights_only refuses
         if trust_pickle:
             raise
-        raise ValueError(f"{path}: could not be read with weights_only=True ({err}); if you trust the file, "
+        raise WeightsError(f"{path}: could not be read with weights_only=True ({err}); if you trust the file, "
                          "rerun with --trust-pickle") from err
 
 
@@ -206,14 +204,10 @@ def convert_file(src: str, dst: str, img_size: Sequence[int] = OFFICIAL_IMAGE_SI
         "model": state,
         "config": {"model": overrides, "input": {"image_size": [int(img_size[0]), int(img_size[1])]}},
         "converted_from": str(src),
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
     }
-    dst_path = Path(dst)
-    dst_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst_path.with_name(dst_path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, dst_path)
+    atomic_save(checkpoint, dst)
     return checkpoint
 
 
@@ -227,7 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="load with weights_only=False (runs pickled code; only for files you trust)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    checkpoint = convert_file(args.src, args.dst, args.image_size, args.trust_pickle)
+    with user_errors_as_one_line():
+        checkpoint = convert_file(args.src, args.dst, args.image_size, args.trust_pickle)
     _log.info("wrote %s (%d tensors, config %s)", args.dst, len(checkpoint["model"]), checkpoint["config"])
 
 

@@ -39,11 +39,12 @@ def authors_finetuned_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """A tiny fine-tuned checkpoint laid out as the authors' training saves it: DDP 'module.' names, encoder_vl at
     their 384x128 input (stride 16: 24x8 patches + CLS), their unused temp, classifier and bottleneck, the legacy
     (non-zip) serialisation, and the {state_dict, optimizer, epoch, best_acc} container."""
+    from models.config import IVTConfig
     from models.ivt import IVT
 
     torch.manual_seed(0)
-    encoder = IVT(img_size=(384, 128), patch_size=16, stride=16, embed_dim=64, depth=2, num_heads=1,
-                  vocab_size=1000, max_text_positions=128).encoder.state_dict()
+    encoder = IVT(IVTConfig(img_size=(384, 128), patch_size=16, stride=16, embed_dim=64, depth=2, num_heads=1,
+                            vocab_size=1000, max_text_positions=128)).encoder.state_dict()
     state = {"module.encoder_vl." + k: v.clone() for k, v in encoder.items()}
     state.update({
         "module.temp": torch.tensor(AUTHORS_TEMP),

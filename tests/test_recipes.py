@@ -22,7 +22,7 @@ def test_every_recipe_is_covered():
 
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_full_size_recipes_select_on_the_mean_of_r1_and_map(name):
-    from utils.engine import selection_score
+    from engine.evaluation import selection_score
 
     metric = recipe(name).eval.selection_metric
     assert metric == "R1+mAP"
@@ -31,7 +31,7 @@ def test_full_size_recipes_select_on_the_mean_of_r1_and_map(name):
 
 @pytest.mark.parametrize("name", DEMOS)
 def test_demos_keep_selecting_on_r1(name):
-    from utils.engine import selection_score
+    from engine.evaluation import selection_score
 
     metric = recipe(name).eval.selection_metric
     assert metric == "R1"

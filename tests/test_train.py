@@ -191,7 +191,7 @@ def test_tiny_pretraining_lowers_all_three_losses(tmp_path):
     out = tmp_path / "pre"
     train_pretrain.main(["--output-dir", str(out)]
                         + tiny_overrides(tmp_path / "pretrain", "pretrain", num_ids=40, steps=8, epochs=6)
-                        + ["model.fusion_layers=1", "train.lr=0.002", "data.check_images=off"])
+                        + ["model.fusion_layers=1", "train.lr=0.002", "data.check_images=none"])
     history = {key: [] for key in ("itc_loss", "itm_loss", "mlm_loss")}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)

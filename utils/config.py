@@ -30,7 +30,7 @@ class ConfigError(UserError, ValueError):
 # (data.format and data.eval_format are checked by the dataset readers, which own the list of formats.)
 CHOICES = {
     "task": ("retrieval", "pretrain"),
-    "data.check_images": ("off", "exists", "header", "full"),
+    "data.check_images": ("none", "exists", "header", "full"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule_unit": ("epoch", "step"),
     "train.amp": ("bf16", "fp16", "none"),
