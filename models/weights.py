@@ -1,6 +1,6 @@
 """Explicit loading of pretrained weights into IVT: timm ViT -> image side, transformers BERT -> text side.
 
-Mapping as in the authors' ``load_param_hybrid`` (``ivt_reference.md`` §1.1.5 steps 3-4, §1.2). Every loader
+Mapping as in the authors' ``load_param_hybrid`` (docs/recipe.md, initialisation). Every loader
 returns a :class:`LoadReport` (also logged) and raises :class:`WeightsError` on a shape mismatch before copying
 anything.
 """
