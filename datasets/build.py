@@ -10,11 +10,14 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import BertTokenizerFast
 
+from datasets.batch_augment import AugmentSpec
 from datasets.collate import MlmSettings, TrainCollator
+from datasets.image_cache import open_or_build_image_cache
 from datasets.sampler import IdentitySampler, ShardedShuffleSampler
 from datasets.text_levels import pre_caption
 from datasets.train_data import TrainDataset
 from datasets.transforms import build_train_transform
+from utils import distributed as du
 
 TrainSampler = IdentitySampler | ShardedShuffleSampler
 
@@ -48,21 +51,21 @@ def build_train_loader(
     if not records:
         raise ValueError("build_train_loader: no training records")
     batch_size = cfg.train.batch_size_per_gpu
-    transform = build_train_transform(cfg.input)
+    # data.augment_on: device -> workers ship uint8 images and view parameters; the step augments on its device.
+    device_augment = AugmentSpec.from_config(cfg.input) if cfg.data.get("augment_on", "cpu") == "device" else None
+    transform = build_train_transform(cfg.input) if device_augment is None else None
+    common = dict(seed=cfg.seed, lowercase=cfg.text.lowercase, max_bad_images=cfg.data.max_bad_images,
+                  image_cache=training_image_cache(cfg, records, rank), device_augment=device_augment)
     if cfg.task == "pretrain":
         levels: tuple[str, ...] = ("sentence",)
         dataset = TrainDataset(
-            records, transform, num_views=1, levels=levels, seed=cfg.seed, lowercase=cfg.text.lowercase,
-            caption_fn=functools.partial(pre_caption, max_words=cfg.text.pretrain_max_words),
-            max_bad_images=cfg.data.max_bad_images,
+            records, transform, num_views=1, levels=levels,
+            caption_fn=functools.partial(pre_caption, max_words=cfg.text.pretrain_max_words), **common,
         )
         sampler: TrainSampler = ShardedShuffleSampler(len(records), batch_size, cfg.seed, rank, world_size)
     else:
         levels = tuple(cfg.text.levels)
-        dataset = TrainDataset(
-            records, transform, num_views=cfg.input.num_views, levels=levels, seed=cfg.seed,
-            lowercase=cfg.text.lowercase, max_bad_images=cfg.data.max_bad_images,
-        )
+        dataset = TrainDataset(records, transform, num_views=cfg.input.num_views, levels=levels, **common)
         sampler = IdentitySampler(
             [r.pid for r in records], batch_size, cfg.sampler.num_instances, cfg.seed, rank, world_size
         )
@@ -83,6 +86,24 @@ def build_train_loader(
         worker_init_fn=worker_init if workers > 0 else None,
     )
     return loader, sampler, dataset
+
+
+def training_image_cache(cfg: Any, records: Sequence[Any], rank: int = 0):
+    """The decoded-image cache of ``data.image_cache`` for ``records`` (None when unset).
+
+    Rank 0 opens it, building it when missing or stale (decoding with ``data.num_workers`` processes); the other
+    ranks wait at a barrier and then open what rank 0 wrote (a folder on a disk every rank sees).
+    """
+    folder = cfg.data.get("image_cache")
+    if not folder:
+        return None
+    paths = [r.image_path for r in records]
+    if rank == 0:
+        cache = open_or_build_image_cache(folder, paths, workers=cfg.data.num_workers)
+    du.barrier()
+    if rank != 0:
+        cache = open_or_build_image_cache(folder, paths, workers=0)
+    return cache
 
 
 def set_train_epoch(sampler: TrainSampler, dataset: TrainDataset, epoch: int, start_batch: int = 0) -> None:

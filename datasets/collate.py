@@ -8,7 +8,10 @@ import numpy as np
 import torch
 from transformers import BertTokenizerFast
 
+from datasets.batch_augment import stack_images
+
 IGNORE_INDEX = -100
+AUGMENT_STREAM = 1  # appended to the item seeds for the device augmentation's noise generator
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,11 @@ class TrainCollator:
     text_ids, text_mask [L*B, T] level-major, text_pids [L*B]; pids [B]; indices [B];
     caption_ids, caption_mask [B, T] (the sentence level); with MLM also mlm_ids, mlm_labels [B, T].
     All texts go through one tokenizer call, so T is the longest text of the batch (capped at max_text_len).
+
+    Items of the device augmentation path (``image_uint8`` instead of ``images``) give, instead of images:
+    image_uint8 [B, Hmax, Wmax, 3] (each record's image once, zero-padded), image_sizes [B, 2], view_params
+    [V*B, 8] view-major, and augment_seed (an int from the item seeds, for the erasing noise);
+    datasets.batch_augment.augment_batch turns them into images on the training device.
     """
 
     def __init__(
@@ -179,8 +187,18 @@ class TrainCollator:
                     f"TrainCollator: item {item['index']} has {len(item['texts'])} texts, expected {n_levels} "
                     f"for levels {self.levels}"
                 )
-        views = torch.stack([item["images"] for item in items])  # [B, V, 3, H, W]
-        n_views = views.shape[1]
+        if "image_uint8" in items[0]:
+            images, sizes = stack_images([item["image_uint8"] for item in items])
+            params = torch.stack([item["view_params"] for item in items])  # [B, V, 8]
+            n_views = params.shape[1]
+            image_part = {"image_uint8": images, "image_sizes": sizes,
+                          "view_params": params.transpose(0, 1).reshape(n_views * b, params.shape[2]),
+                          # a stream apart from the MLM generator's, which starts from the item seeds alone
+                          "augment_seed": seed_from_items([item["rng_seed"] for item in items] + [AUGMENT_STREAM])}
+        else:
+            views = torch.stack([item["images"] for item in items])  # [B, V, 3, H, W]
+            n_views = views.shape[1]
+            image_part = {"images": views.transpose(0, 1).reshape(n_views * b, *views.shape[2:])}
         pids = torch.tensor([int(item["pid"]) for item in items], dtype=torch.long)
         texts = [item["texts"][level] for level in range(n_levels) for item in items]
         if "sentence" in self.levels:
@@ -193,7 +211,7 @@ class TrainCollator:
         )
         ids, mask = enc["input_ids"], enc["attention_mask"]
         batch = {
-            "images": views.transpose(0, 1).reshape(n_views * b, *views.shape[2:]),
+            **image_part,
             "image_pids": pids.repeat(n_views),
             "text_ids": ids[: n_levels * b],
             "text_mask": mask[: n_levels * b],

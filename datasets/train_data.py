@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from datasets.batch_augment import AugmentSpec, as_uint8_hwc, draw_view_params
+from datasets.image_cache import ImageCache
 from datasets.records import MissingImagesError
 from datasets.text_levels import make_levels, sentence_level
 from datasets.transforms import ImageTransform, load_image
@@ -41,9 +43,9 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def _load(path: str, what: str) -> Any:
+def _load(path: str, what: str, cache: ImageCache | None = None) -> Any:
     try:
-        return load_image(path)
+        return load_image(path) if cache is None else cache.image(path)
     except OSError as exc:
         # Keep the exception type (FileNotFoundError stays catchable) while naming the record.
         raise type(exc)(f"{what}: {exc}") from exc
@@ -60,6 +62,12 @@ def _reason(exc: BaseException) -> str:
 
 class TrainDataset(Dataset):
     """Records -> {"images": [V, 3, H, W], "texts": L strings, "caption", "pid", "index", "rng_seed"}.
+
+    With ``device_augment`` (an :class:`~datasets.batch_augment.AugmentSpec`, ``data.augment_on: device``) an item
+    holds no "images" but "image_uint8" (the record's image once, uint8 [h, w, 3] at its original size) and
+    "view_params" (int64 [V, 8], the views' crop/flip/erase parameters drawn from the item's seed); the training
+    step augments the batch on its device (datasets.batch_augment). ``image_cache`` reads decoded images from a
+    :class:`~datasets.image_cache.ImageCache` instead of the files.
 
     ``records`` need ``image_path``, ``caption``, ``pid`` and ``phrases`` (datasets.records.Record).
     ``texts`` follows ``levels`` (see text_levels.make_levels); ``caption`` is the sentence level, after
@@ -84,6 +92,8 @@ class TrainDataset(Dataset):
         lowercase: bool = True,
         caption_fn: Callable[[str], str] | None = None,
         max_bad_images: int | None = None,
+        image_cache: ImageCache | None = None,
+        device_augment: AugmentSpec | None = None,
     ):
         if num_views < 1:
             raise ValueError(f"input.num_views must be >= 1, got {num_views}")
@@ -96,6 +106,8 @@ class TrainDataset(Dataset):
         self.seed = seed
         self.lowercase = lowercase
         self.caption_fn = caption_fn
+        self.image_cache = image_cache
+        self.device_augment = device_augment
         self.epoch = 0
         self.max_bad_images = default_max_bad_images(len(records)) if max_bad_images is None else max_bad_images
         self.bad_images: dict[str, str] = {}  # path -> error, in the order met (this process only)
@@ -138,7 +150,7 @@ class TrainDataset(Dataset):
         newly_bad = record.image_path not in self.bad_images
         if newly_bad:
             try:
-                return record, _load(record.image_path, f"training record {index}")
+                return record, _load(record.image_path, f"training record {index}", self.image_cache)
             except OSError as exc:
                 first_error = exc
                 self._mark_bad(index, exc)
@@ -151,7 +163,7 @@ class TrainDataset(Dataset):
                 continue
             tried.add(substitute.image_path)
             try:
-                image = _load(substitute.image_path, f"training record {candidate}")
+                image = _load(substitute.image_path, f"training record {candidate}", self.image_cache)
             except OSError as exc:
                 self._mark_bad(candidate, exc)
                 continue
@@ -182,8 +194,14 @@ class TrainDataset(Dataset):
         rng_seed = item_seed(self.seed, self.epoch, index)
         caption = record.caption if self.caption_fn is None else self.caption_fn(record.caption)
         texts = make_levels(caption, record.phrases, self.levels, random.Random(rng_seed), self.lowercase)
+        if self.device_augment is not None:
+            views = {"image_uint8": as_uint8_hwc(image),
+                     "view_params": draw_view_params(self.device_augment, random.Random(f"views:{rng_seed}"),
+                                                     self.num_views)}
+        else:
+            views = {"images": self._views(image, rng_seed)}
         return {
-            "images": self._views(image, rng_seed),
+            **views,
             "texts": texts,
             "caption": sentence_level(caption, self.lowercase),
             "pid": int(record.pid),

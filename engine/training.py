@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from datasets.batch_augment import augment_batch
 from datasets.build import build_train_loader, set_train_epoch
 from datasets.records import SplitError
 from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
@@ -326,6 +327,7 @@ def optimizer_step(run: Run, batches: Iterator[dict]) -> dict[str, torch.Tensor]
     for micro in range(accum):
         batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in next(batches).items()}
+        batch = augment_batch(batch, cfg.input)  # data.augment_on: device; a no-op for the CPU path's batches
         sync_context = (run.train_module.no_sync() if run.world_size > 1 and micro < accum - 1
                         else contextlib.nullcontext())
         with sync_context, autocast(run.device, cfg.train.amp):
