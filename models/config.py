@@ -36,6 +36,7 @@ class IVTConfig:
     fusion_layers: int = 0  # 0 = the faithful dual encoder; > 0 adds the fusion stack with ITM/MLM heads
     temperature_init: float = 0.5
     grad_checkpointing: bool = False
+    text_pad_multiple: int = 0  # > 1: texts run the blocks padded to a multiple of this after BMM (fewer shapes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
@@ -43,6 +44,8 @@ class IVTConfig:
             raise ModelConfigError(f"model.bmm_ratio must be in [0, 1), got {self.bmm_ratio}")
         if self.fusion_layers < 0:
             raise ModelConfigError(f"model.fusion_layers must be >= 0, got {self.fusion_layers}")
+        if self.text_pad_multiple < 0:
+            raise ModelConfigError(f"model.text_pad_multiple must be >= 0, got {self.text_pad_multiple}")
         if self.embed_dim % self.num_heads:
             raise ModelConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
                                    f"{self.num_heads}")

@@ -148,6 +148,7 @@ class UnifiedEncoder(nn.Module):
         self.stride = c.stride
         self.bmm_ratio = float(c.bmm_ratio)
         self.grad_checkpointing = bool(c.grad_checkpointing)
+        self.text_pad_multiple = int(c.text_pad_multiple)
 
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.stride, c.embed_dim)
         num_tokens = self.patch_embed.num_patches + 1
@@ -220,4 +221,22 @@ class UnifiedEncoder(nn.Module):
         x = self.embeddings(ids)
         if self.training and bmm and self.bmm_ratio > 0:
             x, mask = self._drop_tokens(x, mask)
+        if self.text_pad_multiple > 1 and x.shape[1] % self.text_pad_multiple:
+            return self._run_blocks_padded(x, mask, self.text_pad_multiple), mask
         return self._run_blocks(x, mask, TEXT), mask
+
+    def _run_blocks_padded(self, x: torch.Tensor, mask: Optional[torch.Tensor], multiple: int) -> torch.Tensor:
+        """Text through the blocks at the next multiple of ``multiple`` tokens, then cut back to x's length.
+
+        The added positions are zero vectors that no token attends to (key mask 0), so every real token's output
+        is the unpadded one up to the order of floating-point sums; the blocks see a few fixed lengths instead of
+        one per batch, which lets compiled graphs and kernel plans be reused. Padding comes after BMM dropping,
+        so the drop draws (count and positions, from the unpadded length) stay those of the unpadded run.
+        """
+        batch, length, _ = x.shape
+        extra = -length % multiple
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=x.device)
+        x = F.pad(x, (0, 0, 0, extra))
+        mask = F.pad(mask, (0, extra))
+        return self._run_blocks(x, mask, TEXT)[:, :length]

@@ -162,6 +162,7 @@ def sample_hard_negatives(
     image_pids: torch.Tensor | None,
     text_pids: torch.Tensor | None,
     generator: torch.Generator | None = None,
+    check: str = "host",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one hard negative per anchor, never one that shares the anchor's person id.
 
@@ -172,6 +173,10 @@ def sample_hard_negatives(
             item i": then only the diagonal is excluded.
         text_pids: [B] person ids of the texts, or None.
         generator: optional torch.Generator for reproducible draws (must live on sim_i2t's device).
+        check: how a row without any allowed negative is caught. "host" reads one flag pair back (a host-device
+            sync per call) and raises ValueError naming the counts; "device" queues an asynchronous assert
+            (``torch._assert_async``: no sync; on CUDA a failure is a device-side assert that ends the process,
+            on CPU a RuntimeError); the draws are the same either way.
 
     Returns:
         neg_image_for_text: [B] long, for each text j the index of an image with a different pid.
@@ -185,7 +190,8 @@ def sample_hard_negatives(
     1e-4 / (1 + 1e-4 * B) whatever its similarity.
 
     Raises:
-        ValueError: when some row has no allowed negative (every item in the batch shares its pid).
+        ValueError: when some row has no allowed negative (every item in the batch shares its pid), with
+            check="host"; see ``check`` for "device".
     """
     if sim_i2t.dim() != 2 or sim_i2t.shape[0] != sim_i2t.shape[1]:
         raise ValueError(f"sample_hard_negatives: sim_i2t must be [B, B], got shape {tuple(sim_i2t.shape)}")
@@ -201,8 +207,16 @@ def sample_hard_negatives(
                 f"text {tuple(text_pids.shape)}"
             )
         same_i2t = image_pids[:, None] == text_pids[None, :]  # [B images, B texts]
-    # one sync for the whole batch; the alternative is multinomial failing (or a device assert on CUDA)
-    n_bad_images, n_bad_texts = torch.stack([same_i2t.all(dim=1).sum(), same_i2t.all(dim=0).sum()]).tolist()
+    if check == "device":
+        no_negative = same_i2t.all(dim=1).any() | same_i2t.all(dim=0).any()
+        torch._assert_async(~no_negative, "sample_hard_negatives: some image or text row has no negative with a "
+                            "different person id in the batch; the sampler must put at least two identities in each batch")
+        n_bad_images = n_bad_texts = 0
+    elif check == "host":
+        # one sync for the whole batch; the alternative is multinomial failing (or a device assert on CUDA)
+        n_bad_images, n_bad_texts = torch.stack([same_i2t.all(dim=1).sum(), same_i2t.all(dim=0).sum()]).tolist()
+    else:
+        raise ValueError(f"sample_hard_negatives: check must be 'host' or 'device', got {check!r}")
     if n_bad_images or n_bad_texts:
         raise ValueError(
             f"sample_hard_negatives: {n_bad_images} of {b} image rows and {n_bad_texts} of {b} text rows have no "

@@ -27,6 +27,7 @@ class RetrievalObjective(nn.Module):
         self.weights = {name: float(loss_cfg[f"{name}_weight"]) for name in ("cmpm", "itc", "itm", "mlm")}
         self.itc_normalize = bool(loss_cfg["itc_normalize"])
         self.gather = bool(loss_cfg["gather_features"])
+        self.negative_check = str(loss_cfg.get("itm_negative_check", "host"))
         needs_fusion = self.weights["itm"] > 0 or self.weights["mlm"] > 0
         if needs_fusion and not model.has_fusion:
             raise ModelConfigError("loss.itm_weight/loss.mlm_weight > 0 need a fusion stack: set model.fusion_layers > 0")
@@ -93,7 +94,8 @@ class RetrievalObjective(nn.Module):
         """
         with torch.no_grad():
             sim_i2t = image_feats.float() @ text_feats.float().t() / temperature.float()
-        neg_image_for_text, neg_text_for_image = sample_hard_negatives(sim_i2t, pids, pids)
+        neg_image_for_text, neg_text_for_image = sample_hard_negatives(sim_i2t, pids, pids,
+                                                                        check=self.negative_check)
         text_all = torch.cat([text_tokens, text_tokens, text_tokens[neg_text_for_image]])
         mask_all = torch.cat([text_mask, text_mask, text_mask[neg_text_for_image]])
         image_all = torch.cat([image_tokens, image_tokens[neg_image_for_text], image_tokens])

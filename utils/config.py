@@ -35,6 +35,9 @@ CHOICES = {
     "task": ("retrieval", "pretrain"),
     "data.check_images": ("none", "exists", "header", "full"),
     "train.optimizer": ("sgd", "adamw"),
+    "train.optimizer_impl": ("default", "foreach", "fused"),
+    "data.augment_on": ("cpu", "device"),
+    "loss.itm_negative_check": ("host", "device"),
     "train.schedule_unit": ("epoch", "step"),
     "train.amp": ("bf16", "fp16", "none"),
     "eval.selection_split": ("val", None),  # never the test split

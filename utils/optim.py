@@ -32,14 +32,32 @@ def parameter_groups(model: torch.nn.Module, train_cfg: Config) -> list[dict]:
     return groups
 
 
+def implementation_flags(train_cfg: Config) -> dict:
+    """torch.optim keyword arguments of ``train.optimizer_impl``: {} (torch's choice), foreach or fused.
+
+    foreach updates all tensors with a few multi-tensor kernels and gives the for-loop's fp32 results bit for bit;
+    fused runs the whole update in one kernel per group and dtype and may differ in the last bit (fused
+    multiply-add).
+    """
+    impl = train_cfg.get("optimizer_impl", "default")
+    if impl == "default":
+        return {}
+    if impl == "foreach":
+        return {"foreach": True}
+    if impl == "fused":
+        return {"fused": True}
+    raise ValueError(f"train.optimizer_impl must be 'default', 'foreach' or 'fused', got {impl!r}")
+
+
 def build_optimizer(model: torch.nn.Module, train_cfg: Config) -> torch.optim.Optimizer:
     groups = parameter_groups(model, train_cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    impl = implementation_flags(train_cfg)
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum)
+        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, **impl)
     if train_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas))
+        return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), **impl)
     raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train_cfg.optimizer!r}")
 
 
