@@ -115,15 +115,18 @@ class TokenCounter:
 
     sequences: list[tuple[int, int]] = field(default_factory=list)
     images: int = 0
+    enabled: bool = True  # a caller may switch counting off (e.g. during the recomputation of checkpointing)
 
     @contextlib.contextmanager
     def attach(self, encoder: torch.nn.Module) -> Iterator["TokenCounter"]:
         def on_block(module, args):
-            x = args[0]
-            self.sequences.append((int(x.shape[0]), int(x.shape[1])))
+            if self.enabled:
+                x = args[0]
+                self.sequences.append((int(x.shape[0]), int(x.shape[1])))
 
         def on_patches(module, args):
-            self.images += int(args[0].shape[0])
+            if self.enabled:
+                self.images += int(args[0].shape[0])
 
         handles = [encoder.blocks[0].register_forward_pre_hook(on_block),
                    encoder.patch_embed.register_forward_pre_hook(on_patches)]

@@ -1,0 +1,87 @@
+"""bench/bench_train.py on CPU at CI size: the step mode's FLOPs, FLOP/s and phase breakdown, the end-to-end and
+memory modes the GPU script runs, the summary it writes, and the script itself (syntax)."""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import bench_train, summarize
+from models.config import IVTConfig
+from models.flops import expected_step_flops
+from utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ["--device", "cpu", "--sizes", "tiny", "--batch", "4", "--steps", "1", "--warmup", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def micro_size(monkeypatch):
+    # The tiny bench size, smaller still: the test checks the plumbing, bench runs give the figures.
+    monkeypatch.setitem(bench_train.SIZES, "tiny", [
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "input.image_size=[32,16]",
+        "model.patch_size=8", "model.stride=8", "model.vocab_size=400", "model.max_text_positions=64",
+        "text.max_text_len=48"])
+
+
+def test_step_mode_prints_flops_flop_rate_mfu_and_phases(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    rows = bench_train.main(MICRO + ["--profile-steps", "1", "--peak-tflops", "2.0", "--json", str(out),
+                                     "--variants", "baseline,pad16"])
+    printed = capsys.readouterr().out
+    for text in ("model FLOPs/step", "achieved", "TFLOP/s", "MFU", "phases ms/step", "forward", "backward",
+                 "optimizer", "host syncs/step"):
+        assert text in printed, text
+    baseline, pad16 = rows
+    # FLOPs: the mean of the formula over the bench's four batches, at their padded text lengths.
+    cfg = load_config(None, bench_train.SIZES["tiny"] + ["train.batch_size_per_gpu=4"])
+    config = IVTConfig.from_config(cfg)
+    lengths = [bench_train.make_batch(cfg, 4, (8, 58), seed, False)["text_ids"].shape[1] for seed in range(4)]
+    want = statistics.mean(expected_step_flops(config, 12, 12, n).train for n in lengths)
+    assert baseline["TFLOP_per_step"] * 1e12 == pytest.approx(want)
+    assert pad16["TFLOP_per_step"] > baseline["TFLOP_per_step"]  # padded texts cost more FLOPs
+    assert baseline["TFLOPs"] == pytest.approx(baseline["TFLOP_per_step"] / baseline["step_s"])
+    assert baseline["MFU"] == pytest.approx(baseline["TFLOPs"] / 2.0)
+    phases = baseline["phases"]
+    assert set(phases["host_ms"]) == {"data", "forward", "backward", "optimizer"}
+    assert phases["host_ms"]["forward"] > 0 and phases["host_ms"]["backward"] > 0
+    assert phases["wall_ms"]["forward"] > 0
+    assert all("_drop_tokens" in site for site in baseline["host_sync_sites"])
+    assert json.loads(out.read_text())["rows"][0]["variant"] == "baseline"
+
+
+def test_end_to_end_and_memory_modes_and_the_summary(tmp_path, capsys):
+    counts = ["--train-ids", "6", "--train-images", "12", "--train-captions", "24", "--eval-ids", "3",
+              "--eval-images", "4", "--eval-captions", "8"]
+    data = tmp_path / "data"
+    results = tmp_path / "results"
+    for name, extra in (("e2e_cpu_augment", []),
+                        ("e2e_device_augment", ["--set", "data.augment_on=device",
+                                                "--set", f"data.image_cache={tmp_path / 'cache'}"])):
+        rows = bench_train.main(MICRO + counts + ["--end-to-end", "--data-dir", str(data), "--max-steps", "2",
+                                                  "--data-workers", "0", "--set", "data.num_workers=0",
+                                                  "--json", str(results / f"{name}.json")] + extra)
+        r = rows[0]
+        assert r["steps_per_epoch"] == 6 and r["steps_run"] == 2  # 24 records, 4 per batch
+        assert r["epoch_s"] > 0 and r["projected_total_h"] > 0 and r["loader_alone_batches_per_s"] > 0
+        assert r["eval"]["test"]["counts"]["queries"] == 8
+    assert (tmp_path / "cache" / "index.json").is_file()
+    rows = bench_train.main(MICRO + ["--memory-budgets", "12", "--json", str(results / "memory.json")])
+    assert [r["variant"] for r in rows[:-1]] == ["4x1", "4x1 ckpt", "2x2", "2x2 ckpt", "1x4 ckpt"]
+    assert [r["exact"] for r in rows[:-1]] == [True, True, False, False, False]  # accumulation changes CMPM
+    assert rows[-1] == {"memory_table": []}  # no memory cap on a CPU
+    assert "end-to-end" in capsys.readouterr().out
+    text = summarize.summarize(results)
+    assert "## End to end: e2e_device_augment" in text and "## Memory budgets" in text
+
+
+def test_the_gpu_script_parses_and_names_every_stage():
+    script = ROOT / "bench" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for stage in ("--variants", "--end-to-end", "--memory-budgets 12,16,24,40,80", "bench_eval.py", "--cpu-smoke",
+                  "summarize.py"):
+        assert stage in text, stage
