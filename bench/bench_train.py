@@ -270,8 +270,10 @@ def build_step(cfg, device: torch.device, compile_mode: str | None):
     objective = RetrievalObjective(model, cfg.loss).train()
     module: torch.nn.Module = objective
     if compile_mode == "blocks":
+        # Regional compilation: the blocks share one code object, so one dynamic-shape graph per modality and
+        # mask serves every block and every BMM/padding length (static shapes hit the recompile limit).
         for block in model.encoder.blocks:
-            block.compile()
+            block.compile(dynamic=True)
     elif compile_mode == "model":
         module = torch.compile(objective)
     elif compile_mode not in (None, "none"):

@@ -15,8 +15,8 @@ ToTensor, normalise, timm RandomErasing (pixel mode, one box). Here the work is 
 Resizing reproduces Pillow's resampling exactly: Pillow computes, per output pixel, normalised filter weights
 (bicubic a = -0.5, or bilinear; support scaled by the reduction factor, i.e. antialiased), turns them into 22-bit
 fixed-point integers, and runs a horizontal then a vertical pass, each rounding and clipping to uint8. The same
-integer arithmetic as two batched float64 matrix products (exact: every partial sum is an integer below 2^53)
-gives Pillow's pixels; the zero padding of the batch tensor gets zero weight. Crop, flip, ToTensor and normalise
+integer arithmetic (int32 sums over each output pixel's few taps, batched over records) gives Pillow's pixels;
+the zero padding of the batch tensor is never read. Crop, flip, ToTensor and normalise
 are the reference's float32 operations, so given the same parameters (and the same erasing noise) the two paths
 give the same pixels; ``tests/test_batch_augment.py`` checks that, and that the parameter distributions match.
 
@@ -28,7 +28,6 @@ noise is drawn on the device from a generator seeded by the batch's item seeds, 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass
@@ -136,54 +135,68 @@ def _filter(name: str, x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
-def resize_weights(in_sizes: torch.Tensor, in_max: int, out_size: int, filter_name: str) -> torch.Tensor:
-    """Pillow's fixed-point resampling weights, float64 [B, out_size, in_max] (integers; 0 beyond each size)."""
+def resize_taps(in_sizes: torch.Tensor, in_max: int, out_size: int, filter_name: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's fixed-point resampling taps: (input index [B, out, K] long, weight [B, out, K] float64 holding
+    integers, Pillow's 22-bit fixed-point coefficients).
+
+    Output pixel o of record b is sum_k weight[b, o, k] * input[index[b, o, k]] (before the rounding of
+    :func:`_fixed_point_pass`). K covers the widest window any size up to ``in_max`` can have, from shapes alone
+    (no device-to-host read); taps past a window have weight 0.
+    """
     device = in_sizes.device
+    support_max = _FILTERS[filter_name] * max(in_max / out_size, 1.0)
+    taps = 2 * math.ceil(support_max) + 1
     in_f = in_sizes.to(torch.float64)[:, None, None]  # [B, 1, 1]
     scale = in_f / out_size
     filterscale = scale.clamp(min=1.0)
     support = _FILTERS[filter_name] * filterscale
-    out_idx = torch.arange(out_size, dtype=torch.float64, device=device)[None, :, None]
-    in_idx = torch.arange(in_max, dtype=torch.float64, device=device)[None, None, :]
-    center = (out_idx + 0.5) * scale
+    center = (torch.arange(out_size, dtype=torch.float64, device=device)[None, :, None] + 0.5) * scale  # [B, out, 1]
     # Pillow's window [trunc(center - support + 0.5), trunc(center + support + 0.5)) clipped to the image.
     low = torch.trunc(center - support + 0.5).clamp(min=0)
     high = torch.minimum(torch.trunc(center + support + 0.5), in_f)
-    inside = (in_idx >= low) & (in_idx < high)
-    weights = torch.where(inside, _filter(filter_name, (in_idx - center + 0.5) * (1.0 / filterscale)), 0.0)
+    index = low + torch.arange(taps, dtype=torch.float64, device=device)  # [B, out, K]
+    weights = torch.where(index < high, _filter(filter_name, (index - center + 0.5) * (1.0 / filterscale)), 0.0)
     total = weights.sum(dim=2, keepdim=True)
     weights = torch.where(total != 0, weights / total, weights)
     fixed = weights * float(1 << _PRECISION_BITS)
-    return torch.where(fixed < 0, torch.trunc(fixed - 0.5), torch.trunc(fixed + 0.5))
+    fixed = torch.where(fixed < 0, torch.trunc(fixed - 0.5), torch.trunc(fixed + 0.5))
+    return index.clamp(max=in_max - 1).long(), fixed
 
 
 def _fixed_point_pass(weighted_sum: torch.Tensor) -> torch.Tensor:
-    """Pillow's rounding of one pass: clip8((2^21 + sum) >> 22)."""
-    return torch.floor((weighted_sum + float(1 << (_PRECISION_BITS - 1))) / float(1 << _PRECISION_BITS)).clamp(0, 255)
+    """Pillow's rounding of one pass: clip8((2^21 + sum) >> 22) (an arithmetic shift: floor for negative sums)."""
+    return ((weighted_sum + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS).clamp_(0, 255)
 
 
-@contextlib.contextmanager
-def _exact_matmul(device: torch.device):
-    """float64 products without autocast (and no reduced-precision shortcuts) for the exact integer sums."""
-    with torch.autocast(device.type, enabled=False):
-        yield
+def _resample(pixels: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, dim: int) -> torch.Tensor:
+    """One separable pass along ``dim`` (2 = rows, 3 = columns) of int32 [B, 3, H, W] with taps [B, out, K]: the
+    sum over the K taps of gathered pixels times fixed-point weights, in int32 as Pillow computes it."""
+    shape = list(pixels.shape)
+    shape[dim] = index.shape[1]
+    view = (index.shape[0], 1, -1, 1) if dim == 2 else (index.shape[0], 1, 1, -1)
+    total = torch.zeros(shape, dtype=torch.int32, device=pixels.device)
+    for k in range(index.shape[2]):
+        gathered = pixels.gather(dim, index[:, :, k].view(view).expand(shape))
+        total += gathered * weights[:, :, k].view(view)
+    return total
 
 
 def resize_batch(images: torch.Tensor, sizes: torch.Tensor, size: tuple[int, int],
                  interpolation: str = "bicubic") -> torch.Tensor:
     """uint8 [B, Hmax, Wmax, 3] (record i valid in its top-left sizes[i]) -> float32 [B, 3, H, W] holding the
-    uint8 values Pillow's ``resize((W, H), filter)`` gives for each record's image."""
+    uint8 values Pillow's ``resize((W, H), filter)`` gives for each record's image: a horizontal then a vertical
+    pass, each with Pillow's fixed-point weights, int32 sums over a few taps per pixel and Pillow's rounding."""
     if interpolation not in _FILTERS:
         raise DeviceAugmentError(f"resize_batch: unsupported interpolation {interpolation!r}")
     height, width = size
     _, hmax, wmax, _ = images.shape
     sizes = sizes.to(images.device)
-    with _exact_matmul(images.device):
-        pixels = images.permute(0, 3, 1, 2).to(torch.float64)  # [B, 3, Hmax, Wmax]
-        w_cols = resize_weights(sizes[:, 1], wmax, width, interpolation)  # [B, W, Wmax]
-        w_rows = resize_weights(sizes[:, 0], hmax, height, interpolation)  # [B, H, Hmax]
-        horizontal = _fixed_point_pass(pixels @ w_cols.transpose(1, 2)[:, None])  # [B, 3, Hmax, W]
-        vertical = _fixed_point_pass(w_rows[:, None] @ horizontal)  # [B, 3, H, W]
+    pixels = images.permute(0, 3, 1, 2).to(torch.int32)  # [B, 3, Hmax, Wmax]
+    index, weights = resize_taps(sizes[:, 1], wmax, width, interpolation)
+    horizontal = _fixed_point_pass(_resample(pixels, index, weights.to(torch.int32), 3))
+    index, weights = resize_taps(sizes[:, 0], hmax, height, interpolation)
+    vertical = _fixed_point_pass(_resample(horizontal, index, weights.to(torch.int32), 2))
     return vertical.to(torch.float32)
 
 
