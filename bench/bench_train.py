@@ -613,6 +613,13 @@ def main(argv=None) -> list[dict]:
     state = machine_state()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in state.items()), flush=True)
     rows: list[dict] = []
+
+    def dump() -> None:  # after every row, so a stage cut short by a time limit keeps what it measured
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"machine": state, "peak_tflops": peak, "peak_source": peak_note,
+                                                   "rows": rows}, indent=1, default=str))
+
     if args.end_to_end:
         rows.append(bench_end_to_end(args, device, peak))
         print_e2e(rows[-1])
@@ -628,10 +635,8 @@ def main(argv=None) -> list[dict]:
             rows.append(bench_step(size, device, records, steps, warmup, _lens(args), args.set + overrides,
                                    compile_mode, args.profile_steps, peak, label=variant or "custom"))
             print_step_row(rows[-1], peak_note)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": state, "peak_tflops": peak, "peak_source": peak_note,
-                                               "rows": rows}, indent=1, default=str))
+            dump()
+    dump()
     return rows
 
 
