@@ -37,6 +37,8 @@ CHOICES = {
     "eval.selection_split": ("val", None),  # never the test split
     "eval.test_split": ("train", "val", "test"),
     "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
+    "eval.protocol": ("standard", "authors"),
+    "eval.examples_pick": ("spread", "worst"),
 }
 
 # Keys a task never reads: a value other than the default there is a mistake the user should hear about.
