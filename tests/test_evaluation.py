@@ -583,3 +583,12 @@ def test_examples_pick_the_worst_and_show_the_first_true_match(tmp_path, monkeyp
     examples = evaluate_model(tiny_model(cfg), records, None, cfg, "cpu", "test")["examples"]
     assert examples["query_indices"] == [0, 6, 13] and examples["first_hit_rank"] == [13, 1, 1]
     assert examples["first_match"][1:] == [None, None] and examples["first_match"][0]["rank"] == 13
+
+
+def test_rerank_recipes_take_rasas_k():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("cuhkpedes", "icfg", "rstp"):
+        assert load_config(root / f"{name}_rerank.yaml").eval.rerank_top_k == 128, name
+        assert load_config(root / f"{name}_rerank.yaml", ["eval.rerank_top_k=64"]).eval.rerank_top_k == 64
+    assert load_config(root / "demo_rerank.yaml").eval.rerank_top_k == 16
+    assert load_config(root / "cuhkpedes.yaml").eval.rerank_top_k == 0
