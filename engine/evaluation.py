@@ -480,6 +480,9 @@ def log_results(results: dict) -> None:
     counts = results["counts"]
     split = results["split"]
     sizes = f"{counts['queries']} captions, {counts['gallery_images']} images"
+    protocol = results.get("protocol", {}).get("name", "standard")
+    if protocol != "standard":
+        sizes += f"; protocol {protocol}"
     shown = ("R1", "R5", "R10", "mAP", "mINP")
     tables = [("t2i", f"text-to-image on {split} ({sizes}; chance R@1 {results['chance_R1']:.3f}%)")]
     if "t2i_rerank" in results:
