@@ -80,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         try:
             model, cfg, tokenizer, info = load_for_inference(args.checkpoint, args.config, overrides, device)
             epoch = logged_epoch(info)
-            logger.info("loaded %s (%s format, epoch %s as in its training log) on %s", args.checkpoint,
-                        info["format"], "unknown" if epoch is None else epoch, device)
+            when = "epoch unknown" if epoch is None else f"epoch {epoch} as in its training log"
+            if epoch is not None and info.get("step_in_epoch"):
+                when += f", stopped after {info['step_in_epoch']} steps of it"
+            logger.info("loaded %s (%s format, %s) on %s", args.checkpoint, info["format"], when, device)
             splits = load_eval_splits(cfg)
             if splits is None:
                 raise EvaluationError(f"{args.checkpoint} is a pretraining checkpoint without an evaluation set: "

@@ -50,3 +50,10 @@ def test_evaluate_reports_the_epoch_of_the_training_log(run_dir, caplog):
     assert f"epoch {logged_best} as in its training log" in caplog.text
     last = evaluate.main(["--checkpoint", str(run_dir / "last.pth"), "--output-dir", str(run_dir / "elsewhere")])
     assert last["epoch"] == 1 and "epoch 1 step" in log and "epoch 2 step" not in log  # epochs 0 and 1 in the log
+
+
+def test_logged_epoch_rule():
+    assert evaluate.logged_epoch({"epoch": 5}) == 4  # saved at the end of epoch 4: the next to run is 5
+    assert evaluate.logged_epoch({"epoch": 5, "step_in_epoch": 0}) == 4
+    assert evaluate.logged_epoch({"epoch": 6, "step_in_epoch": 7}) == 6  # stopped inside epoch 6
+    assert evaluate.logged_epoch({"epoch": None}) is None and evaluate.logged_epoch({}) is None
