@@ -100,9 +100,9 @@ def test_pretrain_then_rerank_fine_tune(tmp_path):
         ["--config", str(ROOT / "configs" / "cuhkpedes_rerank.yaml"), "--output-dir", str(ft_out),
          "--init-from", str(pre_out / "last.pth")]
         + tiny_overrides(eval_root, "cuhkpedes", epochs=1, steps=1)
-        + ["model.fusion_layers=1", "eval.rerank_top_k=4", "train.lr=0", "train.warmup_lr_init=0",
+        + ["model.fusion_layers=1", "eval.rerank_top_k=4", "train.lr=1e-30", "train.warmup_lr_init=0",
            "train.min_lr=0"])
-    # lr=0: after one step the fusion weights are still exactly the pretrained ones.
+    # lr=1e-30: after one step the fusion weights are still exactly the pretrained ones (below an fp32 ulp).
     fine_tuned = load_file(ft_out / "last.pth")["model"]
     fusion_keys = [k for k in pretrained if k.startswith("fusion.")]
     assert fusion_keys
@@ -230,3 +230,28 @@ def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_p
         train_cuhkpedes.main(["--output-dir", str(out), "data.format=cuhk"])
     with pytest.raises(SystemExit, match="nope.yaml"):
         train_cuhkpedes.main(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_start_sh_picks_a_python_that_has_torch(tmp_path):
+    # A python3 without torch earlier on PATH (a pyenv shim, the system one) must not be chosen.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "python3").chmod(0o755)
+    real = Path(sys.executable)
+    (fake / "python").symlink_to(real)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["PATH"] = f"{fake}:/usr/bin:/bin"
+    result = subprocess.run(["bash", str(ROOT / "start.sh"), "--version-only-not-a-script.py", "1"],
+                            capture_output=True, text=True, env=env)
+    assert result.stdout.startswith("+ python -m torch.distributed.run"), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", ["train_cuhkpedes.py", "train_icfg.py", "train_rstp.py", "train_pretrain.py",
+                                    "evaluate.py", "retrieve.py"])
+def test_help_answers_without_importing_torch(script):
+    code = (f"import sys, runpy; sys.argv = [{script!r}, '--help']\n"
+            f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
