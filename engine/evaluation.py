@@ -32,6 +32,7 @@ from datasets.train_data import EvalImageDataset
 from datasets.transforms import build_test_transform
 from utils.amp import autocast
 from utils.checkpoint import atomic_write
+from utils.environment import environment_record
 from utils.errors import UserError
 from utils.distributed import (broadcast_object, gather_in_order, get_world_size, is_distributed,
                                is_main_process, shard_counts, shard_range)
@@ -506,14 +507,15 @@ def _json_ready(value: Any) -> Any:
 
 
 def write_metrics_json(path: str | Path, results: dict, checkpoint: str | Path | None, config: Any) -> None:
-    """Write ``results`` with the checkpoint path and the config digest to ``path`` atomically (rank 0 only).
+    """Write ``results`` with the checkpoint path, the config digest and the environment (library versions, git
+    commit, device, world size) to ``path`` atomically (rank 0 only).
 
     Other ranks return at once; it holds no collective, so rank 0 may call it alone (callers barrier after).
     """
     if not is_main_process():
         return
     payload = {"checkpoint": None if checkpoint is None else str(checkpoint),
-               "config_digest": config.digest(), **_json_ready(results)}
+               "config_digest": config.digest(), "environment": environment_record(), **_json_ready(results)}
     text = json.dumps(payload, indent=2)
     atomic_write(path, lambda handle: handle.write(text.encode()))
 

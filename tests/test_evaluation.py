@@ -358,6 +358,8 @@ def test_evaluate_main_on_our_checkpoint(our_checkpoint, synth_root, tmp_path):
     _, cfg, _, _ = load_for_inference(our_checkpoint, overrides=["eval.save_examples=2"])
     assert saved["config_digest"] == cfg.digest()
     assert saved["protocol"]["name"] == "standard" and saved["protocol"]["ap_formula"] == "standard"
+    assert saved["environment"]["torch"] == str(torch.__version__)
+    assert saved["environment"]["world_size"] == 1 and saved["environment"]["device"] == "cpu"
     assert sorted(p.name for p in (out / "examples_test").iterdir()) == ["index.html", "query_00000.png",
                                                                          "query_00019.png"]
     assert not list(out.glob("*.tmp"))
