@@ -404,6 +404,27 @@ def _examples(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: t
     }
 
 
+def _rerank(model: torch.nn.Module, tokenizer: Any, sets: EvalSets, text_feats: torch.Tensor,
+            image_feats: torch.Tensor, cfg: Any, transform: Callable, device: torch.device, per_query: bool,
+            options: dict, results: dict) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+    """ITM re-ranking of each query's top ``eval.rerank_top_k``: adds "t2i_rerank", "rerank_top_k" and
+    "rerank_seconds" to ``results``; returns ((top-k indices [Q,k], ITM scores [Q,k]), per-query ranks or None)."""
+    ev, chunk = cfg.eval, int(cfg.eval.chunk_size)
+    began = time.perf_counter()
+    k = min(int(ev.rerank_top_k), sets.num_gallery)
+    _, top_idx = topk_indices(text_feats, image_feats, k, chunk_size=chunk)
+    itm = rerank_scores(model, tokenizer, sets.texts, sets.image_paths, top_idx, transform, cfg.text.max_text_len,
+                        int(ev.rerank_batch_size), device, bool(ev.amp), int(cfg.data.num_workers))
+    results["t2i_rerank"] = retrieval_metrics(
+        text_feats, image_feats, sets.query_pids.to(device), sets.gallery_pids.to(device), chunk_size=chunk,
+        per_query=per_query,
+        score_fn=lambda sim, rows: apply_rerank(sim, top_idx[rows.start:rows.stop], itm[rows.start:rows.stop]),
+        **options)
+    results["rerank_top_k"] = k
+    results["rerank_seconds"] = time.perf_counter() - began
+    return (top_idx, itm), results["t2i_rerank"].pop("per_query", None)
+
+
 def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer: Any, cfg: Any,
                    device: torch.device | str, split_name: str) -> dict:
     """Evaluate ``model`` on one split's records; every rank calls it and gets the same results.
@@ -456,19 +477,8 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
 
     rerank = None
     if rerank_k > 0:
-        began = time.perf_counter()
-        k = min(rerank_k, sets.num_gallery)
-        _, top_idx = topk_indices(text_feats, image_feats, k, chunk_size=chunk)
-        itm = rerank_scores(model, tokenizer, sets.texts, sets.image_paths, top_idx, transform,
-                            cfg.text.max_text_len, int(ev.rerank_batch_size), device, amp, num_workers)
-        rerank = (top_idx, itm)
-        results["t2i_rerank"] = retrieval_metrics(
-            text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk, per_query=want_examples,
-            score_fn=lambda sim, rows: apply_rerank(sim, top_idx[rows.start:rows.stop], itm[rows.start:rows.stop]),
-            **options)
-        per_query = results["t2i_rerank"].pop("per_query", None)
-        results["rerank_top_k"] = k
-        results["rerank_seconds"] = time.perf_counter() - began
+        rerank, per_query = _rerank(model, tokenizer, sets, text_feats, image_feats, cfg, transform, device,
+                                    want_examples, options, results)
     if want_examples:
         results["examples"] = _examples(text_feats, image_feats, query_pids, gallery_pids, per_query,
                                         int(ev.save_examples), str(ev.examples_pick), rerank)
