@@ -22,28 +22,34 @@ def summarize(folder: Path) -> str:
     lines = [f"# Throughput checks: {folder.name}", ""]
     machine = None
     step_rows = []
-    for name in ("step_eager.json", "step_compiled.json"):
-        data = _load(folder, name)
-        if data:
-            machine = machine or data["machine"]
-            step_rows += data["rows"]
-            lines.append(f"Peak used for MFU: {data['peak_tflops']} TFLOP/s ({data['peak_source']}).")
+    peaks = set()
+    for path in sorted(folder.glob("step_*.json")):
+        data = json.loads(path.read_text())
+        machine = machine or data["machine"]
+        step_rows += data["rows"]
+        peaks.add(f"Peak used for MFU: {data['peak_tflops']} TFLOP/s ({data['peak_source']}).")
+        m = data["machine"]
+        lines.append(f"- {path.name}: {m['time']}, load average {[round(x, 1) for x in m['loadavg']]}, "
+                     f"torch threads {m['torch_threads']}")
+    lines += sorted(peaks)
     if machine:
         lines += ["", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), ""]
     if step_rows:
         lines += ["## Training step (synthetic batches, optimizer_step as trained)", "",
-                  "| variant | settings | step ms | pairs/s | TFLOP/step | TFLOP/s | MFU | peak GiB | host syncs/step |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| variant | size | records | settings | step ms | pairs/s | TFLOP/step | TFLOP/s | MFU | peak GiB | "
+                  "CUDA syncs/step |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in step_rows:
             settings = " ".join(r["overrides"]) + (f" compile={r['compile']}" if r["compile"] != "none" else "")
-            lines.append(f"| {r['variant']} | {settings or 'defaults'} | {1e3 * r['step_s']:.1f} | "
+            syncs = f"{r['phases']['cuda_syncs_per_step']:.1f}" if r["device"].startswith("cuda") else "n/a (CPU)"
+            lines.append(f"| {r['variant']} | {r['size']} | {r['records']} | {settings or 'defaults'} | {1e3 * r['step_s']:.1f} | "
                          f"{r['pairs_per_s']:.1f} | {r['TFLOP_per_step']:.4g} | {r['TFLOPs']:.4g} | {_pct(r['MFU'])} | "
-                         f"{r['peak_GiB']:.2f} | {r['phases']['cuda_syncs_per_step']:.1f} |")
+                         f"{r['peak_GiB']:.2f} | {syncs} |")
         lines += ["", "Phase breakdown (ms per step, host / device or wall):", ""]
         for r in step_rows:
             ph = r["phases"]
             timed = ph.get("device_ms") or ph.get("wall_ms") or {}
-            lines.append(f"- {r['variant']}: " + ", ".join(
+            lines.append(f"- {r['variant']} ({r['size']}): " + ", ".join(
                 f"{k} {ph['host_ms'][k]:.1f}/{timed.get(k, float('nan')):.1f}" for k in ph["host_ms"]))
         lines.append("")
     for name in sorted(folder.glob("e2e_*.json")):
@@ -59,7 +65,7 @@ def summarize(folder: Path) -> str:
                       f"MFU {_pct(r['MFU'])}",
                       f"- epoch: {r['epoch_s'] / 60:.2f} min ({how}); start-up: " + ", ".join(
                           f"{k} {v:.1f}" for k, v in r["timings"].items()),
-                      f"- evaluation at full size: test {r['eval']['test']['seconds']:.1f} s "
+                      f"- evaluation (engine.evaluation, loader included): test {r['eval']['test']['seconds']:.1f} s "
                       f"({r['eval']['test']['counts']}), val {r['eval']['val']['seconds']:.1f} s",
                       f"- projected {r['epochs']} epochs (+ val each epoch + test): **{r['projected_total_h']:.2f} h**",
                       ""]
