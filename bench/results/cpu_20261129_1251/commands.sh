@@ -4,7 +4,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../../.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 R=$1; mkdir -p $R
-F='^(USDT|ERROR:.*gpuGetDeviceCount|W11|INFO)'
+F='^(USDT|ERROR:.*gpuGetDeviceCount|W[0-9]{4} |INFO)'
 { date -u; echo "nproc $(nproc)"; cat /proc/loadavg; uname -a; lscpu | grep -E "Model name|^CPU\(s\)|Thread"; python -c "import torch, torchvision, timm, transformers, PIL; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__, 'pillow', PIL.__version__)"; git rev-parse HEAD; } > $R/env.txt 2>&1
 echo "A $(cat /proc/loadavg)" >> $R/load.txt
 python bench/bench_train.py --device cpu --sizes tiny --threads 1 --batch 8 --steps 5 --warmup 3 --profile-steps 2 --variants baseline,foreach,fused,pad16,device_aug --json $R/step_eager.json 2>&1 | grep -vE "$F" > $R/step_eager.txt
