@@ -530,15 +530,18 @@ def bench_memory(args, device: torch.device, peak: float | None) -> list[dict]:
     for records, accum, ckpt in MEMORY_CANDIDATES:
         records = max(1, records * full // 28)
         overrides = args.set + [f"train.grad_accum_steps={accum}", f"model.grad_checkpointing={str(ckpt).lower()}"]
+        r = None
         try:
             r = bench_step(size, device, records, args.steps or 5, 2, _lens(args), overrides, args.compile, 1, peak,
                            label=f"{records}x{accum}{' ckpt' if ckpt else ''}")
-            r["exact"] = accum == 1 and records == full  # the recipe's contrastive batch in one micro-batch
-            rows.append(r)
-            print_step_row(r, "memory candidate")
         except torch.OutOfMemoryError:
             print(f"  {records}x{accum} ckpt={ckpt}: out of memory without a cap", flush=True)
-            _free(device)
+        if r is None:
+            _free(device)  # outside the except block, whose traceback still holds the failed step's tensors
+            continue
+        r["exact"] = accum == 1 and records == full  # the recipe's contrastive batch in one micro-batch
+        rows.append(r)
+        print_step_row(r, "memory candidate")
     table = []
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
     for budget in budgets:
@@ -554,14 +557,14 @@ def bench_memory(args, device: torch.device, peak: float | None) -> list[dict]:
                 verified = f"ran under the cap ({again['step_s'] * 1e3:.0f} ms/step)"
             except torch.OutOfMemoryError:
                 verified = "OOM under the cap"
-                _free(device)
             finally:
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
+            _free(device)
         table.append({"budget_GB": budget, "choice": choice and choice["variant"],
                       "exact": choice and choice["exact"], "step_s": choice and choice["step_s"],
                       "pairs_per_s": choice and choice["pairs_per_s"],
                       "peak_reserved_GiB": choice and choice["peak_reserved_GiB"], "verified": verified})
-        print(f"  budget {budget:g} GB: {table[-1]}", flush=True)
+        print(f"  budget {budget:g} GiB: {table[-1]}", flush=True)
     return rows + [{"memory_table": table}]
 
 
@@ -632,9 +635,21 @@ def main(argv=None) -> list[dict]:
             records = args.batch or (28 if device.type == "cuda" else (2 if size == "base" else 8))
             steps = args.steps or (20 if device.type == "cuda" else 3)
             warmup = args.warmup if args.warmup is not None else (6 if compile_mode not in (None, "none") else 3)
-            rows.append(bench_step(size, device, records, steps, warmup, _lens(args), args.set + overrides,
-                                   compile_mode, args.profile_steps, peak, label=variant or "custom"))
-            print_step_row(rows[-1], peak_note)
+            row = None
+            try:
+                row = bench_step(size, device, records, steps, warmup, _lens(args), args.set + overrides,
+                                 compile_mode, args.profile_steps, peak, label=variant or "custom")
+            except Exception as exc:  # noqa: BLE001 - one failing variant must not cost the others their figures
+                if not args.variants:
+                    raise
+                print(f"[{variant}] {size}: failed: {type(exc).__name__}: {exc}", flush=True)
+                rows.append({"variant": variant, "size": size, "error": f"{type(exc).__name__}: {exc}"})
+            if row is None:
+                _free(device)  # after the except block, whose traceback held the failed step's tensors
+                dump()
+                continue
+            rows.append(row)
+            print_step_row(row, peak_note)
             dump()
     dump()
     return rows

@@ -39,6 +39,9 @@ def summarize(folder: Path) -> str:
                   "| variant | size | records | settings | step ms | pairs/s | TFLOP/step | TFLOP/s | MFU | peak GiB | "
                   "CUDA syncs/step |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in [r for r in step_rows if "error" in r]:
+            lines.append(f"| {r['variant']} | {r['size']} | | failed: {r['error'][:120]} | | | | | | | |")
+        step_rows = [r for r in step_rows if "error" not in r]
         for r in step_rows:
             settings = " ".join(r["overrides"]) + (f" compile={r['compile']}" if r["compile"] != "none" else "")
             syncs = f"{r['phases']['cuda_syncs_per_step']:.1f}" if r["device"].startswith("cuda") else "n/a (CPU)"
