@@ -60,9 +60,12 @@ def gallery(tmp_path, synth_root) -> Path:
 
 
 def run(*argv: str):
+    """retrieve.py's ranking of its one query as (path, score) pairs."""
     import retrieve
 
-    return retrieve.main(list(argv))
+    records = retrieve.main(list(argv))
+    assert len(records) == 1
+    return [(hit.path, hit.score) for hit in records[0]["results"]]
 
 
 def test_retrieve_writes_index_and_sheet_then_reuses_the_index(checkpoint, gallery, tmp_path, monkeypatch, caplog):
