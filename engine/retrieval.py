@@ -145,9 +145,12 @@ def open_query_image(image: ImageInput) -> Image.Image:
     if not Path(image).is_file():
         raise QueryError(f"query image not found: {image}")
     try:
-        return load_image(image)
-    except OSError as exc:
-        raise QueryError(f"{image}: not a readable image ({exc})") from None
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for files it cannot decode
+        logger.debug("cannot decode %s: %s", image, exc)
+        raise QueryError(f"{image}: not a readable image (no image format recognised, or the file is damaged)"
+                         ) from None
 
 
 class _TolerantImages(Dataset):

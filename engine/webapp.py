@@ -79,14 +79,18 @@ class SearchPage:
     def search_image(self, image: str | None, k: Any = None) -> Shown:
         if not image:
             return Shown([], "**Upload a photo** of a person to find similar images.")
-        name = html.escape(Path(str(image)).name)
-        return self._run(lambda: self.retriever.search_image(str(image), k=self._k(k)), f"the photo {name}", None)
+        name = Path(str(image)).name
+        return self._run(lambda: self.retriever.search_image(str(image), k=self._k(k)),
+                         f"the photo {html.escape(name)}", None, {str(image): name})
 
-    def _run(self, search, label: str, text: str | None) -> Shown:
+    def _run(self, search, label: str, text: str | None, rename: dict[str, str] | None = None) -> Shown:
         try:
             results = search()
         except UserError as exc:
-            return Shown([], f"**Cannot search:** {html.escape(' '.join(str(exc).split()))}")
+            said = " ".join(str(exc).split())
+            for path, name in (rename or {}).items():  # an upload's temporary path means nothing to the user
+                said = said.replace(path, name)
+            return Shown([], f"**Cannot search:** {html.escape(said)}")
         except Exception:  # a bug: full traceback in the server log, one line on the page
             logger.exception("search failed")
             return Shown([], "**Internal error** while searching; the server log has the details.")
@@ -136,7 +140,7 @@ def provenance_markdown(p: dict) -> str:
     lines = ["### Model", f"- checkpoint: `{esc(p['checkpoint'])}` ({esc(str(p['format']))}, epoch {p['epoch']}, "
              f"step {p['step']})", f"- recipe: task {esc(p['task'])} on {esc(p['dataset'])}",
              f"- model: {esc(p['model'])}", f"- tokenizer: {esc(p['tokenizer'])}",
-             f"- config digest: `{p['config_digest']}`", "", "### Test metrics"]
+             f"- config digest: `{p['config_digest']}`", "", "### Evaluation metrics"]
     shown = False
     for split, result in p["metrics"].items():
         for key, label in (("t2i", "text-to-image"), ("t2i_rerank", "re-ranked"), ("i2t", "image-to-text")):
