@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from engine.cli import train_main
+from engine.cli import exit_status, train_main
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "icfg.yaml")
 
@@ -18,4 +18,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(exit_status(main()))  # 75: stopped by a signal with last.pth saved; resume it

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 from typing import Any, Sequence
 
 import torch
@@ -18,7 +19,14 @@ from datasets.transforms import build_train_transform
 TrainSampler = IdentitySampler | ShardedShuffleSampler
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker set-up: one thread, and deaf to SIGTERM/SIGINT.
+
+    ``scancel``, preemption or Ctrl-C signal the whole process group; the main process then saves and stops, and
+    shuts its workers down itself. A worker killed by the signal would make the main process fail before saving.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker processes one item at a time; intra-op threads would only oversubscribe the CPU cores.
     torch.set_num_threads(1)
 
@@ -72,7 +80,7 @@ def build_train_loader(
         pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()),
         persistent_workers=False,
         collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, levels, mlm),
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=worker_init if workers > 0 else None,
     )
     return loader, sampler, dataset
 

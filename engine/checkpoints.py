@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,11 +21,16 @@ from models.convert_official import convert_official, is_official_checkpoint, lo
 from models.ivt import build_model
 from models.weights import adapt_grid_embeddings, load_bert_weights, load_vit_weights
 from utils import distributed as du
-from utils.checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, atomic_save, capture_rng_state,
-                              describe_keys, load_file)
+from utils.checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, atomic_save, atomic_write,
+                              capture_rng_state, describe_keys, load_file)
 from utils.config import Config, config_from_dict, load_config
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteWeightsError(UserError, RuntimeError):
+    """The model's weights went NaN or infinite."""
 
 
 @dataclass
@@ -93,6 +99,14 @@ def save_checkpoint(obj: dict, path: Path) -> None:
     du.barrier()
 
 
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """NonFiniteWeightsError when a parameter holds NaN or inf: such a model is never saved over a good one."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteWeightsError(f"{len(bad)} parameter tensors are not finite (first: {bad[0]}); not saving, "
+                                    "so last.pth keeps the last good state")
+
+
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     """The checkpoint to resume from: a path, ``auto`` = <output_dir>/last.pth when it exists, or None."""
     if resume is None:
@@ -104,6 +118,41 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
             return None
         return path
     return Path(resume)
+
+
+def selection_record(path: Path) -> dict | None:
+    """``best_epoch`` and ``best_metric`` stored in a checkpoint, read without loading its tensors (None if absent)."""
+    if not path.is_file():
+        return None
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {"best_epoch": obj["best_epoch"], "best_metric": obj["best_metric"]}
+
+
+def carry_best_over(state: TrainState, resume_path: Path, output_dir: Path) -> TrainState:
+    """Make ``best.pth`` in ``output_dir`` and the resumed selection state agree; returns the state to go on with.
+
+    Resuming into another folder copies the source run's best.pth there. best.pth is written before last.pth, so a
+    crash between the two leaves a best.pth newer than last.pth's record: its selection is then adopted. A
+    selection whose best.pth is gone is forgotten, so the next evaluation writes a new one.
+    """
+    source, target = resume_path.parent / "best.pth", output_dir / "best.pth"
+    if du.is_main_process() and source.is_file() and source.resolve() != target.resolve():
+        with source.open("rb") as handle:
+            atomic_write(target, lambda out: shutil.copyfileobj(handle, out), expected_bytes=source.stat().st_size)
+        logger.info("copied %s to %s: the resumed run keeps its best model", source, target)
+    du.barrier()
+    record = du.broadcast_object(selection_record(target) if du.is_main_process() else None)
+    if record is None:
+        if state.best_epoch >= 0:
+            logger.warning("%s is missing: the selection (epoch %d) is forgotten and the next evaluation picks anew",
+                           target, state.best_epoch)
+        return TrainState(state.epoch, state.step_in_epoch, state.global_step)
+    if record["best_epoch"] > state.best_epoch:
+        logger.info("%s holds epoch %d, saved after the resumed last.pth: taking its selection", target,
+                    record["best_epoch"])
+        return TrainState(state.epoch, state.step_in_epoch, state.global_step, record["best_metric"],
+                          record["best_epoch"])
+    return state
 
 
 def read_resume(path: Path | None, obj: dict | None) -> dict | None:

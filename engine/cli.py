@@ -19,14 +19,37 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
                         help="continue from a last.pth; 'auto' takes <output-dir>/last.pth when it exists")
     parser.add_argument("--init-from", default=None, help="initialise from our or the authors' checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the test split and exit")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an --output-dir that holds a previous run's checkpoints")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
+
+
+# Exit status of a run stopped by a signal after saving last.pth: EX_TEMPFAIL, "try again later", so that a
+# scheduler or wrapper can requeue it with --resume auto. Finished runs exit 0, failed ones 1.
+EXIT_STOPPED = 75
+
+
+def exit_status(summary: dict) -> int:
+    """The process exit status for a run summary: 0 finished, EXIT_STOPPED stopped with last.pth saved."""
+    return EXIT_STOPPED if summary.get("stopped") else 0
+
+
+def refuse_previous_run(output_dir: Path) -> None:
+    """A new run must not overwrite another run's checkpoints unless asked to."""
+    from utils.checkpoint import CheckpointError
+
+    found = [name for name in ("last.pth", "best.pth") if (output_dir / name).is_file()]
+    if found:
+        raise CheckpointError(f"{output_dir} holds a previous run's {' and '.join(found)}; continue it with "
+                              "--resume auto, choose another --output-dir, or pass --overwrite to start over")
 
 
 def train_main(argv: Sequence[str] | None, *, description: str, default_config: str,
                stop_after_steps: int | None = None) -> dict:
     """Shared main() of the train_*.py scripts: a user mistake exits with one line, a bug with its traceback."""
-    args = build_parser(description, default_config).parse_args(argv)
+    # Intermixed: key=value overrides may stand before and after options (train.epochs=3 --resume auto lr=...).
+    args = build_parser(description, default_config).parse_intermixed_args(argv)
     # Heavy imports after argument parsing, so that --help answers at once.
     from engine.checkpoints import resolve_resume
     from engine.training import train
@@ -39,6 +62,8 @@ def train_main(argv: Sequence[str] | None, *, description: str, default_config: 
             cfg = load_config(args.config, args.overrides)
             output_dir = Path(args.output_dir or cfg.output_dir)
             resume_path = resolve_resume(args.resume, output_dir)
+            if resume_path is None and not (args.eval_only or args.overwrite):
+                refuse_previous_run(output_dir)
             resume_obj = load_file(resume_path) if resume_path is not None else None
             if resume_obj is not None:
                 # A resumed run keeps the configuration it started with; overrides still apply on top.

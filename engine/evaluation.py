@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.build import worker_init
 from datasets.records import MissingImagesError, Record
 from datasets.train_data import EvalImageDataset
 from datasets.transforms import build_test_transform
@@ -120,7 +121,7 @@ def chance_r1(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------- encoding
 def _image_loader(dataset: Dataset, batch_size: int | None, device: torch.device, num_workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=torch.device(device).type == "cuda", worker_init_fn=worker_init)
 
 
 def _gather_rows(local: torch.Tensor, total: int, row_shape: tuple[int, ...]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import logging
 import math
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +23,19 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from datasets.build import build_train_loader, set_train_epoch
-from engine.checkpoints import (TrainState, checkpoint_state, initialise_weights, read_resume, save_checkpoint)
+from datasets.records import SplitError
+from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
+                                read_resume, save_checkpoint)
 from engine.data import build_run_tokenizer, load_data, save_run_tokenizer
 from engine.evaluation import evaluate_split, selection_score
 from models.ivt import build_model
 from models.objectives import RetrievalObjective
 from utils import distributed as du
 from utils.amp import autocast
-from utils.checkpoint import load_file, restore_rng_state
+from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporaries, restore_rng_state
 from utils.config import Config, ConfigError, save_config
 from utils.errors import UserError
-from utils.logging_utils import MetricsWriter, setup_logging
+from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import build_optimizer, build_scheduler, set_schedule
 
 logger = logging.getLogger("engine")
@@ -88,14 +91,17 @@ def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, re
     prepare_optimisation(run)
     if resume_obj is not None:
         restore_training(run, resume_obj, resume_path)
-    stopped = run_epochs(run, stop_after_steps)
-    return summary(run, stopped, test=None if stopped else test_selected_model(run))
+    try:
+        stopped = run_epochs(run, stop_after_steps)
+        return summary(run, stopped, test=None if stopped else test_selected_model(run))
+    finally:
+        run.writer.close()
 
 
 # -------------------------------------------------------------------------------------------- set up
 def set_up_process(cfg: Config, output_dir: Path) -> torch.device:
     """Process group, console logging and seeds (rank r seeds with seed + r); returns this rank's device."""
-    device = du.init_distributed()
+    device = du.init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes)
     rank = du.get_rank()
     setup_logging(None, rank)
     logger.info("run directory %s, world size %d, device %s, config digest %s", output_dir, du.get_world_size(),
@@ -129,6 +135,7 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
     # A run that fails before this point leaves an existing run directory as it was.
     setup_logging(output_dir, du.get_rank())
     if du.is_main_process():
+        remove_orphan_temporaries(output_dir)
         save_config(cfg, output_dir / "config.yaml")
     save_run_tokenizer(cfg, tokenizer, output_dir)
     objective = RetrievalObjective(model, cfg.loss)  # freezes what no loss reaches, so count after it
@@ -160,6 +167,7 @@ def prepare_optimisation(run: Run) -> None:
         logger.info("no %r split to select on: best.pth will be the last epoch", run.selection)
         run.selection = None
     run.writer = MetricsWriter(run.output_dir, enabled=du.is_main_process())
+    run.writer.write_text("config", "```\n" + cfg.to_yaml() + "```")
 
 
 def steps_in_epoch(run: Run) -> int:
@@ -185,7 +193,11 @@ def restore_training(run: Run, obj: dict, path: Path | None) -> None:
     run.scheduler.load_state_dict(obj["scheduler"])
     if run.scaler is not None and obj.get("scaler"):
         run.scaler.load_state_dict(obj["scaler"])
-    run.state = TrainState.from_checkpoint(obj)
+    run.state = carry_best_over(TrainState.from_checkpoint(obj), path, run.output_dir)
+    dropped = run.writer.keep_until(run.state.global_step)
+    if dropped:
+        logger.info("metrics.jsonl: dropped %d records after step %d, which this run redoes", dropped,
+                    run.state.global_step)
     rng_states = obj["rng"]
     restore_rng_state(rng_states[rank] if rank < len(rng_states) else rng_states[0])
     logger.info("resumed from %s at epoch %d, step %d of the epoch", path, run.state.epoch, run.state.step_in_epoch)
@@ -224,19 +236,51 @@ class StopRequest:
         return bool(flag.item())
 
 
+class StallWatchdog(threading.Thread):
+    """Warns on every rank when no training step finished for ``seconds``: a stall shows in the log at once.
+
+    A stalled rank (stopped process, hung filesystem) blocks the others in their next collective, silently until
+    ``train.dist_timeout_minutes`` ends the job; this thread makes the wait visible while it lasts.
+    """
+
+    def __init__(self, seconds: float):
+        super().__init__(daemon=True, name="stall-watchdog")
+        self.seconds = seconds
+        self.last_beat = time.monotonic()
+        self.where = "starting"
+        self._done = threading.Event()
+
+    def beat(self, where: str) -> None:
+        self.last_beat, self.where = time.monotonic(), where
+
+    def run(self) -> None:
+        warned_at = None
+        while not self._done.wait(min(self.seconds / 4, 30.0)):
+            quiet = time.monotonic() - self.last_beat
+            if quiet >= self.seconds and warned_at != self.last_beat:
+                warned_at = self.last_beat
+                logger.warning("rank %d: no progress for %.0f s (last: %s); another rank or the filesystem may be "
+                               "stalled", du.get_rank(), quiet, self.where)
+
+    def __enter__(self) -> "StallWatchdog":
+        if self.seconds > 0:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+
 def run_epochs(run: Run, stop_after_steps: int | None) -> bool:
     """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
-    with StopRequest() as stop:
-        try:
-            while run.state.epoch < run.cfg.train.epochs:
-                if train_one_epoch(run, stop, stop_after_steps) or end_of_epoch(run, stop):
-                    return True
-        finally:
-            run.writer.close()
+    with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds) as watchdog:
+        while run.state.epoch < run.cfg.train.epochs:
+            if train_one_epoch(run, stop, stop_after_steps, watchdog) or end_of_epoch(run, stop, watchdog):
+                return True
     return False
 
 
-def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None) -> bool:
+def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None, watchdog: StallWatchdog) -> bool:
     """The optimizer steps of ``run.state.epoch`` from ``step_in_epoch`` on; True when stopped inside it."""
     cfg, state = run.cfg, run.state
     epoch, accum = state.epoch, cfg.train.grad_accum_steps
@@ -250,7 +294,7 @@ def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None) -
         batches = iter(run.loader)
     window = LogWindow(run)
     stop_check_every = 1 if run.world_size == 1 else 10
-    with tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {epoch}", disable=not du.is_main_process(),
+    with tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {epoch}", disable=not (du.is_main_process() and interactive()),
               dynamic_ncols=True, leave=False) as progress:
         while state.step_in_epoch < steps:
             if cfg.train.schedule_unit == "step":
@@ -258,6 +302,7 @@ def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None) -
                 set_schedule(run.scheduler, cfg.train, epoch,
                              round((epoch + state.step_in_epoch / steps) * run.nominal_steps))
             window.add(optimizer_step(run, batches))
+            watchdog.beat(f"epoch {epoch} step {state.step_in_epoch + 1}")
             state.step_in_epoch += 1
             state.global_step += 1
             progress.update(1)
@@ -344,9 +389,10 @@ class LogWindow:
 
 
 # --------------------------------------------------------------------------------------- end of epoch
-def end_of_epoch(run: Run, stop: StopRequest) -> bool:
-    """Evaluate on the selection split when due, save last/best; True when a stop request ends the run here."""
+def end_of_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
+    """Evaluate on the selection split when due, save best/last; True when a stop request ends the run here."""
     cfg, state = run.cfg, run.state
+    watchdog.beat(f"end of epoch {state.epoch}")
     epoch = state.epoch
     state.epoch, state.step_in_epoch = epoch + 1, 0
     is_last = state.epoch == cfg.train.epochs
@@ -355,7 +401,8 @@ def end_of_epoch(run: Run, stop: StopRequest) -> bool:
         results = evaluate_split(run.model, run.eval_splits, run.selection, run.tokenizer, cfg, run.device,
                                  run.output_dir)
         score = selection_score(results, cfg.eval.selection_metric)
-        run.writer.write("eval", state.global_step, {"epoch": epoch, "split": run.selection, "score": score})
+        run.writer.write("eval", state.global_step, {"epoch": epoch, "split": run.selection, "score": score,
+                                                     **metric_scalars(results)})
         if score > state.best_metric:
             state.best_metric, state.best_epoch, improved = score, epoch, True
         logger.info("epoch %d: %s %s = %.2f (best %.2f at epoch %d)", epoch, run.selection,
@@ -363,11 +410,9 @@ def end_of_epoch(run: Run, stop: StopRequest) -> bool:
     elif not run.selection:
         state.best_epoch, improved = epoch, True
     stop_now = stop.agreed(run.device)  # one collective, so every rank takes the same branches below
-    names = []
+    names = ["best.pth"] if improved else []  # best first: a crash in between leaves a consistent pair
     if state.epoch % cfg.train.save_every_epochs == 0 or is_last or stop_now:
         names.append("last.pth")
-    if improved:
-        names.append("best.pth")
     if names:
         save(run, names)
     if stop_now and not is_last:
@@ -378,6 +423,7 @@ def end_of_epoch(run: Run, stop: StopRequest) -> bool:
 
 def save(run: Run, names: Sequence[str]) -> None:
     """Write the current state under each of ``names`` in the run directory (a collective)."""
+    check_finite_weights(run.model)
     obj = checkpoint_state(run.model, run.optimizer, run.scheduler, run.scaler, run.state, run.cfg, run.tokenizer)
     for name in names:
         save_checkpoint(obj, run.output_dir / name)
@@ -389,16 +435,33 @@ def test_selected_model(run: Run) -> dict | None:
     cfg, state = run.cfg, run.state
     best_path = run.output_dir / "best.pth"
     if state.best_epoch >= 0:  # known on every rank (a file check would differ between nodes without a shared disk)
-        run.model.load_state_dict(load_file(best_path)["model"])
+        best = load_file(best_path)
+        if best["best_epoch"] != state.best_epoch:
+            raise CheckpointError(f"{best_path} holds epoch {best['best_epoch']} but the run selected epoch "
+                                  f"{state.best_epoch}; evaluate the file you want with evaluate.py")
+        run.model.load_state_dict(best["model"])
+        logger.info("testing best.pth: epoch %d (%s %.2f)", state.best_epoch, cfg.eval.selection_metric,
+                    state.best_metric)
     test_split = cfg.eval.test_split
     results = evaluate_split(run.model, run.eval_splits, test_split, run.tokenizer, cfg, run.device,
                              run.output_dir, checkpoint=str(best_path))
+    if results is None and run.eval_splits is not None:
+        raise SplitError(f"the {test_split!r} split of {run.eval_splits.annotation_file} is empty: nothing to test "
+                         "(eval.test_split)")
     if results is not None:
+        run.writer.write("test", state.global_step, {"epoch": state.best_epoch, "split": test_split,
+                                                     **metric_scalars(results)})
         t2i = results["t2i"]
         logger.info("%s: text-to-image R@1 %.2f%% (chance %.2f%%), R@5 %.2f%%, mAP %.2f%%; all metrics in %s",
                     test_split, t2i["R1"], results["chance_R1"], t2i["R5"], t2i["mAP"],
                     run.output_dir / f"metrics_{test_split}.json")
     return results
+
+
+def metric_scalars(results: dict) -> dict[str, float]:
+    """Every metric of an evaluation as flat names (``t2i/R1``, ``t2i_rerank/mAP``, ``i2t/mINP``, ...)."""
+    return {f"{direction}/{name}": value for direction in ("t2i", "t2i_rerank", "i2t") if direction in results
+            for name, value in results[direction].items() if isinstance(value, (int, float))}
 
 
 def summary(run: Run, stopped: bool, test: dict | None) -> dict:

@@ -111,3 +111,24 @@ def test_every_recipe_loads():
 
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         load_config(path)
+
+
+def test_numbers_as_people_write_them_and_list_files(tmp_path, caplog):
+    cfg = load_config(None, ["train.lr=1e-5", "train.min_lr=5E-3", "train.epochs=1_000", "eval.batch_size=64"])
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.epochs, cfg.eval.batch_size) == (1e-05, 0.005, 1000, 64)
+    corpora = tmp_path / "corpora.json"
+    corpora.write_text('[{"annotation": "a.json", "image_root": "imgs"}]')
+    cfg = load_config(None, ["task=pretrain", f"data.pretrain_corpora={corpora}"])
+    assert cfg.data.pretrain_corpora[0].annotation == "a.json"
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(None, ["task=pretrain", f"data.pretrain_corpora={tmp_path / 'none.json'}"])
+    with caplog.at_level("WARNING"):
+        load_config(None, ["train.epochs=3", "train.warmup_epochs=5"])
+    assert "never leaves warmup" in caplog.text
+
+
+@pytest.mark.parametrize("override", ["train.lr=0", "train.save_every_epochs=0", "eval.chunk_size=0",
+                                      "eval.batch_size=0", "train.batch_size_per_gpu=-1", "text.max_text_len=600"])
+def test_sizes_and_rates_are_checked_at_load(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [override])

@@ -435,3 +435,16 @@ def test_prepare_pretrain_bad_input(tmp_path: Path) -> None:
     listed = _write_json(tmp_path / "list.json", [{"image": "1.jpg", "caption": "a"}])
     with pytest.raises(FileNotFoundError, match=r"none of the 1 images was found under"):
         prepare_pretrain.prepare_corpus("sbu", str(listed), str(tmp_path / "nowhere"), tmp_path / "out")
+
+
+def test_a_new_dataset_in_an_existing_shape_needs_one_reader_entry(monkeypatch, tmp_path: Path) -> None:
+    # One spec entry (and a YAML naming data.format) is all a new dataset in the RSTPReid shape needs:
+    # no published sizes, no second table to edit.
+    spec = readers._SPECS["rstp"]
+    monkeypatch.setitem(readers._SPECS, "mydata", readers._FormatSpec(
+        "MyData", ("mine.json",), spec.path_field, spec.raw_splits, spec.processed_caption_is_list,
+        spec.processed_has_att))
+    root = _copy("rstp_raw", tmp_path)
+    os.rename(root / "data_captions.json", root / "mine.json")
+    splits = load_annotations("mydata", root)
+    assert (splits.name, len(splits.train), len(splits.val), len(splits.test)) == ("mydata", 8, 4, 4)

@@ -5,10 +5,13 @@ contents); everything in it loads with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -19,6 +22,7 @@ from utils.errors import UserError
 
 FORMAT_NAME = "ivt-retrieval-checkpoint"
 FORMAT_VERSION = 1
+TMP_SUFFIX = ".tmp"  # atomic_write's temporary files: <name>.<random>.tmp beside the target
 
 logger = logging.getLogger(__name__)
 
@@ -27,34 +31,123 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be used; the message names the file and what was found."""
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a temporary file in the same folder, then rename it over ``path``.
+class DiskFullError(UserError, OSError):
+    """A write ran out of space; the previous file at that path is intact."""
 
-    A crash at any moment leaves either the previous file or the complete new one, never half a file.
+
+def _file_mode() -> int:
+    """Permissions a plain ``open()`` would give under the current umask (mkstemp alone makes files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    # torch.save reports a full disk as a RuntimeError from its zip writer, not as an OSError.
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and "file write failed" in str(exc)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], expected_bytes: int | None = None) -> None:
+    """Call ``write`` on a temporary file in the same folder, fsync it, then rename it over ``path``.
+
+    A crash at any moment leaves either the previous file or the complete new one, never half a file; the file
+    and the folder are synced so that a power loss after the rename keeps the new file. A full disk raises
+    DiskFullError naming the path, the bytes the write needed (``expected_bytes`` when known) and the space left.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
+        if _is_disk_full(exc):
+            needed = f"about {expected_bytes / 2**20:.1f} MiB" if expected_bytes else f"more than {written} bytes"
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(f"disk full: could not write {path} (the save needed {needed}; "
+                                f"{free / 2**20:.1f} MiB free on that filesystem); the previous {path.name}, "
+                                "if any, is intact") from None
         raise
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts/lists: what a torch.save of ``obj`` needs, near enough."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save through :func:`atomic_write`."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle), expected_bytes=tensor_bytes(obj))
+
+
+def remove_orphan_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files an interrupted :func:`atomic_write` left in ``folder`` (1-2 GB each at full size).
+
+    Call it when a run starts, before anything writes there.
+    """
+    folder = Path(folder)
+    removed = sorted(folder.glob(f"*{TMP_SUFFIX}")) if folder.is_dir() else []
+    for orphan in removed:
+        orphan.unlink(missing_ok=True)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted save in %s: %s", len(removed), folder,
+                    ", ".join(p.name for p in removed[:5]))
+    return removed
+
+
+def verify_zip_checksums(path: str | Path) -> None:
+    """CheckpointError when a stored CRC of a zip-format checkpoint does not match its bytes.
+
+    torch.load does not check the CRCs its writer stores, so a flipped bit inside a tensor loads silently.
+    """
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (pre-1.6) format has no checksums
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged checkpoint: the checksum of {bad!r} does not match its bytes "
+                              "(a bit flip or a partial copy); use another copy or an earlier checkpoint")
 
 
 def load_file(path: str | Path) -> Any:
-    """Load a checkpoint file safely (tensors and plain containers only)."""
+    """Load a checkpoint file safely (tensors and plain containers only), after checking its checksums."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_zip_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsupported globals: all mean "not usable"

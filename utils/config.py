@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -20,6 +21,8 @@ from utils.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
@@ -38,6 +41,33 @@ CHOICES = {
     "eval.test_split": ("train", "val", "test"),
     "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
 }
+
+# Sizes and counts that must be at least this much (a zero batch, chunk or save interval has no meaning).
+MINIMUM = {
+    "train.epochs": 1, "train.batch_size_per_gpu": 1, "train.grad_accum_steps": 1, "train.log_every_steps": 1,
+    "train.eval_every_epochs": 1, "train.save_every_epochs": 1, "train.max_steps_per_epoch": 0,
+    "train.warmup_epochs": 0, "train.dist_timeout_minutes": 1, "train.stall_warning_seconds": 0,
+    "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
+    "eval.save_examples": 0, "data.num_workers": 0, "data.synthetic_num_ids": 1, "input.num_views": 1,
+    "sampler.num_instances": 1, "text.max_text_len": 3, "text.mlm_max_masks": 0,
+}
+# Learning rates and similar that must be strictly positive.
+POSITIVE = ("train.lr",)
+
+
+def _check_ranges(data: dict, source: str) -> None:
+    for dotted, least in MINIMUM.items():
+        value = _lookup(data, dotted)
+        if value < least:
+            raise ConfigError(f"{source}: key {dotted!r} must be >= {least}, got {value!r}")
+    for dotted in POSITIVE:
+        value = _lookup(data, dotted)
+        if not value > 0:
+            raise ConfigError(f"{source}: key {dotted!r} must be > 0, got {value!r}")
+    if data["text"]["max_text_len"] > data["model"]["max_text_positions"]:
+        raise ConfigError(f"{source}: text.max_text_len {data['text']['max_text_len']} exceeds "
+                          f"model.max_text_positions {data['model']['max_text_positions']}")
+
 
 # Keys a task never reads: a value other than the default there is a mistake the user should hear about.
 IGNORED_BY_TASK = {
@@ -62,6 +92,10 @@ def _check_values(data: dict, source: str) -> None:
     for text_level in data["text"]["levels"]:
         if text_level not in ("word", "phrase", "sentence"):
             raise ConfigError(f"{source}: text.levels entries must be word, phrase or sentence, got {text_level!r}")
+    _check_ranges(data, source)
+    if data["train"]["epochs"] <= data["train"]["warmup_epochs"]:
+        logger.warning("%s: train.epochs %d <= train.warmup_epochs %d: the run never leaves warmup", source,
+                       data["train"]["epochs"], data["train"]["warmup_epochs"])
     defaults = _load_schema()
     for dotted in IGNORED_BY_TASK[data["task"]]:
         value = _lookup(data, dotted)
@@ -172,9 +206,37 @@ def _unknown_key_error(dotted: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key {dotted!r}{hint} (every key is declared in {BASE_CONFIG.name})")
 
 
+def _as_number(value: Any, want_float: bool) -> Any:
+    """``1e-5``, ``5E-3``, ``1_000`` as people write them (YAML 1.1 reads the first two as strings)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().replace("_", "")
+    try:
+        return float(text) if want_float or not text.lstrip("+-").isdigit() else int(text)
+    except ValueError:
+        return value
+
+
+LIST_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+
+
+def _read_list_file(dotted: str, path: str, source: str) -> Any:
+    """A list key given as a JSON/YAML file (e.g. the corpora.json that prepare_pretrain writes)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{source}: key {dotted!r} names the file {path}, which does not exist")
+    try:
+        return yaml.safe_load(Path(path).read_text())  # YAML reads JSON too
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: key {dotted!r}: {path} is not valid JSON/YAML: {exc}") from None
+
+
 def _check_type(dotted: str, default: Any, value: Any, source: str) -> Any:
     if default is None or value is None:
         return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        value = _as_number(value, want_float=isinstance(default, float))
+    if isinstance(default, list) and isinstance(value, str) and value.endswith(LIST_FILE_SUFFIXES):
+        value = _read_list_file(dotted, value, source)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):

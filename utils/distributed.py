@@ -33,8 +33,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_distributed(device_preference: str = "auto") -> torch.device:
-    """Join the process group described by torchrun's environment, if any, and pick this rank's device."""
+def init_distributed(device_preference: str = "auto", timeout_minutes: float = 30) -> torch.device:
+    """Join the process group described by torchrun's environment, if any, and pick this rank's device.
+
+    A collective that waits longer than ``timeout_minutes`` (a dead or stalled rank) ends the job.
+    """
     use_cuda = torch.cuda.is_available() and device_preference in ("auto", "cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -45,7 +48,7 @@ def init_distributed(device_preference: str = "auto") -> torch.device:
         device = torch.device("cpu")
     if world_size > 1 and not is_distributed():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return device
 
 

@@ -3,28 +3,59 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_EARLY_RECORDS_KEPT = 10_000
+
+
+class _EarlyRecords(logging.Handler):
+    """Keeps the records logged before the run directory is chosen, so log.txt starts at the first line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < _EARLY_RECORDS_KEPT:
+            self.records.append(record)
+
+
+def _remove_our_handlers(root: logging.Logger) -> list[logging.Handler]:
+    ours = [h for h in root.handlers if getattr(h, "_ivt_handler", False)]
+    for handler in ours:
+        root.removeHandler(handler)
+        handler.close()
+    return ours
 
 
 def setup_logging(output_dir: str | Path | None, rank: int = 0) -> None:
-    """Rank 0 logs INFO to stderr and ``output_dir/log.txt``; other ranks log warnings only."""
+    """Rank 0 logs INFO to stderr and ``output_dir/log.txt``; other ranks log warnings only.
+
+    Without ``output_dir`` the records are also kept in memory; the next call with an ``output_dir`` writes them
+    to log.txt first. A run thus logs from its first line while the run directory stays untouched until the
+    run has started for good.
+    """
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_ivt_handler", False):
-            root.removeHandler(handler)
-            handler.close()
+    early = [h for h in _remove_our_handlers(root) if isinstance(h, _EarlyRecords)]
     level = logging.INFO if rank == 0 else logging.WARNING
     root.setLevel(level)
-    formatter = logging.Formatter(_FORMAT if rank == 0 else f"[rank {rank}] " + _FORMAT, "%H:%M:%S")
+    formatter = logging.Formatter(_FORMAT if rank == 0 else f"[rank {rank}] " + _FORMAT, _DATE_FORMAT)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if output_dir is not None and rank == 0:
+    if output_dir is None:
+        handlers.append(_EarlyRecords())
+    elif rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(output_dir) / "log.txt"))
+        log_file = logging.FileHandler(Path(output_dir) / "log.txt")
+        log_file.setFormatter(formatter)
+        for record in (early[0].records if early else []):
+            log_file.handle(record)
+        handlers.append(log_file)
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.setLevel(level)
@@ -32,8 +63,17 @@ def setup_logging(output_dir: str | Path | None, rank: int = 0) -> None:
         root.addHandler(handler)
 
 
+def interactive() -> bool:
+    """Whether stderr is a terminal: progress bars only there (under nohup or SLURM they flood the log file)."""
+    return sys.stderr.isatty()
+
+
 class MetricsWriter:
-    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard when installed."""
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard when installed.
+
+    Each record is one ``write`` of a whole line, flushed, so a crash leaves at most a torn last line, which
+    :func:`read_metrics` skips.
+    """
 
     def __init__(self, output_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
@@ -53,11 +93,39 @@ class MetricsWriter:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record, default=float) + "\n")
+            handle.flush()
         if self._tb is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def write_text(self, tag: str, text: str) -> None:
+        """Free text once per run (the resolved config, as hyperparameters) in TensorBoard."""
+        if self._tb is not None:
+            self._tb.add_text(tag, text)
+
+    def keep_until(self, step: int) -> int:
+        """Drop the records after global step ``step`` (the steps a resumed run redoes); returns how many."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        records = read_metrics(self.path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".rewrite")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        return len(records) - len(kept)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a torn (partial) line left by a crash is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,0 +1,267 @@
+"""Fault injection: what a run keeps, and how it exits, when it is killed, signalled, or meets bad disks, data
+and checkpoints. Each test states the fault, then asserts the files left behind and the exit status."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import train_cuhkpedes
+from engine.cli import EXIT_STOPPED, train_main
+from tests.tiny import tiny_overrides
+from utils.checkpoint import DiskFullError, atomic_write, load_file
+from utils.logging_utils import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def train(out: Path, data: Path, *extra: str, epochs: int = 1, steps: int = 2, **kwargs) -> dict:
+    argv = ["--output-dir", str(out), *tiny_overrides(data, epochs=epochs, steps=steps), *extra]
+    if kwargs:
+        return train_main(argv, description="t", default_config=train_cuhkpedes.DEFAULT_CONFIG, **kwargs)
+    return train_cuhkpedes.main(argv)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.tmp"))
+
+
+def spawn(args: list[str], **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for(condition, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the fault's moment")
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------------------- signals
+def test_kill_9_in_the_middle_of_a_save_loses_nothing(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    # selection null: each epoch writes best.pth then last.pth; the 3rd save (epoch 1's best.pth) hangs mid-write.
+    args = ["--output-dir", str(out), *tiny_overrides(data, epochs=3, steps=2), "eval.selection_split=null"]
+    proc = spawn(["tests/fault_runner.py", "--stall-save", "3", *args])
+    lines: list[str] = []
+    wait_for(lambda: lines.append(proc.stdout.readline()) or "stalling inside save" in lines[-1])
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(temporaries(out)) == 1  # the interrupted write, never renamed into place
+    assert load_file(out / "last.pth")["epoch"] == 1 and load_file(out / "best.pth")["best_epoch"] == 0
+
+    summary = train(out, data, "--resume", "auto", "eval.selection_split=null", epochs=3)
+    assert not temporaries(out)  # removed when the resumed run took the directory
+    assert summary["best_epoch"] == 2 and load_file(out / "best.pth")["best_epoch"] == 2
+    assert json.loads((out / "metrics_test.json").read_text())["t2i"]["R1"] == summary["test"]["t2i"]["R1"]
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_and_exits_75(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    args = ["train_cuhkpedes.py", "--output-dir", str(out), *tiny_overrides(data, epochs=500, steps=2),
+            "data.num_workers=2", "train.eval_every_epochs=1000"]
+    proc = spawn(args, start_new_session=True)  # its own process group, as under SLURM
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(read_metrics(out / "metrics.jsonl")) >= 3)
+    os.killpg(proc.pid, signal.SIGTERM)  # main process and DataLoader workers alike (scancel, kill -- -PGID)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, output[-3000:]
+    assert "received signal" in output and "Traceback" not in output
+    saved = load_file(out / "last.pth")
+    assert saved["step"] >= 3 and not temporaries(out)
+
+
+def test_nan_weights_are_never_saved_over_a_good_checkpoint(tmp_path, monkeypatch):
+    from models.objectives import RetrievalObjective
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1, steps=2)
+    good = digest(out / "last.pth")
+
+    def poisoned(self, batch):  # the loss goes NaN; the log window that would notice it is far away
+        return {"cmpm_loss": self.model.encoder.cls_token.sum() * float("nan")}
+
+    monkeypatch.setattr(RetrievalObjective, "forward", poisoned)
+    with pytest.raises(SystemExit, match="^error: .*not finite.*last.pth keeps the last good state"):
+        # stop_after_steps plays the SIGTERM that arrives after the weights went NaN
+        train(out, data, "--resume", "auto", "train.log_every_steps=100", epochs=2, stop_after_steps=3)
+    assert digest(out / "last.pth") == good
+
+
+# ---------------------------------------------------------------------------------------------- disk
+def test_a_full_disk_keeps_the_previous_checkpoint_and_whole_metric_lines(tmp_path, monkeypatch):
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1, steps=2)
+    good = digest(out / "last.pth")
+    real_save = torch.save
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"x" * 100)  # torch's zip writer reports ENOSPC like this, not as an OSError
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    good_best = digest(out / "best.pth")
+    with pytest.raises(SystemExit, match=r"^error: disk full: could not write .*(best|last)\.pth \(the save needed "
+                                         r"about [0-9.]+ MiB; [0-9.]+ MiB free"):
+        train(out, data, "--resume", "auto", epochs=2, steps=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert digest(out / "last.pth") == good and digest(out / "best.pth") == good_best and not temporaries(out)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line) for line in lines)
+
+
+def test_atomic_write_names_a_full_disk_and_leaves_the_old_file(tmp_path):
+    target = tmp_path / "metrics_test.json"
+    target.write_text("old")
+
+    def enospc(handle):
+        handle.write(b"new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match="metrics_test.json .*about 0.0 MiB"):
+        atomic_write(target, enospc, expected_bytes=1000)
+    assert target.read_text() == "old" and not temporaries(tmp_path)
+
+
+def test_torn_last_line_of_metrics_jsonl_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    assert read_metrics(path) == [{"kind": "train", "step": 1}]
+
+
+# ------------------------------------------------------------------------------------ best and last
+@pytest.mark.parametrize("selection", ["null", "val"])
+def test_a_crash_between_best_and_last_leaves_a_consistent_pair(tmp_path, monkeypatch, selection):
+    import engine.training
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    real_save, saves = engine.training.save_checkpoint, []
+    scores = iter(range(100))
+
+    def crash_between_the_final_pair(obj, path):
+        saves.append(path.name)
+        if len(saves) == 4:  # the 2nd file of the last epoch's pair
+            raise RuntimeError("simulated crash")
+        real_save(obj, path)
+
+    monkeypatch.setattr(engine.training, "save_checkpoint", crash_between_the_final_pair)
+    monkeypatch.setattr(engine.training, "selection_score", lambda results, metric: float(next(scores)))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(out, data, f"eval.selection_split={selection}", epochs=2)
+    monkeypatch.setattr(engine.training, "save_checkpoint", real_save)
+    assert saves == ["best.pth", "last.pth", "best.pth", "last.pth"]
+    # best.pth of the last epoch is on disk, last.pth still from the epoch before: resuming redoes that epoch.
+    assert load_file(out / "best.pth")["best_epoch"] == 1 and load_file(out / "last.pth")["epoch"] == 1
+
+    summary = train(out, data, "--resume", "auto", f"eval.selection_split={selection}", epochs=2)
+    assert summary["best_epoch"] == load_file(out / "best.pth")["best_epoch"] == 1
+    assert json.loads((out / "metrics_test.json").read_text())["t2i"] == summary["test"]["t2i"]
+
+
+def test_resume_into_a_new_directory_carries_the_best_model_over(tmp_path, monkeypatch):
+    import engine.training
+
+    first, second, data = tmp_path / "first", tmp_path / "second", tmp_path / "data"
+    train(first, data, epochs=1)
+    # The resumed epoch never beats the first one on val, so nothing writes a new best.pth into the new folder.
+    monkeypatch.setattr(engine.training, "selection_score", lambda results, metric: -1.0)
+    summary = train(second, data, "--resume", str(first / "last.pth"), epochs=2)
+    assert summary["best_epoch"] == 0 and (second / "best.pth").is_file()
+    assert digest(second / "best.pth") == digest(first / "best.pth")
+    assert (second / "metrics_test.json").is_file()
+
+
+def test_a_new_run_never_overwrites_a_previous_one(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1)
+    best = digest(out / "best.pth")
+    with pytest.raises(SystemExit, match="holds a previous run's last.pth and best.pth.*--overwrite"):
+        train(out, data, epochs=1)
+    (out / "last.pth").unlink()
+    with pytest.raises(SystemExit, match="holds a previous run's best.pth"):
+        train(out, data, "--resume", "auto", epochs=1)  # no last.pth to resume: not a licence to start over
+    assert digest(out / "best.pth") == best
+    summary = train(out, data, "--overwrite", epochs=1)
+    assert summary["test"] is not None
+
+
+def test_metrics_jsonl_after_a_resume_holds_each_step_once(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=2, steps=3, stop_after_steps=4)  # last.pth at step 4 ...
+    resumed_from = load_file(out / "last.pth")["step"]
+    with (out / "metrics.jsonl").open("a") as handle:  # ... and a record of a step after it, as after a kill -9
+        handle.write(json.dumps({"kind": "train", "step": resumed_from + 1, "loss": 1.0}) + "\n")
+    train(out, data, "--resume", "auto", epochs=2, steps=3)
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+# ------------------------------------------------------------------------------------ data and files
+def _corrupt_one_train_image(data: Path) -> str:
+    from datasets.readers import load_annotations
+
+    path = load_annotations("cuhkpedes", data).train[0].image_path
+    Path(path).write_bytes(b"this is not a JPEG")
+    return path
+
+
+def test_undecodable_images_at_start_up_and_at_run_time(tmp_path):
+    data = tmp_path / "data"
+    train(tmp_path / "clean", data, epochs=1, steps=1)  # writes the synthetic dataset
+    bad = _corrupt_one_train_image(data)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="cannot be decoded") as err:
+        train(out, data, epochs=1)
+    assert Path(bad).name in str(err.value) and not out.exists()  # caught before the run took the folder
+    # Past a start-up check that only looks for files, the bad image is skipped (and named) instead of crashing.
+    summary = train(out, data, "data.check_images=exists", epochs=1, steps=3)
+    assert summary["test"] is not None and Path(bad).name in (out / "log.txt").read_text()
+
+
+def test_corrupt_and_bit_flipped_checkpoints_are_refused(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1)
+    raw = bytearray((out / "last.pth").read_bytes())
+    raw[len(raw) // 2] ^= 0x08  # one bit inside the tensor data: torch.load alone would not notice
+    (out / "last.pth").write_bytes(bytes(raw))
+    with pytest.raises(SystemExit, match="checksum of .* does not match"):
+        train(out, data, "--resume", "auto", epochs=2)
+    (out / "best.pth").write_bytes((out / "best.pth").read_bytes()[:5000])  # a partial copy
+    with pytest.raises(SystemExit, match=r"^error: .*best\.pth"):
+        evaluate.main(["--checkpoint", str(out / "best.pth")])
+
+
+def test_an_empty_test_split_is_an_error_not_a_silent_success(tmp_path):
+    data = tmp_path / "data"
+    train(tmp_path / "first", data, epochs=1, steps=1)
+    records = json.loads((data / "reid_raw.json").read_text())
+    (data / "no_test.json").write_text(json.dumps([r for r in records if r["split"] != "test"]))
+    with pytest.raises(SystemExit, match="'test' split .* is empty"):
+        train(tmp_path / "run", data, "data.annotation_file=no_test.json", epochs=1, steps=1)
+
+
+def test_a_finished_run_exits_0(tmp_path):
+    out = tmp_path / "run"
+    proc = spawn(["train_cuhkpedes.py", "--output-dir", str(out),
+                  *tiny_overrides(tmp_path / "data", epochs=1, steps=1)])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert (out / "metrics_test.json").is_file()
