@@ -193,7 +193,10 @@ def markdown(result: dict) -> str:
         f"# Person search on CPU ({result['images']:,} synthetic images)", "",
         f"Machine: {result['cpu_count']} CPU cores (torch threads {result['torch_threads']}), no GPU; "
         f"torch {env['torch']}, Python {env['python']}, commit {env['git_commit']}. "
-        f"Command: `{result['command']}`.", "",
+        f"Command: `{result['command']}`. Load average (1/5/15 min) before: "
+        + " / ".join(f"{x:.1f}" for x in result["load_average_before"]) + ", after: "
+        + " / ".join(f"{x:.1f}" for x in result["load_average_after"])
+        + " (above 2, other processes shared the two cores).", "",
         "| model | indexing | 1 query p50 / p95 | 100 queries p50 / p95 (per query) | index only, 1 query p50 / p95 |",
         "|---|---|---|---|---|",
         f"| demo ({demo['parameters_M']:.2f}M, 64x32) | {demo['index_images_per_s']:,.0f} img/s | "
@@ -224,7 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=50, help="timed single queries (batches: runs / 10)")
     parser.add_argument("--base-sample", type=int, default=64, help="images indexed by the base-size model")
     parser.add_argument("--scaling", default="10000,100000,1000000", help="brute-force gallery sizes")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.retrieval import Retriever
     from utils.environment import environment_record
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoint(work, captions)
     result = {"images": args.images, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "command": "python bench/bench_search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "environment": environment_record("cpu")}
+              "environment": environment_record("cpu"), "load_average_before": os.getloadavg()}
 
     retriever = Retriever.from_checkpoint(checkpoint, device="cpu", overrides=["data.num_workers=2"])
     began = time.perf_counter()
@@ -258,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"base: {json.dumps(result['base'])}", flush=True)
     result["brute_force"] = brute_force([int(s) for s in args.scaling.split(",")], [128, 768], runs=20)
 
+    result["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -224,11 +224,7 @@ def _finite(value: Any) -> Any:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Atomically, readable by others like any file written with open() (mkstemp makes its files 0600)."""
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 # ------------------------------------------------------------------------------------------------ ONNX
