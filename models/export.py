@@ -415,7 +415,7 @@ def push_to_hub(folder: str | os.PathLike[str], repo_id: str, private: bool = Fa
 
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="our .pth checkpoint (best.pth, last.pth)")
     parser.add_argument("out_dir", help="the model folder to write (created; an existing model folder is updated)")
     parser.add_argument("--onnx", action="store_true", help="also write image_encoder.onnx and text_encoder.onnx")
