@@ -133,7 +133,7 @@ def find_metrics(checkpoint: Path, files: Sequence[str | os.PathLike[str]] = ())
     """Evaluation results of this checkpoint: the given metrics_<split>.json files, else those beside it.
 
     A file found beside the checkpoint is taken only when it names this checkpoint (by file name), so the
-    metrics of best.pth never travel with last.pth.
+    metrics of best.pth never travel with last.pth, nor those of the last selection evaluation with best.pth.
     """
     explicit = bool(files)
     candidates = [Path(f) for f in files] or [checkpoint.parent / f"metrics_{s}.json" for s in METRIC_SPLITS]
@@ -148,7 +148,7 @@ def find_metrics(checkpoint: Path, files: Sequence[str | os.PathLike[str]] = ())
         except ValueError as exc:
             raise ExportError(f"{file}: not a metrics JSON file ({exc})") from None
         named = data.get("checkpoint")
-        if not explicit and named and Path(named).name != checkpoint.name:
+        if not explicit and (not named or Path(named).name != checkpoint.name):
             logger.info("%s is for %s, not %s: not taken into the model card", file, named, checkpoint.name)
             continue
         split = data.get("split") or file.stem.removeprefix("metrics_")
