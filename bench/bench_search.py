@@ -122,7 +122,8 @@ def first_answer(checkpoint: Path, gallery: Path, index_file: Path, out: Path) -
     command = [sys.executable, str(REPO / "retrieve.py"), "--checkpoint", str(checkpoint), "--gallery", str(gallery),
                "--index-file", str(index_file), "--query", QUERIES[0], "--top-k", "10", "--device", "cpu",
                "--out", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same threads as the in-process timings
     began = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     answer = None
