@@ -13,7 +13,7 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class MlmSettings:
-    """Masked-language-model masking (ivt_reference.md §2.2); fields mirror ``text.mlm_*`` in base.yaml."""
+    """Masked-language-model masking (docs/recipe.md, pretraining); fields mirror ``text.mlm_*`` in base.yaml."""
 
     mlm_prob: float = 0.25
     mlm_max_masks: int = 8

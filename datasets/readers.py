@@ -306,8 +306,9 @@ def find_annotation_file(fmt: str, root: str | PathLike[str]) -> Path:
         if (Path(root) / name).is_file():
             return Path(root) / name
     raise AnnotationNotFoundError(
-        root, f"one of {list(spec.candidates)} in the {spec.title} root (or pass annotation_file)",
-        got="none of them",
+        root, f"one of {list(spec.candidates)} in the {spec.title} root (set data.root=PATH to the dataset "
+        "folder, or data.annotation_file=FILE)",
+        got="none of them" if Path(root).is_dir() else "no such folder",
     )
 
 

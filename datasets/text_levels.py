@@ -1,4 +1,4 @@
-"""Text granularities for multi-level alignment (ivt_reference.md §2.1.2) and pretraining caption cleaning (§2.2).
+"""Text granularities for multi-level alignment and pretraining caption cleaning (docs/recipe.md).
 
 Every function here accepts any string (empty, punctuation only, no commas) and returns a string or list; the
 random choices come from the ``random.Random`` passed in, so a seeded caller gets the same text every time.

@@ -1,4 +1,4 @@
-"""Image loading and the train/test pipelines of the authors (ivt_reference.md §3.2), sized by ``cfg.input``."""
+"""Image loading and the train/test pipelines of the authors (docs/recipe.md), sized by ``cfg.input``."""
 from __future__ import annotations
 
 from os import PathLike

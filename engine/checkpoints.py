@@ -24,6 +24,7 @@ from utils import distributed as du
 from utils.checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, atomic_save, atomic_write,
                               capture_rng_state, describe_keys, load_file)
 from utils.config import Config, config_from_dict, load_config
+from utils.environment import environment_record
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "step": state.global_step,
         "best_metric": state.best_metric, "best_epoch": state.best_epoch,
         "config": cfg.to_dict(), "tokenizer": tokenizer_record(tokenizer, cfg.text), "rng": rng,
-        "world_size": du.get_world_size(),
+        "world_size": du.get_world_size(), "environment": environment_record(),
     }
 
 

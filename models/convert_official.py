@@ -1,4 +1,4 @@
-"""Convert the authors' IVT checkpoints (``ivt_reference.md`` §6) into this project's names.
+"""Convert the authors' IVT checkpoints (their key names are listed in tests/fixtures/ivt_official_keys.json) into this project's names.
 
 Fine-tuned checkpoints (212 keys) hold ``encoder_vl`` plus unused classifier/bottleneck/temp; pretraining
 checkpoints (377 keys) add ``encoder_fusion`` (6 BERT layers with cross-attention, tied MLM head) and ``itm``.

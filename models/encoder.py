@@ -2,8 +2,7 @@
 
 Images and captions go through the same pre-norm transformer blocks: attention, both LayerNorms and the final
 norm are shared, each block has one feed-forward expert per modality (``mlp_vis`` / ``mlp_txt``). Parameter names
-follow the authors' ``encoder_vl`` so that their checkpoints convert by a prefix rename
-(``ivt_reference.md`` §1.1, §6.2).
+follow the authors' ``encoder_vl`` so that their checkpoints convert by a prefix rename (docs/recipe.md).
 """
 from __future__ import annotations
 

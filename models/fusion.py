@@ -1,7 +1,7 @@
 """Cross-modal fusion stack and its heads (ITM, MLM), BERT-style.
 
 Each fusion layer is a post-norm BERT layer with a cross-attention over image tokens inserted between
-self-attention and the feed-forward (``ivt_reference.md`` §1.2). Parameter names are BERT's
+self-attention and the feed-forward (docs/recipe.md). Parameter names are BERT's
 (``attention.self.query`` ...) so that BERT layers and the authors' ``encoder_fusion`` load by name.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Explicit loading of pretrained weights into IVT: timm ViT -> image side, transformers BERT -> text side.
 
-Mapping as in the authors' ``load_param_hybrid`` (``ivt_reference.md`` §1.1.5 steps 3-4, §1.2). Every loader
+Mapping as in the authors' ``load_param_hybrid`` (docs/recipe.md, initialisation). Every loader
 returns a :class:`LoadReport` (also logged) and raises :class:`WeightsError` on a shape mismatch before copying
 anything.
 """
@@ -209,8 +209,15 @@ def _read_vit_state(source: str, model: nn.Module) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{source}: unsupported ViT weight file (expected .pth, .pt, .bin, .safetensors or .npz)")
     import timm
     if not timm.is_model(source):
-        raise WeightsError(f"{source}: neither an existing file nor a timm model name")
-    return timm.create_model(source, pretrained=True).state_dict()
+        raise WeightsError(f"model.vit_weights={source}: neither an existing file nor a timm model name")
+    try:
+        return timm.create_model(source, pretrained=True).state_dict()
+    except Exception as exc:  # offline hub, missing file in the cache, HTTP errors: all mean "not here"
+        raise WeightsError(
+            f"model.vit_weights={source}: the weights could not be fetched ({type(exc).__name__}: {exc}). Offline, "
+            f"download them once where the hub is reachable (e.g. python -c \"import timm; "
+            f"timm.create_model('{source}', pretrained=True)\" fills the Hugging Face cache, or save its "
+            "state_dict to weights/vit.pth) and set model.vit_weights to that file") from None
 
 
 def load_vit_weights(model: nn.Module, source: str) -> LoadReport:

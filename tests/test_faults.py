@@ -258,10 +258,19 @@ def test_an_empty_test_split_is_an_error_not_a_silent_success(tmp_path):
         train(tmp_path / "run", data, "data.annotation_file=no_test.json", epochs=1, steps=1)
 
 
-def test_a_finished_run_exits_0(tmp_path):
+def test_a_finished_run_exits_0_with_a_complete_log_and_shareable_files(tmp_path):
     out = tmp_path / "run"
-    proc = spawn(["train_cuhkpedes.py", "--output-dir", str(out),
-                  *tiny_overrides(tmp_path / "data", epochs=1, steps=1)])
-    output, _ = proc.communicate(timeout=300)
+    proc = spawn(["train_cuhkpedes.py", "--output-dir", str(out), *tiny_overrides(tmp_path / "data", epochs=1,
+                                                                                    steps=2)],
+                 preexec_fn=lambda: os.umask(0o022))
+    output, _ = proc.communicate(timeout=300)  # stderr is a pipe, as under nohup or SLURM
     assert proc.returncode == 0, output[-3000:]
     assert (out / "metrics_test.json").is_file()
+    assert "it/s]" not in output and "\r" not in output  # no progress-bar frames off a terminal
+    log = (out / "log.txt").read_text().splitlines()
+    assert "run directory" in log[0] and any(line.startswith("split  |") for line in log)  # from the first line
+    assert log[0][:4].isdigit() and log[0][4] == "-"  # timestamps carry the date
+    environment = load_file(out / "last.pth")["environment"]  # what produced it, for whoever reads it later
+    assert environment["torch"] == torch.__version__ and environment["world_size"] == 1
+    for name in ("last.pth", "best.pth", "metrics_test.json", "config.yaml"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name  # readable by colleagues under umask 022

@@ -18,7 +18,7 @@ def test_bias_groups_and_sgd_settings():
     assert weights["momentum"] == 0.9 and weights["weight_decay"] == biases["weight_decay"] == 1e-4
 
 
-# The authors' learning rates per epoch (ivt_reference.md §4), weight group and bias group.
+# The authors' learning rates per epoch (docs/recipe.md, optimisation), weight group and bias group.
 @pytest.mark.parametrize("epoch, weight_lr, bias_lr", [
     (0, 5e-5, 5e-5), (1, 1.04e-3, 2.04e-3), (5, 4.979e-3, 9.957e-3), (30, 4.269e-3, None),
     (60, 2.505e-3, None), (90, 7.41e-4, None), (120, 1e-5, 1e-5),

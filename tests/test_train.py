@@ -230,3 +230,28 @@ def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_p
         train_cuhkpedes.main(["--output-dir", str(out), "data.format=cuhk"])
     with pytest.raises(SystemExit, match="nope.yaml"):
         train_cuhkpedes.main(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_start_sh_picks_a_python_that_has_torch(tmp_path):
+    # A python3 without torch earlier on PATH (a pyenv shim, the system one) must not be chosen.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "python3").chmod(0o755)
+    real = Path(sys.executable)
+    (fake / "python").symlink_to(real)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env["PATH"] = f"{fake}:/usr/bin:/bin"
+    result = subprocess.run(["bash", str(ROOT / "start.sh"), "--version-only-not-a-script.py", "1"],
+                            capture_output=True, text=True, env=env)
+    assert result.stdout.startswith("+ python -m torch.distributed.run"), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", ["train_cuhkpedes.py", "train_icfg.py", "train_rstp.py", "train_pretrain.py",
+                                    "evaluate.py", "retrieve.py"])
+def test_help_answers_without_importing_torch(script):
+    code = (f"import sys, runpy; sys.argv = [{script!r}, '--help']\n"
+            f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the recipe (ivt_reference.md §4).
+"""Optimizer and learning-rate schedule of the recipe (docs/recipe.md).
 
 SGD (momentum 0.9) over every trainable tensor, biases at ``lr * bias_lr_factor``; timm's cosine schedule with
 linear warmup from ``warmup_lr_init``, the same floor and warmup start for every group. The authors step it once
