@@ -67,6 +67,10 @@ class SearchResult:
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    def __iter__(self):
+        """Unpacks as (path, score), like the (path, score) tuples search returned before."""
+        return iter((self.path, self.score))
+
 
 @dataclass(frozen=True)
 class CaptionResult:

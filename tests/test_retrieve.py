@@ -149,6 +149,7 @@ def test_batched_search_equals_single_searches(indexed):
     for query, results in zip(QUERIES, batched):
         single = indexed.search(query, k=5)
         assert all(isinstance(r, SearchResult) for r in single)
+        assert [tuple(r) for r in single] == [(r.path, r.score) for r in single]  # unpacks as (path, score)
         assert [r.path for r in results] == [r.path for r in single]
         assert [r.rank for r in results] == [1, 2, 3, 4, 5]
         assert [r.score for r in results] == pytest.approx([r.score for r in single], abs=1e-5)
