@@ -132,9 +132,8 @@ def save_query_examples(out_dir: str | Path, queries: Sequence[tuple[str, int]],
     return written
 
 
-def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: str, out_path: str | Path,
-                  header: Sequence[str] = ()) -> Path:
-    """Ranked images under ``title`` (wrapped) and optional ``header`` lines, MAX_COLUMNS per row; returns ``out_path``.
+def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: str, out_path: str | Path) -> Path:
+    """Ranked images under ``title`` (wrapped), MAX_COLUMNS per row; returns ``out_path``.
 
     Under each thumbnail: its rank and score, then its file name (shortened in the middle to fit).
     """
@@ -144,7 +143,7 @@ def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: s
     cell_width = THUMB_SIZE[0] + 2 * FRAME
     captions = [[f"#{rank + 1} {float(score):.3f}", _fit_name(Path(str(path)).name, font, cell_width)]
                 for rank, (path, score) in enumerate(zip(paths, scores))]
-    return _render_captioned([title, *header], [str(p) for p in paths], captions, out_path, columns=MAX_COLUMNS)
+    return _render_captioned([title], [str(p) for p in paths], captions, out_path, columns=MAX_COLUMNS)
 
 
 def _fit_name(name: str, font: ImageFont.ImageFont, width_px: int) -> str:
