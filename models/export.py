@@ -325,8 +325,8 @@ Scores are cosine similarities in [-1, 1], not probabilities.
 - Architecture: unified encoder, width {arch['embed_dim']}, {arch['depth']} layers, {arch['num_heads']} heads,
   patch {arch['patch_size']} / stride {arch['stride']} at {arch['img_size'][0]}x{arch['img_size'][1]}{fusion};
   feature dimension {meta['feature_dim']}.
-- Tokenizer: {meta['tokenizer']['kind']} WordPiece ({meta['tokenizer']['vocab_size']} tokens, at most
-  {meta['tokenizer']['max_text_len']} per caption){' learnt from the training captions' if meta['tokenizer']['kind'] == 'learnt' else ''}.
+- Tokenizer: WordPiece, {meta['tokenizer']['vocab_size']} tokens, at most {meta['tokenizer']['max_text_len']} per caption;
+  {'learnt from the training captions' if meta['tokenizer']['kind'] == 'learnt' else 'from ' + meta['tokenizer']['source']}.
 
 ## Training
 
@@ -360,8 +360,9 @@ Exported with torch {env.get('torch')}, transformers {env.get('transformers')}, 
 
 ## Licence
 
-The weights inherit the licences of the data and of the initial weights they were trained from (for the public
-person-retrieval datasets: research use only, per their terms). Check them before any other use.
+The code that made and loads these weights is MIT-licensed. The weights inherit the terms of the data and of the
+initial weights they were trained from (the public person-retrieval datasets are for research use only, per
+their terms); check them before any other use.
 
 ## Citation
 
@@ -370,7 +371,7 @@ person-retrieval datasets: research use only, per their terms). Check them befor
   title     = {{See Finer, See More: Implicit Modality Alignment for Text-based Person Retrieval}},
   author    = {{Shu, Xiujun and Wen, Wei and Wu, Haoqian and Chen, Keyu and Song, Yiran and Qiao, Ruizhi and
                Ren, Bo and Wang, Xiao}},
-  booktitle = {{European Conference on Computer Vision Workshops (ECCVW)}},
+  booktitle = {{Computer Vision -- ECCV 2022 Workshops}},
   year      = {{2022}}
 }}
 ```
