@@ -77,6 +77,24 @@ def test_page_handlers_turn_bad_input_into_messages(page, tmp_path, monkeypatch)
     assert "Internal error" in shown.message and "Traceback" not in shown.message and "deep inside" not in shown.message
 
 
+def test_rerank_control_and_provenance_panel(synth_root, tmp_path):
+    from engine.webapp import gather_provenance, provenance_markdown
+
+    fusion = make_checkpoint(tmp_path / "fusion.pth", synth_root, seed=1, extra=["model.fusion_layers=1"])
+    retriever = Retriever.from_checkpoint(fusion, device="cpu")
+    retriever.index(copy_gallery(synth_root, tmp_path / "gallery", count=5))
+    page = SearchPage(retriever, gather_provenance(retriever, str(fusion), str(tmp_path / "gallery"), None))
+    plain, reranked = page.search_text(QUERY, 3, rerank=False), page.search_text(QUERY, 3, rerank=True)
+    assert "itm" not in plain.items[0][1] and "itm" in reranked.items[0][1] and "ITM re-ranking" in reranked.message
+    assert {p for p, _ in plain.items} == {p for p, _ in reranked.items}
+    # the provenance of the fixture folder: its checkpoint, recipe and the test metrics exported with it
+    trained = Retriever.from_pretrained(TRAINED, device="cpu")
+    trained.index(copy_gallery(synth_root, tmp_path / "g2", count=3))
+    panel = provenance_markdown(gather_provenance(trained, str(TRAINED), str(tmp_path / "g2"), None))
+    for part in ("model folder", "epoch 80", "width 64, 2 layers", "test text-to-image: R@1 44.64", "3 images"):
+        assert part in panel
+
+
 def test_serve_without_gradio_says_how_to_install(monkeypatch, tmp_path):
     import builtins
 
