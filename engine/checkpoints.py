@@ -246,7 +246,8 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
         model = build_model(cfg)
         _strict_load(model, obj["model"], path)
         tokenizer = tokenizer_from_record(obj.get("tokenizer"), cfg.text)
-        info = {"format": "ours", "epoch": obj.get("epoch"), "step": obj.get("step")}
+        info = {"format": "ours", "epoch": obj.get("epoch"), "step": obj.get("step"),
+                "step_in_epoch": obj.get("step_in_epoch")}
     elif kind == "official":
         _, model_overrides = convert_official(obj)
         cfg = load_config(config_path).replace(model=model_overrides)
