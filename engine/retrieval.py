@@ -9,7 +9,7 @@
 
 Scores are cosine similarities of L2-normalised features (in [-1, 1], higher is closer), not probabilities. With
 a fusion stack (``model.fusion_layers > 0``) ``rerank=True`` re-orders the top candidates by the ITM head; their
-``itm_score`` is the logit margin "match" minus "no match".
+``itm_score`` is what evaluation ranks by (engine.evaluation.itm_score: the "match" logit).
 
 The index file holds the image features, the image paths with their sizes and modification times, and a
 digest of the model (checkpoint path, size and modification time, and the input settings). It is reused only
@@ -62,7 +62,7 @@ class SearchResult:
     path: str
     score: float
     rank: int
-    itm_score: float | None = None  # ITM logit margin, only when the ranking was re-ordered by the ITM head
+    itm_score: float | None = None  # the ITM head's score, only when the ranking was re-ordered by it
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -208,7 +208,7 @@ def fusion_retriever(tmp_path_factory, synth_root) -> Retriever:
 
 def test_rerank_orders_the_top_candidates_by_the_itm_head(fusion_retriever, indexed):
     from datasets.transforms import load_image
-    from engine.evaluation import encode_text_tokens
+    from engine.evaluation import encode_text_tokens, itm_score
 
     retriever = fusion_retriever
     plain = retriever.search(QUERY, k=4, rerank=False)
@@ -219,14 +219,14 @@ def test_rerank_orders_the_top_candidates_by_the_itm_head(fusion_retriever, inde
     assert itm == sorted(itm, reverse=True) and [r.rank for r in reranked] == [1, 2, 3, 4]
     cosine = {r.path: r.score for r in plain}
     assert all(r.score == pytest.approx(cosine[r.path], abs=1e-6) for r in reranked)
-    # each ITM score is the match-minus-no-match logit of that (caption, image) pair
+    # each ITM score is the score evaluation re-ranks by (itm_score of the ITM logits) of that (caption, image) pair
     model = retriever.model
     with torch.no_grad():
         tokens, mask, _ = encode_text_tokens(model, retriever.tokenizer, [QUERY], retriever.cfg.text.max_text_len, "cpu")
         for hit in reranked:
             image_tokens, _ = model.encode_image(retriever.transform(load_image(hit.path))[None], bmm=False)
             logits = model.itm_logits(tokens, mask, image_tokens)[0]
-            assert hit.itm_score == pytest.approx(float(logits[1] - logits[0]), abs=1e-4)
+            assert hit.itm_score == pytest.approx(float(itm_score(logits[None])[0]), abs=1e-4)
     # batched re-ranking gives the same as one query at a time
     both = retriever.search([QUERY, QUERIES[1]], k=3, rerank=True)
     assert [r.path for r in both[1]] == [r.path for r in retriever.search(QUERIES[1], k=3, rerank=True)]
@@ -302,13 +302,13 @@ def test_retrieve_input_mistakes_are_one_line(checkpoint, gallery, tmp_path):
 def test_contact_sheet_names_each_file(tmp_path, gallery):
     from PIL import Image
 
-    from utils.visualize import _fit_name, _font, contact_sheet
+    from utils.visualize import _elide, _font, contact_sheet
 
     font = _font(13)
     long_name = "a_very_long_file_name_from_a_camera_export_0001234.jpg"
-    short = _fit_name(long_name, font, 104)
+    short = _elide(long_name, font, 104)
     assert short.startswith("a_ve") and short.endswith(".jpg") and "..." in short
-    assert font.getlength(short) <= 104 and _fit_name("p0.jpg", font, 104) == "p0.jpg"
+    assert font.getlength(short) <= 104 and _elide("p0.jpg", font, 104) == "p0.jpg"
     paths = [gallery / "p0.jpg", gallery / "sub" / "p4.jpg"]
     sheet = contact_sheet(paths, [0.5, 0.25], "query: test", tmp_path / "s.png")
     with Image.open(sheet) as image:

@@ -255,23 +255,9 @@ def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: s
         raise ValueError(f"{len(paths)} paths but {len(scores)} scores")
     font = _font(FONT_SIZE - 2)  # the caption font of _render_captioned
     cell_width = THUMB_SIZE[0] + 2 * FRAME
-    captions = [[f"#{rank + 1} {float(score):.3f}", _fit_name(Path(str(path)).name, font, cell_width)]
+    captions = [[f"#{rank + 1} {float(score):.3f}", _elide(Path(str(path)).name, font, cell_width)]
                 for rank, (path, score) in enumerate(zip(paths, scores))]
     return _render_captioned([title], [str(p) for p in paths], captions, out_path, columns=MAX_COLUMNS)
-
-
-def _fit_name(name: str, font: ImageFont.ImageFont, width_px: int) -> str:
-    """``name`` shortened in the middle with an ellipsis until it is at most ``width_px`` wide."""
-    if _text_width(font, name) <= width_px:
-        return name
-    keep = len(name)
-    while keep > 2:
-        keep -= 1
-        head, tail = (keep + 1) // 2, keep // 2
-        short = name[:head] + "..." + name[len(name) - tail:]
-        if _text_width(font, short) <= width_px:
-            return short
-    return name[:1] + "..."
 
 
 def _render_captioned(header: list[str], paths: Sequence[str], captions: Sequence[Sequence[str]],
