@@ -247,9 +247,47 @@ def write_examples_index(out_path: str | Path, title: str, summary: Sequence[tup
 
 
 def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: str, out_path: str | Path) -> Path:
-    """Ranked images with their scores under ``title`` (wrapped), MAX_COLUMNS per row; returns ``out_path``."""
+    """Ranked images under ``title`` (wrapped), MAX_COLUMNS per row; returns ``out_path``.
+
+    Under each thumbnail: its rank and score, then its file name (shortened in the middle to fit).
+    """
     if len(paths) != len(scores):
         raise ValueError(f"{len(paths)} paths but {len(scores)} scores")
-    captions = [f"#{rank + 1} {float(score):.3f}" for rank, score in enumerate(scores)]
-    return _render([title], [str(p) for p in paths], captions, [NEUTRAL_COLOUR] * len(paths), out_path,
-                   columns=MAX_COLUMNS)
+    font = _font(FONT_SIZE - 2)  # the caption font of _render_captioned
+    cell_width = THUMB_SIZE[0] + 2 * FRAME
+    captions = [[f"#{rank + 1} {float(score):.3f}", _elide(Path(str(path)).name, font, cell_width)]
+                for rank, (path, score) in enumerate(zip(paths, scores))]
+    return _render_captioned([title], [str(p) for p in paths], captions, out_path, columns=MAX_COLUMNS)
+
+
+def _render_captioned(header: list[str], paths: Sequence[str], captions: Sequence[Sequence[str]],
+                      out_path: str | Path, columns: int) -> Path:
+    """Like ``_render`` with neutral frames, but each thumbnail has several caption lines (centred)."""
+    font = _font(FONT_SIZE - 2)
+    title_font = _font()
+    line_h = _line_height(font)
+    lines = max((len(c) for c in captions), default=1)
+    cell_w = THUMB_SIZE[0] + 2 * FRAME
+    cell_h = THUMB_SIZE[1] + 2 * FRAME + lines * line_h
+    columns = max(1, min(columns, len(paths))) if paths else 1
+    rows = (len(paths) + columns - 1) // columns
+    width = max(GAP + columns * (cell_w + GAP), 360)
+    title_h = _line_height(title_font)
+    wrapped = [line for text in header for line in _wrap(text, title_font, width - 2 * GAP)]
+    header_h = GAP + len(wrapped) * title_h + GAP
+    sheet = Image.new("RGB", (width, header_h + rows * (cell_h + GAP)), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(wrapped):
+        draw.text((GAP, GAP + i * title_h), line, fill=TEXT_COLOUR, font=title_font)
+    for i, (path, cell_lines) in enumerate(zip(paths, captions)):
+        x = GAP + (i % columns) * (cell_w + GAP)
+        y = header_h + (i // columns) * (cell_h + GAP)
+        draw.rectangle([x, y, x + cell_w - 1, y + THUMB_SIZE[1] + 2 * FRAME - 1], fill=NEUTRAL_COLOUR)
+        sheet.paste(_thumbnail(path), (x + FRAME, y + FRAME))
+        for j, text in enumerate(cell_lines):
+            text_x = x + max((cell_w - _text_width(font, text)) / 2, 0)
+            draw.text((text_x, y + THUMB_SIZE[1] + 2 * FRAME + 2 + j * line_h), text, fill=TEXT_COLOUR, font=font)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_path)
+    return out_path
