@@ -118,10 +118,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data-dir", default="/tmp/bench_learning/data")
     parser.add_argument("--runs-dir", default="/tmp/bench_learning/runs")
     parser.add_argument("--out", default=None, help="JSON lines file to append each run's result to")
+    parser.add_argument("--name", default="recipe", help="the variant's name in the table and run folders")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
-    variants = ABLATION if args.ablation else {"recipe": []}
+    variants = ABLATION if args.ablation else {args.name: []}
     data_dir, runs_dir = Path(args.data_dir), Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine_state()}", flush=True)

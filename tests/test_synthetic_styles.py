@@ -165,3 +165,13 @@ def test_cli_style(tmp_path: Path) -> None:
     out = synthetic.main(["--format", "rstp", "--out", str(tmp_path / "r"), "--num-ids", "3", "--style", "cctv"])
     assert json.loads((out / "SYNTHETIC.json").read_text())["style"] == "cctv"
     assert split_counts(load_annotations("rstp", out).train)[0] == 1
+
+
+def test_config_key_declares_the_default_style() -> None:
+    import inspect
+
+    from utils.config import load_config
+
+    default = inspect.signature(make_synthetic).parameters["style"].default
+    assert load_config(None).data.synthetic_style == default == "classic"
+    assert load_config(None, ["data.synthetic_style=cctv"]).data.synthetic_style in STYLES
