@@ -77,6 +77,35 @@ def train_once(config: str, overrides: list[str], data_root: Path, seed: int, ru
     return {**read_run(run_dir), "wall_s": round(seconds, 1)}
 
 
+def vocabulary_report(root: Path, sizes: tuple[int, ...] = (1000,)) -> list[str]:
+    """How a vocabulary learnt on the train captions cuts the test captions: words split into pieces, words split
+    into single characters, caption lengths in tokens (the demo learns a 1000-piece vocabulary)."""
+    import re
+    from collections import Counter
+
+    from datasets.readers import load_annotations
+    from datasets.tokenizer import learn_wordpiece_vocab, tokenizer_from_vocab
+
+    splits = load_annotations("cuhkpedes", root)
+    test = [r.caption for r in splits.test]
+    words = Counter(w for c in test for w in re.findall(r"[a-z0-9'-]+", c.lower()))
+    total = sum(words.values())
+    lines = []
+    for size in sizes:
+        vocab = learn_wordpiece_vocab([r.caption for r in splits.train], size)
+        tokenizer = tokenizer_from_vocab(vocab, True)
+        pieces = {w: tokenizer.tokenize(w) for w in words}
+        split = [w for w, p in pieces.items() if len(p) > 1]
+        chars = [w for w in split if all(len(p.removeprefix("##")) == 1 for p in pieces[w])]
+        lengths = [len(tokenizer(c)["input_ids"]) for c in test]
+        lines.append(
+            f"{root.name}: vocab_size {size} (learnt {len(vocab)} pieces); test words {len(words)} distinct, "
+            f"{len(split)} split ({100 * sum(words[w] for w in split) / total:.1f}% of occurrences), "
+            f"{len(chars)} into single characters; tokens per caption mean {sum(lengths) / len(lengths):.1f}, "
+            f"max {max(lengths)}")
+    return lines
+
+
 def machine_state() -> str:
     load = os.getloadavg()
     return (f"{os.cpu_count()} CPUs (nproc), load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, "
@@ -120,12 +149,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=None, help="JSON lines file to append each run's result to")
     parser.add_argument("--name", default="recipe", help="the variant's name in the table and run folders")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--vocabulary", action="store_true",
+                        help="no training: how a 1000-piece vocabulary learnt per style cuts its test captions")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
     variants = ABLATION if args.ablation else {args.name: []}
     data_dir, runs_dir = Path(args.data_dir), Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine_state()}", flush=True)
+    if args.vocabulary:
+        for style in args.styles:
+            print("\n".join(vocabulary_report(dataset(data_dir, style, args.num_ids, 0))), flush=True)
+        return []
     rows: list[dict] = []
     for variant, extra in variants.items():
         config = args.config
