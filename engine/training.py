@@ -380,11 +380,17 @@ class LogWindow:
                 raise NonFiniteLossError(
                     f"{name} is {value} in the {micro_steps} steps up to global step {state.global_step} "
                     f"(epoch {state.epoch}); stopping without saving (last.pth holds the last good state)")
-        scalars.update(lr=run.optimizer.param_groups[0]["lr"], epoch=state.epoch, pairs_per_s=pairs_per_s)
+        # The whole run's remaining training time at this window's pace (evaluations not counted).
+        remaining_steps = (run.cfg.train.epochs - state.epoch) * run.nominal_steps - state.step_in_epoch
+        eta_s = max(remaining_steps, 0) * (time.perf_counter() - self.started) / self.steps
+        scalars.update(lr=run.optimizer.param_groups[0]["lr"], epoch=state.epoch, pairs_per_s=pairs_per_s,
+                       eta_s=eta_s)
         run.writer.write("train", state.global_step, scalars)
-        progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2e}", pairs_s=f"{pairs_per_s:.0f}")
-        logger.info("epoch %d step %d: %s", state.epoch, state.global_step,
-                    " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k != "epoch"))
+        eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if eta_s < 86400 else f"{eta_s / 86400:.1f} days"
+        progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{scalars['lr']:.2e}", pairs_s=f"{pairs_per_s:.0f}",
+                             run_eta=eta)
+        logger.info("epoch %d step %d: %s run ETA %s", state.epoch, state.global_step,
+                    " ".join(f"{k}={v:.4g}" for k, v in scalars.items() if k not in ("epoch", "eta_s")), eta)
         self._reset()
 
 

@@ -11,27 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from tests.images import truncate, write_image
 from datasets import check, synthetic
 from datasets.readers import load_annotations
 from datasets.synthetic import make_synthetic
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _image(path: Path, fmt: str = "JPEG", size: tuple[int, int] = (64, 128)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = bytes((x * 7 + y * 13) % 256 for y in range(size[1]) for x in range(size[0]) for _ in range(3))
-    Image.frombytes("RGB", size, pixels).save(path, fmt)
-    return path
-
-
-def _truncate(path: Path, keep: float = 0.5) -> Path:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-    return path
 
 
 # ----------------------------------------------------------------------------------------------- datasets.check
@@ -57,7 +44,7 @@ def _fixture_with_images(tmp_path: Path, missing: tuple[str, ...]) -> Path:
     shutil.copytree(FIXTURES / "cuhkpedes_raw", root)
     for entry in json.loads((root / "reid_raw.json").read_text()):
         if entry["file_path"] not in missing:
-            _image(root / "imgs" / entry["file_path"], "PNG" if entry["file_path"].endswith(".png") else "JPEG")
+            write_image(root / "imgs" / entry["file_path"], "PNG" if entry["file_path"].endswith(".png") else "JPEG")
     return root
 
 
@@ -153,7 +140,7 @@ def test_check_pretrain_corpora(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert f"pretraining corpora: {corpora}" in out and f"train  | {captions:>6} |" in out
     assert "identities" not in out and out.rstrip().endswith("result: OK")
     first = root / json.loads((root / "pretrain.json").read_text())[0]["image"]
-    _truncate(first)
+    truncate(first)
     assert check.main(["--format", "pretrain", "--root", str(root)]) == 1  # the synthetic corpus folder
     out = capsys.readouterr().out
     assert "0 missing, 1 undecodable" in out and "1 undecodable image(s)" in out

@@ -5,41 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from tests.images import truncate, write_image
 from datasets import image_check
 from datasets.image_check import common_base, group_by_folder, probe_image, scan_images
 from datasets.readers import check_images
 from datasets.records import MissingImagesError, Record
 
 
-def _image(path: Path, fmt: str = "JPEG", size: tuple[int, int] = (64, 128)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = bytes((x * 7 + y * 13) % 256 for y in range(size[1]) for x in range(size[0]) for _ in range(3))
-    Image.frombytes("RGB", size, pixels).save(path, fmt)
-    return path
-
-
-def _truncate(path: Path, keep: float = 0.5) -> Path:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-    return path
-
-
 # ----------------------------------------------------------------------------------------------- check levels
 
 def test_probe_levels_on_broken_files(tmp_path: Path) -> None:
-    good = _image(tmp_path / "good.jpg")
-    truncated = _truncate(_image(tmp_path / "truncated.jpg"))
+    good = write_image(tmp_path / "good.jpg")
+    truncated = truncate(write_image(tmp_path / "truncated.jpg"))
     padded = tmp_path / "padded.jpg"  # bytes after the end marker: Pillow decodes it, so must the check
     padded.write_bytes(good.read_bytes() + b"\0" * 100)
-    png = _image(tmp_path / "good.png", "PNG")
+    png = write_image(tmp_path / "good.png", "PNG")
     no_iend = tmp_path / "no_iend.png"  # verify() complains, but the pixels decode: training could use it
     no_iend.write_bytes(png.read_bytes()[:-12])
-    half_png = _truncate(_image(tmp_path / "half.png", "PNG", (64, 64)))
+    half_png = truncate(write_image(tmp_path / "half.png", "PNG", (64, 64)))
     html = tmp_path / "html.jpg"
     html.write_text("<html>404 not found</html>")
-    gif = _image(tmp_path / "a.gif", "GIF")
+    gif = write_image(tmp_path / "a.gif", "GIF")
 
     def levels(path: Path) -> list[str]:
         return [probe_image(str(path), mode)[0] for mode in ("exists", "header", "full")]
@@ -71,9 +58,9 @@ def test_scan_in_parallel_matches_serial_and_groups_problems(tmp_path: Path) -> 
         if i % 10 == 0 and folder == "A":
             paths.append(str(path))  # missing: A 0, 30, 60, 90, 120
             continue
-        _image(path)
+        write_image(path)
         if i % 25 == 1:
-            _truncate(path)  # B 1, C 26, A 51, B 76, C 101, A 126
+            truncate(path)  # B 1, C 26, A 51, B 76, C 101, A 126
         paths.append(str(path))
     serial = scan_images(paths + paths[:5], "header", workers=1)
     parallel = scan_images(paths, "header", workers=4)
@@ -98,7 +85,7 @@ def test_scan_in_parallel_matches_serial_and_groups_problems(tmp_path: Path) -> 
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    paths = [str(_image(tmp_path / f"{i}.jpg")) for i in range(3)]
+    paths = [str(write_image(tmp_path / f"{i}.jpg")) for i in range(3)]
     scan_images(paths)  # not a terminal: silent
     assert capsys.readouterr().err == ""
     scan_images(paths, progress=True)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from utils.checkpoint import atomic_write
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -109,11 +110,9 @@ class MetricsWriter:
         if not self.enabled or not self.path.is_file():
             return 0
         records = read_metrics(self.path)
-        kept = [r for r in records if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".rewrite")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
-        return len(records) - len(kept)
+        kept = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
+        atomic_write(self.path, lambda handle: handle.write(kept.encode()))
+        return len(records) - kept.count("\n")
 
     def close(self) -> None:
         if self._tb is not None:
