@@ -7,6 +7,10 @@
 Our checkpoints carry their config; ``--config`` then only replaces the task, data and eval settings (a
 pretraining checkpoint evaluates zero-shot on the data.eval_root it was given, or on the one you pass). The authors'
 checkpoints carry none, so ``--config`` names the recipe (the architecture is read from the tensors).
+
+Results go next to the checkpoint as metrics_<split>_<checkpoint name>.json (and examples_<split>_<checkpoint
+name>/), so a training run's own metrics_<split>.json is never overwritten; --output-dir DIR writes
+metrics_<split>.json there instead (still named after the checkpoint when DIR is the checkpoint's folder).
 """
 from __future__ import annotations
 
@@ -26,12 +30,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="recipe YAML: data/eval sections for ours, all for the authors'")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--output-dir", default=None,
-                        help="where metrics_<split>.json goes (default: the checkpoint's folder)")
+                        help="where metrics_<split>.json goes (default: metrics_<split>_<checkpoint name>.json "
+                             "in the checkpoint's folder)")
     parser.add_argument("--save-examples", type=int, default=None, metavar="N",
                         help="save PNGs of the top-10 results of N queries (overrides eval.save_examples)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=128")
     return parser.parse_args(argv)
+
+
+def output_paths(checkpoint: str | Path, output_dir: str | Path | None, split: str) -> tuple[Path, Path]:
+    """(metrics JSON, examples folder) for ``split``: named after the checkpoint in the checkpoint's folder,
+    where a training run keeps its own metrics_<split>.json; plain names in a folder of their own."""
+    checkpoint = Path(checkpoint).resolve()
+    folder = Path(output_dir).resolve() if output_dir else checkpoint.parent
+    suffix = f"_{checkpoint.stem}" if folder == checkpoint.parent else ""
+    return folder / f"metrics_{split}{suffix}.json", folder / f"examples_{split}{suffix}"
+
+
+def logged_epoch(info: dict) -> int | None:
+    """The epoch as the training log numbers it (from 0), of the model in a checkpoint.
+
+    Checkpoints store ``epoch`` as the epoch to run next (ours and the authors' alike), so a checkpoint
+    written at the end of an epoch holds the model of ``epoch - 1``; one of ours written mid-epoch (a stopped
+    run's last.pth, ``step_in_epoch > 0``) holds a model inside ``epoch``.
+    """
+    epoch = info.get("epoch")
+    if not isinstance(epoch, int):
+        return None
+    return epoch if info.get("step_in_epoch") else epoch - 1
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -52,22 +79,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with user_errors_as_one_line():
         try:
             model, cfg, tokenizer, info = load_for_inference(args.checkpoint, args.config, overrides, device)
-            logger.info("loaded %s (%s format, epoch %s) on %s", args.checkpoint, info["format"], info.get("epoch"),
-                        device)
+            epoch = logged_epoch(info)
+            when = "epoch unknown" if epoch is None else f"epoch {epoch} as in its training log"
+            if epoch is not None and info.get("step_in_epoch"):
+                when += f", stopped after {info['step_in_epoch']} steps of it"
+            logger.info("loaded %s (%s format, %s) on %s", args.checkpoint, info["format"], when, device)
             splits = load_eval_splits(cfg)
             if splits is None:
                 raise EvaluationError(f"{args.checkpoint} is a pretraining checkpoint without an evaluation set: "
                                       "pass data.eval_root=PATH (and data.eval_format=cuhkpedes|icfg|rstp)")
             records = splits.split(args.split)
             results = evaluate_model(model, records, tokenizer, cfg, device, args.split)
-            output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent
-            metrics_path = output_dir / f"metrics_{args.split}.json"
+            results["epoch"] = epoch
+            metrics_path, examples_dir = output_paths(args.checkpoint, args.output_dir, args.split)
             write_metrics_json(metrics_path, results, args.checkpoint, cfg)
             if du.is_main_process():
                 logger.info("wrote %s", metrics_path)
                 if "examples" in results:
-                    written = save_examples(output_dir / f"examples_{args.split}", results, records)
-                    logger.info("wrote %d example pictures to %s", len(written), output_dir / f"examples_{args.split}")
+                    written = save_examples(examples_dir, results, records, cfg)
+                    logger.info("wrote %d example pictures and index.html to %s",
+                                sum(p.suffix == ".png" for p in written), examples_dir)
             du.barrier()
             return results
         finally:

@@ -184,7 +184,7 @@ def init_from_checkpoint(model, path: str, skip: Sequence[str] = ()) -> None:
     Grid embeddings are resampled when the patch grid differs; tensors the model lacks (a pretraining fusion stack
     when the recipe has none) and model tensors the checkpoint lacks are both listed in the log.
     """
-    obj = load_file(path)
+    obj = read_checkpoint_or_folder(path)
     kind = detect_format(obj)
     if kind == "ours":
         state = obj["model"]
@@ -235,7 +235,7 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
     with the architecture inferred from the tensors.
     """
     path = Path(path)
-    obj = load_file(path)
+    obj = read_checkpoint_or_folder(path)
     kind = detect_format(obj)
     if kind == "ours":
         cfg = config_from_dict(obj["config"], source=str(path))
@@ -246,7 +246,8 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
         model = build_model(cfg)
         _strict_load(model, obj["model"], path)
         tokenizer = tokenizer_from_record(obj.get("tokenizer"), cfg.text)
-        info = {"format": "ours", "epoch": obj.get("epoch"), "step": obj.get("step")}
+        info = {"format": "ours", "epoch": obj.get("epoch"), "step": obj.get("step"),
+                "step_in_epoch": obj.get("step_in_epoch")}
     elif kind == "official":
         _, model_overrides = convert_official(obj)
         cfg = load_config(config_path).replace(model=model_overrides)
@@ -274,3 +275,15 @@ def export_safetensors(checkpoint_path: str | Path, out_path: str | Path) -> Non
         raise CheckpointError(f"{checkpoint_path}: not one of our checkpoints; convert it first")
     tensors = {k: v.contiguous() for k, v in obj["model"].items()}
     save_file(tensors, str(out_path), metadata={"config": json.dumps(obj["config"])})
+
+
+# -------------------------------------------------------------------------------------- model folders
+def read_checkpoint_or_folder(path: str | Path) -> Any:
+    """A checkpoint file's contents, or a model folder (python -m models.export) read as one of our checkpoints.
+
+    The folder gives the same weights, config and tokenizer as the checkpoint it was exported from, so every
+    loader above (load_for_inference, init_from_checkpoint) treats both alike.
+    """
+    from models.export import folder_as_checkpoint
+
+    return folder_as_checkpoint(path) if Path(path).is_dir() else load_file(path)

@@ -1,10 +1,15 @@
 """Text-to-image retrieval evaluation: the protocol, batched sharded encoding, optional ITM re-ranking, reports.
 
-Protocol: every caption of the split is a query, every unique image (by ``image_id``) is
-a gallery entry, and a gallery entry matches a query when they share the person id. Features are encoded once
-(batched, autocast on CUDA, each rank a contiguous shard, gathered back in order), ranked by cosine
-similarity, and, when the model has a fusion stack and ``eval.rerank_top_k > 0``, each query's top-k images
-are re-scored by the ITM head. Image-to-text metrics (images as queries, captions as gallery) are reported too.
+Protocol ``standard`` (``eval.protocol``): every caption of the split is a query, every unique image (by
+``image_id``) is a gallery entry, a gallery entry matches a query when they share the person id, and AP is
+the standard average precision over queries that have a positive. Protocol ``authors`` reproduces the
+authors' evaluation code so that their published numbers can be compared: the gallery is every second record
+of the annotation in file order (every record on ICFG-PEDES), AP is the trapezoidal variant, a query without
+a positive counts as zero, and RSTPReid captions of more than 90 words are dropped before anything else.
+Features are encoded once (batched, autocast on CUDA, each rank a contiguous shard, gathered back in order),
+ranked by cosine similarity, and, when the model has a fusion stack and ``eval.rerank_top_k > 0``, each
+query's top-k images are re-scored by the ITM head. Image-to-text metrics (images as queries, captions as
+gallery) are reported too.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +32,12 @@ from datasets.train_data import EvalImageDataset
 from datasets.transforms import build_test_transform
 from utils.amp import autocast
 from utils.checkpoint import atomic_write
+from utils.environment import environment_record
 from utils.errors import UserError
 from utils.distributed import (broadcast_object, gather_in_order, get_world_size, is_distributed,
                                is_main_process, shard_counts, shard_range)
 from utils.metrics import apply_rerank, format_metrics_table, retrieval_metrics, topk_indices
-from utils.visualize import save_query_examples
+from utils.visualize import save_query_examples, write_examples_index
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +49,22 @@ class EvaluationError(UserError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------- protocol
+PROTOCOLS = ("standard", "authors")
+# The authors' evaluation, per dataset format: which records give gallery entries (every n-th in file order)
+# and the caption length (their word count) beyond which a record is dropped from the split. Both are part of
+# the definition of protocol "authors", not settings: changing them would no longer reproduce their numbers.
+AUTHORS_GALLERY_EVERY = {"cuhkpedes": 2, "rstp": 2, "icfg": 1}
+AUTHORS_MAX_WORDS = {"rstp": 90}
+
+
 @dataclass
 class EvalSets:
-    """Queries (one per caption) and gallery (one per unique image) of one split.
+    """Queries (one per caption) and gallery of one split under one protocol.
 
     texts: [Q] captions; query_pids: [Q] long; query_image_ids: [Q] long, the ``image_id`` of each caption's
-    own image; image_paths: [G]; gallery_pids: [G] long; gallery_image_ids: [G] long, in order of first
-    appearance in the records.
+    own image; image_paths: [G]; gallery_pids: [G] long; gallery_image_ids: [G] long. Protocol ``standard``:
+    one gallery entry per unique image, in order of first appearance; ``authors``: see build_eval_protocol
+    (an image may then appear twice or not at all). dropped_captions: records left out of the queries.
     """
 
     texts: list[str]
@@ -57,6 +73,8 @@ class EvalSets:
     image_paths: list[str]
     gallery_pids: torch.Tensor
     gallery_image_ids: torch.Tensor
+    protocol: str = "standard"
+    dropped_captions: int = 0
 
     @property
     def num_queries(self) -> int:
@@ -67,13 +85,41 @@ class EvalSets:
         return len(self.image_paths)
 
 
-def build_eval_protocol(records: Sequence[Record]) -> EvalSets:
-    """Queries = every record's caption; gallery = each ``image_id`` once, in order of first appearance.
+def authors_word_count(caption: str) -> int:
+    """Words as the authors count them to drop long RSTPReid captions: pieces between spaces, '.', ',', '?'."""
+    return sum(1 for piece in re.split(r"[\s.,?]+", caption) if piece)
 
-    Raises EvaluationError for an empty split, or when two records of one ``image_id`` disagree on the path or pid.
+
+def build_eval_protocol(records: Sequence[Record], protocol: str = "standard",
+                        data_format: str | None = None) -> EvalSets:
+    """Queries and gallery of ``records`` (one split, in annotation file order) under ``protocol``.
+
+    standard: queries = every record's caption; gallery = each ``image_id`` once, in order of first appearance.
+    authors: records whose caption has more than AUTHORS_MAX_WORDS[data_format] words are dropped first;
+    queries = the remaining records; gallery = the image of every AUTHORS_GALLERY_EVERY[data_format]-th
+    remaining record, starting with the first (their ``[::2]``: exactly the unique images when every image
+    has two adjacent captions).
+
+    Raises EvaluationError for an empty split, an unknown protocol or format, or when two records of one
+    ``image_id`` disagree on the path or pid.
     """
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if not records:
         raise EvaluationError("the evaluation split has no records")
+    dropped = 0
+    if protocol == "authors":
+        if data_format not in AUTHORS_GALLERY_EVERY:
+            raise EvaluationError(f"eval.protocol=authors is defined for the formats the authors evaluate "
+                                  f"({', '.join(AUTHORS_GALLERY_EVERY)}), not {data_format!r}; use eval.protocol=standard")
+        max_words = AUTHORS_MAX_WORDS.get(data_format)
+        if max_words is not None:
+            kept = [r for r in records if authors_word_count(r.caption) <= max_words]
+            dropped = len(records) - len(kept)
+            records = kept
+            if not records:
+                raise EvaluationError(f"every caption of the split has more than {max_words} words, which "
+                                      "eval.protocol=authors drops")
     texts, query_pids, query_image_ids = [], [], []
     first_seen: dict[int, int] = {}  # image_id -> index of the record that introduced it
     for index, record in enumerate(records):
@@ -89,7 +135,10 @@ def build_eval_protocol(records: Sequence[Record]) -> EvalSets:
                 f"record {known} gave it ({records[known].image_path!r}, pid {records[known].pid}); "
                 "expected one path and one pid per image_id"
             )
-    gallery = [records[i] for i in first_seen.values()]
+    if protocol == "authors":
+        gallery = list(records[::AUTHORS_GALLERY_EVERY[data_format]])
+    else:
+        gallery = [records[i] for i in first_seen.values()]
     return EvalSets(
         texts=texts,
         query_pids=torch.tensor(query_pids, dtype=torch.long),
@@ -97,7 +146,35 @@ def build_eval_protocol(records: Sequence[Record]) -> EvalSets:
         image_paths=[r.image_path for r in gallery],
         gallery_pids=torch.tensor([r.pid for r in gallery], dtype=torch.long),
         gallery_image_ids=torch.tensor([r.image_id for r in gallery], dtype=torch.long),
+        protocol=protocol,
+        dropped_captions=dropped,
     )
+
+
+def protocol_of(cfg: Any) -> tuple[str, str]:
+    """(eval.protocol, the format of the evaluated dataset) of a config: data.format, or data.eval_format
+    when pretraining evaluates zero-shot on another dataset."""
+    data_format = cfg.data.eval_format if cfg.task == "pretrain" else cfg.data.format
+    return str(cfg.eval.protocol), str(data_format)
+
+
+def metric_options(protocol: str) -> dict[str, str]:
+    """The retrieval_metrics options that define ``protocol``'s numbers."""
+    if protocol == "authors":
+        return {"ap_formula": "trapezoidal", "without_positive": "zero"}
+    return {"ap_formula": "standard", "without_positive": "exclude"}
+
+
+def describe_protocol(sets: EvalSets, data_format: str) -> dict:
+    """What the metrics of ``sets`` mean, for metrics_<split>.json."""
+    if sets.protocol == "authors":
+        gallery = {1: "every record's image", 2: "the image of every second record in file order"}[
+            AUTHORS_GALLERY_EVERY[data_format]]
+        max_words = AUTHORS_MAX_WORDS.get(data_format)
+    else:
+        gallery, max_words = "every unique image", None
+    return {"name": sets.protocol, "gallery": gallery, **metric_options(sets.protocol),
+            "max_caption_words": max_words, "captions_dropped": sets.dropped_captions}
 
 
 def check_images_exist(paths: Sequence[str], limit: int = 5) -> None:
@@ -218,14 +295,29 @@ def _pair_chunks(topk_idx: torch.Tensor, batch_size: int) -> Iterator[tuple[torc
         yield positions, flat[positions]
 
 
+ITM_SCORES = ("match", "margin")
+
+
+def itm_score(logits: torch.Tensor, score: str = "match") -> torch.Tensor:
+    """Re-ranking score [B] float32 from ITM logits [B, 2] (index 1 = match).
+
+    match: the match logit, as RaSa and APTM rank; margin: match minus no-match logit.
+    """
+    if score not in ITM_SCORES:
+        raise ValueError(f"score must be one of {ITM_SCORES}, got {score!r}")
+    logits = logits.float()
+    return logits[:, 1] if score == "match" else logits[:, 1] - logits[:, 0]
+
+
 def rerank_scores(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], image_paths: Sequence[str],
                   topk_idx: torch.Tensor, transform: Callable, max_text_len: int, batch_size: int,
-                  device: torch.device | str, amp: bool, num_workers: int = 0) -> torch.Tensor:
-    """ITM scores [Q, k] float32 (logit of "match" minus logit of "no match") of each query's top-k images.
+                  device: torch.device | str, amp: bool, num_workers: int = 0, score: str = "match") -> torch.Tensor:
+    """ITM scores [Q, k] float32 (see ``itm_score``) of each query's top-k images.
 
     topk_idx: [Q, k] gallery indices per query. Text and image tokens are recomputed per batch of
-    ``batch_size`` pairs instead of being stored for the whole gallery. Queries are sharded across ranks and
-    the scores gathered back in order.
+    ``batch_size`` pairs instead of being stored for the whole gallery; the ITM head's projection runs in
+    float32 under autocast (IVT.itm_logits). Queries are sharded across ranks and the scores gathered back
+    in order.
     """
     device = torch.device(device)
     num_queries, k = topk_idx.shape
@@ -244,50 +336,108 @@ def rerank_scores(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
                 model, tokenizer, [texts[q] for q in unique_queries.tolist()], max_text_len, device)
             image_inverse = torch.searchsorted(torch.tensor(image_ids), gallery)
             logits = model.itm_logits(text_tokens[query_inverse.to(device)], text_mask[query_inverse.to(device)],
-                                      image_tokens[image_inverse.to(device)]).float()
-            scores[positions.to(device)] = logits[:, 1] - logits[:, 0]
+                                      image_tokens[image_inverse.to(device)])
+            scores[positions.to(device)] = itm_score(logits, score)
     local = scores.reshape(stop - start, k)
     return _gather_rows(local, num_queries, (k,))
 
 
 # ----------------------------------------------------------------------------------------- evaluation
-def _example_rows(num_queries: int, n: int) -> torch.Tensor:
-    """``n`` query indices spread evenly over the split (different persons rather than the first few)."""
-    n = min(n, num_queries)
-    return torch.linspace(0, num_queries - 1, n).round().long().unique() if n > 0 else torch.zeros(0, dtype=torch.long)
+EXAMPLE_PICKS = ("spread", "worst")
 
 
-def _examples(text_feats: torch.Tensor, image_feats: torch.Tensor, n: int,
-              rerank: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
-    """Final top-10 (re-ranked when ``rerank`` = (topk_idx [Q,k], itm scores [Q,k])) of ``n`` spread queries.
+def example_rows(first_hit_rank: torch.Tensor, n: int, pick: str = "spread") -> torch.Tensor:
+    """Indices of ``n`` example queries.
 
-    Scores are the cosine similarities of the shown images, whatever ranked them.
+    first_hit_rank: [Q] 0-based rank of each query's first true match, -1 without one. spread: evenly over
+    the split (different persons rather than the first few); worst: the queries whose first true match ranks
+    lowest, worst first (ties by query index; queries without any true match come last).
     """
-    rows = _example_rows(text_feats.shape[0], n).to(text_feats.device)
+    if pick not in EXAMPLE_PICKS:
+        raise EvaluationError(f"eval.examples_pick must be one of {', '.join(EXAMPLE_PICKS)}, got {pick!r}")
+    num_queries = first_hit_rank.numel()
+    n = min(n, num_queries)
+    if n <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    if pick == "spread":
+        return torch.linspace(0, num_queries - 1, n).round().long().unique()
+    key = first_hit_rank.cpu().long()
+    order = torch.sort(torch.where(key < 0, -1, key), descending=True, stable=True).indices
+    return order[:n]
+
+
+def _examples(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
+              gallery_pids: torch.Tensor, per_query: dict, n: int, pick: str,
+              rerank: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """The final top-10 (re-ranked when ``rerank`` = (topk_idx [Q,k], itm scores [Q,k])) of ``n`` queries.
+
+    per_query: retrieval_metrics' per-query "first_hit_rank" and "ap" of that final ranking. Scores are the
+    cosine similarities of the shown images, whatever ranked them. For a query whose top 10 holds no true
+    match, "first_match" gives the gallery index, 1-based rank and cosine of the first one (None otherwise).
+    """
+    rows = example_rows(per_query["first_hit_rank"], n, pick).to(text_feats.device)
     q = torch.nn.functional.normalize(text_feats[rows].float(), dim=1)
     g = torch.nn.functional.normalize(image_feats.float(), dim=1)
     cosine = q @ g.t()
     ranking = cosine if rerank is None else apply_rerank(cosine, rerank[0][rows], rerank[1][rows])
+    order = torch.sort(ranking, dim=1, descending=True, stable=True).indices
     k = min(EXAMPLE_TOP_K, image_feats.shape[0])
-    indices = torch.sort(ranking, dim=1, descending=True, stable=True).indices[:, :k]
+    is_match = gallery_pids.to(order.device)[order] == query_pids.to(order.device)[rows][:, None]
+    first_hit_rank, first_matches = [], []
+    for r in range(rows.numel()):
+        place = int(is_match[r].int().argmax()) if bool(is_match[r].any()) else -1
+        first_hit_rank.append(place + 1 if place >= 0 else None)
+        if place < k:  # a hit in the top k, or no true match at all: nothing more to show
+            first_matches.append(None)
+        else:
+            index = int(order[r, place])
+            first_matches.append({"index": index, "rank": place + 1, "score": float(cosine[r, index])})
     return {
-        "query_indices": rows.tolist(),
-        "indices": indices.tolist(),
-        "scores": cosine.gather(1, indices).tolist(),
+        "pick": pick,
         "ranked_by": "cosine" if rerank is None else "itm_rerank",
+        "query_indices": rows.tolist(),
+        "indices": order[:, :k].tolist(),
+        "scores": cosine.gather(1, order[:, :k]).tolist(),
+        "first_hit_rank": first_hit_rank,
+        "ap": per_query["ap"][rows.cpu()].tolist(),
+        "first_match": first_matches,
     }
+
+
+def _rerank(model: torch.nn.Module, tokenizer: Any, sets: EvalSets, text_feats: torch.Tensor,
+            image_feats: torch.Tensor, cfg: Any, transform: Callable, device: torch.device, per_query: bool,
+            options: dict, results: dict) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+    """ITM re-ranking of each query's top ``eval.rerank_top_k``: adds "t2i_rerank", "rerank_top_k" and
+    "rerank_seconds" to ``results``; returns ((top-k indices [Q,k], ITM scores [Q,k]), per-query ranks or None)."""
+    ev, chunk = cfg.eval, int(cfg.eval.chunk_size)
+    began = time.perf_counter()
+    k = min(int(ev.rerank_top_k), sets.num_gallery)
+    _, top_idx = topk_indices(text_feats, image_feats, k, chunk_size=chunk)
+    itm = rerank_scores(model, tokenizer, sets.texts, sets.image_paths, top_idx, transform, cfg.text.max_text_len,
+                        int(ev.rerank_batch_size), device, bool(ev.amp), int(cfg.data.num_workers))
+    results["t2i_rerank"] = retrieval_metrics(
+        text_feats, image_feats, sets.query_pids.to(device), sets.gallery_pids.to(device), chunk_size=chunk,
+        per_query=per_query,
+        score_fn=lambda sim, rows: apply_rerank(sim, top_idx[rows.start:rows.stop], itm[rows.start:rows.stop]),
+        **options)
+    results["rerank_top_k"] = k
+    results["rerank_seconds"] = time.perf_counter() - began
+    return (top_idx, itm), results["t2i_rerank"].pop("per_query", None)
 
 
 def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer: Any, cfg: Any,
                    device: torch.device | str, split_name: str) -> dict:
     """Evaluate ``model`` on one split's records; every rank calls it and gets the same results.
 
-    Returns {"split", "t2i", "i2t", "t2i_rerank" (only when re-ranking), "chance_R1", "counts",
-    "encode_seconds", "rerank_seconds" (when re-ranking), "examples" (when eval.save_examples > 0)}; metric
-    dicts are those of ``retrieval_metrics`` (percentages). Logs one table per direction.
+    Returns {"split", "protocol" (see describe_protocol), "t2i", "i2t", "t2i_rerank" (only when re-ranking),
+    "chance_R1", "counts", "encode_seconds", "rerank_seconds" (when re-ranking), "examples" (when
+    eval.save_examples > 0)}; metric dicts are those of ``retrieval_metrics`` (percentages). Logs one table
+    per direction.
     """
     device = torch.device(device)
-    sets = build_eval_protocol(records)
+    protocol, data_format = protocol_of(cfg)
+    sets = build_eval_protocol(records, protocol, data_format)
+    options = metric_options(protocol)
     ev = cfg.eval
     rerank_k = int(ev.rerank_top_k)
     if rerank_k > 0 and not getattr(model, "has_fusion", False):
@@ -300,39 +450,38 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     was_training = model.training
     model.eval()
 
-    logger.info("evaluating on %s: %d captions, %d images, %d rank(s)", split_name, sets.num_queries,
-                sets.num_gallery, get_world_size())
+    logger.info("evaluating on %s (protocol %s): %d captions, %d gallery images, %d rank(s)", split_name, protocol,
+                sets.num_queries, sets.num_gallery, get_world_size())
+    if sets.dropped_captions:
+        logger.info("protocol %s: %d captions of more than %d words dropped, as the authors", protocol,
+                    sets.dropped_captions, AUTHORS_MAX_WORDS[data_format])
     began = time.perf_counter()
     image_feats = encode_images(model, sets.image_paths, transform, ev.batch_size, device, amp, num_workers)
     text_feats = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, ev.batch_size, device, amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    results: dict[str, Any] = {"split": split_name, "encode_seconds": time.perf_counter() - began}
+    results: dict[str, Any] = {"split": split_name, "protocol": describe_protocol(sets, data_format),
+                               "encode_seconds": time.perf_counter() - began}
 
     query_pids = sets.query_pids.to(device)
     gallery_pids = sets.gallery_pids.to(device)
     chunk = int(ev.chunk_size)
-    results["t2i"] = retrieval_metrics(text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk)
-    results["i2t"] = retrieval_metrics(image_feats, text_feats, gallery_pids, query_pids, chunk_size=chunk)
+    want_examples = int(ev.save_examples) > 0
+    results["t2i"] = retrieval_metrics(text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk,
+                                       per_query=want_examples, **options)
+    per_query = results["t2i"].pop("per_query", None)
+    results["i2t"] = retrieval_metrics(image_feats, text_feats, gallery_pids, query_pids, chunk_size=chunk, **options)
     results["chance_R1"] = chance_r1(query_pids, gallery_pids)
     results["counts"] = {"queries": sets.num_queries, "gallery_images": sets.num_gallery,
                          "identities": int(torch.unique(sets.query_pids).numel())}
 
     rerank = None
     if rerank_k > 0:
-        began = time.perf_counter()
-        k = min(rerank_k, sets.num_gallery)
-        _, top_idx = topk_indices(text_feats, image_feats, k, chunk_size=chunk)
-        itm = rerank_scores(model, tokenizer, sets.texts, sets.image_paths, top_idx, transform,
-                            cfg.text.max_text_len, int(ev.rerank_batch_size), device, amp, num_workers)
-        rerank = (top_idx, itm)
-        results["t2i_rerank"] = retrieval_metrics(
-            text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk,
-            score_fn=lambda sim, rows: apply_rerank(sim, top_idx[rows.start:rows.stop], itm[rows.start:rows.stop]))
-        results["rerank_top_k"] = k
-        results["rerank_seconds"] = time.perf_counter() - began
-    if int(ev.save_examples) > 0:
-        results["examples"] = _examples(text_feats, image_feats, int(ev.save_examples), rerank)
+        rerank, per_query = _rerank(model, tokenizer, sets, text_feats, image_feats, cfg, transform, device,
+                                    want_examples, options, results)
+    if want_examples:
+        results["examples"] = _examples(text_feats, image_feats, query_pids, gallery_pids, per_query,
+                                        int(ev.save_examples), str(ev.examples_pick), rerank)
     model.train(was_training)
     log_results(results)
     return results
@@ -343,6 +492,9 @@ def log_results(results: dict) -> None:
     counts = results["counts"]
     split = results["split"]
     sizes = f"{counts['queries']} captions, {counts['gallery_images']} images"
+    protocol = results.get("protocol", {}).get("name", "standard")
+    if protocol != "standard":
+        sizes += f"; protocol {protocol}"
     shown = ("R1", "R5", "R10", "mAP", "mINP")
     tables = [("t2i", f"text-to-image on {split} ({sizes}; chance R@1 {results['chance_R1']:.3f}%)")]
     if "t2i_rerank" in results:
@@ -365,29 +517,59 @@ def _json_ready(value: Any) -> Any:
 
 
 def write_metrics_json(path: str | Path, results: dict, checkpoint: str | Path | None, config: Any) -> None:
-    """Write ``results`` with the checkpoint path and the config digest to ``path`` atomically (rank 0 only).
+    """Write ``results`` with the checkpoint path, the config digest and the environment (library versions, git
+    commit, device, world size) to ``path`` atomically (rank 0 only).
 
     Other ranks return at once; it holds no collective, so rank 0 may call it alone (callers barrier after).
     """
     if not is_main_process():
         return
     payload = {"checkpoint": None if checkpoint is None else str(checkpoint),
-               "config_digest": config.digest(), **_json_ready(results)}
+               "config_digest": config.digest(), "environment": environment_record(), **_json_ready(results)}
     text = json.dumps(payload, indent=2)
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
-def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record]) -> list[Path]:
-    """PNGs of ``results["examples"]`` (see utils.visualize.save_query_examples); rank 0 only, no collective."""
+def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record], cfg: Any) -> list[Path]:
+    """PNGs of ``results["examples"]`` and an index.html listing them with their query text and metrics.
+
+    See utils.visualize.save_query_examples; rank 0 only, no collective. ``cfg`` gives the protocol that
+    ``results`` were computed under (the example indices refer to its queries and gallery).
+    """
     written: list[Path] = []
     examples = results.get("examples")
-    if is_main_process() and examples and examples["query_indices"]:
-        sets = build_eval_protocol(records)
-        rows = examples["query_indices"]
-        queries = [(sets.texts[i], int(sets.query_pids[i])) for i in rows]
-        gallery = list(zip(sets.image_paths, sets.gallery_pids.tolist()))
-        written = save_query_examples(out_dir, queries, gallery, torch.tensor(examples["indices"]),
-                                      torch.tensor(examples["scores"]), len(rows), query_ids=rows)
+    if not (is_main_process() and examples and examples["query_indices"]):
+        return written
+    protocol, data_format = protocol_of(cfg)
+    sets = build_eval_protocol(records, protocol, data_format)
+    rows = examples["query_indices"]
+    queries = [(sets.texts[i], int(sets.query_pids[i])) for i in rows]
+    gallery = list(zip(sets.image_paths, sets.gallery_pids.tolist()))
+    first_matches = [None if m is None else (m["index"], m["rank"], m["score"]) for m in examples["first_match"]]
+    written = save_query_examples(out_dir, queries, gallery, torch.tensor(examples["indices"]),
+                                  torch.tensor(examples["scores"]), len(rows), query_ids=rows,
+                                  first_matches=first_matches)
+    final = results["t2i_rerank"] if "t2i_rerank" in results else results["t2i"]
+    ranked_by = (f"ITM re-ranking of the cosine top {results['rerank_top_k']}" if "t2i_rerank" in results
+                 else "cosine similarity")
+    picked = ("the queries whose first true match ranks lowest, worst first" if examples["pick"] == "worst"
+              else "queries spread evenly over the split")
+    summary = [("split", f"{results['split']} ({results['counts']['queries']} captions, "
+                         f"{results['counts']['gallery_images']} gallery images, protocol {protocol})"),
+               ("ranked by", ranked_by), ("queries shown", picked)]
+    summary += [(name, f"{final[name]:.2f}%") for name in ("R1", "R5", "R10", "mAP") if name in final]
+    entries = []
+    for i, (path, row, (text, pid)) in enumerate(zip(written, rows, queries)):
+        rank, ap, match = examples["first_hit_rank"][i], examples["ap"][i], examples["first_match"][i]
+        hits = sum(gallery[j][1] == pid for j in examples["indices"][i])
+        details = [("person", str(pid)),
+                   ("first true match", "none in the gallery" if rank is None else f"rank {rank}"),
+                   ("true matches in the top 10", str(hits)), ("AP", f"{100 * ap:.1f}%")]
+        if match is not None:
+            details.append(("shown on the right", f"the first true match, {Path(gallery[match['index']][0]).name}"))
+        entries.append({"picture": path.name, "heading": f"query {row}", "text": text, "details": details})
+    written.append(write_examples_index(Path(out_dir) / "index.html",
+                                        f"Retrieval examples: {results['split']}", summary, entries))
     return written
 
 

@@ -81,8 +81,14 @@ class IVT(nn.Module):
 
     def itm_logits(self, text_tokens: torch.Tensor, text_mask: Optional[torch.Tensor], image_tokens: torch.Tensor,
                    image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Image-text matching logits [B,2] (index 1 = match) from the fused CLS token."""
-        return self.itm_head(self.fuse(text_tokens, text_mask, image_tokens, image_mask)[:, 0])
+        """Image-text matching logits [B,2] float32 (index 1 = match) from the fused CLS token.
+
+        The 2-way projection runs in float32 even inside autocast: in bf16 the logits of different pairs tie
+        often, and re-ranking sorts by them.
+        """
+        cls = self.fuse(text_tokens, text_mask, image_tokens, image_mask)[:, 0]
+        with torch.autocast(device_type=cls.device.type, enabled=False):
+            return self.itm_head(cls.float())
 
     def mlm_logits(self, text_tokens: torch.Tensor, text_mask: Optional[torch.Tensor], image_tokens: torch.Tensor,
                    image_mask: Optional[torch.Tensor] = None, *, positions: torch.Tensor) -> torch.Tensor:

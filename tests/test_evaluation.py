@@ -109,6 +109,96 @@ def test_protocol_rejects_empty_and_inconsistent_records():
         build_eval_protocol(bad)
 
 
+def _path_order(sets) -> list[str]:
+    return [os.path.basename(p) for p in sets.image_paths]
+
+
+@pytest.mark.parametrize("fmt", ["cuhkpedes", "rstp"])
+def test_authors_gallery_is_the_unique_images_when_each_image_has_two_adjacent_captions(tmp_path, fmt):
+    from datasets.readers import load_annotations
+    from datasets.synthetic import make_synthetic
+
+    test = load_annotations(fmt, make_synthetic(fmt, tmp_path / fmt, num_ids=20, seed=0)).test
+    assert [r.image_id for r in test] == [i // 2 for i in range(len(test))]  # the premise: a, a, b, b, ...
+    standard = build_eval_protocol(test)
+    authors = build_eval_protocol(test, "authors", fmt)
+    assert authors.image_paths == standard.image_paths and len(authors.image_paths) == len(test) // 2
+    assert torch.equal(authors.gallery_pids, standard.gallery_pids)
+    assert torch.equal(authors.gallery_image_ids, standard.gallery_image_ids)
+    assert authors.texts == standard.texts and authors.dropped_captions == 0
+
+
+def test_authors_gallery_follows_file_order_not_images():
+    a, b, c = [Record(f"{n}.jpg", f"cap {n}{i}", pid, image_id) for i, (n, pid, image_id)
+               in enumerate([("a", 7, 0), ("b", 7, 1), ("c", 9, 2)])]
+    # image a has three captions: every second record then shows a twice and never c (as in the authors' code)
+    records = [a, a, a, b, b, c]
+    authors = build_eval_protocol(records, "authors", "cuhkpedes")
+    assert _path_order(authors) == ["a.jpg", "a.jpg", "b.jpg"] and authors.gallery_pids.tolist() == [7, 7, 7]
+    assert authors.num_queries == 6
+    assert _path_order(build_eval_protocol(records)) == ["a.jpg", "b.jpg", "c.jpg"]
+    # ICFG-PEDES: the authors take every record's image
+    assert _path_order(build_eval_protocol([a, b, b, c], "authors", "icfg")) == ["a.jpg", "b.jpg", "b.jpg", "c.jpg"]
+    with pytest.raises(ValueError, match="eval.protocol must be one of standard, authors"):
+        build_eval_protocol(records, "paper")
+    with pytest.raises(ValueError, match="not 'market'"):
+        build_eval_protocol(records, "authors", "market")
+
+
+def test_authors_drop_rstp_captions_over_90_words_before_taking_every_second():
+    from engine.evaluation import authors_word_count
+
+    words_90 = " ".join(["tall"] * 88) + " man,bag."  # '.' and ',' separate words too: 90
+    words_91 = " ".join(["tall"] * 89) + " man,bag."
+    assert authors_word_count(words_90) == 90 and authors_word_count(words_91) == 91
+    records = [Record("a.jpg", "short a", 1, 0), Record("a.jpg", words_91, 1, 0),
+               Record("b.jpg", words_90, 2, 1), Record("b.jpg", "short b", 2, 1), Record("c.jpg", "short c", 3, 2)]
+    sets = build_eval_protocol(records, "authors", "rstp")
+    assert sets.dropped_captions == 1 and sets.texts == ["short a", words_90, "short b", "short c"]
+    # after the drop the pairs are out of step: records a, b, b, c -> gallery a, b
+    assert _path_order(sets) == ["a.jpg", "b.jpg"]
+    # the drop is RSTPReid's only; the standard protocol never drops a caption
+    assert build_eval_protocol(records, "authors", "cuhkpedes").num_queries == 5
+    assert build_eval_protocol(records).num_queries == 5
+
+
+def test_authors_protocol_metrics_by_hand(tmp_path, monkeypatch, synth_root):
+    """Three queries, a two-image gallery under the authors' protocol, features chosen so the rankings are:
+    query 0 (person 1): c, a -> its positive a at rank 1; query 1 (person 9): its image b is record 1, which
+    every-second-record skips, so no positive; query 2 (person 2): c, a -> positive c at rank 0."""
+    import engine.evaluation as evaluation
+
+    paths = {}
+    for name in ("a", "b", "c"):
+        paths[name] = str(tmp_path / f"{name}.jpg")
+        Path(paths[name]).write_bytes(b"")  # existence is all the protocol checks; features are given below
+    records = [Record(paths["a"], "q0", 1, 0), Record(paths["b"], "q1", 9, 1), Record(paths["c"], "q2", 2, 2)]
+    gallery_feats = {paths["a"]: [1.0, 0.0], paths["c"]: [0.0, 1.0]}
+    text_feats = {"q0": [0.2, 1.0], "q1": [1.0, 1.0], "q2": [0.0, 1.0]}
+    monkeypatch.setattr(evaluation, "encode_images",
+                        lambda model, image_paths, *a, **k: torch.tensor([gallery_feats[p] for p in image_paths]))
+    monkeypatch.setattr(evaluation, "encode_texts",
+                        lambda model, tok, texts, *a, **k: torch.tensor([text_feats[t] for t in texts]))
+    cfg = tiny_cfg(synth_root, "eval.protocol=authors")
+    results = evaluate_model(tiny_model(cfg), records, None, cfg, "cpu", "test")
+    # Trapezoidal AP, (1/n) sum_i (p_before_i + p_i) / 2 with p_i = i / (r_i + 1), p_before_i = (i - 1) / r_i
+    # (1 at r_i = 0): query 0, i = 1 at r = 1: (0/1 + 1/2) / 2 = 1/4; query 1: 0 (no positive, counted);
+    # query 2, i = 1 at r = 0: (1 + 1) / 2 = 1.  mAP = (1/4 + 0 + 1) / 3 = 5/12.
+    assert results["t2i"]["mAP"] == pytest.approx(100 * 5 / 12)
+    assert results["t2i"]["R1"] == pytest.approx(100 / 3) and results["t2i"]["R5"] == pytest.approx(200 / 3)
+    assert results["t2i"]["num_queries_without_positive"] == 1
+    assert results["counts"]["gallery_images"] == 2
+    assert results["protocol"] == {"name": "authors", "gallery": "the image of every second record in file order",
+                                   "ap_formula": "trapezoidal", "without_positive": "zero",
+                                   "max_caption_words": None, "captions_dropped": 0}
+    # the standard protocol on the same features: gallery a, b, c, so query 1 finds b; standard AP
+    gallery_feats[paths["b"]] = [1.0, 1.0]
+    standard = evaluate_model(tiny_model(cfg), records, None, tiny_cfg(synth_root), "cpu", "test")
+    assert standard["counts"]["gallery_images"] == 3 and standard["t2i"]["num_queries_without_positive"] == 0
+    # rankings c, b, a / b, ... / c, ...: positives at ranks 2, 0, 0, so AP 1/3, 1, 1
+    assert standard["t2i"]["mAP"] == pytest.approx(100 * (1 / 3 + 2) / 3)
+
+
 # ------------------------------------------------------------------------------------------- encoding
 def test_encoders_keep_order_and_ignore_batching(splits, synth_root, tokenizer):
     from datasets.transforms import build_test_transform, load_image
@@ -177,6 +267,8 @@ def test_rerank_scores_match_pairwise_itm(splits, synth_root, tokenizer):
     texts = sets.texts[:4]
     # batch size 5 cuts the 12 pairs at odd places, across images and queries
     got = rerank_scores(model, tokenizer, texts, sets.image_paths, top, transform, 100, 5, "cpu", amp=False)
+    margin = rerank_scores(model, tokenizer, texts, sets.image_paths, top, transform, 100, 5, "cpu", amp=False,
+                           score="margin")
     with torch.no_grad():
         for q in range(4):
             batch = tokenizer([texts[q]], return_tensors="pt")
@@ -184,7 +276,9 @@ def test_rerank_scores_match_pairwise_itm(splits, synth_root, tokenizer):
             for j, g in enumerate(top[q].tolist()):
                 image_tokens, _ = model.encode_image(transform(load_image(sets.image_paths[g]))[None], bmm=False)
                 logits = model.itm_logits(text_tokens, batch["attention_mask"], image_tokens)[0]
-                assert got[q, j].item() == pytest.approx((logits[1] - logits[0]).item(), abs=1e-4)
+                # ranked by the match logit alone (RaSa, APTM), not by match minus no-match
+                assert got[q, j].item() == pytest.approx(logits[1].item(), abs=1e-4)
+                assert margin[q, j].item() == pytest.approx((logits[1] - logits[0]).item(), abs=1e-4)
 
 
 def _oracle_itm(model, sets, tokenizer, cfg):
@@ -263,7 +357,11 @@ def test_evaluate_main_on_our_checkpoint(our_checkpoint, synth_root, tmp_path):
     assert saved["checkpoint"] == str(our_checkpoint)
     _, cfg, _, _ = load_for_inference(our_checkpoint, overrides=["eval.save_examples=2"])
     assert saved["config_digest"] == cfg.digest()
-    assert sorted(p.name for p in (out / "examples_test").iterdir()) == ["query_00000.png", "query_00019.png"]
+    assert saved["protocol"]["name"] == "standard" and saved["protocol"]["ap_formula"] == "standard"
+    assert saved["environment"]["torch"] == str(torch.__version__)
+    assert saved["environment"]["world_size"] == 1 and saved["environment"]["device"] == "cpu"
+    assert sorted(p.name for p in (out / "examples_test").iterdir()) == ["index.html", "query_00000.png",
+                                                                         "query_00019.png"]
     assert not list(out.glob("*.tmp"))
 
 
@@ -271,8 +369,11 @@ def test_evaluate_main_defaults_to_the_checkpoint_folder(our_checkpoint):
     import evaluate
 
     evaluate.main(["--checkpoint", str(our_checkpoint), "--split", "val"])
-    saved = json.loads((our_checkpoint.parent / "metrics_val.json").read_text())
+    # named after the checkpoint, so that a training run's own metrics_val.json stays as training wrote it
+    assert not (our_checkpoint.parent / "metrics_val.json").exists()
+    saved = json.loads((our_checkpoint.parent / "metrics_val_tiny.json").read_text())
     assert saved["split"] == "val" and saved["counts"]["queries"] == 16
+    assert saved["epoch"] == -1  # the fixture stores epoch 0 = nothing trained yet: no finished epoch
 
 
 def _official_state(synth_root: Path, vocab: int) -> dict[str, torch.Tensor]:
@@ -312,8 +413,9 @@ def test_evaluate_main_on_authors_checkpoint(splits, synth_root, tmp_path):
     torch.save({"state_dict": _official_state(synth_root, 1000), "epoch": 37, "best_acc": 0.6}, ckpt)
     results = evaluate.main(["--checkpoint", str(ckpt), f"data.root={synth_root}", f"text.tokenizer={folder}",
                              "input.image_size=[64,32]", "eval.batch_size=8", "data.num_workers=0"])
-    saved = json.loads((ckpt.parent / "metrics_test.json").read_text())
+    saved = json.loads((ckpt.parent / "metrics_test_ivt_cuhk.json").read_text())
     assert saved["t2i"]["R1"] == pytest.approx(results["t2i"]["R1"])
+    assert saved["epoch"] == 36  # the authors store the finished epoch + 1
     assert saved["counts"]["queries"] == 20 and saved["t2i"]["num_gallery"] == 10
 
 
@@ -397,3 +499,98 @@ def test_sharded_encoding_gathers_in_order(splits, synth_root, tokenizer, tmp_pa
     torch.testing.assert_close(gathered["itm"], itm, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gathered["img"], img, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gathered["txt"], txt, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ fp32 ITM, ties
+def test_itm_projection_runs_in_fp32_under_autocast(synth_root):
+    cfg = tiny_cfg(synth_root, "model.fusion_layers=1")
+    model = tiny_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    text, image = torch.randn(5, 7, 32, generator=g), torch.randn(5, 9, 32, generator=g)
+    mask = torch.ones(5, 7, dtype=torch.long)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.itm_logits(text, mask, image)
+        cls = model.fuse(text, mask, image)[:, 0]
+        in_autocast = model.itm_head(cls)  # what the head alone gives inside autocast
+    assert in_autocast.dtype == torch.bfloat16  # the premise: autocast would run the projection in bf16
+    assert logits.dtype == torch.float32
+    expected = torch.nn.functional.linear(cls.float(), model.itm_head.weight, model.itm_head.bias)
+    assert torch.equal(logits, expected)
+    assert not torch.equal(logits, in_autocast.float())
+
+
+def test_rerank_ties_are_broken_by_cosine(splits, synth_root, tokenizer):
+    """An ITM head that scores every pair the same leaves the cosine ranking exactly as it was (ties broken by
+    gallery index instead would reorder the whole re-ranked gallery)."""
+    cfg = tiny_cfg(synth_root, "model.fusion_layers=1", "eval.rerank_top_k=10")
+    model = tiny_model(cfg)
+    model.itm_logits = lambda text_tokens, *a, **k: torch.ones(text_tokens.shape[0], 2)
+    results = evaluate_model(model, splits.test, tokenizer, cfg, "cpu", "test")
+    for key in ("R1", "R5", "mAP", "mINP"):
+        assert results["t2i_rerank"][key] == results["t2i"][key], key
+    # the same scores tie-broken by gallery index give another ranking on this split
+    sets = build_eval_protocol(splits.test)
+    by_index = retrieval_metrics(torch.ones(20, 2), torch.ones(10, 2), sets.query_pids, sets.gallery_pids)
+    assert by_index["mAP"] != pytest.approx(results["t2i"]["mAP"])
+
+
+# ------------------------------------------------------------------------------------------ examples
+def _ranked_case(tmp_path, monkeypatch, ranks: dict[int, int], n: int = 14):
+    """n images of n persons (one caption each), features making query q's own image rank ranks.get(q, 0)
+    (0-based); returns the records."""
+    from PIL import Image
+
+    import engine.evaluation as evaluation
+
+    records = []
+    for i in range(n):
+        path = tmp_path / "imgs" / f"person_{i:02d}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (16, 32), (20 * i % 255, 90, 255 - 15 * i)).save(path)
+        records.append(Record(str(path), f"caption of person {i} <in a red coat>", i, i))
+    base = [1.0 - 0.01 * j for j in range(n)]
+    text = []
+    for q in range(n):
+        others = [base[j] for j in range(n) if j != q]
+        r = ranks.get(q, 0)
+        row = list(base)
+        row[q] = 2.0 if r == 0 else (0.0 if r == n - 1 else (others[r - 1] + others[r]) / 2)
+        text.append(row)
+    monkeypatch.setattr(evaluation, "encode_images", lambda model, paths, *a, **k: torch.eye(n)[:len(paths)])
+    monkeypatch.setattr(evaluation, "encode_texts", lambda model, tok, texts, *a, **k: torch.tensor(text))
+    return records
+
+
+def test_examples_pick_the_worst_and_show_the_first_true_match(tmp_path, monkeypatch, synth_root):
+    from engine.evaluation import save_examples
+
+    records = _ranked_case(tmp_path, monkeypatch, {0: 12, 9: 10, 3: 3, 5: 13})
+    cfg = tiny_cfg(synth_root, "eval.save_examples=3", "eval.examples_pick=worst")
+    results = evaluate_model(tiny_model(cfg), records, None, cfg, "cpu", "test")
+    examples = results["examples"]
+    assert examples["pick"] == "worst" and examples["query_indices"] == [5, 0, 9]
+    assert examples["first_hit_rank"] == [14, 13, 11]
+    assert examples["ap"] == pytest.approx([1 / 14, 1 / 13, 1 / 11])
+    assert [m and (m["index"], m["rank"]) for m in examples["first_match"]] == [(5, 14), (0, 13), (9, 11)]
+    assert all(len(row) == 10 and q not in row for q, row in zip([5, 0, 9], examples["indices"]))
+    written = save_examples(tmp_path / "examples", results, records, cfg)
+    assert [p.name for p in written] == ["query_00005.png", "query_00000.png", "query_00009.png", "index.html"]
+    page = written[-1].read_text()
+    assert "caption of person 5 &lt;in a red coat&gt;" in page and "<in a red" not in page
+    assert "rank 14" in page and "rank 13" in page and "person_09.jpg" in page
+    assert page.index("query_00005.png") < page.index("query_00000.png") < page.index("query_00009.png")
+
+    # spread: evenly over the split; a query with its match in the top 10 gets no extra thumbnail
+    cfg = tiny_cfg(synth_root, "eval.save_examples=3")
+    examples = evaluate_model(tiny_model(cfg), records, None, cfg, "cpu", "test")["examples"]
+    assert examples["query_indices"] == [0, 6, 13] and examples["first_hit_rank"] == [13, 1, 1]
+    assert examples["first_match"][1:] == [None, None] and examples["first_match"][0]["rank"] == 13
+
+
+def test_rerank_recipes_take_rasas_k():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("cuhkpedes", "icfg", "rstp"):
+        assert load_config(root / f"{name}_rerank.yaml").eval.rerank_top_k == 128, name
+        assert load_config(root / f"{name}_rerank.yaml", ["eval.rerank_top_k=64"]).eval.rerank_top_k == 64
+    assert load_config(root / "demo_rerank.yaml").eval.rerank_top_k == 16
+    assert load_config(root / "cuhkpedes.yaml").eval.rerank_top_k == 0

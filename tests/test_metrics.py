@@ -169,12 +169,84 @@ def test_apply_rerank_by_hand():
     out = apply_rerank(sim, idx, new)
     assert torch.equal(out[0, [0, 3]], sim[0, [0, 3]]) and torch.equal(out[1, [1, 2]], sim[1, [1, 2]])
     assert out[0, 2] > out[0, 1] > sim[0].max()  # order of the new scores, all above the rest
-    assert out[1, 0] == out[1, 3] > sim[1].max()  # equal new scores stay equal (ties then go by index)
+    # equal new scores: the first-stage score decides (0.8 of index 3 before 0.2 of index 0), not the index
+    assert out[1, 3] > out[1, 0] > sim[1].max()
     assert torch.equal(sim, torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.2, 0.4, 0.6, 0.8]]))  # input untouched
     order = torch.sort(out, dim=1, descending=True, stable=True).indices
-    assert order.tolist() == [[2, 1, 3, 0], [0, 3, 2, 1]]
+    assert order.tolist() == [[2, 1, 3, 0], [3, 0, 2, 1]]
     with pytest.raises(ValueError, match="repeat an index"):
         apply_rerank(sim, torch.tensor([[1, 1], [0, 3]]), new)
+
+
+def test_apply_rerank_ties_by_cosine_then_index_and_never_merges_close_scores():
+    sim = torch.tensor([[0.30, 0.70, 0.70, 0.10, 0.90]])
+    idx = torch.tensor([[4, 2, 1, 0, 3]])
+    new = torch.tensor([[1.0, 2.0, 2.0, 2.0, 1.0 + 1e-7]])  # a three-way tie and two scores 1 ulp apart
+    order = torch.sort(apply_rerank(sim, idx, new), dim=1, descending=True, stable=True).indices[0].tolist()
+    # the tie 2.0 among indices 2, 1, 0: cosine 0.7, 0.7, 0.3, so 1 before 2 (index) and 0 last of the three;
+    # 1.0 + 1e-7 (index 3) stays above 1.0 (index 4) even though both lift to the same magnitude
+    assert order == [1, 2, 0, 3, 4]
+    # the margin holds for large first-stage scores too
+    big = apply_rerank(sim * 1e6, idx, new)
+    assert torch.sort(big, dim=1, descending=True, stable=True).indices[0].tolist() == [1, 2, 0, 3, 4]
+
+
+def brute_force_trapezoidal(scores, query_pids, gallery_pids):
+    """Per-query trapezoidal AP in plain Python (0 for a query without positives)."""
+    aps = []
+    for row, qp in zip(scores, query_pids):
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+        ranks = [r for r, j in enumerate(order) if gallery_pids[j] == qp]
+        ap = 0.0
+        for i, r in enumerate(ranks, start=1):
+            before = 1.0 if r == 0 else (i - 1) / r
+            ap += (before + i / (r + 1)) / 2 / len(ranks)
+        aps.append(ap)
+    return aps
+
+
+def test_trapezoidal_ap_by_hand_three_queries():
+    # gallery pids [1, 2, 1, 3, 2]; each row's scores give the ranking written next to it
+    gp = torch.tensor([1, 2, 1, 3, 2])
+    scores = torch.tensor([
+        [0.9, 0.8, 0.7, 0.6, 0.5],  # pid 1: ranking 0,1,2,3,4 -> positives (gallery 0, 2) at ranks 0 and 2
+        [0.1, 0.9, 0.2, 0.3, 0.4],  # pid 3: ranking 1,4,3,2,0 -> the positive (gallery 3) at rank 2
+        [0.5, 0.4, 0.3, 0.2, 0.1],  # pid 8: no positive in the gallery
+    ])
+    qp = torch.tensor([1, 3, 8])
+    # By hand, AP = 1/n * sum_i (p_before_i + p_i) / 2 with p_i = i / (r_i + 1), p_before_i = (i - 1) / r_i:
+    #   query 0: i=1, r=0: (1 + 1) / 2 = 1;  i=2, r=2: (1/2 + 2/3) / 2 = 7/12;  AP = (1 + 7/12) / 2 = 19/24
+    #   query 1: i=1, r=2: (0/2 + 1/3) / 2 = 1/6;                               AP = 1/6
+    #   query 2: no positive, counted as 0
+    #   mAP = (19/24 + 1/6 + 0) / 3 = (19/24 + 4/24) / 3 = 23/72 = 31.944...%
+    stats = rank_statistics(scores, qp, gp, ks=(1,), ap_formula="trapezoidal")
+    assert stats["ap"].tolist() == pytest.approx([19 / 24, 1 / 6, 0.0])
+    got = retrieval_metrics(torch.zeros(3, 2), torch.zeros(5, 2), qp, gp, ks=(1, 3), score_fn=score_hook(scores),
+                            ap_formula="trapezoidal", without_positive="zero")
+    assert got["mAP"] == pytest.approx(100 * 23 / 72)
+    assert got["R1"] == pytest.approx(100 / 3) and got["R3"] == pytest.approx(200 / 3)  # 3 queries, not 2
+    # the standard formula and protocol on the same ranking: AP (1 + 2/3)/2 = 5/6 and 1/3, over 2 queries
+    standard = retrieval_metrics(torch.zeros(3, 2), torch.zeros(5, 2), qp, gp, ks=(1, 3), score_fn=score_hook(scores))
+    assert standard["mAP"] == pytest.approx(100 * (5 / 6 + 1 / 3) / 2)
+    assert standard["R1"] == pytest.approx(50.0) and standard["num_queries_without_positive"] == 1
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_trapezoidal_ap_matches_brute_force_and_is_never_higher(seed):
+    scores, qp, gp = random_case(seed, num_q=41, num_g=31, decimals=1)
+    expected = brute_force_trapezoidal(scores.tolist(), qp.tolist(), gp.tolist())
+    trapezoid = rank_statistics(scores, qp, gp, ap_formula="trapezoidal")["ap"]
+    standard = rank_statistics(scores, qp, gp)["ap"]
+    assert trapezoid.tolist() == pytest.approx(expected, rel=1e-6)
+    assert bool((trapezoid <= standard + 1e-7).all()) and bool((trapezoid < standard - 1e-3).any())
+    got = retrieval_metrics(torch.zeros(41, 2), torch.zeros(31, 2), qp, gp, chunk_size=9,
+                            score_fn=score_hook(scores), ap_formula="trapezoidal", without_positive="zero")
+    assert got["mAP"] == pytest.approx(100 * sum(expected) / 41, rel=1e-6)
+    with pytest.raises(ValueError, match="ap_formula"):
+        rank_statistics(scores, qp, gp, ap_formula="market")
+    with pytest.raises(ValueError, match="without_positive"):
+        retrieval_metrics(torch.randn(3, 2), torch.randn(3, 2), torch.arange(3), torch.arange(3),
+                          without_positive="skip")
 
 
 def test_rerank_with_a_perfect_itm_reaches_r1_100():

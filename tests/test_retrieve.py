@@ -1,4 +1,5 @@
-"""retrieve.py / engine.retrieval: indexing a folder, reusing the index, skipping bad files, search scores."""
+"""retrieve.py / engine.retrieval: indexing, index reuse, bad files, scores, batched search, image queries,
+re-ranking, out-of-vocabulary words, several queries, JSON lines, the interactive prompt."""
 from __future__ import annotations
 
 import logging
@@ -9,14 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.checkpoint import atomic_save
-from utils.config import load_config
-from engine.retrieval import GalleryError, Retriever
-
-TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=16", "model.stride=16",
-        "input.image_size=[64,32]", "text.tokenizer=train", "text.tokenizer_vocab_size=200", "model.vocab_size=200",
-        "eval.batch_size=2", "data.num_workers=0", "eval.amp=false"]
-QUERY = "a woman in a red coat and black pants with a backpack"
+from engine.retrieval import CaptionResult, GalleryError, QueryError, Retriever, SearchResult
+from tests.search_fixtures import QUERY, make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +22,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 def _checkpoint(path: Path, synth_root: Path, seed: int) -> Path:
-    from datasets.readers import load_annotations
-    from datasets.tokenizer import build_tokenizer, tokenizer_vocab
-    from models.ivt import build_model
-
-    cfg = load_config(None, TINY)
-    captions = [r.caption for r in load_annotations("cuhkpedes", synth_root).train]
-    tokenizer = build_tokenizer(cfg.text, captions)
-    torch.manual_seed(seed)
-    atomic_save({"format": "ivt-retrieval-checkpoint", "format_version": 1, "model": build_model(cfg).state_dict(),
-                 "config": cfg.to_dict(), "tokenizer": {"vocab": tokenizer_vocab(tokenizer), "lowercase": True},
-                 "epoch": 0, "step": 0}, path)
-    return path
+    return make_checkpoint(path, synth_root, seed)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +44,12 @@ def gallery(tmp_path, synth_root) -> Path:
 
 
 def run(*argv: str):
+    """retrieve.py's ranking of its one query as (path, score) pairs."""
     import retrieve
 
-    return retrieve.main(list(argv))
+    records = retrieve.main(list(argv))
+    assert len(records) == 1
+    return [(hit.path, hit.score) for hit in records[0]["results"]]
 
 
 def test_retrieve_writes_index_and_sheet_then_reuses_the_index(checkpoint, gallery, tmp_path, monkeypatch, caplog):
@@ -142,3 +129,187 @@ def test_bad_galleries_give_one_line_errors(checkpoint, gallery, tmp_path):
 def test_search_needs_a_gallery(checkpoint):
     with pytest.raises(GalleryError, match="no gallery"):
         Retriever.from_checkpoint(checkpoint, device="cpu").search(QUERY)
+
+
+# ------------------------------------------------------------------------------------- the Python API
+QUERIES = [QUERY, "a man in a blue jacket and gray shorts", "a girl with long black hair in a yellow dress",
+           "a person carrying a handbag"]
+
+
+@pytest.fixture(scope="module")
+def indexed(checkpoint, synth_root) -> Retriever:
+    retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
+    retriever.index(sorted(str(p) for p in (synth_root / "imgs").rglob("*.jpg"))[:12])
+    return retriever
+
+
+def test_batched_search_equals_single_searches(indexed):
+    batched = indexed.search(QUERIES, k=5)
+    assert len(batched) == len(QUERIES)
+    for query, results in zip(QUERIES, batched):
+        single = indexed.search(query, k=5)
+        assert all(isinstance(r, SearchResult) for r in single)
+        assert [tuple(r) for r in single] == [(r.path, r.score) for r in single]  # unpacks as (path, score)
+        assert [r.path for r in results] == [r.path for r in single]
+        assert [r.rank for r in results] == [1, 2, 3, 4, 5]
+        assert [r.score for r in results] == pytest.approx([r.score for r in single], abs=1e-5)
+        assert [r.score for r in single] == sorted((r.score for r in single), reverse=True)
+    # the features of a batch (padded to its longest caption) are those of one caption at a time
+    one_by_one = torch.stack([indexed.encode_query(q) for q in QUERIES])
+    assert torch.allclose(indexed.encode_texts(QUERIES), one_by_one, atol=1e-5)
+    # k larger than the gallery gives the whole gallery; bad k and empty queries are user errors
+    assert len(indexed.search(QUERY, k=100)) == 12
+    with pytest.raises(QueryError, match="k must be"):
+        indexed.search(QUERY, k=0)
+    with pytest.raises(QueryError, match="empty query"):
+        indexed.search("   ")
+    with pytest.raises(QueryError, match="query 2 of 2 is empty"):
+        indexed.search([QUERY, ""])
+
+
+def test_search_image_and_describe(indexed, tmp_path):
+    from PIL import Image
+
+    path = indexed.gallery.paths[3]
+    by_path = indexed.search_image(path, k=3)
+    assert by_path[0].path == path and by_path[0].score == pytest.approx(1.0, abs=1e-5)
+    with Image.open(path) as image:
+        by_pil = indexed.search_image(image, k=3)
+    assert [r.path for r in by_pil] == [r.path for r in by_path]
+    # image-to-text: captions ranked by the cosine of their features with the image's
+    described = indexed.describe(path, k=3, captions=QUERIES)
+    image_feature = indexed.encode_images([path])[0]
+    expected = sorted(QUERIES, key=lambda q: float(indexed.encode_query(q) @ image_feature), reverse=True)[:3]
+    assert [c.text for c in described] == expected and all(isinstance(c, CaptionResult) for c in described)
+    assert indexed.describe(path, k=1)[0].text == expected[0]  # the caption list is kept
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(QueryError, match="not a readable image"):
+        indexed.search_image(tmp_path / "notes.jpg")
+    with pytest.raises(QueryError, match="not found"):
+        indexed.search_image(tmp_path / "missing.jpg")
+
+
+def test_out_of_vocabulary_words_are_reported_once(indexed, caplog):
+    assert indexed.out_of_vocabulary("a zqxv coat, a red coat") == ["zqxv"]
+    with caplog.at_level(logging.WARNING, logger="engine.retrieval"):
+        indexed.search("a woman in a zqxv coat", k=2)
+        indexed.search(["zqxv shoes", "a man in a red coat"], k=2)
+    assert caplog.text.count("zqxv") == 1 and "out of vocabulary" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def fusion_retriever(tmp_path_factory, synth_root) -> Retriever:
+    path = make_checkpoint(tmp_path_factory.mktemp("fusion") / "fusion.pth", synth_root, seed=3,
+                           extra=["model.fusion_layers=1"])
+    retriever = Retriever.from_checkpoint(path, device="cpu")
+    retriever.index(sorted(str(p) for p in (synth_root / "imgs").rglob("*.jpg"))[:10])
+    return retriever
+
+
+def test_rerank_orders_the_top_candidates_by_the_itm_head(fusion_retriever, indexed):
+    from datasets.transforms import load_image
+    from engine.evaluation import encode_text_tokens, itm_score
+
+    retriever = fusion_retriever
+    plain = retriever.search(QUERY, k=4, rerank=False)
+    assert all(r.itm_score is None for r in plain)
+    reranked = retriever.search(QUERY, k=4, rerank=True)  # eval.rerank_top_k=0: re-ranks the top k
+    assert {r.path for r in reranked} == {r.path for r in plain}
+    itm = [r.itm_score for r in reranked]
+    assert itm == sorted(itm, reverse=True) and [r.rank for r in reranked] == [1, 2, 3, 4]
+    cosine = {r.path: r.score for r in plain}
+    assert all(r.score == pytest.approx(cosine[r.path], abs=1e-6) for r in reranked)
+    # each ITM score is the score evaluation re-ranks by (itm_score of the ITM logits) of that (caption, image) pair
+    model = retriever.model
+    with torch.no_grad():
+        tokens, mask, _ = encode_text_tokens(model, retriever.tokenizer, [QUERY], retriever.cfg.text.max_text_len, "cpu")
+        for hit in reranked:
+            image_tokens, _ = model.encode_image(retriever.transform(load_image(hit.path))[None], bmm=False)
+            logits = model.itm_logits(tokens, mask, image_tokens)[0]
+            assert hit.itm_score == pytest.approx(float(itm_score(logits[None])[0]), abs=1e-4)
+    # batched re-ranking gives the same as one query at a time
+    both = retriever.search([QUERY, QUERIES[1]], k=3, rerank=True)
+    assert [r.path for r in both[1]] == [r.path for r in retriever.search(QUERIES[1], k=3, rerank=True)]
+    with pytest.raises(QueryError, match="fusion stack"):
+        indexed.search(QUERY, rerank=True)
+
+
+# ------------------------------------------------------------------------------------------ retrieve.py
+def test_several_queries_write_json_lines_and_one_sheet_each(checkpoint, gallery, tmp_path):
+    import json
+
+    import retrieve
+
+    queries_file = tmp_path / "queries.txt"
+    queries_file.write_text(f"{QUERIES[1]}\n\n{QUERIES[2]}\n")
+    out = tmp_path / "sheets" / "hits.png"
+    records = retrieve.main(["--checkpoint", str(checkpoint), "--gallery", str(gallery), "--query", QUERY,
+                             "--queries-file", str(queries_file), "--image", str(gallery / "p1.jpg"),
+                             "--top-k", "3", "--out", str(out)])
+    assert [r["query"] for r in records] == [QUERY, QUERIES[1], QUERIES[2], str(gallery / "p1.jpg")]
+    assert [r["kind"] for r in records] == ["text", "text", "text", "image"]
+    sheets = [Path(r["sheet"]) for r in records]
+    assert [s.name for s in sheets] == ["hits_001.png", "hits_002.png", "hits_003.png", "hits_004.png"]
+    assert all(s.is_file() for s in sheets)
+    lines = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [line["query"] for line in lines] == [r["query"] for r in records]
+    assert lines[0]["results"][0].keys() == {"path", "score", "rank"}
+    assert [h["rank"] for h in lines[1]["results"]] == [1, 2, 3]
+    assert Path(lines[3]["results"][0]["path"]).name == "p1.jpg"  # an image finds itself first
+    # the same texts through the API, batched, give the same rankings
+    retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
+    retriever.index(gallery)
+    api = retriever.search([QUERY, QUERIES[1], QUERIES[2]], k=3)
+    assert [[h["path"] for h in line["results"]] for line in lines[:3]] == [[r.path for r in q] for q in api]
+
+
+def test_interactive_prompt(checkpoint, gallery, tmp_path, monkeypatch, capsys):
+    import io
+
+    import retrieve
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUERY}\n\n   \n{QUERIES[1]}\nquit\nnever read\n"))
+    out = tmp_path / "live.png"
+    records = retrieve.main(["--checkpoint", str(checkpoint), "--gallery", str(gallery), "--interactive",
+                             "--top-k", "2", "--out", str(out), "--jsonl", str(tmp_path / "live.jsonl")])
+    assert [r["query"] for r in records] == [QUERY, QUERIES[1]]
+    assert out.is_file() and len((tmp_path / "live.jsonl").read_text().splitlines()) == 2
+    printed = capsys.readouterr().out
+    assert printed.count("top 2 of 5 images") == 2 and "not probabilities" in printed
+
+
+def test_retrieve_input_mistakes_are_one_line(checkpoint, gallery, tmp_path):
+    import retrieve
+
+    def error(*argv: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            retrieve.main(["--checkpoint", str(checkpoint), "--gallery", str(gallery), "--out",
+                           str(tmp_path / "x.png"), *argv])
+        message = str(info.value.code)
+        assert message.startswith("error: ") and "\n" not in message
+        return message
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert "no queries" in error("--queries-file", str(tmp_path / "empty.txt"))
+    assert "queries file not found" in error("--queries-file", str(tmp_path / "nope.txt"))
+    assert "not a readable image" in error("--image", str(gallery / "notes.txt"))
+    assert "fusion stack" in error("--query", QUERY, "--rerank")
+    with pytest.raises(SystemExit) as info:  # nothing to search for: argparse's usage error
+        retrieve.main(["--checkpoint", str(checkpoint), "--gallery", str(gallery)])
+    assert info.value.code == 2
+
+
+def test_contact_sheet_names_each_file(tmp_path, gallery):
+    from PIL import Image
+
+    from utils.visualize import _elide, _font, contact_sheet
+
+    font = _font(13)
+    long_name = "a_very_long_file_name_from_a_camera_export_0001234.jpg"
+    short = _elide(long_name, font, 104)
+    assert short.startswith("a_ve") and short.endswith(".jpg") and "..." in short
+    assert font.getlength(short) <= 104 and _elide("p0.jpg", font, 104) == "p0.jpg"
+    paths = [gallery / "p0.jpg", gallery / "sub" / "p4.jpg"]
+    sheet = contact_sheet(paths, [0.5, 0.25], "query: test", tmp_path / "s.png")
+    with Image.open(sheet) as image:
+        assert image.width >= 360 and image.height > 224

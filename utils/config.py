@@ -40,6 +40,8 @@ CHOICES = {
     "eval.selection_split": ("val", None),  # never the test split
     "eval.test_split": ("train", "val", "test"),
     "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
+    "eval.protocol": ("standard", "authors"),
+    "eval.examples_pick": ("spread", "worst"),
 }
 
 # Sizes and counts that must be at least this much (a zero batch, chunk or save interval has no meaning).

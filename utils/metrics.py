@@ -1,8 +1,15 @@
-"""Text-to-image retrieval metrics: R@k, mAP (standard average precision) and mINP, vectorised on the device.
+"""Text-to-image retrieval metrics: R@k, mAP and mINP, vectorised on the device.
 
 A gallery item matches a query when they share the person id. Each query's gallery is ranked by descending
 score; equal scores are ordered by gallery index ascending (stable sort), so results are deterministic.
 Similarities are computed a chunk of queries at a time so that memory stays bounded for large galleries.
+
+Average precision comes in two formulas (``AP_FORMULAS``): "standard", the mean over the positives of the
+precision at each positive's rank (IRRA and most of the field), and "trapezoidal", the older Market-1501
+baseline's variant that averages, at each positive, the precision just before it and the precision at it;
+the second is never higher on the same ranking (the precision just before the i-th positive, at 0-based
+rank r >= i-1, is (i-1)/r <= i/(r+1)) and equal only when every positive is at the top. Queries without any positive in the gallery are either left out of every average
+("exclude") or counted as zero ("zero").
 """
 from __future__ import annotations
 
@@ -18,7 +25,12 @@ __all__ = [
     "apply_rerank",
     "format_metrics_table",
     "default_chunk_size",
+    "AP_FORMULAS",
+    "WITHOUT_POSITIVE",
 ]
+
+AP_FORMULAS = ("standard", "trapezoidal")
+WITHOUT_POSITIVE = ("exclude", "zero")
 
 ScoreFn = Callable[[torch.Tensor, range], torch.Tensor]
 
@@ -38,6 +50,7 @@ def rank_statistics(
     query_pids: torch.Tensor,
     gallery_pids: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
+    ap_formula: str = "standard",
 ) -> dict[str, torch.Tensor]:
     """Per-query ranking statistics for one block of queries.
 
@@ -46,12 +59,15 @@ def rank_statistics(
         query_pids: [Q] person ids of the queries.
         gallery_pids: [G] person ids of the gallery.
         ks: the cut-offs for the CMC hits.
+        ap_formula: "standard" or "trapezoidal" (see "ap" below).
 
     Returns (all on similarity's device):
         "num_positives": [Q] long, gallery items with the query's pid.
         "first_hit_rank": [Q] long, 0-based rank of the first positive, -1 if there is none.
-        "ap": [Q] float32, average precision: mean over the positives of the precision at each positive's
-            rank, over the whole ranking (0 without positives).
+        "ap": [Q] float32, average precision over the whole ranking (0 without positives). With the i-th
+            positive (1-based) at 0-based rank r_i and n positives: "standard" = sum_i (i / (r_i + 1)) / n;
+            "trapezoidal" = sum_i ((p_before_i + i / (r_i + 1)) / 2) / n with p_before_i = (i - 1) / r_i,
+            or 1 when r_i = 0.
         "inp": [Q] float32, num_positives / (rank of the last positive + 1) (0 without positives).
         "hits": [Q, len(ks)] bool, whether a positive is within the top k, for each k in ks.
     """
@@ -62,6 +78,8 @@ def rank_statistics(
     _check_pids("rank_statistics", gallery_pids, num_g, "gallery")
     if bool(torch.isnan(similarity).any()):
         raise ValueError("rank_statistics: the similarity matrix contains NaN")
+    if ap_formula not in AP_FORMULAS:
+        raise ValueError(f"rank_statistics: ap_formula must be one of {AP_FORMULAS}, got {ap_formula!r}")
     device = similarity.device
     query_pids = query_pids.to(device)
     gallery_pids = gallery_pids.to(device)
@@ -78,6 +96,10 @@ def rank_statistics(
     row_start = torch.cumsum(num_pos, dim=0) - num_pos
     nth = torch.arange(rows.shape[0], device=device) - row_start[rows]  # 0-based index among the row's positives
     precision = (nth + 1).double() / (pos_ranks + 1).double()
+    if ap_formula == "trapezoidal":
+        # the precision just before each positive: nth / rank, and 1 for a positive at rank 0 (where nth = 0)
+        before = torch.where(pos_ranks > 0, nth.double() / pos_ranks.clamp(min=1).double(), 1.0)
+        precision = (before + precision) / 2
     # per-row sums as differences of one running sum: deterministic on CUDA, unlike index_add_'s atomics
     running = torch.cat([precision.new_zeros(1), torch.cumsum(precision, dim=0)])
     ap = ((running[row_start + num_pos] - running[row_start]) / num_pos.clamp(min=1)).float()
@@ -138,7 +160,10 @@ def retrieval_metrics(
     chunk_size: int = 1024,
     normalize: bool = True,
     score_fn: ScoreFn | None = None,
-) -> dict[str, float | int]:
+    ap_formula: str = "standard",
+    without_positive: str = "exclude",
+    per_query: bool = False,
+) -> dict:
     """R@k, mAP and mINP of ranking the gallery for every query, chunk by chunk over the queries.
 
     Args:
@@ -150,12 +175,19 @@ def retrieval_metrics(
         normalize: L2-normalise the features first, so the score is the cosine similarity.
         score_fn: optional hook score_fn(sim_chunk [q, G], query_index_range) -> [q, G] that may replace the
             scores (re-ranking) before ranking.
+        ap_formula: "standard" or "trapezoidal" average precision (see ``rank_statistics``).
+        without_positive: "exclude" leaves queries without a positive out of every average; "zero" averages
+            over all queries, those counting 0 in R@k, mAP and mINP.
+        per_query: also return "per_query": {"first_hit_rank": [Q] long (0-based, -1 without positive),
+            "ap": [Q] float32} on the CPU.
 
     Returns:
-        {"R1", "R5", "R10" (one per k), "mAP", "mINP"} as percentages in [0, 100], averaged over the queries
-        that have at least one positive, plus "num_queries", "num_gallery" and "num_queries_without_positive"
-        (those queries are counted and excluded from the averages).
+        {"R1", "R5", "R10" (one per k), "mAP", "mINP"} as percentages in [0, 100], plus "num_queries",
+        "num_gallery" and "num_queries_without_positive". Raises ValueError when no query has a positive.
     """
+    if without_positive not in WITHOUT_POSITIVE:
+        raise ValueError(f"retrieval_metrics: without_positive must be one of {WITHOUT_POSITIVE}, "
+                         f"got {without_positive!r}")
     q, g = _prepare_feats(query_feats, gallery_feats, normalize, "retrieval_metrics")
     num_q, num_g = q.shape[0], g.shape[0]
     query_pids = torch.as_tensor(query_pids, device=q.device)
@@ -177,23 +209,27 @@ def retrieval_metrics(
                     f"retrieval_metrics: score_fn returned shape {tuple(sim.shape)} for queries "
                     f"{rows.start}..{rows.stop - 1}, expected {(len(rows), num_g)}"
                 )
-        stats = rank_statistics(sim, query_pids[rows.start : rows.stop], gallery_pids, ks)
-        per_chunk.append({k: v for k, v in stats.items() if k != "first_hit_rank"})
+        stats = rank_statistics(sim, query_pids[rows.start : rows.stop], gallery_pids, ks, ap_formula)
+        per_chunk.append(stats)
     # per-query vectors are small; averaging them in float64 on the CPU works for every device type
     stats = {key: torch.cat([c[key] for c in per_chunk]).cpu() for key in per_chunk[0]}
     valid = stats["num_positives"] > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
         raise ValueError(f"retrieval_metrics: none of the {num_q} queries has a matching pid in the gallery")
-    result: dict[str, float | int] = {}
-    hit_rates = stats["hits"][valid].double().mean(dim=0).mul(100.0).tolist()
+    # rank_statistics gives 0 for hits, AP and INP of a query without positives, so "zero" is a plain mean
+    counted = valid if without_positive == "exclude" else torch.ones_like(valid)
+    result: dict = {}
+    hit_rates = stats["hits"][counted].double().mean(dim=0).mul(100.0).tolist()
     for k, rate in zip(ks, hit_rates):
         result[f"R{k}"] = rate
-    result["mAP"] = stats["ap"][valid].double().mean().item() * 100.0
-    result["mINP"] = stats["inp"][valid].double().mean().item() * 100.0
+    result["mAP"] = stats["ap"][counted].double().mean().item() * 100.0
+    result["mINP"] = stats["inp"][counted].double().mean().item() * 100.0
     result["num_queries"] = num_q
     result["num_gallery"] = num_g
     result["num_queries_without_positive"] = num_q - num_valid
+    if per_query:
+        result["per_query"] = {"first_hit_rank": stats["first_hit_rank"], "ap": stats["ap"]}
     return result
 
 
@@ -227,19 +263,18 @@ def topk_indices(
 
 
 def apply_rerank(sim: torch.Tensor, topk_idx: torch.Tensor, topk_scores: torch.Tensor) -> torch.Tensor:
-    """Lift each row's top-k entries above the rest, ordered by new (e.g. ITM) scores.
+    """Lift each row's top-k entries above the rest, ordered by new (e.g. ITM) scores, ties by the old score.
 
     Args:
-        sim: [q, G] first-stage scores.
+        sim: [q, G] first-stage scores (cosine similarities).
         topk_idx: [q, k] distinct gallery indices per row.
         topk_scores: [q, k] re-ranking scores for those entries, higher is better.
 
     Returns:
-        [q, G] float32 copy: entry topk_idx[r, j] becomes
-        max(sim[r]) + 1 + |max(sim[r])| + (topk_scores[r, j] - min_j topk_scores[r]),
-        strictly above every other entry of the row and in the order of topk_scores; the rest unchanged.
-        Re-ranking scores that differ by less than float32 resolution at that magnitude become ties, which
-        the ranking then breaks by gallery index.
+        [q, G] float32 copy in which the k entries topk_idx[r] take the values base + step * (k - j),
+        j = 0..k-1 their place in the order (topk_scores descending, then sim descending, then gallery index
+        ascending), with base = max(sim[r]) + 1 + |max(sim[r])|: strictly above every other entry of the row
+        and never tied with each other, however close the re-ranking scores are. The rest is unchanged.
     """
     if sim.dim() != 2 or topk_idx.dim() != 2 or topk_idx.shape != topk_scores.shape:
         raise ValueError(
@@ -261,10 +296,18 @@ def apply_rerank(sim: torch.Tensor, topk_idx: torch.Tensor, topk_scores: torch.T
             f"apply_rerank: {n_bad_range} rows have indices outside 0..{sim.shape[1] - 1} and {n_dupes} rows "
             f"repeat an index; topk_idx must hold distinct gallery indices per row"
         )
-    s = topk_scores.to(device=sim.device, dtype=torch.float32)
+    new = topk_scores.to(device=sim.device, dtype=torch.float32)
+    old = out.gather(1, topk_idx)
+    # lexicographic order by stable sorts from the last key to the first
+    order = torch.sort(topk_idx, dim=1, stable=True).indices
+    order = order.gather(1, torch.sort(old.gather(1, order), dim=1, descending=True, stable=True).indices)
+    order = order.gather(1, torch.sort(new.gather(1, order), dim=1, descending=True, stable=True).indices)
+    k = topk_idx.shape[1]
     row_max = out.max(dim=1, keepdim=True).values
-    # margin grows with |row_max| so that "+ margin" is never lost to rounding
-    lifted = row_max + 1.0 + row_max.abs() + (s - s.min(dim=1, keepdim=True).values)
+    base = row_max + 1.0 + row_max.abs()
+    step = 1.0 + base.abs() * 2.0**-20  # several float32 ulps at the lifted magnitude, so no two places merge
+    by_place = base + step * torch.arange(k, 0, -1, device=sim.device, dtype=torch.float32)
+    lifted = torch.empty_like(new).scatter_(1, order, by_place)
     return out.scatter_(1, topk_idx, lifted)
 
 

@@ -1,0 +1,251 @@
+"""The person-search web page behind serve.py: a Gradio app over one Retriever and one gallery index.
+
+The gallery is encoded once at start-up (with a progress bar, or read from ``--index-file``) and every request
+reuses it. :class:`SearchPage` holds the page's logic without Gradio; its handlers return what the page shows
+and never raise, so a bad input (an empty or huge query, a file that is not an image) ends as a message on the
+page, never as a stack trace; an unexpected error is logged with its traceback on the server only.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from utils.errors import UserError, user_errors_as_one_line
+
+logger = logging.getLogger(__name__)
+
+MAX_QUERY_CHARS = 2000  # longer text is refused: the model reads only text.max_text_len tokens of it anyway
+MAX_TOP_K = 50
+DEFAULT_PORT = 7860
+
+CSS = """
+#results .caption-label { white-space: pre-line; overflow: visible; text-overflow: clip; font-size: 0.8rem;
+                          max-width: 95%; text-align: center; line-height: 1.25; }
+#results .grid-wrap.fixed-height { height: auto; max-height: none; min-height: 0; }
+#message p { margin: 0.2rem 0; }
+"""
+
+
+class ServeError(UserError, RuntimeError):
+    """serve.py cannot start (a missing optional dependency, a bad address)."""
+
+
+@dataclass
+class Shown:
+    """What one request puts on the page: gallery items (image path, caption) and a message (Markdown)."""
+
+    items: list[tuple[str, str]]
+    message: str
+
+
+def caption(hit: Any) -> str:
+    """The caption under a result: rank and cosine score (and ITM score when re-ranked), then the file name."""
+    itm = f" itm {hit.itm_score:+.2f}" if getattr(hit, "itm_score", None) is not None else ""
+    return f"#{hit.rank}  {hit.score:.3f}{itm}\n{Path(hit.path).name}"
+
+
+class SearchPage:
+    """The handlers of the page, independent of Gradio (tested directly and through a browser)."""
+
+    def __init__(self, retriever: Any, provenance: dict, default_k: int = 10):
+        self.retriever = retriever
+        self.provenance = provenance
+        self.default_k = max(1, min(int(default_k), MAX_TOP_K))
+
+    def _k(self, k: Any) -> int:
+        try:
+            return max(1, min(int(k), MAX_TOP_K))
+        except (TypeError, ValueError):
+            return self.default_k
+
+    def search_text(self, query: str | None, k: Any = None, rerank: bool = False) -> Shown:
+        text = (query or "").strip()
+        if not text:
+            return Shown([], "**Type a description** of the person to search for, e.g. *a woman in a red coat "
+                             "with a black backpack*.")
+        if len(text) > MAX_QUERY_CHARS:
+            return Shown([], f"**The description is too long** ({len(text):,} characters; at most "
+                             f"{MAX_QUERY_CHARS:,}). The model reads only its first "
+                             f"{self.retriever.cfg.text.max_text_len} tokens; shorten it.")
+        return self._run(lambda: self.retriever.search(text, k=self._k(k), rerank=bool(rerank)),
+                         f"“{html.escape(text)}”", text)
+
+    def search_image(self, image: str | None, k: Any = None) -> Shown:
+        if not image:
+            return Shown([], "**Upload a photo** of a person to find similar images.")
+        name = Path(str(image)).name
+        return self._run(lambda: self.retriever.search_image(str(image), k=self._k(k)),
+                         f"the photo {html.escape(name)}", None, {str(image): name})
+
+    def _run(self, search, label: str, text: str | None, rename: dict[str, str] | None = None) -> Shown:
+        try:
+            results = search()
+        except UserError as exc:
+            said = " ".join(str(exc).split())
+            for path, name in (rename or {}).items():  # an upload's temporary path means nothing to the user
+                said = said.replace(path, name)
+            return Shown([], f"**Cannot search:** {html.escape(said)}")
+        except Exception:  # a bug: full traceback in the server log, one line on the page
+            logger.exception("search failed")
+            return Shown([], "**Internal error** while searching; the server log has the details.")
+        ranked_by = "ITM re-ranking" if results and results[0].itm_score is not None else "cosine similarity"
+        lines = [f"Top {len(results)} of {len(self.retriever.gallery)} images for {label}, ranked by {ranked_by}. "
+                 "Scores are cosine similarities of the features (1 = same direction), not probabilities."]
+        unknown = self.retriever.out_of_vocabulary(text) if text else []
+        if unknown:
+            lines.append(f"Not in the model's vocabulary (spelt letter by letter, so they count little): "
+                         f"{html.escape(', '.join(unknown))}.")
+        return Shown([(r.path, caption(r)) for r in results], "\n\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------ provenance
+def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file: str | None) -> dict:
+    """Where the model came from: checkpoint, format, training state, recipe, test metrics, and the gallery."""
+    from models.export import CONFIG_FILE, find_metrics, is_model_folder
+
+    cfg, info = retriever.cfg, retriever.info
+    path = Path(checkpoint)
+    metrics: dict = {}
+    kind = info.get("format")
+    if is_model_folder(path):
+        kind = "model folder"
+        metrics = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("metrics", {})
+    elif path.is_file():
+        try:
+            metrics = find_metrics(path)
+        except UserError as exc:  # an unreadable metrics file only hides the metrics
+            logger.warning("no metrics for the page: %s", exc)
+    model = cfg.model
+    return {
+        "checkpoint": str(path), "format": kind, "epoch": info.get("epoch"), "step": info.get("step"),
+        "task": cfg.task, "dataset": f"{cfg.data.format} ({cfg.data.root})",
+        "model": (f"width {model.embed_dim}, {model.depth} layers, {model.num_heads} heads, "
+                  f"{model.fusion_layers} fusion layers, input {cfg.input.image_size[0]}x{cfg.input.image_size[1]}"),
+        "tokenizer": str(cfg.text.tokenizer) if cfg.text.tokenizer != "train" else "learnt from the captions",
+        "config_digest": cfg.digest(),
+        "metrics": metrics,
+        "gallery": gallery, "gallery_images": len(retriever.gallery) if retriever.gallery else 0,
+        "skipped_images": len(retriever.gallery.skipped) if retriever.gallery else 0, "index_file": index_file,
+    }
+
+
+def provenance_markdown(p: dict) -> str:
+    esc = html.escape
+    lines = ["### Model", f"- checkpoint: `{esc(p['checkpoint'])}` ({esc(str(p['format']))}, epoch {p['epoch']}, "
+             f"step {p['step']})", f"- recipe: task {esc(p['task'])} on {esc(p['dataset'])}",
+             f"- model: {esc(p['model'])}", f"- tokenizer: {esc(p['tokenizer'])}",
+             f"- config digest: `{p['config_digest']}`", "", "### Evaluation metrics"]
+    shown = False
+    for split, result in p["metrics"].items():
+        for key, label in (("t2i", "text-to-image"), ("t2i_rerank", "re-ranked"), ("i2t", "image-to-text")):
+            m = result.get(key)
+            if m:
+                shown = True
+                lines.append(f"- {esc(split)} {label}: R@1 {m['R1']:.2f}, R@5 {m['R5']:.2f}, R@10 {m['R10']:.2f}, "
+                             f"mAP {m['mAP']:.2f}")
+    if not shown:
+        lines.append("- none found beside the checkpoint (metrics_test.json)")
+    lines += ["", "### Gallery", f"- `{esc(p['gallery'])}`: {p['gallery_images']} images"
+              + (f", {p['skipped_images']} unreadable skipped" if p["skipped_images"] else ""),
+              f"- index file: `{esc(p['index_file'])}`" if p["index_file"] else "- index: in memory"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- app
+def build_app(page: SearchPage):
+    """The Gradio Blocks of the page (not launched)."""
+    import gradio as gr
+
+    has_fusion = bool(page.retriever.has_fusion)
+    default_rerank = has_fusion and int(page.retriever.cfg.eval.rerank_top_k) > 0
+    with gr.Blocks(title="IVT person search", analytics_enabled=False) as app:
+        gr.Markdown("## Person search\nDescribe a person in words, or upload a photo, to rank the gallery.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                query = gr.Textbox(label="Description", lines=2, elem_id="query",
+                                   placeholder="a woman in a red coat and black pants with a black backpack")
+                with gr.Row():
+                    search = gr.Button("Search", variant="primary", elem_id="search")
+                    top_k = gr.Slider(1, MAX_TOP_K, value=page.default_k, step=1, label="top-k", elem_id="top-k")
+                    rerank = gr.Checkbox(value=default_rerank, interactive=has_fusion, elem_id="rerank",
+                                         label="re-rank with the ITM head" if has_fusion
+                                         else "re-rank (this model has no ITM head)")
+                message = gr.Markdown(elem_id="message")
+                results = gr.Gallery(label="Ranked gallery (rank · cosine score · file)", columns=6, height=None,
+                                     object_fit="contain", elem_id="results", allow_preview=True)
+            with gr.Column(scale=1):
+                upload = gr.File(label="…or search by a photo", type="filepath", elem_id="upload")
+                shown_photo = gr.Image(label="query photo", interactive=False, height=180, elem_id="query-photo")
+                gr.Markdown(provenance_markdown(page.provenance), elem_id="provenance")
+
+        def on_text(text, k, rr):
+            shown = page.search_text(text, k, rr)
+            return shown.items, shown.message
+
+        def on_image(file, k):
+            shown = page.search_image(file, k)
+            photo = file if shown.items else None
+            return shown.items, shown.message, photo
+
+        search.click(on_text, [query, top_k, rerank], [results, message])
+        query.submit(on_text, [query, top_k, rerank], [results, message])
+        upload.upload(on_image, [upload, top_k], [results, message, shown_photo])
+    return app
+
+
+def gallery_root(paths: Sequence[str]) -> str:
+    """The folder all gallery images are under (Gradio serves files only from allowed folders)."""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="A local web page to search a gallery by description or photo.")
+    parser.add_argument("--checkpoint", required=True, help="our .pth checkpoint or a model folder (models.export)")
+    parser.add_argument("--gallery", required=True, help="image folder, or an index file (.pt) made with --index-file")
+    parser.add_argument("--index-file", default=None, help="cache the folder's features here and reuse them")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--top-k", type=int, default=10, help="the top-k control's initial value")
+    parser.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    parser.add_argument("--config", default=None, help="recipe YAML (needed for the authors' checkpoints)")
+    parser.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None, block: bool = True):
+    """Load the model, index the gallery once, serve the page; returns (app, url) when ``block`` is False."""
+    args = parse_args(argv)
+    from utils.logging_utils import setup_logging
+
+    setup_logging(None)
+    with user_errors_as_one_line():
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise ServeError("serve.py needs gradio: pip install -r requirements-serve.txt") from None
+        from engine.retrieval import Retriever
+
+        retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
+        if Path(args.gallery).is_file():
+            retriever.load_index(args.gallery)
+        else:
+            retriever.index(args.gallery, index_file=args.index_file, strict=args.strict, progress=True)
+        page = SearchPage(retriever, gather_provenance(retriever, args.checkpoint, args.gallery, args.index_file),
+                          args.top_k)
+        app = build_app(page)
+        try:
+            _, url, _ = app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
+                                   allowed_paths=[gallery_root(retriever.gallery.paths)], share=False,
+                                   ssr_mode=False, quiet=not block, css=CSS, footer_links=[])
+        except OSError as exc:  # the port is taken, or the address is not this machine's
+            raise ServeError(f"cannot listen on {args.host}:{args.port} ({exc}); choose another --port") from None
+    return app, url

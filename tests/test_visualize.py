@@ -1,0 +1,72 @@
+"""Example pictures: hit/miss frames and symbols, the first true match set apart, file names, the index page."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from utils import visualize as vis
+
+
+def _gallery(tmp_path, n=12):
+    gallery = []
+    for i in range(n):
+        path = tmp_path / f"img_{i:02d}.jpg"
+        Image.new("RGB", (20, 40), (10 * i, 120, 200)).save(path)
+        gallery.append((str(path), i % 4))  # persons 0..3
+    return gallery
+
+
+def _cell_top(image) -> int:
+    """The y of the thumbnail row: cells sit at the bottom, under the header lines."""
+    cell_h = vis.THUMB_SIZE[1] + 2 * vis.FRAME + vis._line_height(vis._font()) + vis._line_height(
+        vis._font(vis.SMALL_FONT_SIZE))
+    return image.height - vis.GAP - cell_h
+
+
+def test_query_picture_marks_hits_and_adds_the_first_true_match(tmp_path):
+    gallery = _gallery(tmp_path)
+    queries = [("a person in a coat", 0), ("a person with a bag", 3)]
+    top = torch.tensor([[0, 1, 2, 5, 6], [0, 1, 2, 5, 6]])  # query 0: hit, then misses; query 1: five misses
+    scores = torch.linspace(0.9, 0.5, 5).repeat(2, 1)
+    plain, extra = vis.save_query_examples(tmp_path / "out", queries, gallery, top, scores, 2, query_ids=[4, 7],
+                                           first_matches=[None, (11, 37, 0.1)])
+    assert (plain.name, extra.name) == ("query_00004.png", "query_00007.png")
+    a, b = Image.open(plain).convert("RGB"), Image.open(extra).convert("RGB")
+    cell = vis.THUMB_SIZE[0] + 2 * vis.FRAME
+    assert b.width - a.width == vis.MATCH_GAP + cell + vis.GAP  # one more thumbnail, set apart
+    xs = [vis.GAP + i * (cell + vis.GAP) for i in range(5)]
+
+    def frame(image, x):  # the left edge of a cell, halfway down
+        return image.getpixel((x + 1, _cell_top(image) + vis.THUMB_SIZE[1] // 2))
+
+    def badge(image, x):  # the symbol's colour on its ring, and white strokes inside it
+        cx = x + vis.FRAME + vis.MARK_RADIUS + 2
+        cy = _cell_top(image) + vis.FRAME + vis.MARK_RADIUS + 2
+        ring = image.getpixel((cx, cy - vis.MARK_RADIUS + 3))
+        strokes = any(image.getpixel((cx + dx, cy + dy)) == vis.BACKGROUND for dx in range(-4, 5)
+                      for dy in range(-4, 5))
+        return ring, strokes
+
+    assert [frame(a, x) for x in xs] == [vis.HIT_COLOUR] + [vis.MISS_COLOUR] * 4
+    assert [frame(b, x) for x in xs] == [vis.MISS_COLOUR] * 5
+    match_x = xs[-1] + cell + vis.GAP + vis.MATCH_GAP
+    assert frame(b, match_x) == vis.HIT_COLOUR
+    assert badge(a, xs[0]) == (vis.HIT_COLOUR, True) and badge(a, xs[1]) == (vis.MISS_COLOUR, True)
+    assert badge(b, match_x) == (vis.HIT_COLOUR, True)
+
+
+def test_elide_keeps_both_ends_of_a_file_name():
+    font = vis._font(vis.SMALL_FONT_SIZE)
+    name = "a_very_long_file_name_from_the_market_subset_0001.jpg"
+    short = vis._elide(name, font, 100)
+    assert vis._text_width(font, short) <= 100 and short.startswith("a_") and short.endswith(".jpg")
+    assert "..." in short and vis._elide("p1.jpg", font, 100) == "p1.jpg"
+
+
+def test_index_page_escapes_text(tmp_path):
+    page = vis.write_examples_index(tmp_path / "index.html", "Examples <test>", [("R1", "50.00%")],
+                                    [{"picture": "query_00001.png", "heading": "query 1",
+                                      "text": 'a "tall" man & <dog>', "details": [("first true match", "rank 3")]}])
+    text = page.read_text()
+    assert "Examples &lt;test&gt;" in text and "a &quot;tall&quot; man &amp; &lt;dog&gt;" in text
+    assert 'src="query_00001.png"' in text and "rank 3" in text and "50.00%" in text
