@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 # The retrieval formats the readers know (their order seeds the image noise), then the pretraining corpus.
 FORMATS = (*RETRIEVAL_FORMATS, "pretrain")
+# How people are drawn and described: classic (this module, the README's figures), street and cctv
+# (datasets/synthetic_styles.py). cctv is the held-out style: no recipe number is tuned on it.
+STYLES = ("classic", "street", "cctv")
+HELD_OUT_STYLE = "cctv"
 IMAGE_HEIGHT, IMAGE_WIDTH = 128, 64
 _SUPERSAMPLE = 2  # drawn at twice the size, then box-reduced, for clean edges
 _JPEG_QUALITY = 90
@@ -142,13 +146,15 @@ def split_sizes(fmt: str, num_ids: int) -> dict[str, int]:
     return {s: sizes[s] for s in shares}
 
 
-def sample_identities(fmt: str, num_ids: int, seed: int) -> list[tuple[str, int, Identity]]:
+def sample_identities(fmt: str, num_ids: int, seed: int, style: str = "classic") -> list[tuple[str, int, Identity]]:
     """(split, raw id, identity) for each identity, raw ids 1..num_ids interleaved over the splits.
 
     Evaluation splits are drawn first and prefer identities whose (upper colour, lower colour) pair is new
-    within the split, so garment colours alone almost always tell test people apart.
+    within the split, so garment colours alone almost always tell test people apart. Each style draws its own
+    people (the classic style keeps its original seed string, so its datasets stay byte for byte the same).
     """
-    rng = random.Random(f"synthetic:{fmt}:{seed}:identities")
+    tag = "" if style == "classic" else f"{style}:"
+    rng = random.Random(f"synthetic:{tag}{fmt}:{seed}:identities")
     fields = key_fields(num_ids)
     used: set[tuple] = set()
     drawn: list[tuple[str, Identity]] = []
@@ -197,11 +203,13 @@ def _jitter(colour: tuple[int, int, int], rng: random.Random, amount: int = 12) 
 class _Pen:
     """Draws in person units (height 1, x from the body axis, y down from the top of the head)."""
 
-    def __init__(self, draw: ImageDraw.ImageDraw, cx: float, top: float, height: float, mirror: bool) -> None:
+    def __init__(self, draw: ImageDraw.ImageDraw, cx: float, top: float, height: float, mirror: bool,
+                 build: float = 1.0) -> None:
         self.draw, self.cx, self.top, self.h, self.sign = draw, cx, top, height, (-1.0 if mirror else 1.0)
+        self.build = build  # horizontal stretch of the body (other styles draw broader or slimmer people)
 
     def xy(self, x: float, y: float) -> tuple[float, float]:
-        return self.cx + self.sign * x * self.h, self.top + y * self.h
+        return self.cx + self.sign * x * self.h * self.build, self.top + y * self.h
 
     def poly(self, points: Sequence[tuple[float, float]], fill: tuple[int, int, int]) -> None:
         self.draw.polygon([self.xy(x, y) for x, y in points], fill=fill)
@@ -244,8 +252,13 @@ def _background(draw: ImageDraw.ImageDraw, width: int, height: int, rng: random.
             draw.line((0, y, width, y), fill=_shade(ground, 0.8), width=_SUPERSAMPLE)
 
 
-def _draw_person(pen: _Pen, who: Identity, view: str, rng: random.Random) -> None:
-    """The whole figure in painter's order; ``view`` is front, back or side (mirroring handles left/right)."""
+def _draw_person(pen: _Pen, who: Identity, view: str, rng: random.Random,
+                 palette: dict[str, tuple[int, int, int]] = COLOURS) -> None:
+    """The whole figure in painter's order; ``view`` is front, back or side (mirroring handles left/right).
+
+    ``palette`` maps colour names to the RGB drawn (other styles draw the same names in their own shades).
+    """
+    COLOURS = palette  # noqa: N806 -- the named colours below are drawn in this style's shades
     side, back = view == "side", view == "back"
     skin = _jitter(_SKIN_TONES[who.skin], rng, 6)
     hair = _jitter(_HAIR_COLOURS[who.hair_colour], rng, 8)
@@ -300,10 +313,10 @@ def _draw_person(pen: _Pen, who: Identity, view: str, rng: random.Random) -> Non
         pen.poly(((-hem_w / 2, hem_y - 0.03), (hem_w / 2, hem_y - 0.03), (hem_w / 2, hem_y), (-hem_w / 2, hem_y)),
                  dark)
 
-    _draw_bag(pen, who, view, behind=True)
-    _draw_arms(pen, who, view, upper, skin, dark, rng)
-    _draw_bag(pen, who, view, behind=False)
-    _draw_head(pen, who, view, skin, hair)
+    _draw_bag(pen, who, view, behind=True, palette=palette)
+    _draw_arms(pen, who, view, upper, skin, dark, rng, palette=palette)
+    _draw_bag(pen, who, view, behind=False, palette=palette)
+    _draw_head(pen, who, view, skin, hair, palette=palette)
 
 
 def _draw_pattern(pen: _Pen, who: Identity, shoulder_w: float, hem_w: float, hem_y: float,
@@ -328,7 +341,9 @@ def _draw_pattern(pen: _Pen, who: Identity, shoulder_w: float, hem_w: float, hem
 
 
 def _draw_arms(pen: _Pen, who: Identity, view: str, upper: tuple[int, int, int], skin: tuple[int, int, int],
-               dark: tuple[int, int, int], rng: random.Random) -> None:
+               dark: tuple[int, int, int], rng: random.Random,
+               palette: dict[str, tuple[int, int, int]] = COLOURS) -> None:
+    COLOURS = palette  # noqa: N806
     side = view == "side"
     sleeve = {"t-shirt": 0.32, "dress": 0.0}.get(who.upper_type, 0.9)
     for number, sx in enumerate((-1, 1)):
@@ -355,8 +370,10 @@ def _draw_arms(pen: _Pen, who: Identity, view: str, upper: tuple[int, int, int],
             pen.rect(hand[0] - 0.045, hand[1] + 0.015, hand[0] + 0.045, hand[1] + 0.09, bag)
 
 
-def _draw_bag(pen: _Pen, who: Identity, view: str, behind: bool) -> None:
+def _draw_bag(pen: _Pen, who: Identity, view: str, behind: bool,
+              palette: dict[str, tuple[int, int, int]] = COLOURS) -> None:
     """Backpack and shoulder bag; ``behind`` is the pass before the arms (straps, the pack seen from behind)."""
+    COLOURS = palette  # noqa: N806
     if who.bag not in ("backpack", "shoulder bag"):
         return
     bag = COLOURS[who.bag_colour]  # type: ignore[index]
@@ -380,7 +397,8 @@ def _draw_bag(pen: _Pen, who: Identity, view: str, behind: bool) -> None:
 
 
 def _draw_head(pen: _Pen, who: Identity, view: str, skin: tuple[int, int, int],
-               hair: tuple[int, int, int]) -> None:
+               hair: tuple[int, int, int], palette: dict[str, tuple[int, int, int]] = COLOURS) -> None:
+    COLOURS = palette  # noqa: N806
     side, back = view == "side", view == "back"
     face_x = 0.012 if side else 0.0
     pen.rect(-0.022, 0.11, 0.022, 0.16, skin)
@@ -608,15 +626,22 @@ def _image_name(fmt: str, split: str, raw_id: int, k: int) -> str:
     return f"imgs/{raw_id:06d}_{k}.jpg"
 
 
-def make_synthetic(fmt: str, out_dir: str | Path, num_ids: int = 100, seed: int = 0) -> Path:
+def make_synthetic(fmt: str, out_dir: str | Path, num_ids: int = 100, seed: int = 0, style: str = "classic") -> Path:
     """Write the synthetic dataset for ``fmt`` into ``out_dir`` and return ``out_dir``.
 
     cuhkpedes -> reid_raw.json, icfg -> ICFG-PEDES.json, rstp -> data_captions.json (images under imgs/);
     pretrain -> pretrain.json ({"image", "caption"} list, image paths relative to ``out_dir``). Always writes
     SYNTHETIC.json with the format, seed, num_ids and counts. The same arguments give the same bytes.
+    ``style`` picks how people are drawn and described (``STYLES``; datasets/synthetic_styles.py).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown synthetic format '{fmt}': expected one of {FORMATS}")
+    if style not in STYLES:
+        raise ValueError(f"unknown synthetic style '{style}': expected one of {STYLES}")
+    if style != "classic":
+        from datasets.synthetic_styles import make_styled  # the sibling imports this module
+
+        return make_styled(fmt, out_dir, num_ids=num_ids, seed=seed, style=style)
     out = Path(out_dir)
     _, (low, high), per_image, annotation_name = _LAYOUT[fmt]
     always = key_fields(num_ids)
@@ -667,9 +692,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", required=True, help="output folder (the dataset root)")
     parser.add_argument("--num-ids", type=int, default=100, help="identities over all splits")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--style", default="classic", choices=STYLES,
+                        help="how people are drawn and captioned (cctv is the held-out style)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = make_synthetic(args.format, args.out, args.num_ids, args.seed)
+    out = make_synthetic(args.format, args.out, args.num_ids, args.seed, style=args.style)
     if args.format == "pretrain":
         print(json.dumps([{"annotation": str(out / "pretrain.json"), "image_root": str(out)}]))
     return out

@@ -1,0 +1,79 @@
+"""bench/bench_learning.py without training: its variants are valid configs, it reads a run's files right, and the
+table shows the spread over seeds."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from utils.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "bench_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_ablation_variant_is_a_valid_config(bench) -> None:
+    for name, extra in bench.ABLATION.items():
+        config = ROOT / "configs" / "demo.yaml"
+        if extra and extra[0].startswith("@"):
+            config, extra = ROOT / extra[0][1:], extra[1:]
+        cfg = load_config(config, extra)
+        if "BMM" in name and name.startswith("without"):
+            assert cfg.model.bmm_ratio == 0
+        if "MLA" in name and name.startswith("without"):
+            assert list(cfg.text.levels) == ["sentence"] and cfg.input.num_views == 1
+    rerank = load_config(ROOT / "configs" / "demo_rerank.yaml")
+    assert rerank.model.fusion_layers > 0 and rerank.eval.rerank_top_k > 0
+
+
+def _fake_run(run_dir: Path, val: list[tuple[int, float, float]], test: tuple[float, float]) -> None:
+    run_dir.mkdir(parents=True)
+    lines = [{"kind": "train", "step": 1, "loss": 3.0}]
+    lines += [{"kind": "eval", "step": 10 * e, "epoch": e, "score": r1, "t2i/R1": r1, "t2i/mAP": ap}
+              for e, r1, ap in val]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run_dir / "metrics_test.json").write_text(json.dumps(
+        {"t2i": {"R1": test[0], "R5": 80.0, "mAP": test[1]}, "chance_R1": 1.79}))
+
+
+def test_reads_the_selected_epoch_and_the_test_metrics(bench, tmp_path: Path) -> None:
+    _fake_run(tmp_path / "run", [(4, 20.0, 25.0), (9, 41.5, 44.0), (14, 39.0, 45.0)], (47.0, 50.5))
+    got = bench.read_run(tmp_path / "run")
+    assert (got["val_R1"], got["val_mAP"], got["best_epoch"]) == (41.5, 44.0, 9)
+    assert (got["test_R1"], got["test_mAP"], got["chance_R1"]) == (47.0, 50.5, 1.79)
+    assert got["val_curve"] == [(4, 20.0), (9, 41.5), (14, 39.0)]
+
+
+def test_table_shows_mean_spread_and_marks_the_held_out_style(bench) -> None:
+    rows = [{"variant": "v", "style": "cctv", "val_R1": r, "val_mAP": r, "test_R1": r + 1, "test_mAP": r,
+             "chance_R1": 1.8, "wall_s": 300.0} for r in (40.0, 44.0, 48.0)]
+    rows.append({"variant": "v", "style": "street", "val_R1": 50.0, "val_mAP": 51.0, "test_R1": 52.0,
+                 "test_mAP": 53.0, "chance_R1": 1.8, "wall_s": 240.0})
+    text = bench.table(rows, "variant")
+    cctv = next(line for line in text.splitlines() if "cctv" in line)
+    assert "cctv (held out)" in cctv and "| 3 |" in cctv
+    assert "45.0 ± 4.0 (41.0-49.0)" in cctv  # test R@1: mean ± sample std (min-max)
+    assert "5.0 min" in cctv
+    street = next(line for line in text.splitlines() if "street" in line)
+    assert "| 1 |" in street and "52.0" in street
+
+
+def test_dry_run_prints_one_command_per_style_and_seed(bench, tmp_path: Path, capsys) -> None:
+    rows = bench.main(["--dry-run", "--num-ids", "6", "--seeds", "0", "1", "--styles", "classic", "cctv",
+                       "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
+                       "train.epochs=2"])
+    assert rows == []
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 4
+    assert all("train.epochs=2" in c and "data.synthesize_if_missing=false" in c for c in commands)
+    assert sum("seed=1" in c.split() for c in commands) == 2
+    assert json.loads((tmp_path / "data" / "cctv-6-seed0" / "SYNTHETIC.json").read_text())["style"] == "cctv"
