@@ -32,12 +32,13 @@ def synthesize_if_missing(cfg: Config) -> None:
     root = Path(cfg.data.root)
     fmt = "pretrain" if cfg.task == "pretrain" else cfg.data.format
     if du.is_main_process() and not (root.is_dir() and any(root.iterdir())):
-        logger.info("data.root %s is missing: writing the synthetic %s dataset (%d identities) there",
-                    root, fmt, cfg.data.synthetic_num_ids)
+        logger.info("data.root %s is missing: writing the synthetic %s dataset (%s style, %d identities) there",
+                    root, fmt, cfg.data.synthetic_style, cfg.data.synthetic_num_ids)
         partial = root.with_name(root.name + ".partial")
         if partial.exists():
             shutil.rmtree(partial)
-        make_synthetic(fmt, partial, num_ids=cfg.data.synthetic_num_ids, seed=cfg.data.synthetic_seed)
+        make_synthetic(fmt, partial, num_ids=cfg.data.synthetic_num_ids, seed=cfg.data.synthetic_seed,
+                       style=cfg.data.synthetic_style)
         if root.is_dir():
             root.rmdir()  # empty, checked above
         partial.rename(root)

@@ -175,3 +175,15 @@ def test_config_key_declares_the_default_style() -> None:
     default = inspect.signature(make_synthetic).parameters["style"].default
     assert load_config(None).data.synthetic_style == default == "classic"
     assert load_config(None, ["data.synthetic_style=cctv"]).data.synthetic_style in STYLES
+
+
+def test_the_engine_synthesises_the_configured_style(tmp_path):
+    from engine.data import synthesize_if_missing
+    from utils.config import load_config
+
+    root = tmp_path / "street"
+    synthesize_if_missing(load_config(None, [f"data.root={root}", "data.synthesize_if_missing=true",
+                                             "data.synthetic_num_ids=6", "data.synthetic_style=street"]))
+    first = load_annotations("cuhkpedes", root).train[0].image_path
+    height, width = Image.open(first).size[::-1]
+    assert height >= 160 and height / width >= 2.4  # street's tall crops, not classic's 128x64

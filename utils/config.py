@@ -34,6 +34,7 @@ class ConfigError(UserError, ValueError):
 CHOICES = {
     "task": ("retrieval", "pretrain"),
     "data.check_images": ("none", "exists", "header", "full"),
+    "data.synthetic_style": ("classic", "street", "cctv"),
     "train.optimizer": ("sgd", "adamw"),
     "train.optimizer_impl": ("default", "foreach", "fused"),
     "data.augment_on": ("cpu", "device"),
