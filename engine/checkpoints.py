@@ -102,7 +102,9 @@ def save_checkpoint(obj: dict, path: Path) -> None:
 
 def check_finite_weights(model: torch.nn.Module) -> None:
     """NonFiniteWeightsError when a parameter holds NaN or inf: such a model is never saved over a good one."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    names, params = zip(*model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()  # one host sync, not one per tensor
+    bad = [name for name, ok in zip(names, finite) if not ok]
     if bad:
         raise NonFiniteWeightsError(f"{len(bad)} parameter tensors are not finite (first: {bad[0]}); not saving, "
                                     "so last.pth keeps the last good state")
