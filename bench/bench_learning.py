@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--vocabulary", action="store_true",
                         help="no training: how a 1000-piece vocabulary learnt per style cuts its test captions")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
     variants = ABLATION if args.ablation else {args.name: []}
     data_dir, runs_dir = Path(args.data_dir), Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)

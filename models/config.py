@@ -16,6 +16,9 @@ class ModelConfigError(UserError, ValueError):
     """A model or loss setting the model cannot use; the message names the ``model.*`` / ``loss.*`` key."""
 
 
+FEATURE_POOLS = ("cls", "mean")
+
+
 @dataclass(frozen=True)
 class IVTConfig:
     img_size: tuple[int, int] = (384, 128)  # [height, width] of the input images (input.image_size)
@@ -37,6 +40,7 @@ class IVTConfig:
     temperature_init: float = 0.5
     grad_checkpointing: bool = False
     text_pad_multiple: int = 0  # > 1: texts run the blocks padded to a multiple of this after BMM (fewer shapes)
+    feature_pool: str = "cls"  # the retrieval feature: cls (the CLS token's output, IVT) | mean (of the real tokens)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
@@ -46,6 +50,9 @@ class IVTConfig:
             raise ModelConfigError(f"model.fusion_layers must be >= 0, got {self.fusion_layers}")
         if self.text_pad_multiple < 0:
             raise ModelConfigError(f"model.text_pad_multiple must be >= 0, got {self.text_pad_multiple}")
+        if self.feature_pool not in FEATURE_POOLS:
+            raise ModelConfigError(f"model.feature_pool must be one of {' | '.join(FEATURE_POOLS)}, got "
+                                   f"{self.feature_pool!r}")
         if self.embed_dim % self.num_heads:
             raise ModelConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
                                    f"{self.num_heads}")

@@ -52,20 +52,34 @@ class IVT(nn.Module):
     def has_fusion(self) -> bool:
         return hasattr(self, "fusion")
 
+    def global_feature(self, tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens [B,N,D], mask [B,N] (nonzero = real token) or None -> the retrieval feature [B,D].
+
+        ``cls`` (IVT) takes token 0. ``mean`` averages the real tokens (CLS included): from random weights the CLS
+        output barely depends on the input, and CMPM first collapses every feature onto one direction and only
+        leaves that saddle after a few hundred steps; a mean keeps the input's content from step 0 (the CPU demo).
+        """
+        if self.config.feature_pool == "cls":
+            return tokens[:, 0]
+        if mask is None:
+            return tokens.mean(dim=1)
+        weights = mask.to(tokens.dtype)[..., None]  # [B,N,1]
+        return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
     def encode_image(self, images: torch.Tensor, bmm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B,3,H,W] -> (tokens [B,N,D], global feature [B,D] = CLS token)."""
+        """images [B,3,H,W] -> (tokens [B,N,D], global feature [B,D], see :meth:`global_feature`)."""
         tokens = self.encoder.forward_image(images, bmm=bmm)
-        return tokens, tokens[:, 0]
+        return tokens, self.global_feature(tokens, None)
 
     def encode_text_with_mask(self, ids: torch.Tensor, mask: Optional[torch.Tensor], bmm: bool = True
                               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """ids [B,T], mask [B,T] -> (tokens [B,T',D], feature [B,D], kept mask [B,T']); T' < T only after BMM."""
         tokens, kept_mask = self.encoder.forward_text(ids, mask, bmm=bmm)
-        return tokens, tokens[:, 0], kept_mask
+        return tokens, self.global_feature(tokens, kept_mask), kept_mask
 
     def encode_text(self, ids: torch.Tensor, mask: Optional[torch.Tensor], bmm: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [B,T], mask [B,T] -> (tokens [B,T',D], global feature [B,D] = CLS token)."""
+        """ids [B,T], mask [B,T] -> (tokens [B,T',D], global feature [B,D], see :meth:`global_feature`)."""
         tokens, feature, _ = self.encode_text_with_mask(ids, mask, bmm=bmm)
         return tokens, feature
 

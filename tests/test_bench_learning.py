@@ -70,10 +70,11 @@ def test_table_shows_mean_spread_and_marks_the_held_out_style(bench) -> None:
 def test_dry_run_prints_one_command_per_style_and_seed(bench, tmp_path: Path, capsys) -> None:
     rows = bench.main(["--dry-run", "--num-ids", "6", "--seeds", "0", "1", "--styles", "classic", "cctv",
                        "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs"),
-                       "train.epochs=2"])
+                       "train.epochs=2", "--name", "variant", "train.lr=0.002"])  # overrides around an option
     assert rows == []
     commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     assert len(commands) == 4
-    assert all("train.epochs=2" in c and "data.synthesize_if_missing=false" in c for c in commands)
+    assert all("train.epochs=2" in c and "train.lr=0.002" in c and "data.synthesize_if_missing=false" in c
+               for c in commands)
     assert sum("seed=1" in c.split() for c in commands) == 2
     assert json.loads((tmp_path / "data" / "cctv-6-seed0" / "SYNTHETIC.json").read_text())["style"] == "cctv"

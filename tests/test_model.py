@@ -81,8 +81,9 @@ def test_attention_matches_a_brute_force_reference_with_key_padding():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_appending_padding_does_not_change_text_features():
-    model = tiny().eval()
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_appending_padding_does_not_change_text_features(pool):
+    model = tiny(feature_pool=pool).eval()
     ids = torch.randint(1, 50, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.long)
     padded_ids = torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], dim=1)
@@ -199,7 +200,7 @@ def test_build_model_from_attribute_config_and_init():
                               qkv_bias=True, drop_path_rate=0.1, vocab_size=100, max_text_positions=32,
                               type_vocab_size=2, text_dropout=0.1, pad_token_id=0, bmm_ratio=0.2,
                               fusion_layers=0, temperature_init=0.5, grad_checkpointing=False,
-                              text_pad_multiple=0))
+                              text_pad_multiple=0, feature_pool="cls"))
     torch.manual_seed(0)
     model = build_model(cfg)
     assert not model.has_fusion and not hasattr(model, "itm_head")
@@ -227,6 +228,25 @@ def test_fusion_stack_parameter_names_follow_bert():
         "crossattention.self.value", "crossattention.output.dense", "crossattention.output.LayerNorm",
         "intermediate.dense", "output.dense", "output.LayerNorm")}
     assert names == expected
+
+
+def test_feature_pool_takes_the_cls_token_or_the_mean_of_the_real_tokens():
+    model = tiny(feature_pool="mean").eval()
+    ids = torch.randint(1, 50, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    tokens, feature = model.encode_text(ids, mask)
+    torch.testing.assert_close(feature[0], tokens[0].sum(0) / 7)
+    torch.testing.assert_close(feature[1], tokens[1, :4].sum(0) / 4)
+    image_tokens, image_feature = model.encode_image(torch.randn(2, 3, 64, 32))
+    torch.testing.assert_close(image_feature, image_tokens.sum(1) / image_tokens.shape[1])
+    # The same weights with pool "cls" give token 0: only the pooling differs.
+    model_cls = tiny(feature_pool="cls").eval()
+    model_cls.load_state_dict(model.state_dict())
+    tokens_cls, feature_cls = model_cls.encode_text(ids, mask)
+    torch.testing.assert_close(tokens_cls, tokens)
+    torch.testing.assert_close(feature_cls, tokens[:, 0])
+    with pytest.raises(ValueError, match="model.feature_pool must be one of cls | mean, got 'max'"):
+        IVTConfig(feature_pool="max")
 
 
 def test_bad_inputs_raise_clear_errors():
