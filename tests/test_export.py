@@ -27,9 +27,10 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, synth_root) -> Path:
-    """A tiny checkpoint in a run folder with the metrics_test.json training writes beside best.pth."""
+    """A tiny checkpoint in a run folder with the metrics_test.json training writes beside best.pth; it pools the
+    mean of the tokens as the demo does, so every loader and the ONNX encoders must carry that setting."""
     run = tmp_path_factory.mktemp("run")
-    path = make_checkpoint(run / "best.pth", synth_root, seed=5)
+    path = make_checkpoint(run / "best.pth", synth_root, seed=5, extra=["model.feature_pool=mean"])
     metrics = {"checkpoint": str(path), "config_digest": "x", "split": "test", "counts": {"queries": 10,
                "gallery_images": 5, "identities": 2}, "chance_R1": 40.0,
                "t2i": {"R1": 50.0, "R5": 100.0, "R10": 100.0, "mAP": 61.5, "mINP": 40.0},
@@ -55,6 +56,7 @@ def test_folder_layout_config_and_model_card(folder, checkpoint):
     assert {"model.safetensors", "config.json", "README.md", "vocab.txt", "tokenizer.json"} <= names
     meta = json.loads((folder / "config.json").read_text())
     assert meta["format"] == "ivt-model-folder" and meta["architecture"]["embed_dim"] == 32
+    assert meta["architecture"]["feature_pool"] == "mean"
     assert meta["config"]["model"]["depth"] == 2 and meta["config"]["text"]["tokenizer"] == "train"
     assert meta["tokenizer"]["kind"] == "learnt" and meta["training"]["epoch"] == 3
     # the test metrics name this checkpoint and are taken; the val metrics are of last.pth and are not
