@@ -22,7 +22,7 @@ def bench():
 
 
 def test_every_ablation_variant_is_a_valid_config(bench) -> None:
-    for name, extra in bench.ABLATION.items():
+    for name, extra in bench.ABLATION.values():
         config = ROOT / "configs" / "demo.yaml"
         if extra and extra[0].startswith("@"):
             config, extra = ROOT / extra[0][1:], extra[1:]
@@ -50,7 +50,11 @@ def test_reads_the_selected_epoch_and_the_test_metrics(bench, tmp_path: Path) ->
     got = bench.read_run(tmp_path / "run")
     assert (got["val_R1"], got["val_mAP"], got["best_epoch"]) == (41.5, 44.0, 9)
     assert (got["test_R1"], got["test_mAP"], got["chance_R1"]) == (47.0, 50.5, 1.79)
-    assert got["val_curve"] == [(4, 20.0), (9, 41.5), (14, 39.0)]
+    assert got["val_curve"] == [(4, 20.0), (9, 41.5), (14, 39.0)] and "test_R1_rerank" not in got
+    test_file = tmp_path / "run" / "metrics_test.json"
+    test_file.write_text(json.dumps({**json.loads(test_file.read_text()), "t2i_rerank": {"R1": 30.0, "mAP": 41.0}}))
+    got = bench.read_run(tmp_path / "run")
+    assert (got["test_R1"], got["test_R1_rerank"], got["test_mAP_rerank"]) == (47.0, 30.0, 41.0)
 
 
 def test_table_shows_mean_spread_and_marks_the_held_out_style(bench) -> None:
@@ -65,6 +69,22 @@ def test_table_shows_mean_spread_and_marks_the_held_out_style(bench) -> None:
     assert "5.0 min" in cctv
     street = next(line for line in text.splitlines() if "street" in line)
     assert "| 1 |" in street and "52.0" in street
+    assert "re-ranked" not in text
+    rows[-1].update(test_R1_rerank=30.5, test_mAP_rerank=40.25)
+    reranked = bench.table(rows, "variant").splitlines()[-1]
+    assert reranked.startswith("| v, ITM re-ranked | street | 1 |") and "| 30.5 | 40.2 |" in reranked
+
+
+def test_ablation_runs_the_named_variants_or_all(bench, tmp_path: Path, capsys) -> None:
+    common = ["--dry-run", "--num-ids", "6", "--seeds", "0", "--styles", "classic",
+              "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")]
+    bench.main([*common, "--ablation", "no-bmm", "rerank"])
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2
+    assert "model.bmm_ratio=0" in commands[0] and "configs/demo.yaml" in commands[0]
+    assert "configs/demo_rerank.yaml" in commands[1] and "model.bmm_ratio=0" not in commands[1]
+    bench.main([*common, "--ablation"])
+    assert sum(line.startswith("$ ") for line in capsys.readouterr().out.splitlines()) == len(bench.ABLATION)
 
 
 def test_dry_run_prints_one_command_per_style_and_seed(bench, tmp_path: Path, capsys) -> None:
