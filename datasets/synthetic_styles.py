@@ -157,10 +157,20 @@ def _encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+# Output crop heights (px) and height/width ratios per style; SYNTHETIC.json records them.
+_IMAGE_SIZES = {"street": ((160, 256), (2.4, 3.0)), "cctv": ((88, 150), (1.9, 2.6))}
+
+
+def _crop_size(style: str, rng: random.Random) -> tuple[int, int]:
+    """(height, width) of one output picture of ``style``, drawn from _IMAGE_SIZES."""
+    (low, high), (thin, wide) = _IMAGE_SIZES[style]
+    height = rng.randint(low, high)
+    return height, int(round(height / rng.uniform(thin, wide)))
+
+
 def render_street(who: Identity, rng: random.Random, noise: np.random.Generator) -> tuple[Image.Image, str]:
     """(picture, view) for the street style: a tall shaded crop of varied size."""
-    out_h = rng.randint(160, 256)
-    out_w = int(round(out_h / rng.uniform(2.4, 3.0)))
+    out_h, out_w = _crop_size("street", rng)
     width, height = out_w * 2, out_h * 2
     canvas = _street_background(width, height, rng).convert("RGBA")
     view = rng.choice(base._VIEWS)
@@ -192,8 +202,7 @@ def render_street(who: Identity, rng: random.Random, noise: np.random.Generator)
 
 def render_cctv(who: Identity, rng: random.Random, noise: np.random.Generator) -> tuple[Image.Image, str]:
     """(picture, view) for the cctv style: a small dim squat crop with blur, tint, noise and occluders."""
-    out_h = rng.randint(88, 150)
-    out_w = int(round(out_h / rng.uniform(1.9, 2.6)))
+    out_h, out_w = _crop_size("cctv", rng)
     width, height = out_w * 2, out_h * 2
     canvas = _cctv_background(width, height, rng).convert("RGBA")
     view = rng.choice(base._VIEWS)
@@ -383,9 +392,6 @@ def write_styled_caption(style: str, who: Identity, view: str, rng: random.Rando
 
 
 # ----------------------------------------------------------------------------------------------- writer
-
-_IMAGE_SIZES = {"street": ((160, 256), (2.4, 3.0)), "cctv": ((88, 150), (1.9, 2.6))}
-
 
 def make_styled(fmt: str, out_dir: str | Path, num_ids: int, seed: int, style: str) -> Path:
     """``make_synthetic`` for the street and cctv styles: the same formats, layouts and marker file."""
