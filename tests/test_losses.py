@@ -46,6 +46,21 @@ def test_cmpm_matches_hand_computation():
     assert got.item() == pytest.approx(i2t + t2i, rel=1e-5)
 
 
+@pytest.mark.parametrize("per_id, plateau", [(4, 23.42), (2, 25.52)])
+def test_cmpm_of_input_independent_features_is_the_demo_plateau(per_id, plateau):
+    """Identical features give the uniform softmax: the value a from-scratch run sits at while its features have
+    collapsed (bench/bench_collapse.py). 32 records x 3 views/levels, ``per_id`` records per identity."""
+    records, views = 32, 3
+    pids = torch.arange(records // per_id).repeat_interleave(per_id).repeat(views)  # [96]
+    feats = torch.randn(1, 16).expand(records * views, 16)
+    n, positives = records * views, per_id * views
+    row = ((n - positives) / n * (math.log(1 / n) - math.log(1e-8))
+           + positives / n * (math.log(1 / n) + 0.5 * math.log(positives)))
+    loss = cmpm_loss(feats, feats, pids, pids).item()
+    assert loss == pytest.approx(2 * row, abs=1e-4)
+    assert round(loss, 2) == plateau
+
+
 def test_cmpm_non_square_uses_row_counts():
     # 1 image (pid 0) against texts with pids [0, 0, 1]: its row has two positives
     v = torch.tensor([[1.0, 0.0]])
