@@ -50,36 +50,92 @@ def dataset(data_dir: Path, style: str, num_ids: int, data_seed: int) -> Path:
 
 
 def read_run(run_dir: Path) -> dict:
-    """Best val (by the run's selection metric) and test metrics of a finished run."""
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if line.strip() and json.loads(line).get("kind") == "eval"]
+    """Best val (by the run's selection metric) and test metrics of a finished run, and the CMPM losses logged in
+    its first epoch (is it still on the uniform-softmax plateau of bench/bench_collapse.py?)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    first_epoch_cmpm = [round(r["cmpm_loss"], 2) for r in records
+                        if r.get("kind") == "train" and r.get("epoch") == 0 and "cmpm_loss" in r]
     best = max(evals, key=lambda r: r["score"]) if evals else {}
     test = json.loads((run_dir / "metrics_test.json").read_text())
     result = {"val_R1": best.get("t2i/R1"), "val_mAP": best.get("t2i/mAP"), "best_epoch": best.get("epoch"),
               "val_curve": [(r["epoch"], round(r["t2i/R1"], 2)) for r in evals],
               "test_R1": test["t2i"]["R1"], "test_R5": test["t2i"]["R5"], "test_mAP": test["t2i"]["mAP"],
-              "chance_R1": test["chance_R1"]}
+              "chance_R1": test["chance_R1"], "first_epoch_cmpm": first_epoch_cmpm}
     if "t2i_rerank" in test:  # a fusion recipe: the test split ranked by the ITM head too
         result.update(test_R1_rerank=test["t2i_rerank"]["R1"], test_mAP_rerank=test["t2i_rerank"]["mAP"])
     return result
 
 
+def run_child(command: list[str], log_path: Path) -> float:
+    """Runs one training script (niced, offline); returns its wall time in seconds, stops the bench on failure."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        done = subprocess.run(["nice", "-n", "10", *command], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"training failed (exit {done.returncode}); see {log_path}")
+    return time.perf_counter() - start
+
+
 def train_once(config: str, overrides: list[str], data_root: Path, seed: int, run_dir: Path,
-               dry_run: bool) -> dict | None:
-    command = ["nice", "-n", "10", sys.executable, str(ROOT / "train_cuhkpedes.py"), "--config", config,
+               dry_run: bool, init_from: Path | None = None) -> dict | None:
+    command = [sys.executable, str(ROOT / "train_cuhkpedes.py"), "--config", config,
                "--output-dir", str(run_dir), "--overwrite", f"data.root={data_root}", f"seed={seed}",
-               "data.synthesize_if_missing=false", *overrides]
+               "data.synthesize_if_missing=false", *(["--init-from", str(init_from)] if init_from else []),
+               *overrides]
     print("$", " ".join(command), flush=True)
     if dry_run:
         return None
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
-    with open(run_dir.with_suffix(".out"), "w") as log:
-        done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"training failed (exit {done.returncode}); see {run_dir.with_suffix('.out')}")
+    seconds = run_child(command, run_dir.with_suffix(".out"))
     return {**read_run(run_dir), "wall_s": round(seconds, 1)}
+
+
+def zero_shot(checkpoint: Path, data_root: Path, out_dir: Path, rerank_top_k: int) -> dict:
+    """Test metrics of the pretrained checkpoint itself on ``data_root`` (cosine ranking, and ITM re-ranking of
+    the top ``rerank_top_k`` when > 0)."""
+    command = [sys.executable, str(ROOT / "evaluate.py"), "--checkpoint", str(checkpoint), "--output-dir",
+               str(out_dir), f"data.eval_root={data_root}", f"eval.rerank_top_k={rerank_top_k}"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_child(command, out_dir.with_suffix(".out"))
+    test = json.loads((out_dir / "metrics_test.json").read_text())
+    result = {"test_R1": test["t2i"]["R1"], "test_mAP": test["t2i"]["mAP"], "chance_R1": test["chance_R1"]}
+    if "t2i_rerank" in test:
+        result.update(test_R1_rerank=test["t2i_rerank"]["R1"], test_mAP_rerank=test["t2i_rerank"]["mAP"])
+    return result
+
+
+def pretrain_run_dir(config: str, overrides: list[str], runs_dir: Path) -> Path:
+    """Where the pretraining of ``config`` + ``overrides`` lives: named by the resolved config's digest, so a
+    changed config (or override) pretrains anew and an unchanged one reuses the checkpoint."""
+    from utils.config import load_config
+
+    return runs_dir / f"pretrain-{load_config(config).replace(overrides).digest()}"
+
+
+def pretrain_once(config: str, overrides: list[str], runs_dir: Path, dry_run: bool) -> tuple[Path, dict]:
+    """(last.pth of the pretraining, its record), pretraining only when no finished run of this config exists.
+
+    A run counts as finished once ``PRETRAINED.json`` (written after the child exits 0) is there; its zero-shot
+    curve on data.eval_root comes from the run's metrics.jsonl.
+    """
+    run_dir = pretrain_run_dir(config, overrides, runs_dir)
+    marker = run_dir / "PRETRAINED.json"
+    command = [sys.executable, str(ROOT / "train_pretrain.py"), "--config", config, "--output-dir", str(run_dir),
+               "--overwrite", *overrides]
+    if marker.is_file():
+        print(f"pretraining: cached {run_dir} (config digest {run_dir.name[9:]})", flush=True)
+        return run_dir / "last.pth", json.loads(marker.read_text())
+    print("$", " ".join(command), flush=True)
+    if dry_run:
+        return run_dir / "last.pth", {}
+    seconds = run_child(command, run_dir.with_suffix(".out"))
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if line.strip() and json.loads(line).get("kind") == "eval"]
+    record = {"config": config, "overrides": overrides, "wall_s": round(seconds, 1), "machine": machine_state(),
+              "zero_shot_val_curve": [[r["epoch"], round(r["t2i/R1"], 2)] for r in evals]}
+    marker.write_text(json.dumps(record, indent=1))
+    return run_dir / "last.pth", record
 
 
 def vocabulary_report(root: Path, sizes: tuple[int, ...] = (1000,)) -> list[str]:
@@ -129,7 +185,8 @@ def table(rows: list[dict], label: str) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["variant"], row["style"]), []).append(row)
+        variant = row["variant"] if row.get("init", "scratch") == "scratch" else f"{row['variant']}, pretrained"
+        groups.setdefault((variant, row["style"]), []).append(row)
     for (variant, style), runs in groups.items():
         name = f"{style} (held out)" if style == HELD_OUT_STYLE else style
         walls = [r["wall_s"] for r in runs]
@@ -160,6 +217,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", default=None, help="JSON lines file to append each run's result to")
     parser.add_argument("--name", default="recipe", help="the variant's name in the table and run folders")
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--pretrain", default=None, metavar="CONFIG",
+                        help="pretrain once with this config (e.g. configs/demo_pretrain.yaml; cached by its digest "
+                             "under --runs-dir) and run every variant initialised from its last.pth too")
+    parser.add_argument("--pretrain-overrides", nargs="*", default=[], metavar="key=value",
+                        help="overrides for the pretraining run only")
+    parser.add_argument("--zero-shot-top-k", type=int, default=16,
+                        help="with --pretrain: ITM re-ranking depth of the pretrained model's zero-shot test")
+    parser.add_argument("--init", nargs="+", choices=("scratch", "pretrained"), default=None,
+                        help="with --pretrain: which starting points to run (default both)")
     parser.add_argument("--vocabulary", action="store_true",
                         help="no training: how a 1000-piece vocabulary learnt per style cuts its test captions")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
@@ -175,27 +241,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for style in args.styles:
             print("\n".join(vocabulary_report(dataset(data_dir, style, args.num_ids, 0))), flush=True)
         return []
+    starts: dict[str, Path | None] = {"scratch": None}
+    pretraining: dict = {}
+    if args.pretrain:
+        checkpoint, pretraining = pretrain_once(args.pretrain, args.pretrain_overrides, runs_dir, args.dry_run)
+        starts = {init: (checkpoint if init == "pretrained" else None)
+                  for init in (args.init or ("scratch", "pretrained"))}
+        if pretraining:
+            print(f"pretraining: {json.dumps(pretraining)}", flush=True)
+        for style in args.styles if not args.dry_run else ():
+            root = dataset(data_dir, style, args.num_ids, 0)
+            result = zero_shot(checkpoint, root, checkpoint.parent / f"zero-shot-{style}", args.zero_shot_top_k)
+            row = {"kind": "zero_shot", "style": style, "run": checkpoint.parent.name, **result}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
     rows: list[dict] = []
     for variant, extra in variants.items():
         config = args.config
         if extra and extra[0].startswith("@"):
             config, extra = extra[0][1:], extra[1:]
-        for style in args.styles:
-            for seed in args.seeds:
-                root = dataset(data_dir, style, args.num_ids, seed if args.vary_data else 0)
-                tag = "".join(c if c.isalnum() else "-" for c in variant)[:40]
-                run_dir = runs_dir / f"{tag}-{style}-seed{seed}"
-                result = train_once(config, [*extra, *args.overrides], root, seed, run_dir, args.dry_run)
-                if result is None:
-                    continue
-                row = {"variant": variant, "style": style, "seed": seed, "config": config,
-                       "overrides": [*extra, *args.overrides], "num_ids": args.num_ids, **result,
-                       "machine": machine_state()}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.out:
-                    with open(args.out, "a") as handle:
-                        handle.write(json.dumps(row) + "\n")
+        for init, checkpoint in starts.items():
+            for style in args.styles:
+                for seed in args.seeds:
+                    root = dataset(data_dir, style, args.num_ids, seed if args.vary_data else 0)
+                    tag = "".join(c if c.isalnum() else "-" for c in variant)[:40]
+                    run_dir = runs_dir / f"{tag}-{init}-{style}-seed{seed}"
+                    result = train_once(config, [*extra, *args.overrides], root, seed, run_dir, args.dry_run,
+                                        init_from=checkpoint)
+                    if result is None:
+                        continue
+                    row = {"variant": variant, "init": init, "style": style, "seed": seed, "config": config,
+                           "overrides": [*extra, *args.overrides], "num_ids": args.num_ids, **result,
+                           "machine": machine_state()}
+                    if checkpoint is not None:
+                        row["pretraining"] = {"run": checkpoint.parent.name, **pretraining}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if args.out:
+                        with open(args.out, "a") as handle:
+                            handle.write(json.dumps(row) + "\n")
     if rows:
         print(f"\nmachine at the end: {machine_state()}\n")
         print(table(rows, "variant"))

@@ -190,6 +190,22 @@ def tokenizer_from_vocab(tokens: Sequence[str], lowercase: bool) -> BertTokenize
     return BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}, do_lower_case=lowercase)
 
 
+def vocabulary_coverage(tokenizer: BertTokenizerFast, captions: Sequence[str]) -> str:
+    """How ``tokenizer`` cuts the words of ``captions`` (word occurrences, as BERT pre-tokenises them): kept whole,
+    split into pieces, or holding [UNK] (a character the vocabulary never saw). For a log line."""
+    counts = _word_counts(captions, lowercase=bool(getattr(tokenizer, "do_lower_case", True)))
+    total = sum(counts.values()) or 1
+    split = unknown = 0
+    for word, count in counts.items():
+        pieces = tokenizer.tokenize(word)
+        if tokenizer.unk_token in pieces:
+            unknown += count
+        elif len(pieces) > 1:
+            split += count
+    return (f"{100 * (total - split - unknown) / total:.1f}% of the {total} word occurrences kept whole, "
+            f"{100 * split / total:.1f}% cut into pieces, {100 * unknown / total:.2f}% with [UNK]")
+
+
 def save_tokenizer(tokenizer: BertTokenizerFast, folder: str | os.PathLike[str]) -> Path:
     """Write the tokenizer files plus vocab.txt, so the folder also works as ``text.tokenizer=FOLDER``."""
     folder = Path(folder)

@@ -72,6 +72,35 @@ def tokenizer_from_record(record: dict | None, text_cfg: Config):
     return build_tokenizer(text_cfg)
 
 
+def init_tokenizer(obj: Any, source: str, text_cfg: Config):
+    """The tokenizer a run initialised from ``obj`` (read from ``source``) must use, or None to build it as usual.
+
+    The checkpoint's word embeddings belong to the vocabulary it was trained with. With ``text.tokenizer: train``
+    that vocabulary is taken from the checkpoint instead of learning a new one from this run's captions (which
+    would give the pretrained rows to other words); words it lacks are cut into the longest pieces it holds, as
+    WordPiece does for any unknown word. A named tokenizer with a checkpoint that learnt its own vocabulary, or
+    ``train`` with one that did not, is refused.
+    """
+    record = obj.get("tokenizer") if detect_format(obj) == "ours" else None
+    learnt = bool(record) and "vocab" in record
+    if text_cfg.tokenizer == "train":
+        if learnt:
+            return tokenizer_from_vocab(list(record["vocab"]), bool(record.get("lowercase", True)))
+        name = (record or {}).get("name", "bert-base-uncased")
+        raise CheckpointError(
+            f"--init-from {source}: text.tokenizer=train would learn a new vocabulary, but the checkpoint's word "
+            f"embeddings belong to the tokenizer {name!r}; set text.tokenizer={name} (a hub id or a local folder)")
+    if learnt:
+        raise CheckpointError(
+            f"--init-from {source}: the checkpoint learnt its own vocabulary ({len(record['vocab'])} tokens), so "
+            f"text.tokenizer={text_cfg.tokenizer} would map its word embeddings to other words; set "
+            "text.tokenizer=train to take the checkpoint's vocabulary")
+    if record and record.get("name") not in (None, text_cfg.tokenizer):
+        logger.warning("--init-from %s was trained with the tokenizer %r, this run loads %r: make sure they share "
+                       "one vocabulary", source, record["name"], text_cfg.tokenizer)
+    return None
+
+
 # ------------------------------------------------------------------------------------------- training
 def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg: Config, tokenizer) -> dict:
     """The checkpoint dict; a collective when distributed (every rank's RNG state is gathered)."""
@@ -168,8 +197,11 @@ def read_resume(path: Path | None, obj: dict | None) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------ initialisation
-def initialise_weights(model, cfg: Config, init_from: str | None) -> None:
-    """Explicit pretrained-weight loading: ViT and BERT first, then an IVT checkpoint on top."""
+def initialise_weights(model, cfg: Config, init_from: str | None, init_obj: Any = None) -> None:
+    """Explicit pretrained-weight loading: ViT and BERT first, then an IVT checkpoint on top.
+
+    ``init_obj`` is the checkpoint of ``init_from`` when the caller has read it already (for its tokenizer).
+    """
     if cfg.model.vit_weights:
         load_vit_weights(model, cfg.model.vit_weights)
     if cfg.model.bert_weights:
@@ -177,16 +209,18 @@ def initialise_weights(model, cfg: Config, init_from: str | None) -> None:
     source = init_from or cfg.model.init_from
     if source:
         # A temperature learnt on raw features (the authors' pretraining) is meaningless for normalised ITC.
-        init_from_checkpoint(model, source, skip=("temperature",) if cfg.loss.itc_normalize else ())
+        init_from_checkpoint(model, source, skip=("temperature",) if cfg.loss.itc_normalize else (), obj=init_obj)
 
 
-def init_from_checkpoint(model, path: str, skip: Sequence[str] = ()) -> None:
+def init_from_checkpoint(model, path: str, skip: Sequence[str] = (), obj: Any = None) -> None:
     """Copy matching tensors of our or the authors' checkpoint (e.g. IVT pretraining) into ``model``.
 
     Grid embeddings are resampled when the patch grid differs; tensors the model lacks (a pretraining fusion stack
-    when the recipe has none) and model tensors the checkpoint lacks are both listed in the log.
+    when the recipe has none) and model tensors the checkpoint lacks are both listed in the log. ``obj``: the
+    file's contents when already read.
     """
-    obj = read_checkpoint_or_folder(path)
+    if obj is None:
+        obj = read_checkpoint_or_folder(path)
     kind = detect_format(obj)
     if kind == "ours":
         state = obj["model"]

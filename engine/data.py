@@ -13,8 +13,9 @@ from pathlib import Path
 from datasets.readers import DatasetSplits, check_images, load_annotations, load_pretrain_corpora
 from datasets.records import Record
 from datasets.synthetic import make_synthetic
-from datasets.tokenizer import build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab
-from engine.checkpoints import tokenizer_from_record
+from datasets.tokenizer import (build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab,
+                                vocabulary_coverage)
+from engine.checkpoints import init_tokenizer, tokenizer_from_record
 from utils import distributed as du
 from utils.config import Config
 
@@ -22,27 +23,39 @@ logger = logging.getLogger(__name__)
 
 
 def synthesize_if_missing(cfg: Config) -> None:
-    """Write the synthetic dataset into data.root when it is absent (rank 0 decides and writes; all wait).
+    """Write the synthetic dataset into data.root when it is absent (rank 0 decides and writes; all wait); for
+    pretraining also the zero-shot evaluation set into data.eval_root (``data.eval_synthetic_*``).
 
-    It is written next to the root and renamed into place, so an interrupted synthesis never leaves a
+    Each is written next to its root and renamed into place, so an interrupted synthesis never leaves a
     half-written dataset that a later run would take for a real one.
     """
     if not cfg.data.synthesize_if_missing:
         return
-    root = Path(cfg.data.root)
-    fmt = "pretrain" if cfg.task == "pretrain" else cfg.data.format
-    if du.is_main_process() and not (root.is_dir() and any(root.iterdir())):
-        logger.info("data.root %s is missing: writing the synthetic %s dataset (%s style, %d identities) there",
-                    root, fmt, cfg.data.synthetic_style, cfg.data.synthetic_num_ids)
-        partial = root.with_name(root.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)
-        make_synthetic(fmt, partial, num_ids=cfg.data.synthetic_num_ids, seed=cfg.data.synthetic_seed,
-                       style=cfg.data.synthetic_style)
-        if root.is_dir():
-            root.rmdir()  # empty, checked above
-        partial.rename(root)
+    data = cfg.data
+    if cfg.task == "pretrain":
+        wanted = [(data.root, "pretrain", data.synthetic_style, data.synthetic_num_ids)]
+        if data.eval_root:
+            wanted.append((data.eval_root, data.eval_format, data.eval_synthetic_style, data.eval_synthetic_num_ids))
+    else:
+        wanted = [(data.root, data.format, data.synthetic_style, data.synthetic_num_ids)]
+    if du.is_main_process():
+        for root, fmt, style, num_ids in wanted:
+            write_synthetic_once(Path(root), fmt, style, num_ids, data.synthetic_seed)
     du.barrier()
+
+
+def write_synthetic_once(root: Path, fmt: str, style: str, num_ids: int, seed: int) -> None:
+    if root.is_dir() and any(root.iterdir()):
+        return
+    logger.info("%s is missing: writing the synthetic %s dataset (%s style, %d identities) there", root, fmt,
+                style, num_ids)
+    partial = root.with_name(root.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    make_synthetic(fmt, partial, num_ids=num_ids, seed=seed, style=style)
+    if root.is_dir():
+        root.rmdir()  # empty, checked above
+    partial.rename(root)
 
 
 def pretrain_corpora(cfg: Config) -> list[dict]:
@@ -76,10 +89,17 @@ def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
     return train, eval_splits
 
 
-def build_run_tokenizer(cfg: Config, train_records, resume_obj: dict | None):
-    """The tokenizer: from the checkpoint being resumed, learnt on rank 0 and shared, or loaded by name."""
+def build_run_tokenizer(cfg: Config, train_records, resume_obj: dict | None, init: tuple[str, dict] | None = None):
+    """The tokenizer: from the checkpoint being resumed, from the one initialised from (``init``: its path and
+    contents; see engine.checkpoints.init_tokenizer), learnt on rank 0 and shared, or loaded by name."""
     if resume_obj is not None:
         return tokenizer_from_record(resume_obj.get("tokenizer"), cfg.text)
+    if init is not None:
+        tokenizer = init_tokenizer(init[1], init[0], cfg.text)
+        if tokenizer is not None:
+            logger.info("vocabulary of --init-from %s (%d tokens): %s", init[0], len(tokenizer),
+                        vocabulary_coverage(tokenizer, [r.caption for r in train_records]))
+            return tokenizer
     if cfg.text.tokenizer == "train":
         vocab = None
         if du.is_main_process():

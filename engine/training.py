@@ -26,7 +26,7 @@ from datasets.batch_augment import augment_batch
 from datasets.build import build_train_loader, set_train_epoch
 from datasets.records import SplitError
 from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
-                                read_resume, save_checkpoint)
+                                read_checkpoint_or_folder, read_resume, save_checkpoint)
 from engine.data import build_run_tokenizer, load_data, save_run_tokenizer
 from engine.evaluation import evaluate_split, selection_score
 from models.ivt import build_model
@@ -121,13 +121,16 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
                 init_from: str | None) -> Run:
     """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run."""
     train_records, eval_splits = load_data(cfg)
-    tokenizer = build_run_tokenizer(cfg, train_records, resume_obj)
+    init_source = None if resume_obj is not None else (init_from or cfg.model.init_from)
+    init_obj = read_checkpoint_or_folder(init_source) if init_source else None  # read once: tokenizer and weights
+    tokenizer = build_run_tokenizer(cfg, train_records, resume_obj,
+                                    init=(init_source, init_obj) if init_source else None)
     if len(tokenizer) > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}")
     model = build_model(cfg)
     if resume_obj is None:
-        initialise_weights(model, cfg, init_from)
+        initialise_weights(model, cfg, init_source, init_obj)
     else:
         if init_from:
             logger.warning("--init-from %s is ignored: resuming a run", init_from)

@@ -28,6 +28,7 @@ class RetrievalObjective(nn.Module):
         self.itc_normalize = bool(loss_cfg["itc_normalize"])
         self.gather = bool(loss_cfg["gather_features"])
         self.negative_check = str(loss_cfg.get("itm_negative_check", "host"))
+        self.negative_hardness = float(loss_cfg.get("itm_negative_hardness", 1.0))
         needs_fusion = self.weights["itm"] > 0 or self.weights["mlm"] > 0
         if needs_fusion and not model.has_fusion:
             raise ModelConfigError("loss.itm_weight/loss.mlm_weight > 0 need a fusion stack: set model.fusion_layers > 0")
@@ -90,10 +91,12 @@ class RetrievalObjective(nn.Module):
         """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call.
 
         Negatives are drawn from the softmax of the ITC similarities (``image_feats``/``text_feats`` as ITC sees
-        them), so the hardest non-matching pairs are the likeliest.
+        them), so the hardest non-matching pairs are the likeliest. ``loss.itm_negative_hardness`` scales those
+        logits: 1 is the authors' sampling, 0 draws uniformly among the other identities (a fusion stack trained
+        from random weights stays at chance on the hardest pairs, but learns to ground words on random ones).
         """
         with torch.no_grad():
-            sim_i2t = image_feats.float() @ text_feats.float().t() / temperature.float()
+            sim_i2t = image_feats.float() @ text_feats.float().t() * (self.negative_hardness / temperature.float())
         neg_image_for_text, neg_text_for_image = sample_hard_negatives(sim_i2t, pids, pids,
                                                                         check=self.negative_check)
         text_all = torch.cat([text_tokens, text_tokens, text_tokens[neg_text_for_image]])

@@ -98,3 +98,31 @@ def test_dry_run_prints_one_command_per_style_and_seed(bench, tmp_path: Path, ca
                for c in commands)
     assert sum("seed=1" in c.split() for c in commands) == 2
     assert json.loads((tmp_path / "data" / "cctv-6-seed0" / "SYNTHETIC.json").read_text())["style"] == "cctv"
+
+
+def test_the_pretrained_checkpoint_is_cached_by_config_digest(bench, tmp_path, monkeypatch) -> None:
+    """--pretrain runs the pretraining once per resolved config; a changed override pretrains anew."""
+    children = []
+
+    def fake_child(command, log_path):
+        run_dir = Path(command[command.index("--output-dir") + 1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps(
+            {"kind": "eval", "epoch": 0, "t2i/R1": 12.5, "t2i/mAP": 20.0, "score": 12.5}) + "\n")
+        (run_dir / "last.pth").write_bytes(b"weights")
+        children.append(command)
+        return 42.0
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    config = str(ROOT / "configs" / "demo_pretrain.yaml")
+    first, record = bench.pretrain_once(config, ["train.epochs=2"], tmp_path, dry_run=False)
+    again, cached = bench.pretrain_once(config, ["train.epochs=2"], tmp_path, dry_run=False)
+    assert len(children) == 1 and again == first and cached == record
+    assert record["zero_shot_val_curve"] == [[0, 12.5]] and record["wall_s"] == 42.0
+    assert first.parent.name == f"pretrain-{load_config(config, ['train.epochs=2']).digest()}"
+    changed, _ = bench.pretrain_once(config, ["train.epochs=3"], tmp_path, dry_run=False)
+    assert len(children) == 2 and changed.parent != first.parent
+    # an unfinished run (no marker: the child failed or was killed) is not taken for a cached one
+    (changed.parent / "PRETRAINED.json").unlink()
+    bench.pretrain_once(config, ["train.epochs=3"], tmp_path, dry_run=False)
+    assert len(children) == 3

@@ -9,7 +9,7 @@ from utils.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FULL_SIZE = ["cuhkpedes", "icfg", "rstp", "cuhkpedes_rerank", "icfg_rerank", "rstp_rerank", "pretrain"]
-DEMOS = ["demo", "demo_rerank"]
+DEMOS = ["demo", "demo_rerank", "demo_pretrain"]
 
 
 def recipe(name: str):

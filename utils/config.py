@@ -35,6 +35,7 @@ CHOICES = {
     "task": ("retrieval", "pretrain"),
     "data.check_images": ("none", "exists", "header", "full"),
     "data.synthetic_style": ("classic", "street", "cctv"),
+    "data.eval_synthetic_style": ("classic", "street", "cctv"),
     "train.optimizer": ("sgd", "adamw"),
     "train.optimizer_impl": ("default", "foreach", "fused"),
     "data.augment_on": ("cpu", "device"),
@@ -54,8 +55,8 @@ MINIMUM = {
     "train.eval_every_epochs": 1, "train.save_every_epochs": 1, "train.max_steps_per_epoch": 0,
     "train.warmup_epochs": 0, "train.dist_timeout_minutes": 1, "train.stall_warning_seconds": 0,
     "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
-    "eval.save_examples": 0, "data.num_workers": 0, "data.synthetic_num_ids": 1, "input.num_views": 1,
-    "sampler.num_instances": 1, "text.max_text_len": 3, "text.mlm_max_masks": 0,
+    "eval.save_examples": 0, "data.num_workers": 0, "data.synthetic_num_ids": 1, "data.eval_synthetic_num_ids": 1,
+    "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3, "text.mlm_max_masks": 0,
 }
 # Learning rates and similar that must be strictly positive.
 POSITIVE = ("train.lr",)
@@ -77,7 +78,8 @@ def _check_ranges(data: dict, source: str) -> None:
 
 # Keys a task never reads: a value other than the default there is a mistake the user should hear about.
 IGNORED_BY_TASK = {
-    "retrieval": ("data.pretrain_corpora", "data.eval_root", "data.eval_format", "text.pretrain_max_words"),
+    "retrieval": ("data.pretrain_corpora", "data.eval_root", "data.eval_format", "data.eval_synthetic_style",
+                  "data.eval_synthetic_num_ids", "text.pretrain_max_words"),
     "pretrain": ("data.format", "data.annotation_file", "input.num_views", "text.levels", "sampler.num_instances"),
 }
 
