@@ -4,6 +4,9 @@
 style and format. A deliberate change to a style's output means new checksums for that style (say why in the
 commit); a new style adds its entries with ``PYTHONPATH=. python3 tests/test_synthetic_checksums.py``, which
 writes only the missing ones and never overwrites a recorded entry.
+
+The bytes depend on the image libraries too (a Pillow release may resample or encode differently), so the
+fixture records their versions and the comparison is skipped, saying so, under other versions.
 """
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import PIL
 import pytest
+from PIL import features
 
 from datasets.synthetic import FORMATS, STYLES, make_synthetic
 
@@ -32,8 +38,19 @@ def _digests(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _versions() -> dict[str, str]:
+    return {"pillow": PIL.__version__, "numpy": np.__version__, "libjpeg": str(features.version("jpg")),
+            "zlib": str(features.version("zlib"))}
+
+
 def _recorded() -> dict[str, dict[str, str]]:
-    return json.loads(FIXTURE.read_text(encoding="utf-8"))
+    return json.loads(FIXTURE.read_text(encoding="utf-8"))["datasets"]
+
+
+def _same_libraries() -> None:
+    recorded = json.loads(FIXTURE.read_text(encoding="utf-8"))["versions"]
+    if recorded != _versions():
+        pytest.skip(f"checksums recorded with {recorded}, these libraries are {_versions()}")
 
 
 def test_every_style_and_format_is_recorded() -> None:
@@ -44,6 +61,7 @@ def test_every_style_and_format_is_recorded() -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("style", STYLES)
 def test_output_is_byte_identical(tmp_path: Path, style: str, fmt: str) -> None:
+    _same_libraries()
     expected = _recorded()[f"{style}/{fmt}"]
     got = checksums(style, fmt, tmp_path / "out")
     assert sorted(got) == sorted(expected)  # the same files
@@ -54,6 +72,7 @@ def test_output_is_byte_identical(tmp_path: Path, style: str, fmt: str) -> None:
 @pytest.mark.slow
 def test_the_command_line_writes_the_same_bytes(tmp_path: Path) -> None:
     """``python -m datasets.synthetic`` with the arguments the README shows, pretraining corpus included."""
+    _same_libraries()
     out = tmp_path / "corpus"
     done = subprocess.run([sys.executable, "-m", "datasets.synthetic", "--format", "pretrain", "--out", str(out),
                            "--num-ids", str(NUM_IDS), "--seed", str(SEED), "--style", "street"],
@@ -63,6 +82,9 @@ def test_the_command_line_writes_the_same_bytes(tmp_path: Path) -> None:
 
 
 def _add_missing() -> None:
+    if FIXTURE.exists() and json.loads(FIXTURE.read_text(encoding="utf-8"))["versions"] != _versions():
+        raise SystemExit(f"{FIXTURE} was recorded with other library versions; check out the commit that "
+                         "recorded it, rewrite the whole file with these libraries, then come back")
     recorded = _recorded() if FIXTURE.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for style in STYLES:
@@ -70,7 +92,8 @@ def _add_missing() -> None:
                 if f"{style}/{fmt}" not in recorded:
                     recorded[f"{style}/{fmt}"] = checksums(style, fmt, Path(tmp) / style / fmt)
                     print(f"recorded {style}/{fmt}: {len(recorded[f'{style}/{fmt}'])} files")
-    FIXTURE.write_text(json.dumps(recorded, indent=0, sort_keys=True) + "\n", encoding="utf-8")
+    FIXTURE.write_text(json.dumps({"versions": _versions(), "datasets": recorded}, indent=0, sort_keys=True) + "\n",
+                       encoding="utf-8")
 
 
 if __name__ == "__main__":
