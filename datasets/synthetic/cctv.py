@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from datasets.synthetic.drawing import RGB, Picture, crop_size, encode, mix, muted, person_layer, shade
-from datasets.synthetic.identities import COLOURS, VIEWS, Identity
+from datasets.synthetic.drawing import RGB, Picture, crop_canvas, encode, mix, muted, person_layer, shade
+from datasets.synthetic.identities import COLOURS, Identity
 
 # Output crop heights (px) and height/width ratios; SYNTHETIC.json records them.
 _HEIGHTS, _ASPECTS = (88, 150), (1.9, 2.6)
@@ -61,10 +61,8 @@ def picture(who: Identity, rng: random.Random, noise: np.random.Generator) -> Pi
 
 def render(who: Identity, rng: random.Random, noise: np.random.Generator) -> tuple[Image.Image, str]:
     """(picture, view) for the cctv style: a small dim squat crop with blur, tint, noise and occluders."""
-    out_h, out_w = crop_size(_HEIGHTS, _ASPECTS, rng)
-    width, height = out_w * 2, out_h * 2
-    canvas = _background(width, height, rng).convert("RGBA")
-    view = rng.choice(VIEWS)
+    _, canvas, view = crop_canvas(_HEIGHTS, _ASPECTS, _background, rng)  # drawn at twice the size, then reduced
+    width, height = canvas.size
     # seen from above: drawn taller, then squashed, so heads look big and legs short
     squash = rng.uniform(0.78, 0.92)
     tall = int(round(height / squash))

@@ -7,11 +7,11 @@ from __future__ import annotations
 import io
 import math
 import random
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from PIL import Image, ImageDraw
 
-from datasets.synthetic.identities import COLOURS, HAIR_COLOURS, SKIN_TONES, Identity
+from datasets.synthetic.identities import COLOURS, HAIR_COLOURS, SKIN_TONES, VIEWS, Identity
 
 RGB = tuple[int, int, int]
 
@@ -31,11 +31,16 @@ def encode(image: Image.Image, fmt: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def crop_size(heights: tuple[int, int], aspects: tuple[float, float], rng: random.Random) -> tuple[int, int]:
-    """(height, width) of one output picture: a height in ``heights`` (px), a height/width ratio in ``aspects``."""
+def crop_canvas(heights: tuple[int, int], aspects: tuple[float, float],
+                background: Callable[[int, int, random.Random], Image.Image],
+                rng: random.Random) -> tuple[tuple[int, int], Image.Image, str]:
+    """The start of a picture of varied size: (width, height) of the output, a height in ``heights`` (px) and a
+    height/width ratio in ``aspects``; an RGBA canvas twice that size with ``background`` drawn; the view to draw."""
     (low, high), (thin, wide) = heights, aspects
-    height = rng.randint(low, high)
-    return height, int(round(height / rng.uniform(thin, wide)))
+    out_h = rng.randint(low, high)
+    out_w = int(round(out_h / rng.uniform(thin, wide)))
+    canvas = background(out_w * 2, out_h * 2, rng).convert("RGBA")
+    return (out_w, out_h), canvas, rng.choice(VIEWS)
 
 
 def mix(colour: RGB, towards: RGB, amount: float) -> RGB:

@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from datasets.synthetic.captions import article
-from datasets.synthetic.drawing import RGB, Picture, crop_size, encode, muted, person_layer, shade
-from datasets.synthetic.identities import VIEWS, Identity
+from datasets.synthetic.drawing import RGB, Picture, crop_canvas, encode, muted, person_layer, shade
+from datasets.synthetic.identities import Identity
 
 # Output crop heights (px) and height/width ratios; SYNTHETIC.json records them.
 _HEIGHTS, _ASPECTS = (160, 256), (2.4, 3.0)
@@ -97,10 +97,8 @@ def picture(who: Identity, rng: random.Random, noise: np.random.Generator) -> Pi
 
 def render(who: Identity, rng: random.Random, noise: np.random.Generator) -> tuple[Image.Image, str]:
     """(picture, view) for the street style: a tall shaded crop of varied size."""
-    out_h, out_w = crop_size(_HEIGHTS, _ASPECTS, rng)
-    width, height = out_w * 2, out_h * 2
-    canvas = _background(width, height, rng).convert("RGBA")
-    view = rng.choice(VIEWS)
+    size, canvas, view = crop_canvas(_HEIGHTS, _ASPECTS, _background, rng)
+    width, height = canvas.size
     person_h = rng.uniform(0.82, 0.96) * height
     top = rng.uniform(0.01, 0.99) * (height - person_h - 0.02 * height)
     cx = width / 2 + rng.uniform(-0.07, 0.07) * width
@@ -120,7 +118,7 @@ def render(who: Identity, rng: random.Random, noise: np.random.Generator) -> tup
         x0 = rng.uniform(0, 0.9) * width
         ImageDraw.Draw(canvas).rectangle((x0, 0, x0 + rng.uniform(0.05, 0.1) * width, height),
                                          fill=muted(rng, 30, 90))
-    image = canvas.convert("RGB").resize((out_w, out_h), Image.Resampling.LANCZOS)
+    image = canvas.convert("RGB").resize(size, Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32)
     warm = np.array([rng.uniform(0.95, 1.08), 1.0, rng.uniform(0.9, 1.05)], dtype=np.float32)  # daylight tint
     pixels = pixels * warm * rng.uniform(0.85, 1.15) + noise.normal(0.0, 2.0, pixels.shape)
