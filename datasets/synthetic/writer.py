@@ -8,6 +8,11 @@ A style is one module with the same three names, listed once in ``STYLE_TABLE``:
         one caption of ``who`` that names the garments and every attribute in ``always`` (the key fields)
     MARKER: dict
         what SYNTHETIC.json records about the style's pictures (their size or size ranges)
+
+Adding a style: write its module (drawing.py and captions.py hold the shared primitives), add it to
+``STYLE_TABLE``, append its name to ``data.synthetic_style`` in utils/config.py's CHOICES (the config validates
+against that list; this module refuses to import when the two differ) and to configs/base.yaml's comment, and
+record its checksums with ``PYTHONPATH=. python3 tests/test_synthetic_checksums.py``.
 """
 from __future__ import annotations
 
