@@ -14,7 +14,8 @@ import pytest
 
 from datasets import synthetic
 from datasets.readers import check_images, load_annotations, load_pretrain_corpora, split_counts
-from datasets.synthetic import Identity, make_synthetic, render_image, sample_identities, write_caption
+from datasets.synthetic import Identity, classic, make_synthetic, render_image, sample_identities, write_caption
+from datasets.synthetic.__main__ import main
 
 # (format, images per identity, captions per image)
 LAYOUTS = [("cuhkpedes", (2, 4), 2), ("icfg", (3, 6), 1), ("rstp", (5, 5), 2)]
@@ -90,10 +91,10 @@ def test_captions_name_the_drawn_garments(tmp_path: Path) -> None:
         for caption in entry["captions"]:
             words = set(re.findall(r"[a-z-]+", caption.lower()))
             assert who.upper_colour in words, caption
-            assert any(set(w.split()) <= words for w in synthetic._UPPER_WORDS[who.upper_type]), caption
+            assert any(set(w.split()) <= words for w in classic.UPPER_WORDS[who.upper_type]), caption
             if who.lower_type is not None:
                 assert who.lower_colour in words, caption
-                lower_words = synthetic._LOWER_WORDS[who.lower_type] + ("jeans",)
+                lower_words = classic.LOWER_WORDS[who.lower_type] + ("jeans",)
                 assert any(set(w.split()) <= words for w in lower_words), caption
             else:
                 assert not words & {"pants", "trousers", "shorts", "skirt", "jeans", "slacks"}, caption
@@ -139,6 +140,6 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path) -> None:
-    out = synthetic.main(["--format", "icfg", "--out", str(tmp_path / "icfg"), "--num-ids", "3", "--seed", "1"])
+    out = main(["--format", "icfg", "--out", str(tmp_path / "icfg"), "--num-ids", "3", "--seed", "1"])
     splits = load_annotations("icfg", out)
     assert (split_counts(splits.train)[0], split_counts(splits.test)[0]) == (2, 1)

@@ -3,8 +3,10 @@ byte-deterministic per seed, the classic style is unchanged, and the styles real
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import random
 import re
 from pathlib import Path
 
@@ -14,8 +16,8 @@ from PIL import Image
 
 from datasets import synthetic
 from datasets.readers import check_images, load_annotations, load_pretrain_corpora, split_counts
-from datasets.synthetic import STYLES, make_synthetic
-from datasets.synthetic_styles import caption_words
+from datasets.synthetic import STYLE_TABLE, STYLES, caption_words, make_synthetic
+from datasets.synthetic.__main__ import main
 
 NEW_STYLES = [s for s in STYLES if s != "classic"]
 RETRIEVAL = ("cuhkpedes", "icfg", "rstp")
@@ -140,9 +142,7 @@ def test_street_mixes_png_and_jpeg_and_cctv_compresses_hard(made: dict[str, Path
 @pytest.mark.parametrize("style", NEW_STYLES)
 def test_captions_single_out_the_identity(made: dict[str, Path], style: str) -> None:
     """Every caption names the upper garment's colour (in this style's words); lower garments too when worn."""
-    from datasets import synthetic_styles as styles
-
-    words_of = styles.STREET_COLOUR_WORDS if style == "street" else styles.CCTV_COLOUR_WORDS
+    words_of = STYLE_TABLE[style].COLOUR_WORDS
     identities = {raw_id: who for _, raw_id, who in synthetic.sample_identities("cuhkpedes", 24, 4, style=style)}
     typos = 0
     for entry in json.loads((made[style] / "reid_raw.json").read_text()):
@@ -162,7 +162,7 @@ def test_unknown_style(tmp_path: Path) -> None:
 
 
 def test_cli_style(tmp_path: Path) -> None:
-    out = synthetic.main(["--format", "rstp", "--out", str(tmp_path / "r"), "--num-ids", "3", "--style", "cctv"])
+    out = main(["--format", "rstp", "--out", str(tmp_path / "r"), "--num-ids", "3", "--style", "cctv"])
     assert json.loads((out / "SYNTHETIC.json").read_text())["style"] == "cctv"
     assert split_counts(load_annotations("rstp", out).train)[0] == 1
 
@@ -187,3 +187,51 @@ def test_the_engine_synthesises_the_configured_style(tmp_path):
     first = load_annotations("cuhkpedes", root).train[0].image_path
     height, width = Image.open(first).size[::-1]
     assert height >= 160 and height / width >= 2.4  # street's tall crops, not classic's 128x64
+
+
+def test_the_style_table_is_the_configs_list_of_styles() -> None:
+    from utils.config import CHOICES, load_config
+
+    assert tuple(STYLE_TABLE) == STYLES == CHOICES["data.synthetic_style"]
+    with pytest.raises(ValueError, match="synthetic_style"):
+        load_config(None, ["data.synthetic_style=anime"])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_every_style_module_has_the_interface(style: str) -> None:
+    module = STYLE_TABLE[style]
+    who = synthetic.sample_identities("cuhkpedes", 5, 0, style=style)[0][2]
+    rng = random.Random(0)
+    picture = module.picture(who, rng, np.random.default_rng(0))
+    assert picture.suffix in (".jpg", ".png") and picture.view in ("front", "back", "left", "right")
+    image = Image.open(io.BytesIO(picture.data))
+    assert image.format == {".jpg": "JPEG", ".png": "PNG"}[picture.suffix] and image.mode == "RGB"
+    caption = module.caption(who, picture.view, rng, synthetic.key_fields(5))
+    assert len(caption.split()) >= 3
+    assert set(module.MARKER) <= {"image_size", "image_height_range", "aspect_range"} and module.MARKER
+
+
+def test_a_new_style_is_one_module_and_one_table_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one writer loop dispatches through the table: a style it has never seen writes every file of a set."""
+    from datasets.synthetic import writer
+    from datasets.synthetic.drawing import Picture, encode
+
+    class Plain:  # stands for a new module: grey pictures, captions naming the upper garment
+        MARKER = {"image_size": [8, 4]}
+
+        @staticmethod
+        def picture(who, rng, noise) -> Picture:
+            return Picture(encode(Image.new("RGB", (4, 8), (128, 128, 128)), "PNG", 0), ".png", "front")
+
+        @staticmethod
+        def caption(who, view, rng, always) -> str:
+            return f"a person in {who.upper_colour} number {rng.randrange(10**6)}"
+
+    monkeypatch.setitem(writer.STYLE_TABLE, "plain", Plain)
+    monkeypatch.setattr(writer, "STYLES", (*STYLES, "plain"))
+    root = make_synthetic("rstp", tmp_path / "plain", num_ids=6, seed=0, style="plain")
+    marker = json.loads((root / "SYNTHETIC.json").read_text())
+    assert marker["style"] == "plain" and marker["image_size"] == [8, 4]
+    train = load_annotations("rstp", root).train
+    assert len(train) == marker["counts"]["train"]["captions"] == 4 * 5 * 2  # 4 train ids x 5 images x 2 captions
+    assert all(r.image_path.endswith(".png") and r.caption.startswith("a person in ") for r in train)

@@ -34,6 +34,7 @@ class ConfigError(UserError, ValueError):
 CHOICES = {
     "task": ("retrieval", "pretrain"),
     "data.check_images": ("none", "exists", "header", "full"),
+    # the one list of synthetic styles: datasets/synthetic reads it and its table of style modules must match it
     "data.synthetic_style": ("classic", "street", "cctv"),
     "data.eval_synthetic_style": ("classic", "street", "cctv"),
     "train.optimizer": ("sgd", "adamw"),
