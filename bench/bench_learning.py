@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.synthetic import HELD_OUT_STYLE, STYLES, make_synthetic  # noqa: E402
+from datasets.synthetic import HELD_OUT_STYLE, TARGET_STYLES, make_synthetic  # noqa: E402
 
 # The paper's ablations in miniature: key -> (the variant's name in the table, overrides on the base config; a first
 # "@path" replaces the base config).
@@ -206,7 +206,7 @@ def table(rows: list[dict], label: str) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
+    parser.add_argument("--styles", nargs="+", default=list(TARGET_STYLES), choices=TARGET_STYLES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--vary-data", action="store_true", help="a new dataset per seed (data seed = seed)")
     parser.add_argument("--num-ids", type=int, default=400, help="identities (15%% of them are test ids)")

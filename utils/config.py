@@ -29,14 +29,18 @@ class ConfigError(UserError, ValueError):
     """A configuration file or override is malformed; the message names the file and the key."""
 
 
+# The synthetic dataset's styles (datasets/synthetic/, one module each; a style's place seeds its image noise, so
+# new ones are appended). mixed draws pretraining corpora, never a fine-tuning target.
+SYNTHETIC_STYLES = ("classic", "street", "cctv", "mixed")
+
 # Keys whose value must be one of a few words; checked when a config is built, not deep inside a run.
 # (data.format and data.eval_format are checked by the dataset readers, which own the list of formats.)
 CHOICES = {
     "task": ("retrieval", "pretrain"),
     "data.check_images": ("none", "exists", "header", "full"),
     # the one list of synthetic styles: datasets/synthetic reads it and its table of style modules must match it
-    "data.synthetic_style": ("classic", "street", "cctv"),
-    "data.eval_synthetic_style": ("classic", "street", "cctv"),
+    "data.synthetic_style": SYNTHETIC_STYLES,
+    "data.eval_synthetic_style": SYNTHETIC_STYLES,
     "train.optimizer": ("sgd", "adamw"),
     "train.optimizer_impl": ("default", "foreach", "fused"),
     "data.augment_on": ("cpu", "device"),

@@ -13,19 +13,22 @@ The readers load the result like the real files (``SYNTHETIC.json`` marks it so 
 Styles draw the same people differently and describe them in other words, so a recipe can be checked on data it
 was not designed on: classic (128x64 JPEG figures, CUHK-PEDES-like captions, the README's figures), street (tall
 shaded crops of varied size, PNG or JPEG, long captions in their own words) and cctv (small dim surveillance crops,
-heavy JPEG, terse captions with typos). cctv is held out: no number of any recipe is tuned on it.
+heavy JPEG, terse captions with typos). cctv is held out: no number of any recipe is tuned on it. mixed draws
+pretraining corpora (every picture under other conditions, captions in five registers); it is never a target.
 
 The modules, bottom up: ``identities`` (formats, styles, attributes, who is drawn), ``drawing`` (colour helpers,
 the figure, encoding) and ``captions`` (articles, words); one module per style (``classic``, ``street``,
-``cctv``); ``writer`` (the one writer loop and the table of styles; its docstring says how to add a style);
+``cctv``, ``mixed``); ``writer`` (the one writer loop and the table of styles; its docstring says how to add a style);
 ``__main__`` (the command line).
 """
 from datasets.synthetic.captions import caption_words
 from datasets.synthetic.classic import IMAGE_HEIGHT, IMAGE_WIDTH, render_image, write_caption
-from datasets.synthetic.identities import (COLOURS, FORMATS, HELD_OUT_STYLE, STYLES, Identity, identity_key,
-                                           key_fields, sample_identities, split_sizes)
+from datasets.synthetic.identities import (COLOURS, FORMATS, HELD_OUT_STYLE, PRETRAINING_STYLES, STYLES,
+                                           TARGET_STYLES, Identity, identity_key, key_fields, sample_identities,
+                                           split_sizes)
 from datasets.synthetic.writer import STYLE_TABLE, make_synthetic
 
-__all__ = ["COLOURS", "FORMATS", "HELD_OUT_STYLE", "IMAGE_HEIGHT", "IMAGE_WIDTH", "STYLES", "STYLE_TABLE", "Identity",
+__all__ = ["COLOURS", "FORMATS", "HELD_OUT_STYLE", "IMAGE_HEIGHT", "IMAGE_WIDTH", "PRETRAINING_STYLES", "STYLES",
+           "STYLE_TABLE", "TARGET_STYLES", "Identity",
            "caption_words", "identity_key", "key_fields", "make_synthetic", "render_image", "sample_identities",
            "split_sizes", "write_caption"]

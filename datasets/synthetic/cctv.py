@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from datasets.synthetic.captions import typo
 from datasets.synthetic.drawing import RGB, Picture, crop_canvas, encode, mix, muted, person_layer, shade
 from datasets.synthetic.identities import COLOURS, Identity
 
@@ -104,24 +105,6 @@ def render(who: Identity, rng: random.Random, noise: np.random.Generator) -> tup
 
 # ----------------------------------------------------------------------------------------------- captions
 
-_KEYBOARD_NEIGHBOURS = {c: n for c, n in zip("abcdefghijklmnopqrstuvwxyz", (
-    "sq", "vn", "xv", "sf", "wr", "dg", "fh", "gj", "uo", "hk", "jl", "k", "n", "bm", "ip", "o", "w", "et", "ad",
-    "ry", "yi", "cb", "qe", "zc", "tu", "x"))}
-
-
-def _typo(word: str, rng: random.Random) -> str:
-    """One annotator slip: a swapped, dropped, doubled or neighbouring letter."""
-    i = rng.randrange(1, len(word) - 1)
-    kind = rng.randrange(4)
-    if kind == 0:
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
-    if kind == 1:
-        return word[:i] + word[i + 1:]
-    if kind == 2:
-        return word[:i] + word[i] + word[i:]
-    return word[:i] + rng.choice(_KEYBOARD_NEIGHBOURS.get(word[i], word[i])) + word[i + 1:]
-
-
 class _Writer:
     """Terse attribute lists or "upper body: ..." forms, British words, a few typos."""
 
@@ -176,7 +159,7 @@ class _Writer:
             if rest:
                 text += " with " + ", ".join(rest)
         words = text.split(" ")
-        words = [_typo(w, rng) if len(w) >= 4 and w.isalpha() and rng.random() < self.TYPO_RATE else w
+        words = [typo(w, rng) if len(w) >= 4 and w.isalpha() and rng.random() < self.TYPO_RATE else w
                  for w in words]
         return " ".join(words) + rng.choice((".", "", "."))
 

@@ -22,6 +22,9 @@ FORMATS = (*RETRIEVAL_FORMATS, "pretrain")
 STYLES: tuple[str, ...] = CHOICES["data.synthetic_style"]
 # No recipe number is tuned on the held-out style (bench/bench_learning.py reports it apart).
 HELD_OUT_STYLE = "cctv"
+# Styles that draw pretraining corpora; fine-tuning is measured on the others (TARGET_STYLES).
+PRETRAINING_STYLES = ("mixed",)
+TARGET_STYLES = tuple(style for style in STYLES if style not in PRETRAINING_STYLES)
 # The first style: its seeds and marker file predate the others, so its datasets keep their bytes.
 ORIGINAL_STYLE = "classic"
 

@@ -26,6 +26,7 @@ import numpy as np
 
 import datasets.synthetic.cctv as cctv
 import datasets.synthetic.classic as classic
+import datasets.synthetic.mixed as mixed
 import datasets.synthetic.street as street
 from datasets.synthetic.captions import tokens
 from datasets.synthetic.identities import (FORMATS, LAYOUT, ORIGINAL_STYLE, STYLES, Identity, key_fields,
@@ -33,7 +34,7 @@ from datasets.synthetic.identities import (FORMATS, LAYOUT, ORIGINAL_STYLE, STYL
 
 logger = logging.getLogger(__name__)
 
-STYLE_TABLE: dict[str, ModuleType] = {"classic": classic, "street": street, "cctv": cctv}
+STYLE_TABLE: dict[str, ModuleType] = {"classic": classic, "street": street, "cctv": cctv, "mixed": mixed}
 if tuple(STYLE_TABLE) != STYLES:  # the names live in the config's CHOICES, which validates data.synthetic_style
     raise ImportError(f"datasets/synthetic/writer.py: STYLE_TABLE names {tuple(STYLE_TABLE)}, but the styles "
                       f"utils/config.py accepts are {STYLES} (the same names, in the same order)")
