@@ -30,7 +30,7 @@ QUIT_WORDS = ("quit", "exit", ":q")
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="our .pth checkpoint, a model folder (python -m models.export) or the authors' checkpoint")
+                        help="our .pth checkpoint, a model folder (python -m engine.export) or the authors' checkpoint")
     parser.add_argument("--gallery", required=True, help="image folder, or an index file (.pt) made with --index-file")
     parser.add_argument("--query", action="append", default=[], help="a description to search for (repeatable)")
     parser.add_argument("--queries-file", default=None, help="a text file with one description per line")

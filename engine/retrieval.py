@@ -1,6 +1,6 @@
 """Search a folder of your own images with a trained checkpoint or an exported model folder.
 
-    retriever = Retriever.from_pretrained("runs/cuhkpedes/best.pth")      # or a folder from python -m models.export
+    retriever = Retriever.from_pretrained("runs/cuhkpedes/best.pth")      # or a folder from python -m engine.export
     retriever.index("my_photos/", index_file="my_photos.index.pt")       # encodes once, reuses the file later
     retriever.search("a woman in a red coat with a black backpack", k=10)   # [SearchResult(path, score, rank)]
     retriever.search(["a man in a black jacket", "a girl in a pink dress"])  # one list per query, one matmul
@@ -207,7 +207,7 @@ class Retriever:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
                         overrides: Sequence[str] = ()) -> "Retriever":
-        """The Hugging Face spelling: a model folder written by ``python -m models.export`` (or a .pth)."""
+        """The Hugging Face spelling: a model folder written by ``python -m engine.export`` (or a .pth)."""
         return cls.from_checkpoint(path, device, None, overrides)
 
     @property

@@ -76,7 +76,7 @@ class Run:
 
 
 def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, resume_obj: dict | None = None,
-          init_from: str | None = None, eval_only: bool = False, stop_after_steps: int | None = None) -> dict:
+          init_from: str | None = None, eval_only: bool = False) -> dict:
     """Run (or resume) the recipe in ``cfg``; returns the run summary (see :func:`summary`).
 
     ``resume`` is a checkpoint path (the CLI resolves "auto"); ``resume_obj`` is that checkpoint when the caller
@@ -93,7 +93,7 @@ def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, re
     if resume_obj is not None:
         restore_training(run, resume_obj, resume_path)
     try:
-        stopped = run_epochs(run, stop_after_steps)
+        stopped = run_epochs(run)
         return summary(run, stopped, test=None if stopped else test_selected_model(run))
     finally:
         run.writer.close()
@@ -272,16 +272,16 @@ class StallWatchdog(threading.Thread):
         self._done.set()
 
 
-def run_epochs(run: Run, stop_after_steps: int | None) -> bool:
+def run_epochs(run: Run) -> bool:
     """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
     with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds) as watchdog:
         while run.state.epoch < run.cfg.train.epochs:
-            if train_one_epoch(run, stop, stop_after_steps, watchdog) or end_of_epoch(run, stop, watchdog):
+            if train_one_epoch(run, stop, watchdog) or end_of_epoch(run, stop, watchdog):
                 return True
     return False
 
 
-def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None, watchdog: StallWatchdog) -> bool:
+def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
     """The optimizer steps of ``run.state.epoch`` from ``step_in_epoch`` on; True when stopped inside it."""
     cfg, state = run.cfg, run.state
     epoch, accum = state.epoch, cfg.train.grad_accum_steps
@@ -310,8 +310,6 @@ def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None, w
             last_of_epoch = state.step_in_epoch == steps
             if window.steps >= cfg.train.log_every_steps or last_of_epoch:
                 window.flush(progress)
-            if stop_after_steps is not None and state.global_step >= stop_after_steps:
-                stop.requested = True
             if state.global_step % stop_check_every == 0 and not last_of_epoch and stop.agreed(run.device):
                 save(run, ["last.pth"])
                 logger.info("stopped at epoch %d step %d; resume with --resume auto", epoch, state.step_in_epoch)

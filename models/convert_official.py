@@ -211,6 +211,7 @@ def convert_file(src: str, dst: str, img_size: Sequence[int] = OFFICIAL_IMAGE_SI
     return checkpoint
 
 
+@user_errors_as_one_line()
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Convert an IVT checkpoint by the authors into this project's format.")
     parser.add_argument("src", help="the authors' checkpoint (.pth)")
@@ -221,8 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="load with weights_only=False (runs pickled code; only for files you trust)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with user_errors_as_one_line():
-        checkpoint = convert_file(args.src, args.dst, args.image_size, args.trust_pickle)
+    checkpoint = convert_file(args.src, args.dst, args.image_size, args.trust_pickle)
     _log.info("wrote %s (%d tensors, config %s)", args.dst, len(checkpoint["model"]), checkpoint["config"])
 
 

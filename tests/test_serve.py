@@ -21,11 +21,11 @@ from tests.search_fixtures import QUERY, copy_gallery, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # A small model (width 64, 2 layers, 0.2M parameters, 0.9 MB) trained on the synthetic dataset (60 identities,
-# seed 0; 64% R@1 on its train split, 45% on test) and exported with python -m models.export:
+# seed 0; 64% R@1 on its train split, 45% on test) and exported with python -m engine.export:
 #   OMP_NUM_THREADS=1 python train_cuhkpedes.py --config configs/demo.yaml --output-dir runs/search_model \
 #       data.root=data/synth60 data.synthetic_num_ids=60 model.embed_dim=64 model.depth=2 model.num_heads=2 \
 #       text.tokenizer_vocab_size=400 model.vocab_size=400 train.epochs=120 train.lr=0.002 train.eval_every_epochs=40
-#   python -m models.export runs/search_model/best.pth tests/fixtures/search_model
+#   python -m engine.export runs/search_model/best.pth tests/fixtures/search_model
 TRAINED = REPO / "tests" / "fixtures" / "search_model"
 SYNTH_IDS, SYNTH_SEED = 60, 0
 
