@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datasets.synthetic import HELD_OUT_STYLE, STYLES, make_synthetic  # noqa: E402
+from utils.errors import user_errors_as_one_line  # noqa: E402
 
 # The paper's ablations in miniature: key -> (the variant's name in the table, overrides on the base config; a first
 # "@path" replaces the base config).
@@ -146,6 +147,7 @@ def table(rows: list[dict], label: str) -> str:
     return "\n".join(lines)
 
 
+@user_errors_as_one_line()
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
