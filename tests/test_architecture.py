@@ -262,3 +262,15 @@ def test_pyflakes_reports_nothing():
     result = subprocess.run([sys.executable, "-m", "pyflakes", *[str(p) for p in our_files()]], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.stdout + result.stderr == ""
+
+
+def test_the_architecture_map_names_every_module():
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = []
+    for package in LIBRARY + (APPLICATION, "bench"):
+        for path in modules_of(package):
+            inner = path.relative_to(ROOT / package).parts
+            named = f"{inner[0]}/" if len(inner) > 1 else path.name  # a subpackage is named as a folder
+            if path.name != "__init__.py" and f"`{named}" not in doc:
+                missing.append(str(path.relative_to(ROOT)))
+    assert missing == []
