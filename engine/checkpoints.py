@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from datasets.tokenizer import build_tokenizer, tokenizer_from_vocab, tokenizer_vocab
 from engine.model_folder import folder_as_checkpoint
-from models.convert_official import convert_official, is_official_checkpoint, load_official_into
+from models.official import convert_official, is_official_checkpoint, load_official_into
 from models.ivt import build_model
 from models.weights import adapt_grid_embeddings, load_bert_weights, load_vit_weights
 from utils import distributed as du

@@ -243,7 +243,7 @@ def test_folder_files_have_plain_permissions_and_no_selection_metrics_line(check
     assert json.loads((out / "config.json").read_text())["metrics"] == {}
 
 
-@pytest.mark.parametrize("module", ["engine.export"])
+@pytest.mark.parametrize("module", ["engine.export", "models.convert_official"])
 def test_module_help_answers_at_once(module):
     import time
 
