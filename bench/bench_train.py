@@ -275,12 +275,15 @@ def build_step(cfg, device: torch.device) -> training.Run:
     return run
 
 
-def bench_step(size: str, device: torch.device, records: int, steps: int, warmup: int, text_lens: tuple[int, int],
+def bench_step(size: str, device: torch.device, records: int, steps: int, warmup: int | None,
+               text_lens: tuple[int, int],
                overrides: list[str], profile_steps: int, peak: float | None,
                label: str = "") -> dict:
     cfg = load_config(None, SIZES[size] + NO_WEIGHTS + [f"train.batch_size_per_gpu={records}"] + overrides)
     run = build_step(cfg, device)
     compiled = bool(cfg.train.compile)
+    if warmup is None:
+        warmup = 6 if compiled else 3  # compilation happens in the first steps
     pin = device.type == "cuda"
     batches = [make_batch(cfg, records, text_lens, seed, pin) for seed in range(4)]
     flops = statistics.mean(batch_flops(cfg, b) for b in batches) * cfg.train.grad_accum_steps
@@ -612,6 +615,9 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    unknown = sorted(set((args.variants or "").split(",")) - set(VARIANTS) - {""})
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     peak, peak_note = peak_tflops(device, args.peak_tflops)
     state = machine_state()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in state.items()), flush=True)
@@ -634,11 +640,9 @@ def main(argv=None) -> list[dict]:
             overrides = VARIANTS[variant] if variant else []
             records = args.batch or (28 if device.type == "cuda" else (2 if size == "base" else 8))
             steps = args.steps or (20 if device.type == "cuda" else 3)
-            compiled = "train.compile=true" in args.set + overrides
-            warmup = args.warmup if args.warmup is not None else (6 if compiled else 3)
             row = None
             try:
-                row = bench_step(size, device, records, steps, warmup, _lens(args), args.set + overrides,
+                row = bench_step(size, device, records, steps, args.warmup, _lens(args), args.set + overrides,
                                  args.profile_steps, peak, label=variant or "custom")
             except Exception as exc:  # noqa: BLE001 - one failing variant must not cost the others their figures
                 if not args.variants:
