@@ -22,6 +22,7 @@ FOLDER_FORMAT = "ivt-model-folder"
 FOLDER_VERSION = 2  # 2: config.json records files_sha256
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+UNREAD_SUFFIXES = (".onnx", ".log")  # folder files no loader of ours reads, so none verifies them
 
 
 class ExportError(UserError, ValueError):
@@ -90,7 +91,8 @@ def verify_file(folder: Path, meta: dict, name: str) -> None:
 def folder_as_checkpoint(path: str | os.PathLike[str]) -> dict:
     """A model folder as the dict one of our checkpoints holds (format, model, config, tokenizer, epoch, step).
 
-    The weights are verified against their recorded sha256 first. The tokenizer comes from the folder: a learnt
+    The files it reads (weights, tokenizer) are verified against their recorded sha256 first; the ONNX encoders,
+    which only other runtimes read, are left to them. The tokenizer comes from the folder: a learnt
     vocabulary as its token list (``vocab.txt``), a named one (bert-base-uncased, ...) by pointing
     ``text.tokenizer`` at the folder, so nothing is fetched from a hub.
     """
@@ -102,6 +104,9 @@ def folder_as_checkpoint(path: str | os.PathLike[str]) -> dict:
     path = Path(path).resolve()
     meta = read_folder_config(path)
     verify_file(path, meta, WEIGHTS_FILE)
+    for name in sorted(meta.get("files_sha256") or {}):
+        if name != WEIGHTS_FILE and not name.endswith(UNREAD_SUFFIXES) and (path / name).is_file():
+            verify_file(path, meta, name)
     try:
         state = load_safetensors(str(path / WEIGHTS_FILE))
     except (OSError, SafetensorError) as exc:

@@ -211,6 +211,12 @@ def test_a_flipped_byte_in_the_weights_is_a_one_line_error(folder, checkpoint, t
     assert str(info.value.code).startswith("error: ") and "model.safetensors" in str(info.value.code)
     assert "\n" not in str(info.value.code)
 
+    # the tokenizer files are read too, and checked the same way
+    vocab = Path(shutil.copytree(folder, tmp_path / "vocab"))
+    (vocab / "vocab.txt").write_text((folder / "vocab.txt").read_text().replace("\n", "\nextra\n", 1))
+    with pytest.raises(CheckpointError, match=r"vocab/vocab.txt: sha256"):
+        load_for_inference(vocab)
+
     # a folder exported before the checksums were recorded loads as before, saying that it was not verified
     old = Path(shutil.copytree(folder, tmp_path / "old"))
     meta.pop("files_sha256")
