@@ -4,7 +4,7 @@
 
 The folder holds ``model.safetensors`` (the weights only), ``config.json`` (the architecture, the resolved
 recipe, the evaluation metrics found next to the checkpoint, the training state, the library versions and the
-sha256 of every file), the tokenizer files (``tokenizer.json``, ``vocab.txt``, ...) and a ``README.md`` model
+sha256 of every other file), the tokenizer files (``tokenizer.json``, ``vocab.txt``, ...) and a ``README.md`` model
 card. Every tool that takes a checkpoint takes the folder too (evaluate.py, retrieve.py, serve.py,
 ``--init-from``, ``Retriever.from_pretrained``), verifies the weights' checksum and computes the same features,
 bit for bit. With ``--onnx``, ``image_encoder.onnx`` and ``text_encoder.onnx`` map images [B, 3, H, W] and token
