@@ -6,7 +6,7 @@
     for hit in retriever.search("a woman in a red coat with a black backpack", k=5):
         print(hit.rank, f"{hit.score:.3f}", hit.path)
 
-``checkpoint`` is our .pth file, a model folder written by ``python -m models.export`` or the authors' checkpoint
+``checkpoint`` is our .pth file, a model folder written by ``python -m engine.export`` or the authors' checkpoint
 (with ``config=`` naming its recipe). Relative paths are taken from your working directory.
 """
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """Pretrain IVT with ITC + ITM + MLM on image-caption corpora (optional zero-shot evaluation).
 
-    python train_pretrain.py [--config configs/pretrain.yaml] [--output-dir DIR] [--resume PATH|auto] [--init-from CKPT] [--eval-only] [key=value ...]
-    bash start.sh train_pretrain.py 4 [key=value ...]      # 4 GPUs with torchrun
+    python train_pretrain.py [--config configs/pretrain.yaml] [--resume PATH|auto] [key=value ...]   # 4 GPUs: bash start.sh train_pretrain.py 4 ...
 """
-from __future__ import annotations
-
-from pathlib import Path
-from typing import Sequence
-
 from engine.cli import exit_status, train_main
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "pretrain.yaml")
 
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    return train_main(argv, description=__doc__.splitlines()[0], default_config=DEFAULT_CONFIG)
+def main(argv: list[str] | None = None) -> dict:
+    return train_main(argv, __doc__, "configs/pretrain.yaml")
 
 
 if __name__ == "__main__":

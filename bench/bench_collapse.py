@@ -26,6 +26,7 @@ from bench.bench_learning import dataset  # noqa: E402
 from engine import training  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.optim import set_schedule  # noqa: E402
+from utils.errors import user_errors_as_one_line  # noqa: E402
 
 
 def mean_off_diagonal_cosine(features: torch.Tensor) -> float:
@@ -48,6 +49,7 @@ def feature_report(model: torch.nn.Module, batch: dict) -> str:
             f"  logit spread {float(logits.std(dim=1).mean()):.3f}")
 
 
+@user_errors_as_one_line()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")

@@ -27,6 +27,7 @@ from datasets.image_cache import open_or_build_image_cache  # noqa: E402
 from datasets.readers import load_annotations  # noqa: E402
 from datasets.transforms import build_train_transform, load_image  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.errors import user_errors_as_one_line  # noqa: E402
 
 
 def per_call_ms(fn, items, repeats: int = 1) -> float:
@@ -39,6 +40,7 @@ def per_call_ms(fn, items, repeats: int = 1) -> float:
     return statistics.median(times)
 
 
+@user_errors_as_one_line()
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="a dataset written by bench/e2e_data.py")

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.metrics import default_chunk_size, format_metrics_table, retrieval_metrics  # noqa: E402
+from utils.errors import user_errors_as_one_line  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def choose_chunk_size(feats, device: torch.device, candidates: list[int]) -> int
     return min(c for c, t in timings.items() if t <= 1.1 * fastest)
 
 
+@user_errors_as_one_line()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from datasets.synthetic import HELD_OUT_STYLE, TARGET_STYLES, make_synthetic  # noqa: E402
+from utils.errors import user_errors_as_one_line  # noqa: E402
 
 # The paper's ablations in miniature: key -> (the variant's name in the table, overrides on the base config; a first
 # "@path" replaces the base config).
@@ -203,7 +204,7 @@ def table(rows: list[dict], label: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--styles", nargs="+", default=list(TARGET_STYLES), choices=TARGET_STYLES)
@@ -229,7 +230,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--vocabulary", action="store_true",
                         help="no training: how a 1000-piece vocabulary learnt per style cuts its test captions")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after the options
+
+
+def emit(row: dict, out: str | None) -> None:
+    """Print one result row and append it to the --out JSON lines file."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def starting_points(args: argparse.Namespace, data_dir: Path, runs_dir: Path) -> tuple[dict, dict]:
+    """({init: checkpoint or None}, the pretraining's record); with --pretrain, pretrains (or finds the cached run)
+    and emits its zero-shot test on every style first."""
+    if not args.pretrain:
+        return {"scratch": None}, {}
+    checkpoint, pretraining = pretrain_once(args.pretrain, args.pretrain_overrides, runs_dir, args.dry_run)
+    if pretraining:
+        print(f"pretraining: {json.dumps(pretraining)}", flush=True)
+    for style in args.styles if not args.dry_run else ():
+        root = dataset(data_dir, style, args.num_ids, 0)
+        result = zero_shot(checkpoint, root, checkpoint.parent / f"zero-shot-{style}", args.zero_shot_top_k)
+        emit({"kind": "zero_shot", "style": style, "run": checkpoint.parent.name, **result}, args.out)
+    starts = {init: (checkpoint if init == "pretrained" else None) for init in (args.init or ("scratch", "pretrained"))}
+    return starts, pretraining
+
+
+@user_errors_as_one_line()
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     if args.ablation is None:
         variants = {args.name: []}
     else:
@@ -241,35 +271,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for style in args.styles:
             print("\n".join(vocabulary_report(dataset(data_dir, style, args.num_ids, 0))), flush=True)
         return []
-    starts: dict[str, Path | None] = {"scratch": None}
-    pretraining: dict = {}
-    if args.pretrain:
-        checkpoint, pretraining = pretrain_once(args.pretrain, args.pretrain_overrides, runs_dir, args.dry_run)
-        starts = {init: (checkpoint if init == "pretrained" else None)
-                  for init in (args.init or ("scratch", "pretrained"))}
-        if pretraining:
-            print(f"pretraining: {json.dumps(pretraining)}", flush=True)
-        for style in args.styles if not args.dry_run else ():
-            root = dataset(data_dir, style, args.num_ids, 0)
-            result = zero_shot(checkpoint, root, checkpoint.parent / f"zero-shot-{style}", args.zero_shot_top_k)
-            row = {"kind": "zero_shot", "style": style, "run": checkpoint.parent.name, **result}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+    starts, pretraining = starting_points(args, data_dir, runs_dir)
     rows: list[dict] = []
     for variant, extra in variants.items():
         config = args.config
         if extra and extra[0].startswith("@"):
             config, extra = extra[0][1:], extra[1:]
+        tag = "".join(c if c.isalnum() else "-" for c in variant)[:40]
         for init, checkpoint in starts.items():
             for style in args.styles:
                 for seed in args.seeds:
                     root = dataset(data_dir, style, args.num_ids, seed if args.vary_data else 0)
-                    tag = "".join(c if c.isalnum() else "-" for c in variant)[:40]
-                    run_dir = runs_dir / f"{tag}-{init}-{style}-seed{seed}"
-                    result = train_once(config, [*extra, *args.overrides], root, seed, run_dir, args.dry_run,
-                                        init_from=checkpoint)
+                    result = train_once(config, [*extra, *args.overrides], root, seed,
+                                        runs_dir / f"{tag}-{init}-{style}-seed{seed}", args.dry_run, checkpoint)
                     if result is None:
                         continue
                     row = {"variant": variant, "init": init, "style": style, "seed": seed, "config": config,
@@ -278,10 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if checkpoint is not None:
                         row["pretraining"] = {"run": checkpoint.parent.name, **pretraining}
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if args.out:
-                        with open(args.out, "a") as handle:
-                            handle.write(json.dumps(row) + "\n")
+                    emit(row, args.out)
     if rows:
         print(f"\nmachine at the end: {machine_state()}\n")
         print(table(rows, "variant"))

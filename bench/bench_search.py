@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.errors import user_errors_as_one_line  # noqa: E402
 
 QUERIES = [
     "a woman in a red coat and black pants with a black backpack",
@@ -141,7 +142,7 @@ def first_answer(checkpoint: Path, gallery: Path, index_file: Path, out: Path) -
 def base_model_rates(sample: list[str], captions: list[str], runs: int) -> dict:
     """Indexing rate and text latency of a ViT-B/BERT-base size model (random weights) on the CPU."""
     from datasets.tokenizer import build_tokenizer
-    from engine.retrieval import Retriever, model_digest  # noqa: F401
+    from engine.retrieval import Retriever
     from models.ivt import build_model
 
     cfg = load_config(None, BASE_OVERRIDES + ["eval.batch_size=16"])
@@ -218,6 +219,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@user_errors_as_one_line()
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=10_000)

@@ -8,7 +8,9 @@ epoch end to end with the loader, and the fastest setting per GPU memory budget.
     python bench/bench_train.py --device cuda --memory-budgets 12,16,24,40,80
 
 Step mode. The real training step, ``engine.training.optimizer_step`` (host-to-device copy, the device augmentation
-when data.augment_on=device, autocast forward, backward, optimizer), runs on batches shaped like the collator's:
+when data.augment_on=device, autocast forward, backward, optimizer), set up by the engine's own phases
+(``build_network``, ``new_run``, ``set_train_module``, ``set_optimizer``: the objective, train.compile and the
+optimizer exactly as training builds them), runs on batches shaped like the collator's:
 ``--batch`` records x input.num_views views of random pixels at input.image_size, and input.num_views x levels
 texts of random tokens whose lengths are uniform in ``--text-lens`` (each batch padded to its longest, as the
 collator does). Time per step is the median of ``--steps`` steps after ``--warmup`` (the device synchronised
@@ -54,7 +56,6 @@ import argparse
 import gc
 import itertools
 import json
-import math
 import os
 import platform
 import resource
@@ -62,21 +63,20 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.batch_augment import AugmentSpec, draw_view_params, stack_images  # noqa: E402
-from engine.training import Run, optimizer_step  # noqa: E402
+from engine import training  # noqa: E402
+from engine.training import optimizer_step  # noqa: E402
 from models.config import IVTConfig  # noqa: E402
 from models.flops import TokenCounter, expected_step_flops  # noqa: E402
-from models.ivt import build_model  # noqa: E402
-from models.objectives import RetrievalObjective  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.errors import user_errors_as_one_line  # noqa: E402
 from utils.host_sync import HostSyncCounter  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
 
 SIZES = {
     "tiny": ["model.embed_dim=192", "model.depth=4", "model.num_heads=3", "input.image_size=[128,64]",
@@ -96,17 +96,17 @@ PEAK_TFLOPS = [
     ("RTX A6000", 154.8), ("V100", 125.0), ("T4", 65.0),  # V100 / T4: fp16 (no bf16 tensor cores)
 ]
 
-# Named sets of overrides for --variants: each measured alone and together ("after").
+# Named sets of config overrides for --variants, each a setting a recipe can select: measured alone and
+# together ("after").
 VARIANTS = {
-    "baseline": ([], None),
-    "foreach": (["train.optimizer_impl=foreach"], None),
-    "fused": (["train.optimizer_impl=fused"], None),
-    "pad16": (["model.text_pad_multiple=16"], None),
-    "compile": ([], "blocks"),
-    "compile_model": ([], "model"),
-    "device_aug": (["data.augment_on=device"], None),
-    "after": (["train.optimizer_impl=fused", "model.text_pad_multiple=16", "loss.itm_negative_check=device"],
-              "blocks"),
+    "baseline": [],
+    "foreach": ["train.optimizer_impl=foreach"],
+    "fused": ["train.optimizer_impl=fused"],
+    "pad16": ["model.text_pad_multiple=16"],
+    "compile": ["train.compile=true"],
+    "device_aug": ["data.augment_on=device"],
+    "after": ["train.optimizer_impl=fused", "model.text_pad_multiple=16", "loss.itm_negative_check=device",
+              "train.compile=true"],
 }
 
 
@@ -264,33 +264,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_step(cfg, device: torch.device, compile_mode: str | None):
+def build_step(cfg, device: torch.device) -> training.Run:
+    """The training step's Run without data (the bench feeds its own batches), built by the engine's phases."""
     torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    objective = RetrievalObjective(model, cfg.loss).train()
-    module: torch.nn.Module = objective
-    if compile_mode == "blocks":
-        # Regional compilation: the blocks share one code object, so one dynamic-shape graph per modality and
-        # mask serves every block and every BMM/padding length (static shapes hit the recompile limit).
-        for block in model.encoder.blocks:
-            block.compile(dynamic=True)
-    elif compile_mode == "model":
-        module = torch.compile(objective)
-    elif compile_mode not in (None, "none"):
-        raise ValueError(f"--compile must be none, blocks or model, got {compile_mode!r}")
-    optimizer = build_optimizer(model, cfg.train)
-    run = Run(cfg, Path("."), device, model, objective, tokenizer=None, train_records=[], eval_splits=None,
-              train_module=module, optimizer=optimizer)
-    if device.type == "cuda" and cfg.train.amp == "fp16":
-        run.scaler = torch.amp.GradScaler("cuda")
+    run = training.new_run(cfg, Path("."), device, training.build_network(cfg, device, None, None))
+    run.objective.train()
+    training.set_train_module(run)
+    run.nominal_steps = 1  # the schedule is not stepped here
+    training.set_optimizer(run)
     return run
 
 
-def bench_step(size: str, device: torch.device, records: int, steps: int, warmup: int, text_lens: tuple[int, int],
-               overrides: list[str], compile_mode: str | None, profile_steps: int, peak: float | None,
+def bench_step(size: str, device: torch.device, records: int, steps: int, warmup: int | None,
+               text_lens: tuple[int, int],
+               overrides: list[str], profile_steps: int, peak: float | None,
                label: str = "") -> dict:
     cfg = load_config(None, SIZES[size] + NO_WEIGHTS + [f"train.batch_size_per_gpu={records}"] + overrides)
-    run = build_step(cfg, device, compile_mode)
+    run = build_step(cfg, device)
+    compiled = bool(cfg.train.compile)
+    if warmup is None:
+        warmup = 6 if compiled else 3  # compilation happens in the first steps
     pin = device.type == "cuda"
     batches = [make_batch(cfg, records, text_lens, seed, pin) for seed in range(4)]
     flops = statistics.mean(batch_flops(cfg, b) for b in batches) * cfg.train.grad_accum_steps
@@ -300,7 +293,7 @@ def bench_step(size: str, device: torch.device, records: int, steps: int, warmup
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     counter = TokenCounter(enabled=False)
     started = time.perf_counter()
-    if compile_mode in (None, "none"):
+    if not compiled:
         # Count only inside the objective's forward: checkpointing runs the blocks again in backward.
         handles = [run.train_module.register_forward_pre_hook(lambda *_: setattr(counter, "enabled", True)),
                    run.train_module.register_forward_hook(lambda *_: setattr(counter, "enabled", False))]
@@ -335,7 +328,7 @@ def bench_step(size: str, device: torch.device, records: int, steps: int, warmup
     phases["device_ms" if device.type == "cuda" else "wall_ms"] = marks.device_ms()
     marks.remove()
     syncs = HostSyncCounter()
-    if compile_mode in (None, "none"):
+    if not compiled:
         with syncs:
             optimizer_step(run, stream)
     pairs = records * cfg.input.num_views * cfg.train.grad_accum_steps
@@ -348,12 +341,12 @@ def bench_step(size: str, device: torch.device, records: int, steps: int, warmup
     row = {"variant": label or "custom", "size": size, "device": str(device), "amp": cfg.train.amp if
            device.type == "cuda" else "fp32 (CPU)", "records": records, "accum": cfg.train.grad_accum_steps,
            "pairs": pairs, "params_M": sum(p.numel() for p in run.model.parameters()) / 1e6,
-           "overrides": overrides, "compile": compile_mode or "none", "warmup_s": warmup_s, "step_s": step_s,
+           "overrides": overrides, "compile": "model" if compiled else "none", "warmup_s": warmup_s, "step_s": step_s,
            "step_s_min": min(times), "step_s_max": max(times), "pairs_per_s": pairs / step_s,
            "TFLOP_per_step": flops / 1e12, "TFLOP_per_step_hooks": measured_flops and measured_flops / 1e12,
            "TFLOPs": tflops, "MFU": tflops / peak if peak else None, "peak_GiB": peak_mem,
            "peak_reserved_GiB": reserved, "phases": phases, "host_sync_sites": dict(syncs.sites),
-           "graphs": _graph_count() if compile_mode not in (None, "none") else None}
+           "graphs": _graph_count() if compiled else None}
     del run, batches
     _free(device)
     return row
@@ -401,7 +394,6 @@ def bench_end_to_end(args, device: torch.device, peak: float | None) -> dict:
     from bench.e2e_data import make_e2e_dataset
     from datasets.build import build_train_loader, set_train_epoch
     from engine.data import build_run_tokenizer, load_data
-    from engine.evaluation import evaluate_model
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -425,20 +417,47 @@ def bench_end_to_end(args, device: torch.device, peak: float | None) -> dict:
     set_train_epoch(sampler, dataset, 0)
     steps_per_epoch = len(loader) // cfg.train.grad_accum_steps
     steps = min(steps_per_epoch, args.max_steps) if args.max_steps > 0 else steps_per_epoch
+    first_batch_s, loader_alone = time_loader_alone(loader, steps)
+    run = build_step(cfg, device)
+    set_train_epoch(sampler, dataset, 0)
+    trained = time_steps_with_loader(run, loader, steps, args.warmup if args.warmup is not None else 5)
+    step_s, warm = trained["step_s"], trained["warm"]
+    epoch_s = (trained["total_s"] if steps == steps_per_epoch
+               else step_s * steps_per_epoch + trained["warm_s"] - warm * step_s)
+    # FLOPs per step at the padded text length of a few of the loader's own batches.
+    sample_it = iter(loader)
+    flops = statistics.mean(batch_flops(cfg, next(sample_it)) for _ in range(min(4, len(loader))))
+    del sample_it
+    _free(device)
+    evals = time_evaluation(run, splits, tokenizer)
+    epochs = cfg.train.epochs
+    total_s = epochs * (epoch_s + evals["val"]["seconds"]) + evals["test"]["seconds"]
+    tflops = flops / step_s / 1e12
+    return {"mode": "end-to-end", "device": str(device), "size": args.sizes.split(",")[0], "overrides": args.set,
+            "num_workers": cfg.data.num_workers, "augment_on": cfg.data.augment_on, "image_cache": cfg.data.image_cache,
+            "records": len(records), "batch": cfg.train.batch_size_per_gpu, "steps_per_epoch": steps_per_epoch,
+            "steps_run": steps, "steps_timed": steps - warm, "timings": timings, "first_batch_s": first_batch_s,
+            "loader_alone_batches_per_s": loader_alone, "step_s_with_loader": step_s,
+            "data_wait_share": trained["wait_share"], "epoch_s": epoch_s,
+            "epoch_measured_whole": steps == steps_per_epoch, "TFLOPs": tflops, "MFU": tflops / peak if peak else None,
+            "eval": evals, "epochs": epochs, "projected_total_h": total_s / 3600}
 
-    # The loader alone: how many batches per second it can deliver with data.num_workers.
+
+def time_loader_alone(loader, steps: int) -> tuple[float, float]:
+    """(seconds to the first batch, batches per second after it): what the loader delivers with data.num_workers."""
     t0 = time.perf_counter()
     it = iter(loader)
-    first = next(it)
+    next(it)
     first_batch_s = time.perf_counter() - t0
     n_alone = min(len(loader) - 1, max(4, steps // 2))
     t1 = time.perf_counter()
     for _ in range(n_alone):
         next(it)
-    loader_alone = n_alone / (time.perf_counter() - t1)
-    del it, first
+    return first_batch_s, n_alone / (time.perf_counter() - t1)
 
-    run = build_step(cfg, device, args.compile)
+
+def time_steps_with_loader(run: training.Run, loader, steps: int, warmup: int) -> dict:
+    """Train ``steps`` steps from the loader; the time per step after ``warmup`` and the share spent on data."""
     waits: list[float] = []
 
     def timed_batches() -> Iterator[dict]:
@@ -452,46 +471,32 @@ def bench_end_to_end(args, device: torch.device, peak: float | None) -> dict:
             waits.append(time.perf_counter() - w0)
             yield batch
 
-    set_train_epoch(sampler, dataset, 0)
     stream = timed_batches()
-    warm = min(args.warmup if args.warmup is not None else 5, steps - 1)
+    warm = min(warmup, steps - 1)
     t0 = time.perf_counter()
     for step in range(steps):
         if step == warm:
-            _sync(device)
+            _sync(run.device)
             t_warm, waits_before = time.perf_counter(), len(waits)
         optimizer_step(run, stream)
-    _sync(device)
+    _sync(run.device)
     t_end = time.perf_counter()
-    measured_steps = steps - warm
-    step_s = (t_end - t_warm) / measured_steps
-    wait_share = sum(waits[waits_before:]) / (t_end - t_warm)
-    epoch_s = (t_end - t0) if steps == steps_per_epoch else step_s * steps_per_epoch + (t_warm - t0) - warm * step_s
-    # FLOPs per step at the padded text length of a few of the loader's own batches.
-    sample_it = iter(loader)
-    flops = statistics.mean(batch_flops(cfg, next(sample_it)) for _ in range(min(4, len(loader))))
-    del sample_it
-    del stream
-    _free(device)
+    return {"warm": warm, "step_s": (t_end - t_warm) / (steps - warm), "total_s": t_end - t0,
+            "warm_s": t_warm - t0, "wait_share": sum(waits[waits_before:]) / (t_end - t_warm)}
+
+
+def time_evaluation(run: training.Run, splits, tokenizer) -> dict:
+    """Seconds (and encoding seconds, counts) to evaluate the test and val splits at full size."""
+    from engine.evaluation import evaluate_model
 
     run.model.eval()
     evals = {}
     for split in ("test", "val"):
         t0 = time.perf_counter()
-        results = evaluate_model(run.model, getattr(splits, split), tokenizer, cfg, device, split)
+        results = evaluate_model(run.model, getattr(splits, split), tokenizer, run.cfg, run.device, split)
         evals[split] = {"seconds": time.perf_counter() - t0, "encode_seconds": results.get("encode_seconds"),
                         "counts": results.get("counts")}
-    epochs = cfg.train.epochs
-    total_s = epochs * (epoch_s + evals["val"]["seconds"]) + evals["test"]["seconds"]
-    tflops = flops / step_s / 1e12
-    return {"mode": "end-to-end", "device": str(device), "size": args.sizes.split(",")[0], "overrides": args.set,
-            "num_workers": cfg.data.num_workers, "augment_on": cfg.data.augment_on, "image_cache": cfg.data.image_cache,
-            "records": len(records), "batch": cfg.train.batch_size_per_gpu, "steps_per_epoch": steps_per_epoch,
-            "steps_run": steps, "steps_timed": measured_steps, "timings": timings, "first_batch_s": first_batch_s,
-            "loader_alone_batches_per_s": loader_alone, "step_s_with_loader": step_s,
-            "data_wait_share": wait_share, "epoch_s": epoch_s, "epoch_measured_whole": steps == steps_per_epoch,
-            "TFLOPs": tflops, "MFU": tflops / peak if peak else None, "eval": evals, "epochs": epochs,
-            "projected_total_h": total_s / 3600}
+    return evals
 
 
 def print_e2e(r: dict) -> None:
@@ -532,7 +537,7 @@ def bench_memory(args, device: torch.device, peak: float | None) -> list[dict]:
         overrides = args.set + [f"train.grad_accum_steps={accum}", f"model.grad_checkpointing={str(ckpt).lower()}"]
         r = None
         try:
-            r = bench_step(size, device, records, args.steps or 5, 2, _lens(args), overrides, args.compile, 1, peak,
+            r = bench_step(size, device, records, args.steps or 5, 2, _lens(args), overrides, 1, peak,
                            label=f"{records}x{accum}{' ckpt' if ckpt else ''}")
         except torch.OutOfMemoryError:
             print(f"  {records}x{accum} ckpt={ckpt}: out of memory without a cap", flush=True)
@@ -553,7 +558,7 @@ def bench_memory(args, device: torch.device, peak: float | None) -> list[dict]:
             torch.cuda.set_per_process_memory_fraction(budget / total, device)
             try:
                 again = bench_step(size, device, choice["records"], 2, 1, _lens(args), choice["overrides"],
-                                   args.compile, 1, peak, label="verify")
+                                   1, peak, label="verify")
                 verified = f"ran under the cap ({again['step_s'] * 1e3:.0f} ms/step)"
             except torch.OutOfMemoryError:
                 verified = "OOM under the cap"
@@ -573,6 +578,7 @@ def _lens(args) -> tuple[int, int]:
     return low, high
 
 
+@user_errors_as_one_line()
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -587,9 +593,6 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--variants", default=None, help="comma list of " + ", ".join(VARIANTS) + " (each on top "
                         "of --set)")
-    parser.add_argument("--compile", default=None, choices=["none", "blocks", "model"],
-                        help="blocks: torch.compile each encoder block (regional; automatic dynamic shapes); "
-                        "model: the whole objective as train.compile does")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--json", default=None, help="write the rows (and the machine state) to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU figures on a shared "
@@ -612,6 +615,9 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    unknown = sorted(set((args.variants or "").split(",")) - set(VARIANTS) - {""})
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     peak, peak_note = peak_tflops(device, args.peak_tflops)
     state = machine_state()
     print("machine: " + ", ".join(f"{k}={v}" for k, v in state.items()), flush=True)
@@ -631,14 +637,13 @@ def main(argv=None) -> list[dict]:
     else:
         variants = args.variants.split(",") if args.variants else [None]
         for size, variant in itertools.product(args.sizes.split(","), variants):
-            overrides, compile_mode = VARIANTS[variant] if variant else ([], args.compile)
+            overrides = VARIANTS[variant] if variant else []
             records = args.batch or (28 if device.type == "cuda" else (2 if size == "base" else 8))
             steps = args.steps or (20 if device.type == "cuda" else 3)
-            warmup = args.warmup if args.warmup is not None else (6 if compile_mode not in (None, "none") else 3)
             row = None
             try:
-                row = bench_step(size, device, records, steps, warmup, _lens(args), args.set + overrides,
-                                 compile_mode, args.profile_steps, peak, label=variant or "custom")
+                row = bench_step(size, device, records, steps, args.warmup, _lens(args), args.set + overrides,
+                                 args.profile_steps, peak, label=variant or "custom")
             except Exception as exc:  # noqa: BLE001 - one failing variant must not cost the others their figures
                 if not args.variants:
                     raise

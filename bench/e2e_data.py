@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.synthetic import key_fields, sample_identities, write_caption  # noqa: E402
+from utils.errors import user_errors_as_one_line  # noqa: E402
 
 CUHK_COUNTS = {"train_ids": 11003, "train_images": 34054, "train_captions": 68126,
                "eval_ids": 1000, "eval_images": 3076, "eval_captions": 6157}
@@ -94,6 +95,7 @@ def make_e2e_dataset(out: str | Path, train_ids: int, train_images: int, train_c
     return out
 
 
+@user_errors_as_one_line()
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)

@@ -4,7 +4,7 @@
 # so the whole script fits a 600 s command; expected ~7 min):
 #   1. the training step at the recipe's size (28 records x 3 views, 384x128, stride 12, bf16): time, model FLOPs,
 #      TFLOP/s, MFU and phase breakdown before (defaults) and after each switch: foreach / fused SGD, texts padded to
-#      multiples of 16, device augmentation, torch.compile of the blocks, and all together ("after");
+#      multiples of 16, device augmentation, train.compile (the whole objective), and all together ("after");
 #   2. one epoch end to end with the loader on a synthetic dataset of CUHK-PEDES's counts and image sizes (34,054
 #      train JPEGs, 68,126 captions): CPU augmentation with data.num_workers workers, then device augmentation from
 #      the decoded-image cache; evaluation of the test split at full size; the projected 120-epoch time;

@@ -25,6 +25,7 @@ from typing import Sequence, TextIO
 from datasets.image_check import scan_images
 from datasets.readers import FORMATS, format_statistics, load_annotations, load_pretrain_corpora, read_json
 from datasets.records import SPLIT_NAMES, DataFormatError, DatasetSplits, Record
+from utils.errors import user_errors_as_one_line
 
 DEFAULT_MAX_WORDS = 100
 DEFAULT_MIN_INSTANCES = 2
@@ -179,6 +180,7 @@ def run_check(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+@user_errors_as_one_line()
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -6,7 +6,6 @@ every rank's RNG states for exact resume. The authors' checkpoints are recognise
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -17,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from datasets.tokenizer import build_tokenizer, tokenizer_from_vocab, tokenizer_vocab
-from models.convert_official import convert_official, is_official_checkpoint, load_official_into
+from engine.model_folder import folder_as_checkpoint
+from models.official import convert_official, is_official_checkpoint, load_official_into
 from models.ivt import build_model
 from models.weights import adapt_grid_embeddings, load_bert_weights, load_vit_weights
 from utils import distributed as du
@@ -302,24 +302,11 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
     return model, cfg, tokenizer, info
 
 
-def export_safetensors(checkpoint_path: str | Path, out_path: str | Path) -> None:
-    """Write the model weights of one of our checkpoints as .safetensors (config as JSON metadata)."""
-    from safetensors.torch import save_file
-
-    obj = load_file(checkpoint_path)
-    if detect_format(obj) != "ours":
-        raise CheckpointError(f"{checkpoint_path}: not one of our checkpoints; convert it first")
-    tensors = {k: v.contiguous() for k, v in obj["model"].items()}
-    save_file(tensors, str(out_path), metadata={"config": json.dumps(obj["config"])})
-
-
 # -------------------------------------------------------------------------------------- model folders
 def read_checkpoint_or_folder(path: str | Path) -> Any:
-    """A checkpoint file's contents, or a model folder (python -m models.export) read as one of our checkpoints.
+    """A checkpoint file's contents, or a model folder (python -m engine.export) read as one of our checkpoints.
 
     The folder gives the same weights, config and tokenizer as the checkpoint it was exported from, so every
     loader above (load_for_inference, init_from_checkpoint) treats both alike.
     """
-    from models.export import folder_as_checkpoint
-
     return folder_as_checkpoint(path) if Path(path).is_dir() else load_file(path)

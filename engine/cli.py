@@ -10,6 +10,8 @@ from utils.errors import user_errors_as_one_line
 
 logger = logging.getLogger("engine")
 
+REPO = Path(__file__).resolve().parents[1]  # recipes are named relative to it
+
 
 def build_parser(description: str, default_config: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
@@ -45,11 +47,14 @@ def refuse_previous_run(output_dir: Path) -> None:
                               "--resume auto, choose another --output-dir, or pass --overwrite to start over")
 
 
-def train_main(argv: Sequence[str] | None, *, description: str, default_config: str,
-               stop_after_steps: int | None = None) -> dict:
-    """Shared main() of the train_*.py scripts: a user mistake exits with one line, a bug with its traceback."""
+@user_errors_as_one_line()
+def train_main(argv: Sequence[str] | None, doc: str, default_config: str) -> dict:
+    """The whole main() of a train_*.py script: ``doc`` is its docstring (the first line describes it in --help),
+    ``default_config`` its recipe relative to the repository. A user mistake exits with one line, a bug with its
+    traceback; returns the run summary (see engine.training.summary)."""
+    default_config = str(REPO / default_config)
     # Intermixed: key=value overrides may stand before and after options (train.epochs=3 --resume auto lr=...).
-    args = build_parser(description, default_config).parse_intermixed_args(argv)
+    args = build_parser(doc.splitlines()[0], default_config).parse_intermixed_args(argv)
     # Heavy imports after argument parsing, so that --help answers at once.
     from engine.checkpoints import resolve_resume
     from engine.training import train
@@ -57,22 +62,21 @@ def train_main(argv: Sequence[str] | None, *, description: str, default_config: 
     from utils.checkpoint import load_file
     from utils.config import config_from_dict, load_config
 
-    with user_errors_as_one_line():
-        try:
-            cfg = load_config(args.config, args.overrides)
-            output_dir = Path(args.output_dir or cfg.output_dir)
-            resume_path = resolve_resume(args.resume, output_dir)
-            if resume_path is None and not (args.eval_only or args.overwrite):
-                refuse_previous_run(output_dir)
-            resume_obj = load_file(resume_path) if resume_path is not None else None
-            if resume_obj is not None:
-                # A resumed run keeps the configuration it started with; overrides still apply on top.
-                cfg = config_from_dict(resume_obj["config"], args.overrides, source=str(resume_path))
-                if args.config != default_config:
-                    logger.warning("--config %s is ignored: a resumed run keeps the config stored in %s",
-                                   args.config, resume_path)
-            cfg = cfg.replace([f"output_dir={output_dir}"])
-            return train(cfg, output_dir=output_dir, resume=resume_path, resume_obj=resume_obj,
-                         init_from=args.init_from, eval_only=args.eval_only, stop_after_steps=stop_after_steps)
-        finally:
-            du.cleanup_distributed()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        output_dir = Path(args.output_dir or cfg.output_dir)
+        resume_path = resolve_resume(args.resume, output_dir)
+        if resume_path is None and not (args.eval_only or args.overwrite):
+            refuse_previous_run(output_dir)
+        resume_obj = load_file(resume_path) if resume_path is not None else None
+        if resume_obj is not None:
+            # A resumed run keeps the configuration it started with; overrides still apply on top.
+            cfg = config_from_dict(resume_obj["config"], args.overrides, source=str(resume_path))
+            if args.config != default_config:
+                logger.warning("--config %s is ignored: a resumed run keeps the config stored in %s",
+                               args.config, resume_path)
+        cfg = cfg.replace([f"output_dir={output_dir}"])
+        return train(cfg, output_dir=output_dir, resume=resume_path, resume_obj=resume_obj,
+                     init_from=args.init_from, eval_only=args.eval_only)
+    finally:
+        du.cleanup_distributed()

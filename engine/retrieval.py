@@ -1,6 +1,6 @@
 """Search a folder of your own images with a trained checkpoint or an exported model folder.
 
-    retriever = Retriever.from_pretrained("runs/cuhkpedes/best.pth")      # or a folder from python -m models.export
+    retriever = Retriever.from_pretrained("runs/cuhkpedes/best.pth")      # or a folder from python -m engine.export
     retriever.index("my_photos/", index_file="my_photos.index.pt")       # encodes once, reuses the file later
     retriever.search("a woman in a red coat with a black backpack", k=10)   # [SearchResult(path, score, rank)]
     retriever.search(["a man in a black jacket", "a girl in a pink dress"])  # one list per query, one matmul
@@ -11,9 +11,10 @@ Scores are cosine similarities of L2-normalised features (in [-1, 1], higher is 
 a fusion stack (``model.fusion_layers > 0``) ``rerank=True`` re-orders the top candidates by the ITM head; their
 ``itm_score`` is what evaluation ranks by (engine.evaluation.itm_score: the "match" logit).
 
-The index file holds the image features, the image paths with their sizes and modification times, and a
-digest of the model (checkpoint path, size and modification time, and the input settings). It is reused only
-when all of them match, so a retrained checkpoint or a changed folder never serves stale features.
+The index file holds the image features, the image paths with their sizes and modification times, a digest of
+the model (checkpoint path, size and modification time, and the input settings) and a sha256 of all of these. It
+is reused only when all of them match, so a retrained checkpoint or a changed folder never serves stale features,
+and a corrupted file (a flipped byte) is refused with one line instead of ranking with altered features.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from utils.errors import UserError
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "ivt-gallery-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the index records its sha256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 LISTED_FAILURES = 5  # unreadable images named in the log / error message
 
@@ -100,6 +101,18 @@ class GalleryIndex:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def index_checksum(content: dict) -> str:
+    """sha256 of what a gallery index holds: paths, features (their bytes, dtype and shape), model digest,
+    file signature and skipped images."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([content["paths"], content["model_digest"], [list(s) for s in content["signature"]],
+                              [list(s) for s in content["skipped"]]]).encode("utf-8"))
+    features = content["features"].detach().cpu().contiguous()
+    digest.update(f"{features.dtype} {tuple(features.shape)}".encode("utf-8"))
+    digest.update(features.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[str]:
@@ -207,7 +220,7 @@ class Retriever:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
                         overrides: Sequence[str] = ()) -> "Retriever":
-        """The Hugging Face spelling: a model folder written by ``python -m models.export`` (or a .pth)."""
+        """The Hugging Face spelling: a model folder written by ``python -m engine.export`` (or a .pth)."""
         return cls.from_checkpoint(path, device, None, overrides)
 
     @property
@@ -230,8 +243,8 @@ class Retriever:
             if not paths:
                 raise GalleryError("the gallery list is empty")
         signature = file_signature(paths)
-        if index_file is not None and Path(index_file).is_file():
-            cached = self._read_index(index_file)
+        cached = self._read_cache(index_file)
+        if cached is not None:
             if cached.model_digest == self.digest and cached.signature == signature:
                 if strict and cached.skipped:
                     raise self._strict_error(cached.skipped)
@@ -248,9 +261,10 @@ class Retriever:
         self._report_skipped(skipped, len(paths))
         gallery = GalleryIndex(kept, features, self.digest, signature, skipped)
         if index_file is not None:
-            atomic_save({"format": INDEX_FORMAT, "format_version": INDEX_VERSION, "paths": gallery.paths,
-                         "features": gallery.features, "model_digest": gallery.model_digest,
-                         "signature": gallery.signature, "skipped": [list(s) for s in gallery.skipped]}, index_file)
+            content = {"paths": gallery.paths, "features": gallery.features, "model_digest": gallery.model_digest,
+                       "signature": gallery.signature, "skipped": [list(s) for s in gallery.skipped]}
+            atomic_save({"format": INDEX_FORMAT, "format_version": INDEX_VERSION, **content,
+                         "sha256": index_checksum(content)}, index_file)
             logger.info("wrote the gallery index %s (%d images)", index_file, len(gallery))
         self.gallery = gallery
         return gallery
@@ -264,6 +278,16 @@ class Retriever:
         self.gallery = cached
         return cached
 
+    def _read_cache(self, index_file: str | os.PathLike[str] | None) -> GalleryIndex | None:
+        """The index at ``index_file`` to reuse, or None: none there, or unusable (then it is rebuilt, saying why)."""
+        if index_file is None or not Path(index_file).is_file():
+            return None
+        try:
+            return self._read_index(index_file)
+        except GalleryError as exc:
+            logger.warning("%s; re-encoding the gallery", exc)
+            return None
+
     @staticmethod
     def _read_index(file: str | os.PathLike[str]) -> GalleryIndex:
         try:
@@ -272,6 +296,12 @@ class Retriever:
             raise GalleryError(f"{file}: cannot be read as a gallery index ({type(exc).__name__}: {exc})") from None
         if not isinstance(obj, dict) or obj.get("format") != INDEX_FORMAT:
             raise GalleryError(f"{file}: not a gallery index (expected format={INDEX_FORMAT!r})")
+        if "sha256" not in obj:
+            raise GalleryError(f"{file}: an index written before indexes carried a checksum; rebuild it by passing "
+                               "the image folder with --index-file")
+        if index_checksum(obj) != obj["sha256"]:
+            raise GalleryError(f"{file}: the gallery index does not match its sha256 (the file is corrupt); "
+                               "rebuild it by passing the image folder with --index-file")
         features = obj["features"]
         if features.dim() != 2 or features.shape[0] != len(obj["paths"]):
             raise GalleryError(f"{file}: features {tuple(features.shape)} do not match {len(obj['paths'])} paths")

@@ -76,7 +76,7 @@ class Run:
 
 
 def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, resume_obj: dict | None = None,
-          init_from: str | None = None, eval_only: bool = False, stop_after_steps: int | None = None) -> dict:
+          init_from: str | None = None, eval_only: bool = False) -> dict:
     """Run (or resume) the recipe in ``cfg``; returns the run summary (see :func:`summary`).
 
     ``resume`` is a checkpoint path (the CLI resolves "auto"); ``resume_obj`` is that checkpoint when the caller
@@ -93,7 +93,7 @@ def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, re
     if resume_obj is not None:
         restore_training(run, resume_obj, resume_path)
     try:
-        stopped = run_epochs(run, stop_after_steps)
+        stopped = run_epochs(run)
         return summary(run, stopped, test=None if stopped else test_selected_model(run))
     finally:
         run.writer.close()
@@ -128,50 +128,74 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
     if len(tokenizer) > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}")
-    model = build_model(cfg)
-    if resume_obj is None:
-        initialise_weights(model, cfg, init_source, init_obj)
-    else:
-        if init_from:
-            logger.warning("--init-from %s is ignored: resuming a run", init_from)
-        model.load_state_dict(resume_obj["model"])
-    model.to(device)
+    model = build_network(cfg, device, resume_obj, init_from, init_obj)
     # A run that fails before this point leaves an existing run directory as it was.
     setup_logging(output_dir, du.get_rank())
     if du.is_main_process():
         remove_orphan_temporaries(output_dir)
         save_config(cfg, output_dir / "config.yaml")
     save_run_tokenizer(cfg, tokenizer, output_dir)
+    return new_run(cfg, output_dir, device, model, tokenizer, train_records, eval_splits)
+
+
+def build_network(cfg: Config, device: torch.device, resume_obj: dict | None, init_from: str | None,
+                  init_obj: Any = None) -> torch.nn.Module:
+    """The model of ``cfg`` on ``device``: initialised as configured (``init_from`` on top, or
+    ``cfg.model.init_from``; ``init_obj``: that checkpoint when already read), or resumed."""
+    model = build_model(cfg)
+    if resume_obj is None:
+        initialise_weights(model, cfg, init_from, init_obj)
+    else:
+        if init_from:
+            logger.warning("--init-from %s is ignored: resuming a run", init_from)
+        model.load_state_dict(resume_obj["model"])
+    return model.to(device)
+
+
+def new_run(cfg: Config, output_dir: Path, device: torch.device, model: torch.nn.Module, tokenizer: Any = None,
+            train_records: list | None = None, eval_splits: Any = None) -> Run:
+    """A Run around ``model`` with the recipe's objective (a bench passes no data: it feeds its own batches)."""
     objective = RetrievalObjective(model, cfg.loss)  # freezes what no loss reaches, so count after it
     logger.info("model: %.2fM parameters (%.2fM trainable)", sum(p.numel() for p in model.parameters()) / 1e6,
                 sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
-    return Run(cfg, output_dir, device, model, objective, tokenizer, train_records, eval_splits)
+    return Run(cfg, output_dir, device, model, objective, tokenizer, train_records or [], eval_splits)
 
 
 # ------------------------------------------------------------------------------------- optimisation
 def prepare_optimisation(run: Run) -> None:
     """Objective (DDP-wrapped and compiled as configured), loader, optimizer, schedule, scaler, selection."""
-    cfg, device, world_size = run.cfg, run.device, run.world_size
-    run.train_module = run.objective
-    if world_size > 1:
-        run.train_module = torch.nn.parallel.DistributedDataParallel(
-            run.objective, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        run.train_module = torch.compile(run.train_module)
+    cfg = run.cfg
+    set_train_module(run)
     run.loader, run.sampler, run.dataset = build_train_loader(
-        cfg, run.train_records, run.tokenizer, rank=du.get_rank(), world_size=world_size)
+        cfg, run.train_records, run.tokenizer, rank=du.get_rank(), world_size=run.world_size)
     set_train_epoch(run.sampler, run.dataset, 0)
     run.nominal_steps = steps_in_epoch(run)
-    run.optimizer = build_optimizer(run.model, cfg.train)
-    run.scheduler = build_scheduler(run.optimizer, cfg.train, run.nominal_steps)
-    if device.type == "cuda" and cfg.train.amp == "fp16":
-        run.scaler = torch.amp.GradScaler("cuda")
+    set_optimizer(run)
     run.selection = cfg.eval.selection_split
     if run.selection and (run.eval_splits is None or not getattr(run.eval_splits, run.selection, None)):
         logger.info("no %r split to select on: best.pth will be the last epoch", run.selection)
         run.selection = None
     run.writer = MetricsWriter(run.output_dir, enabled=du.is_main_process())
     run.writer.write_text("config", "```\n" + cfg.to_yaml() + "```")
+
+
+def set_train_module(run: Run) -> None:
+    """What the step calls: the objective, wrapped in DDP when distributed, compiled when train.compile is set."""
+    run.train_module = run.objective
+    if run.world_size > 1:
+        run.train_module = torch.nn.parallel.DistributedDataParallel(
+            run.objective, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.cfg.train.compile:
+        run.train_module = torch.compile(run.train_module)
+
+
+def set_optimizer(run: Run) -> None:
+    """Optimizer, schedule (over ``run.nominal_steps`` steps per epoch) and, for fp16 on a GPU, the grad scaler."""
+    cfg = run.cfg
+    run.optimizer = build_optimizer(run.model, cfg.train)
+    run.scheduler = build_scheduler(run.optimizer, cfg.train, run.nominal_steps)
+    if run.device.type == "cuda" and cfg.train.amp == "fp16":
+        run.scaler = torch.amp.GradScaler("cuda")
 
 
 def steps_in_epoch(run: Run) -> int:
@@ -275,16 +299,16 @@ class StallWatchdog(threading.Thread):
         self._done.set()
 
 
-def run_epochs(run: Run, stop_after_steps: int | None) -> bool:
+def run_epochs(run: Run) -> bool:
     """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
     with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds) as watchdog:
         while run.state.epoch < run.cfg.train.epochs:
-            if train_one_epoch(run, stop, stop_after_steps, watchdog) or end_of_epoch(run, stop, watchdog):
+            if train_one_epoch(run, stop, watchdog) or end_of_epoch(run, stop, watchdog):
                 return True
     return False
 
 
-def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None, watchdog: StallWatchdog) -> bool:
+def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
     """The optimizer steps of ``run.state.epoch`` from ``step_in_epoch`` on; True when stopped inside it."""
     cfg, state = run.cfg, run.state
     epoch, accum = state.epoch, cfg.train.grad_accum_steps
@@ -313,8 +337,6 @@ def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None, w
             last_of_epoch = state.step_in_epoch == steps
             if window.steps >= cfg.train.log_every_steps or last_of_epoch:
                 window.flush(progress)
-            if stop_after_steps is not None and state.global_step >= stop_after_steps:
-                stop.requested = True
             if state.global_step % stop_check_every == 0 and not last_of_epoch and stop.agreed(run.device):
                 save(run, ["last.pth"])
                 logger.info("stopped at epoch %d step %d; resume with --resume auto", epoch, state.step_in_epoch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import importlib
 import json
 import logging
 import os
@@ -107,7 +108,8 @@ class SearchPage:
 # ------------------------------------------------------------------------------------------ provenance
 def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file: str | None) -> dict:
     """Where the model came from: checkpoint, format, training state, recipe, test metrics, and the gallery."""
-    from models.export import CONFIG_FILE, find_metrics, is_model_folder
+    from engine.export import find_metrics
+    from engine.model_folder import CONFIG_FILE, is_model_folder
 
     cfg, info = retriever.cfg, retriever.info
     path = Path(checkpoint)
@@ -207,7 +209,7 @@ def gallery_root(paths: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="A local web page to search a gallery by description or photo.")
-    parser.add_argument("--checkpoint", required=True, help="our .pth checkpoint or a model folder (models.export)")
+    parser.add_argument("--checkpoint", required=True, help="our .pth checkpoint or a model folder (engine.export)")
     parser.add_argument("--gallery", required=True, help="image folder, or an index file (.pt) made with --index-file")
     parser.add_argument("--index-file", default=None, help="cache the folder's features here and reuse them")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
@@ -229,7 +231,7 @@ def main(argv: Sequence[str] | None = None, block: bool = True):
     with user_errors_as_one_line():
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         try:
-            import gradio  # noqa: F401
+            importlib.import_module("gradio")
         except ImportError:
             raise ServeError("serve.py needs gradio: pip install -r requirements-serve.txt") from None
         from engine.retrieval import Retriever

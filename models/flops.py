@@ -138,7 +138,3 @@ class TokenCounter:
 
     def forward_flops(self, config: IVTConfig) -> int:
         return encoder_forward_flops(config, self.sequences, self.images)
-
-    def reset(self) -> None:
-        self.sequences.clear()
-        self.images = 0

@@ -15,7 +15,6 @@ __all__ = [
     "cmpm_loss",
     "itc_loss",
     "gather_with_grad",
-    "gather_no_grad",
     "sample_hard_negatives",
     "itm_targets",
     "itm_loss",
@@ -137,17 +136,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.contiguous())
     parts[rank] = x
-    return torch.cat(parts, dim=0)
-
-
-@torch.no_grad()
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 without gradient: [B, ...] -> [world * B, ...] ordered by rank (identity if world 1)."""
-    world, _ = _world()
-    if world == 1:
-        return x.detach()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0)
 
 

@@ -96,7 +96,9 @@ class RetrievalObjective(nn.Module):
         from random weights stays at chance on the hardest pairs, but learns to ground words on random ones).
         """
         with torch.no_grad():
-            sim_i2t = image_feats.float() @ text_feats.float().t() * (self.negative_hardness / temperature.float())
+            sim_i2t = image_feats.float() @ text_feats.float().t() / temperature.float()
+            if self.negative_hardness != 1.0:
+                sim_i2t = sim_i2t * self.negative_hardness
         neg_image_for_text, neg_text_for_image = sample_hard_negatives(sim_i2t, pids, pids,
                                                                         check=self.negative_check)
         text_all = torch.cat([text_tokens, text_tokens, text_tokens[neg_text_for_image]])

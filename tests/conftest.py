@@ -1,6 +1,9 @@
 import os
+import signal
 import sys
 from pathlib import Path
+
+import pytest
 
 # Tests never reach a model hub: offline, transformers must fail loudly instead of returning stubs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,3 +13,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def stop_after_steps(monkeypatch):
+    """``stop_after_steps(n)``: the next training run in this test receives SIGTERM once its global step reaches n.
+
+    The signal arrives as an operator's would, inside the step, and is sent once: a resume afterwards runs on.
+    """
+    from engine import training
+
+    def arm(n: int) -> None:
+        real_step, fired = training.optimizer_step, []
+
+        def step(run, batches):
+            out = real_step(run, batches)
+            if not fired and run.state.global_step + 1 >= n:  # the loop counts this step right after it returns
+                fired.append(n)
+                signal.raise_signal(signal.SIGTERM)
+            return out
+
+        monkeypatch.setattr(training, "optimizer_step", step)
+
+    return arm

@@ -25,8 +25,7 @@ if __name__ == "__main__":
 
     out = Path(sys.argv[1])
     RetrievalObjective.forward = recording_forward
-    summary = train_main(["--output-dir", str(out)] + sys.argv[2:], description="ddp test",
-                         default_config=str(ROOT / "configs" / "cuhkpedes.yaml"))
+    summary = train_main(["--output-dir", str(out)] + sys.argv[2:], "ddp test", "configs/cuhkpedes.yaml")
     rank = int(os.environ["RANK"])
     torch.save({"model": summary["model"].state_dict(), "step": summary["global_step"], "first_pids": first_pids},
                out / f"rank{rank}.pt")

@@ -1,7 +1,19 @@
-"""The layers of the code base: the library (models, datasets, utils) never imports the application (engine)."""
+"""The shape of the code base, read from every module's syntax tree (imports inside functions included):
+
+- the layers: the library (models, datasets, utils) never imports the application (engine); utils builds on
+  nothing of ours;
+- no import cycle among our modules, and no module reaching for another module's private (``_name``) parts
+  (tests may: they test internals on purpose);
+- every entry point (a script or ``python -m`` module with a ``__main__`` block) runs inside
+  ``user_errors_as_one_line()``, so a user mistake prints one line;
+- no function longer than 80 lines anywhere in the tree, and pyflakes reports nothing.
+"""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -9,6 +21,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("models", "datasets", "utils")
 APPLICATION = "engine"
+PACKAGES = LIBRARY + (APPLICATION, "bench", "tests")
+HANDLER = "user_errors_as_one_line"
+MAX_FUNCTION_LINES = 80
+
+
+def our_files() -> list[Path]:
+    """Every Python file of the repository: the packages and the top-level scripts."""
+    files = sorted(ROOT.glob("*.py"))
+    for package in PACKAGES:
+        files += sorted((ROOT / package).rglob("*.py"))
+    return files
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@lru_cache(maxsize=None)
+def module_index() -> dict[str, Path]:
+    return {module_name(p): p for p in our_files()}
+
+
+@lru_cache(maxsize=None)
+def syntax_tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -26,6 +64,75 @@ def modules_of(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
 
+def imported_names(path: Path) -> dict[str, tuple[str, str | None]]:
+    """Local name -> (our module, attribute or None for the module itself), for every import of our code."""
+    index, found = module_index(), {}
+    for node in ast.walk(syntax_tree(path)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in index:
+                    found[alias.asname or alias.name] = (alias.name, None)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in index:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found[alias.asname or alias.name] = ((submodule, None) if submodule in index
+                                                     else (node.module, alias.name))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Our module -> the modules of ours it imports (a package's own __init__ is not counted as a dependency)."""
+    graph = {}
+    for name, path in module_index().items():
+        graph[name] = {target for target, _ in imported_names(path).values() if target != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as a list of modules (first == last), or [] when there is none."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        state[node] = 2
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return []
+
+
+def private_uses(path: Path) -> list[str]:
+    """``from ours import _name`` and ``ours_module._name`` in ``path``, as 'line: module._name'."""
+    names = imported_names(path)
+    found = []
+    for node in ast.walk(syntax_tree(path)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in module_index():
+            found += [f"{node.lineno}: {node.module}.{a.name}" for a in node.names if is_private(a.name)]
+        elif (isinstance(node, ast.Attribute) and is_private(node.attr) and isinstance(node.value, ast.Name)
+              and names.get(node.value.id, ("", ""))[1] is None):
+            found.append(f"{node.lineno}: {names[node.value.id][0]}.{node.attr}")
+    return found
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+# ------------------------------------------------------------------------------------------------ layers
 @pytest.mark.parametrize("package", LIBRARY)
 def test_the_library_never_imports_the_application(package):
     offenders = [str(p.relative_to(ROOT)) for p in modules_of(package) if APPLICATION in imported_packages(p)]
@@ -39,7 +146,131 @@ def test_utils_is_the_bottom_layer():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def test_models_and_datasets_share_a_floor_without_importing_each_other():
+    offenders = {str(p.relative_to(ROOT)) for package, other in (("models", "datasets"), ("datasets", "models"))
+                 for p in modules_of(package) if other in imported_packages(p)}
+    assert offenders == set()
+
+
 def test_the_check_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from engine.training import train\n    import engine.cli\n")
     assert imported_packages(module) == {"engine"}
+
+
+# ------------------------------------------------------------------------------------ cycles, privates
+def test_no_import_cycle_among_our_modules():
+    assert find_cycle(import_graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_module_uses_another_modules_private_names():
+    offenders = {str(p.relative_to(ROOT)): private_uses(p) for p in our_files()
+                 if "tests" not in p.relative_to(ROOT).parts}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_private_check_sees_both_spellings(tmp_path, monkeypatch):
+    module = tmp_path / "m.py"
+    module.write_text("from utils.errors import _hidden\nimport utils.checkpoint as ck\nck._file_mode()\n"
+                      "ck.__name__\n")
+    assert private_uses(module) == ["1: utils.errors._hidden", "3: utils.checkpoint._file_mode"]
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def entry_points() -> list[Path]:
+    """Scripts and ``python -m`` modules with a ``__main__`` block (the tests' own helpers aside)."""
+    return [p for p in our_files() if "tests" not in p.relative_to(ROOT).parts and main_block(p) is not None]
+
+
+def main_block(path: Path) -> ast.If | None:
+    for node in syntax_tree(path).body:
+        if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"):
+            return node
+    return None
+
+
+def is_handler(node: ast.expr) -> bool:
+    func = node.func if isinstance(node, ast.Call) else None
+    return (isinstance(func, ast.Name) and func.id == HANDLER) or (isinstance(func, ast.Attribute)
+                                                                   and func.attr == HANDLER)
+
+
+def handled(path: Path, name: str, seen: frozenset = frozenset()) -> bool:
+    """Whether calling ``name`` of module ``path`` runs inside the handler: decorated with it, holding a ``with``
+    block of it, or returning the call of a function of ours that is handled."""
+    if (path, name) in seen:
+        return False
+    function = next((n for n in syntax_tree(path).body if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    if function is None:
+        target = imported_names(path).get(name)
+        return bool(target and target[1]) and handled(module_index()[target[0]], target[1], seen | {(path, name)})
+    if any(is_handler(d) for d in function.decorator_list):
+        return True
+    if any(isinstance(n, ast.With) and any(is_handler(i.context_expr) for i in n.items)
+           for n in ast.walk(function)):
+        return True
+    returns = [n.value for n in ast.walk(function) if isinstance(n, ast.Return)]
+    return bool(returns) and all(
+        isinstance(r, ast.Call) and isinstance(r.func, ast.Name) and handled(path, r.func.id, seen | {(path, name)})
+        for r in returns)
+
+
+def entry_handled(path: Path) -> bool:
+    if not imported_names(path):
+        return True  # imports none of our code, so no UserError can reach it
+    called = {n.func.id for n in ast.walk(main_block(path)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    return any(handled(path, name) for name in called)
+
+
+def test_every_entry_point_runs_inside_the_user_error_handler():
+    entries = entry_points()
+    names = {str(p.relative_to(ROOT)) for p in entries}
+    assert {"train_cuhkpedes.py", "evaluate.py", "retrieve.py", "serve.py", "engine/export.py", "datasets/check.py",
+            "models/convert_official.py", "bench/bench_train.py"} <= names
+    assert sorted(str(p.relative_to(ROOT)) for p in entries if not entry_handled(p)) == []
+
+
+def test_the_entry_check_follows_delegation_and_sees_a_bare_main(tmp_path, monkeypatch):
+    (tmp_path / "thin.py").write_text("from engine.cli import train_main\n\ndef main(argv=None):\n"
+                                      "    return train_main(argv, 'doc', 'configs/x.yaml')\n\n"
+                                      "if __name__ == '__main__':\n    main()\n")
+    (tmp_path / "bare.py").write_text("from utils.config import load_config\n\ndef main(argv=None):\n"
+                                      "    return load_config(argv[0])\n\nif __name__ == '__main__':\n    main()\n")
+    assert entry_handled(tmp_path / "thin.py") and not entry_handled(tmp_path / "bare.py")
+
+
+# ----------------------------------------------------------------------------------------------- size, lint
+def long_functions(path: Path) -> list[str]:
+    return [f"{n.name} ({n.end_lineno - n.lineno + 1} lines, line {n.lineno})" for n in ast.walk(syntax_tree(path))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_is_longer_than_80_lines():
+    offenders = {str(p.relative_to(ROOT)): long_functions(p) for p in our_files()}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_pyflakes_reports_nothing():
+    pytest.importorskip("pyflakes", reason="pyflakes is not installed (pip install -r requirements-test.txt)")
+    result = subprocess.run([sys.executable, "-m", "pyflakes", *[str(p) for p in our_files()]], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.stdout + result.stderr == ""
+
+
+def test_the_architecture_map_names_every_module():
+    doc = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = []
+    for package in LIBRARY + (APPLICATION, "bench"):
+        for path in modules_of(package):
+            inner = path.relative_to(ROOT / package).parts
+            named = f"{inner[0]}/" if len(inner) > 1 else path.name  # a subpackage is named as a folder
+            if path.name != "__init__.py" and f"`{named}" not in doc:
+                missing.append(str(path.relative_to(ROOT)))
+    assert missing == []

@@ -85,3 +85,28 @@ def test_the_gpu_script_parses_and_names_every_stage():
     for stage in ("--variants", "--end-to-end", "--memory-budgets 12,16,24,40,80", "bench_eval.py", "--cpu-smoke",
                   "summarize.py"):
         assert stage in text, stage
+
+
+def test_every_variant_is_a_setting_a_recipe_can_select():
+    # A variant is config overrides only: an unknown key or value is a ConfigError here, as in a recipe.
+    assert set(bench_train.VARIANTS) >= {"baseline", "compile", "after"}
+    for name, overrides in bench_train.VARIANTS.items():
+        data = load_config(None, overrides).to_dict()
+        for override in overrides:
+            section, key = override.split("=")[0].split(".")
+            assert str(data[section][key]).lower() == override.split("=")[1].lower(), (name, override)
+    assert load_config(None, bench_train.VARIANTS["compile"]).train.compile is True
+
+
+def test_the_step_is_built_by_the_engine_phases(monkeypatch):
+    from engine import training
+
+    called = []
+    for phase in ("build_network", "new_run", "set_train_module", "set_optimizer"):
+        real = getattr(training, phase)
+        monkeypatch.setattr(training, phase, lambda *a, _real=real, _name=phase, **k: called.append(_name)
+                            or _real(*a, **k))
+    cfg = load_config(None, bench_train.SIZES["tiny"] + bench_train.NO_WEIGHTS)
+    run = bench_train.build_step(cfg, bench_train.torch.device("cpu"))
+    assert called == ["build_network", "new_run", "set_train_module", "set_optimizer"]
+    assert run.train_module is run.objective and run.optimizer is not None

@@ -1,5 +1,6 @@
-"""python -m models.export: the model folder round-trips through every loader with identical features; ONNX
-encoders match PyTorch; hubconf.py loads a retriever from another working directory."""
+"""python -m engine.export: the model folder round-trips through every loader with identical features, its files
+are checked against their sha256; ONNX encoders match PyTorch; hubconf.py loads a retriever from another working
+directory."""
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ def checkpoint(tmp_path_factory, synth_root) -> Path:
 
 @pytest.fixture(scope="module")
 def folder(checkpoint, tmp_path_factory) -> Path:
-    from models.export import main
+    from engine.export import main
 
     return main([str(checkpoint), str(tmp_path_factory.mktemp("export") / "ivt-tiny")])
 
@@ -145,7 +146,7 @@ def test_pretrained_tokenizer_travels_in_the_folder(synth_root, tmp_path):
     import shutil
 
     from datasets.tokenizer import build_tokenizer
-    from models.export import export_model_folder
+    from engine.export import export_model_folder
     from utils.config import load_config
 
     vocab_dir = bert_style_vocab(synth_root, tmp_path / "bert")
@@ -162,7 +163,7 @@ def test_pretrained_tokenizer_travels_in_the_folder(synth_root, tmp_path):
 
 
 def test_export_mistakes_are_one_line(checkpoint, tmp_path, monkeypatch):
-    from models.export import main
+    from engine.export import main
 
     def error(*argv: str) -> str:
         with pytest.raises(SystemExit) as info:
@@ -183,6 +184,85 @@ def test_export_mistakes_are_one_line(checkpoint, tmp_path, monkeypatch):
     assert "HF_HUB_OFFLINE" in message and (tmp_path / "up" / "model.safetensors").is_file()
 
 
+def flip_byte(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_the_weights_is_a_one_line_error(folder, checkpoint, tmp_path, caplog):
+    import hashlib
+    import shutil
+
+    import evaluate
+    from engine.checkpoints import load_for_inference
+    from utils.checkpoint import CheckpointError
+
+    meta = json.loads((folder / "config.json").read_text())
+    recorded = meta["files_sha256"]
+    assert {"model.safetensors", "vocab.txt", "tokenizer.json"} <= set(recorded)
+    assert recorded["model.safetensors"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    flip_byte(copy / "model.safetensors", 100)  # inside the last tensor's data: safetensors alone would load it
+    with pytest.raises(CheckpointError, match=r"copy/model.safetensors: sha256 \w+\.\.\. differs"):
+        load_for_inference(copy)
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--checkpoint", str(copy), "--device", "cpu"])
+    assert str(info.value.code).startswith("error: ") and "model.safetensors" in str(info.value.code)
+    assert "\n" not in str(info.value.code)
+
+    # the tokenizer files are read too, and checked the same way
+    vocab = Path(shutil.copytree(folder, tmp_path / "vocab"))
+    (vocab / "vocab.txt").write_text((folder / "vocab.txt").read_text().replace("\n", "\nextra\n", 1))
+    with pytest.raises(CheckpointError, match=r"vocab/vocab.txt: sha256"):
+        load_for_inference(vocab)
+
+    # a folder exported before the checksums were recorded loads as before, saying that it was not verified
+    old = Path(shutil.copytree(folder, tmp_path / "old"))
+    meta.pop("files_sha256")
+    meta["format_version"] = 1
+    (old / "config.json").write_text(json.dumps(meta))
+    with caplog.at_level("INFO"):
+        model, _, _, _ = load_for_inference(old)
+    assert "no checksum recorded for model.safetensors" in caplog.text
+    reference = torch.load(checkpoint, weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+
+
+def test_folder_files_have_plain_permissions_and_no_selection_metrics_line(checkpoint, tmp_path, caplog):
+    from engine.export import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pth").write_bytes(checkpoint.read_bytes())
+    # what training writes for its selection evaluations: no checkpoint named
+    (run / "metrics_val.json").write_text(json.dumps({"checkpoint": None, "split": "val", "t2i": {"R1": 1.0}}))
+    previous = os.umask(0o022)
+    try:
+        with caplog.at_level("INFO"):
+            out = main([str(run / "best.pth"), str(tmp_path / "plain")])
+    finally:
+        os.umask(previous)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert "None" not in caplog.text and "metrics_val" not in caplog.text
+    assert json.loads((out / "config.json").read_text())["metrics"] == {}
+
+
+@pytest.mark.parametrize("module", ["engine.export", "models.convert_official"])
+def test_module_help_answers_at_once(module):
+    import time
+
+    code = (f"import runpy, sys; sys.argv = [{module!r}, '--help']\n"
+            f"try:\n    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+    assert "usage: python -m" in result.stdout and elapsed < 2.0, elapsed
+
+
 def test_a_broken_folder_is_a_user_error(folder, tmp_path):
     import shutil
 
@@ -197,17 +277,27 @@ def test_a_broken_folder_is_a_user_error(folder, tmp_path):
         load_for_inference(tmp_path)
 
 
-def test_onnx_encoders_match_pytorch(checkpoint, synth_root, tmp_path):
+def test_onnx_encoders_match_pytorch(checkpoint, synth_root, tmp_path, capfd, caplog):
     for module in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(module, reason=f"{module} is not installed (pip install -r requirements-onnx.txt)")
     import numpy as np
     import onnxruntime
 
     from engine.evaluation import tokenize
-    from models.export import main
+    from engine.export import main
 
-    out = main([str(checkpoint), str(tmp_path / "with-onnx"), "--onnx"])
-    assert json.loads((out / "config.json").read_text())["files"]["text_encoder_onnx"] == "text_encoder.onnx"
+    capfd.readouterr()
+    with caplog.at_level("INFO"):  # the command's level: the exporter's passes log at INFO
+        out = main([str(checkpoint), str(tmp_path / "with-onnx"), "--onnx"])
+    console = capfd.readouterr()
+    # the exporter's chatter (~100 lines) is in the log file; the console has the command's own few lines
+    exporter_log = (out / "onnx_export.log").read_text()
+    assert len(exporter_log.splitlines()) > 20 and "initializer" in exporter_log
+    shown = (console.out + console.err).splitlines() + caplog.text.splitlines()
+    assert len(shown) <= 4 and "onnx_export.log" in caplog.text, shown
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["files"]["text_encoder_onnx"] == "text_encoder.onnx"
+    assert {"image_encoder.onnx", "text_encoder.onnx", "onnx_export.log"} <= set(meta["files_sha256"])
     assert "## ONNX" in (out / "README.md").read_text()
     retriever = Retriever.from_pretrained(out, device="cpu")
     model = retriever.model

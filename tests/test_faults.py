@@ -17,7 +17,7 @@ import torch
 
 import evaluate
 import train_cuhkpedes
-from engine.cli import EXIT_STOPPED, train_main
+from engine.cli import EXIT_STOPPED
 from tests.tiny import tiny_overrides
 from utils.checkpoint import DiskFullError, atomic_write, load_file
 from utils.logging_utils import read_metrics
@@ -29,10 +29,8 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def train(out: Path, data: Path, *extra: str, epochs: int = 1, steps: int = 2, **kwargs) -> dict:
+def train(out: Path, data: Path, *extra: str, epochs: int = 1, steps: int = 2) -> dict:
     argv = ["--output-dir", str(out), *tiny_overrides(data, epochs=epochs, steps=steps), *extra]
-    if kwargs:
-        return train_main(argv, description="t", default_config=train_cuhkpedes.DEFAULT_CONFIG, **kwargs)
     return train_cuhkpedes.main(argv)
 
 
@@ -88,7 +86,7 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_75(tmp_path):
     assert saved["step"] >= 3 and not temporaries(out)
 
 
-def test_nan_weights_are_never_saved_over_a_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_weights_are_never_saved_over_a_good_checkpoint(tmp_path, monkeypatch, stop_after_steps):
     from models.objectives import RetrievalObjective
 
     out, data = tmp_path / "run", tmp_path / "data"
@@ -100,8 +98,8 @@ def test_nan_weights_are_never_saved_over_a_good_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(RetrievalObjective, "forward", poisoned)
     with pytest.raises(SystemExit, match="^error: .*not finite.*last.pth keeps the last good state"):
-        # stop_after_steps plays the SIGTERM that arrives after the weights went NaN
-        train(out, data, "--resume", "auto", "train.log_every_steps=100", epochs=2, stop_after_steps=3)
+        stop_after_steps(3)  # the SIGTERM that arrives after the weights went NaN
+        train(out, data, "--resume", "auto", "train.log_every_steps=100", epochs=2)
     assert digest(out / "last.pth") == good
 
 
@@ -203,9 +201,10 @@ def test_a_new_run_never_overwrites_a_previous_one(tmp_path):
     assert summary["test"] is not None
 
 
-def test_metrics_jsonl_after_a_resume_holds_each_step_once(tmp_path):
+def test_metrics_jsonl_after_a_resume_holds_each_step_once(tmp_path, stop_after_steps):
     out, data = tmp_path / "run", tmp_path / "data"
-    train(out, data, epochs=2, steps=3, stop_after_steps=4)  # last.pth at step 4 ...
+    stop_after_steps(4)
+    train(out, data, epochs=2, steps=3)  # last.pth at step 4 ...
     resumed_from = load_file(out / "last.pth")["step"]
     with (out / "metrics.jsonl").open("a") as handle:  # ... and a record of a step after it, as after a kill -9
         handle.write(json.dumps({"kind": "train", "step": resumed_from + 1, "loss": 1.0}) + "\n")

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from datasets.batch_augment import AugmentSpec, augment_batch
 from datasets.build import build_train_loader
-from datasets.image_cache import ImageCache, build_image_cache, open_or_build_image_cache
+from datasets.image_cache import build_image_cache, open_or_build_image_cache
 from datasets.readers import load_annotations
 from datasets.synthetic import make_synthetic
 from datasets.tokenizer import build_tokenizer

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from models.losses import (
     cmpm_loss,
-    gather_no_grad,
     gather_with_grad,
     itc_loss,
     itm_loss,
@@ -319,8 +318,6 @@ def test_mlm_loss_zero_with_grad_when_nothing_masked():
 def test_gather_is_identity_without_process_group():
     x = torch.randn(4, 3, requires_grad=True)
     assert gather_with_grad(x) is x
-    y = gather_no_grad(x)
-    assert torch.equal(y, x) and not y.requires_grad
 
 
 def _gather_worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
@@ -331,7 +328,7 @@ def _gather_worker(rank: int, world: int, init_file: str, result_dir: str) -> No
         x = torch.full((2, 3), float(rank + 1), requires_grad=True)
         gathered = gather_with_grad(x)
         (gathered * torch.arange(1.0, 5.0)[:, None]).sum().backward()
-        torch.save({"gathered": gathered.detach(), "grad": x.grad, "no_grad": gather_no_grad(x)},
+        torch.save({"gathered": gathered.detach(), "grad": x.grad},
                    os.path.join(result_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -346,7 +343,6 @@ def test_gather_with_two_gloo_ranks():
     expected = torch.tensor([[1.0] * 3, [1.0] * 3, [2.0] * 3, [2.0] * 3])
     for r in range(2):
         assert torch.equal(out[r]["gathered"], expected)
-        assert torch.equal(out[r]["no_grad"], expected)
     # only the local slice carries gradient: rank 0 owns rows 0-1 (weights 1, 2), rank 1 rows 2-3 (3, 4)
     assert torch.equal(out[0]["grad"], torch.tensor([[1.0] * 3, [2.0] * 3]))
     assert torch.equal(out[1]["grad"], torch.tensor([[3.0] * 3, [4.0] * 3]))

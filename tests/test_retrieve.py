@@ -105,6 +105,33 @@ def test_index_from_another_checkpoint_is_refused(checkpoint, synth_root, galler
     assert torch.load(index_file, weights_only=True)["model_digest"] == gallery_index.model_digest == other.digest
 
 
+def test_a_flipped_byte_in_an_index_is_refused_or_rebuilt(checkpoint, gallery, tmp_path, caplog):
+    import retrieve
+
+    index_file = tmp_path / "g.index.pt"
+    retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
+    built = retriever.index(gallery, index_file=index_file)
+    raw = bytearray(index_file.read_bytes())
+    at = bytes(raw).find(built.features[0].numpy().tobytes())  # the first feature row, stored as is
+    assert at > 0
+    raw[at + 3] ^= 0x40  # an exponent bit of its first value: the score of that image would be off by far
+    index_file.write_bytes(bytes(raw))
+    assert torch.load(index_file, weights_only=True)["features"][0, 0].abs() > 1e30  # the file still loads as such
+    with pytest.raises(GalleryError, match="does not match its sha256"):
+        Retriever.from_checkpoint(checkpoint, device="cpu").load_index(index_file)
+    with pytest.raises(SystemExit) as info:
+        retrieve.main(["--checkpoint", str(checkpoint), "--gallery", str(index_file), "--query", QUERY,
+                       "--out", str(tmp_path / "s.png")])
+    assert str(info.value.code).startswith("error: ") and "g.index.pt" in str(info.value.code)
+    # given the folder as well, the index is rebuilt and the rebuilt file verifies
+    with caplog.at_level(logging.WARNING):
+        again = Retriever.from_checkpoint(checkpoint, device="cpu").index(gallery, index_file=index_file)
+    assert "re-encoding" in caplog.text
+    assert torch.equal(again.features, built.features)
+    assert torch.equal(Retriever.from_checkpoint(checkpoint, device="cpu").load_index(index_file).features,
+                       built.features)
+
+
 def test_bad_galleries_give_one_line_errors(checkpoint, gallery, tmp_path):
     import retrieve
 

@@ -21,11 +21,11 @@ from tests.search_fixtures import QUERY, copy_gallery, make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 # A small model (width 64, 2 layers, 0.2M parameters, 0.9 MB) trained on the synthetic dataset (60 identities,
-# seed 0; 64% R@1 on its train split, 45% on test) and exported with python -m models.export:
+# seed 0; 64% R@1 on its train split, 45% on test) and exported with python -m engine.export:
 #   OMP_NUM_THREADS=1 python train_cuhkpedes.py --config configs/demo.yaml --output-dir runs/search_model \
 #       data.root=data/synth60 data.synthetic_num_ids=60 model.embed_dim=64 model.depth=2 model.num_heads=2 \
 #       text.tokenizer_vocab_size=400 model.vocab_size=400 train.epochs=120 train.lr=0.002 train.eval_every_epochs=40
-#   python -m models.export runs/search_model/best.pth tests/fixtures/search_model
+#   python -m engine.export runs/search_model/best.pth tests/fixtures/search_model
 TRAINED = REPO / "tests" / "fixtures" / "search_model"
 SYNTH_IDS, SYNTH_SEED = 60, 0
 
@@ -162,22 +162,28 @@ def trained_gallery(synth_root, tmp_path_factory) -> tuple[Path, dict[str, int],
     return folder, pids, train
 
 
-def test_the_page_in_a_browser(browser, trained_gallery, tmp_path):
+def test_the_page_in_a_browser(browser, trained_gallery, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     import serve
 
-    folder, pids, train = trained_gallery
-    app, url = serve.main(["--checkpoint", str(TRAINED), "--gallery", str(folder), "--port", str(_free_port()),
+    source, pids, train = trained_gallery
+    # run from a folder of its own with relative paths, as a user would: the page (and the screenshot) shows them
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(TRAINED, "search_model")
+    folder = Path(shutil.copytree(source, "my_photos"))
+    app, url = serve.main(["--checkpoint", "search_model", "--gallery", "my_photos", "--port", str(_free_port()),
                            "--device", "cpu", "--top-k", "8"], block=False)
     try:
         assert url.startswith("http://127.0.0.1:")
         wait = WebDriverWait(browser, 60)
         browser.get(url)
         box = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#query textarea")))
-        assert "checkpoint" in browser.find_element(By.CSS_SELECTOR, "#provenance").text
+        provenance = browser.find_element(By.CSS_SELECTOR, "#provenance").text
+        assert {"search_model", "my_photos"} <= set(provenance.split()), provenance
+        assert str(tmp_path) not in browser.find_element(By.TAG_NAME, "body").text  # no machine paths shown
 
         def results() -> list[str]:
             return [e.get_attribute("alt") or "" for e in browser.find_elements(By.CSS_SELECTOR, "#results img")]
@@ -226,7 +232,7 @@ def test_the_page_in_a_browser(browser, trained_gallery, tmp_path):
         assert "holiday.jpg: not a readable image" in message() and "/tmp" not in message()
 
         # a photo: image-to-image, the photo itself first
-        photo = folder / shown[1]
+        photo = folder.resolve() / shown[1]  # the browser needs an absolute path to upload
         browser.find_element(By.CSS_SELECTOR, "#upload button[aria-label=Clear]").click()
         upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#upload input[type=file]")))
         upload.send_keys(str(photo))

@@ -8,12 +8,11 @@ import math
 import torch
 
 import train_cuhkpedes
-from engine.cli import train_main
 from tests.tiny import tiny_overrides
 from utils.checkpoint import load_file
 
 
-def test_stop_and_resume_with_the_throughput_switches_equals_uninterrupted(tmp_path):
+def test_stop_and_resume_with_the_throughput_switches_equals_uninterrupted(tmp_path, stop_after_steps):
     overrides = tiny_overrides(tmp_path / "data", epochs=2, steps=2) + [
         "data.augment_on=device", f"data.image_cache={tmp_path / 'cache'}", "train.optimizer=sgd",
         "train.optimizer_impl=foreach", "model.text_pad_multiple=8", "loss.itm_negative_check=device"]
@@ -21,8 +20,8 @@ def test_stop_and_resume_with_the_throughput_switches_equals_uninterrupted(tmp_p
     train_cuhkpedes.main(["--output-dir", str(full)] + overrides)
     assert (tmp_path / "cache" / "index.json").is_file()
     parted = tmp_path / "parted"
-    summary = train_main(["--output-dir", str(parted)] + overrides, description="t",
-                         default_config=train_cuhkpedes.DEFAULT_CONFIG, stop_after_steps=3)
+    stop_after_steps(3)
+    summary = train_cuhkpedes.main(["--output-dir", str(parted)] + overrides)
     assert summary["stopped"]
     train_cuhkpedes.main(["--output-dir", str(parted), "--resume", "auto"] + overrides)
     a, b = load_file(full / "last.pth"), load_file(parted / "last.pth")

@@ -113,17 +113,15 @@ def test_pretrain_then_rerank_fine_tune(tmp_path):
     assert again["t2i_rerank"]["R1"] == pytest.approx(summary["test"]["t2i_rerank"]["R1"], abs=1e-6)
 
 
-def test_stop_and_resume_equals_uninterrupted(tmp_path):
+def test_stop_and_resume_equals_uninterrupted(tmp_path, stop_after_steps):
     data = tmp_path / "data"
     overrides = tiny_overrides(data, epochs=2, steps=3)
     full = tmp_path / "full"
     train_cuhkpedes.main(["--output-dir", str(full)] + overrides)
 
     parted = tmp_path / "parted"
-    from engine.cli import train_main
-
-    summary = train_main(["--output-dir", str(parted)] + overrides, description="t",
-                         default_config=train_cuhkpedes.DEFAULT_CONFIG, stop_after_steps=4)
+    stop_after_steps(4)
+    summary = train_cuhkpedes.main(["--output-dir", str(parted)] + overrides)
     assert summary["stopped"]
     stopped = load_file(parted / "last.pth")
     assert (stopped["epoch"], stopped["step_in_epoch"], stopped["step"]) == (1, 1, 4)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from models.convert_official import convert_official, is_official_checkpoint, load_official_into, main
+from models.convert_official import main
+from models.official import convert_official, is_official_checkpoint, load_official_into
 from models.config import IVTConfig
 from models.ivt import IVT
 from models.weights import adapt_grid_embeddings, load_bert_weights, load_vit_weights

@@ -35,7 +35,7 @@ class DiskFullError(UserError, OSError):
     """A write ran out of space; the previous file at that path is intact."""
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """Permissions a plain ``open()`` would give under the current umask (mkstemp alone makes files 0600)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -77,7 +77,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], expected_b
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException as exc:

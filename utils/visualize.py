@@ -75,38 +75,6 @@ def _thumbnail(path: str | Path) -> Image.Image:
     return canvas
 
 
-def _render(header: list[str], paths: Sequence[str], captions: Sequence[str],
-            colours: Sequence[tuple[int, int, int]], out_path: str | Path, columns: int) -> Path:
-    """Header lines on top, then the thumbnails in rows of ``columns`` with a caption line under each."""
-    font = _font()
-    line_h = _line_height(font)
-    cell_w = THUMB_SIZE[0] + 2 * FRAME
-    cell_h = THUMB_SIZE[1] + 2 * FRAME + line_h
-    columns = max(1, min(columns, len(paths))) if paths else 1
-    rows = (len(paths) + columns - 1) // columns
-    width = max(GAP + columns * (cell_w + GAP), 360)
-    wrapped = [line for text in header for line in _wrap(text, font, width - 2 * GAP)]
-    header_h = GAP + len(wrapped) * line_h + GAP
-    height = header_h + rows * (cell_h + GAP)
-
-    sheet = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
-    for i, line in enumerate(wrapped):
-        draw.text((GAP, GAP + i * line_h), line, fill=TEXT_COLOUR, font=font)
-    for i, (path, caption, colour) in enumerate(zip(paths, captions, colours)):
-        x = GAP + (i % columns) * (cell_w + GAP)
-        y = header_h + (i // columns) * (cell_h + GAP)
-        draw.rectangle([x, y, x + cell_w - 1, y + THUMB_SIZE[1] + 2 * FRAME - 1], fill=colour)
-        sheet.paste(_thumbnail(path), (x + FRAME, y + FRAME))
-        text_x = x + max((cell_w - _text_width(font, caption)) / 2, 0)
-        draw.text((text_x, y + THUMB_SIZE[1] + 2 * FRAME + 2), caption, fill=TEXT_COLOUR, font=font)
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_path)
-    return out_path
-
-
 def _elide(text: str, font: ImageFont.ImageFont, width_px: int) -> str:
     """``text`` cut in the middle with '...' until it fits ``width_px`` (file names keep both ends)."""
     if _text_width(font, text) <= width_px:
@@ -262,7 +230,7 @@ def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: s
 
 def _render_captioned(header: list[str], paths: Sequence[str], captions: Sequence[Sequence[str]],
                       out_path: str | Path, columns: int) -> Path:
-    """Like ``_render`` with neutral frames, but each thumbnail has several caption lines (centred)."""
+    """Header lines on top, then the thumbnails in rows of ``columns``, each with several caption lines (centred)."""
     font = _font(FONT_SIZE - 2)
     title_font = _font()
     line_h = _line_height(font)

@@ -9,8 +9,10 @@ from pathlib import Path
 import datasets.synthetic as package
 from datasets.synthetic.identities import FORMATS, STYLES
 from datasets.synthetic.writer import make_synthetic
+from utils.errors import user_errors_as_one_line
 
 
+@user_errors_as_one_line()
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=package.__doc__.split("\n\n")[0])
     parser.add_argument("--format", required=True, choices=FORMATS)

@@ -1,139 +1,45 @@
 """Export a checkpoint as a model folder in the Hugging Face hub layout, optionally with ONNX encoders.
 
-    python -m models.export runs/cuhkpedes/best.pth exported/ivt-cuhkpedes [--onnx] [--push-to-hub USER/NAME]
+    python -m engine.export runs/cuhkpedes/best.pth exported/ivt-cuhkpedes [--onnx] [--push-to-hub USER/NAME]
 
 The folder holds ``model.safetensors`` (the weights only), ``config.json`` (the architecture, the resolved
-recipe, the evaluation metrics found next to the checkpoint, the training state and the library versions), the
-tokenizer files (``tokenizer.json``, ``vocab.txt``, ...) and a ``README.md`` model card. Every tool that takes a
-checkpoint takes the folder too (evaluate.py, retrieve.py, serve.py, ``--init-from``, ``Retriever.from_pretrained``)
-and computes the same features, bit for bit. With ``--onnx``, ``image_encoder.onnx`` and ``text_encoder.onnx``
-map images [B, 3, H, W] and token ids / attention mask [B, T] (any B and T) to the global features [B, D]
-(before L2 normalisation).
+recipe, the evaluation metrics found next to the checkpoint, the training state, the library versions and the
+sha256 of every other file), the tokenizer files (``tokenizer.json``, ``vocab.txt``, ...) and a ``README.md`` model
+card. Every tool that takes a checkpoint takes the folder too (evaluate.py, retrieve.py, serve.py,
+``--init-from``, ``Retriever.from_pretrained``), verifies the weights' checksum and computes the same features,
+bit for bit. With ``--onnx``, ``image_encoder.onnx`` and ``text_encoder.onnx`` map images [B, 3, H, W] and token
+ids / attention mask [B, T] (any B and T) to the global features [B, D] (before L2 normalisation); the
+exporter's output goes to ``onnx_export.log``. Files are written with the permissions of a plain ``open()``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import io
 import json
 import logging
 import math
 import os
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+from engine.model_folder import (CONFIG_FILE, FOLDER_FORMAT, FOLDER_VERSION, WEIGHTS_FILE, ExportError,
+                                 is_model_folder, sha256_of)
+from utils.errors import user_errors_as_one_line
 
-from datasets.tokenizer import build_tokenizer, save_tokenizer, tokenizer_from_vocab
-from models.config import IVTConfig
-from models.ivt import build_model
-from utils.checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointError, atomic_write, load_file
-from utils.config import config_from_dict
-from utils.errors import UserError, user_errors_as_one_line
+# Heavy imports (torch, the model, the tokenizer) happen inside the functions, so that --help answers at once.
 
 logger = logging.getLogger(__name__)
 
-FOLDER_FORMAT = "ivt-model-folder"
-FOLDER_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-IMAGE_ONNX = "image_encoder.onnx"
-TEXT_ONNX = "text_encoder.onnx"
-ONNX_OPSET = 18
 METRIC_SPLITS = ("test", "val")
 METRIC_KEYS = ("split", "t2i", "t2i_rerank", "rerank_top_k", "i2t", "chance_R1", "counts")
-
-
-class ExportError(UserError, ValueError):
-    """A checkpoint that cannot be exported, a folder that cannot be written or an upload that failed."""
-
-
-# --------------------------------------------------------------------------------------------- reading
-def is_model_folder(path: str | os.PathLike[str]) -> bool:
-    """True for a folder written by :func:`export_model_folder` (it has config.json and model.safetensors)."""
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
-def read_folder_config(path: str | os.PathLike[str]) -> dict:
-    """The parsed config.json of a model folder; CheckpointError naming what is missing otherwise."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"model folder not found: {path}")
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: not a model folder (missing {', '.join(missing)}); "
-                              "make one with python -m models.export CHECKPOINT FOLDER")
-    try:
-        meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / CONFIG_FILE}: cannot be read as JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FOLDER_FORMAT:
-        raise CheckpointError(f"{path / CONFIG_FILE}: not an IVT model folder (expected format={FOLDER_FORMAT!r})")
-    if int(meta.get("format_version", 0)) > FOLDER_VERSION:
-        raise CheckpointError(f"{path}: folder format version {meta['format_version']} is newer than this code "
-                              f"reads ({FOLDER_VERSION}); update the code")
-    return meta
-
-
-def folder_as_checkpoint(path: str | os.PathLike[str]) -> dict:
-    """A model folder as the dict one of our checkpoints holds (format, model, config, tokenizer, epoch, step).
-
-    The tokenizer comes from the folder: a learnt vocabulary as its token list (``vocab.txt``), a named one
-    (bert-base-uncased, ...) by pointing ``text.tokenizer`` at the folder, so nothing is fetched from a hub.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file as load_safetensors
-
-    path = Path(path).resolve()
-    meta = read_folder_config(path)
-    try:
-        state = load_safetensors(str(path / WEIGHTS_FILE))
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"{path / WEIGHTS_FILE}: cannot be read ({exc})") from None
-    config = json.loads(json.dumps(meta["config"]))  # a private copy
-    tokenizer_meta = meta.get("tokenizer", {})
-    if tokenizer_meta.get("kind") == "learnt":
-        vocab_file = path / "vocab.txt"
-        if not vocab_file.is_file():
-            raise CheckpointError(f"{path}: the model uses a learnt vocabulary but vocab.txt is missing")
-        record = {"vocab": vocab_file.read_text(encoding="utf-8").split("\n")[:-1],
-                  "lowercase": bool(tokenizer_meta.get("lowercase", True))}
-    else:
-        record = {"name": str(path)}
-        config["text"]["tokenizer"] = str(path)
-    training = meta.get("training", {})
-    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": state, "config": config,
-            "tokenizer": record, "epoch": training.get("epoch"), "step": training.get("step"),
-            "model_folder": str(path)}
-
-
-# --------------------------------------------------------------------------------------------- writing
-def _tokenizer_of(obj: dict, cfg: Any):
-    record = obj.get("tokenizer") or {}
-    if "vocab" in record:
-        return tokenizer_from_vocab(list(record["vocab"]), bool(record.get("lowercase", True)))
-    if cfg.text.tokenizer == "train":
-        raise ExportError("the config says text.tokenizer=train but the checkpoint holds no vocabulary")
-    return build_tokenizer(cfg.text)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def find_metrics(checkpoint: Path, files: Sequence[str | os.PathLike[str]] = ()) -> dict[str, dict]:
     """Evaluation results of this checkpoint: the given metrics_<split>.json files, else those beside it.
 
     A file found beside the checkpoint is taken only when it names this checkpoint (by file name), so the
-    metrics of best.pth never travel with last.pth, nor those of the last selection evaluation with best.pth.
+    metrics of best.pth never travel with last.pth, nor those of the selection evaluations during training
+    (which name no checkpoint) with best.pth.
     """
     explicit = bool(files)
     candidates = [Path(f) for f in files] or [checkpoint.parent / f"metrics_{s}.json" for s in METRIC_SPLITS]
@@ -147,10 +53,14 @@ def find_metrics(checkpoint: Path, files: Sequence[str | os.PathLike[str]] = ())
             data = json.loads(file.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise ExportError(f"{file}: not a metrics JSON file ({exc})") from None
-        named = data.get("checkpoint")
+        named = data.get("checkpoint") if isinstance(data, dict) else None
         if not explicit and (not named or Path(named).name != checkpoint.name):
-            logger.info("%s is for %s, not %s: not taken into the model card", file, named, checkpoint.name)
+            logger.debug("%s: %s, not taken into the model card of %s", file,
+                         f"the metrics of {Path(named).name}" if named else "a selection evaluation during training",
+                         checkpoint.name)
             continue
+        if not isinstance(data, dict):
+            raise ExportError(f"{file}: not a metrics JSON file (expected an object)")
         split = data.get("split") or file.stem.removeprefix("metrics_")
         found[split] = {k: data[k] for k in METRIC_KEYS if k in data}
     return found
@@ -165,29 +75,31 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str], onnx: bool = False,
-                        metrics_files: Sequence[str | os.PathLike[str]] = (), overwrite: bool = False) -> Path:
-    """Write the model folder of one of our checkpoints (see the module docstring); returns the folder."""
-    from safetensors.torch import save_file
+def load_exportable(checkpoint: Path):
+    """(checkpoint dict, config, tokenizer, model) of one of our checkpoints, the weights proven to fit the config."""
+    from engine.checkpoints import tokenizer_from_record
+    from models.ivt import build_model
+    from utils.checkpoint import FORMAT_NAME, load_file
+    from utils.config import config_from_dict
 
-    from utils.environment import environment_record
-
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     obj = load_file(checkpoint)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT_NAME):
         raise ExportError(f"{checkpoint}: not one of our checkpoints; an authors' checkpoint is converted first "
                           "(python -m models.convert_official SRC DST.pth)")
     cfg = config_from_dict(obj["config"], source=str(checkpoint))
-    tokenizer = _tokenizer_of(obj, cfg)
+    tokenizer = tokenizer_from_record(obj.get("tokenizer"), cfg.text)
     model = build_model(cfg)
     model.load_state_dict(obj["model"])  # proves the weights fit the config before anything is written
-    _prepare_out_dir(out_dir, overwrite)
+    return obj, cfg, tokenizer, model
 
-    state = {k: v.detach().clone().contiguous() for k, v in obj["model"].items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    save_tokenizer(tokenizer, out_dir)
+
+def folder_record(obj: dict, cfg: Any, tokenizer, checkpoint: Path, metrics: dict) -> dict:
+    """config.json of a model folder, before its files and their checksums are added."""
+    from models.config import IVTConfig
+    from utils.environment import environment_record
+
     learnt = "vocab" in (obj.get("tokenizer") or {})
-    meta = {
+    return {
         "format": FOLDER_FORMAT, "format_version": FOLDER_VERSION, "model_type": "ivt",
         "architecture": asdict(IVTConfig.from_config(cfg)),
         "feature_dim": int(cfg.model.embed_dim), "similarity": "cosine",
@@ -198,14 +110,41 @@ def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
                       "max_text_len": int(cfg.text.max_text_len)},
         "config": cfg.to_dict(),
         "training": {k: obj.get(k) for k in ("epoch", "step", "best_metric", "best_epoch", "world_size")},
-        "metrics": find_metrics(checkpoint, metrics_files),
-        "source_checkpoint": {"file": checkpoint.name, "sha256": _sha256(checkpoint)},
+        "metrics": metrics,
+        "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
         "training_environment": obj.get("environment"),
         "export_environment": environment_record("cpu"),
         "files": {"weights": WEIGHTS_FILE},
     }
+
+
+def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str], onnx: bool = False,
+                        metrics_files: Sequence[str | os.PathLike[str]] = (), overwrite: bool = False) -> Path:
+    """Write the model folder of one of our checkpoints (see the module docstring); returns the folder."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from datasets.tokenizer import save_tokenizer
+    from utils.checkpoint import atomic_write, file_mode
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    obj, cfg, tokenizer, model = load_exportable(checkpoint)
+    metrics = find_metrics(checkpoint, metrics_files)
+    _prepare_out_dir(out_dir, overwrite)
+
+    state = {k: v.detach().clone().contiguous() for k, v in obj["model"].items()}
+    weights = safetensors_bytes(state, metadata={"format": "pt"})
+    atomic_write(out_dir / WEIGHTS_FILE, lambda handle: handle.write(weights))
+    save_tokenizer(tokenizer, out_dir)
+    meta = folder_record(obj, cfg, tokenizer, checkpoint, metrics)
     if onnx:
+        from engine.onnx_export import export_onnx
+
         meta["files"].update(export_onnx(model, cfg, out_dir))
+    for path in out_dir.iterdir():  # the tokenizer's and the exporter's files as a plain open() would make them
+        if path.is_file():
+            os.chmod(path, file_mode())
+    listed = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name not in (CONFIG_FILE, "README.md"))
+    meta["files_sha256"] = {name: sha256_of(out_dir / name) for name in listed}
     _write_text(out_dir / CONFIG_FILE, json.dumps(_finite(meta), indent=2) + "\n")
     _write_text(out_dir / "README.md", model_card(meta, out_dir.name))
     logger.info("wrote the model folder %s (%s)", out_dir, ", ".join(sorted(p.name for p in out_dir.iterdir())))
@@ -224,60 +163,9 @@ def _finite(value: Any) -> Any:
 
 
 def _write_text(path: Path, text: str) -> None:
+    from utils.checkpoint import atomic_write
+
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-
-
-# ------------------------------------------------------------------------------------------------ ONNX
-class _ImageFeatures(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images, bmm=False)[1]
-
-
-class _TextFeatures(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, attention_mask, bmm=False)[1]
-
-
-def export_onnx(model: torch.nn.Module, cfg: Any, out_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """Write image_encoder.onnx and text_encoder.onnx (fp32, dynamic batch and text length) into ``out_dir``."""
-    try:
-        import onnx  # noqa: F401  (the exporter needs onnx and onnxscript)
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
-        raise ExportError(f"--onnx needs the onnx packages ({exc.name} is missing): "
-                          "pip install -r requirements-onnx.txt") from None
-    from torch.export import Dim
-
-    out_dir = Path(out_dir)
-    model = model.float().eval()
-    height, width = (int(s) for s in cfg.input.image_size)
-    images = torch.zeros(2, 3, height, width)
-    length = min(8, int(cfg.model.max_text_positions))
-    ids = torch.full((2, length), 5, dtype=torch.long)
-    mask = torch.ones(2, length, dtype=torch.long)
-    batch, text_len = Dim("batch"), Dim("length", max=int(cfg.model.max_text_positions))
-    chatter = io.StringIO()  # the exporter prints its progress; keep the command's output to what it wrote
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
-        warnings.filterwarnings("ignore", message=".*axis name.*")
-        torch.onnx.export(_ImageFeatures(model).eval(), (images,), str(out_dir / IMAGE_ONNX),
-                          input_names=["images"], output_names=["features"], opset_version=ONNX_OPSET,
-                          dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False, verbose=False)
-        torch.onnx.export(_TextFeatures(model).eval(), (ids, mask), str(out_dir / TEXT_ONNX),
-                          input_names=["input_ids", "attention_mask"], output_names=["features"],
-                          opset_version=ONNX_OPSET, dynamic_shapes={"input_ids": {0: batch, 1: text_len},
-                                                                    "attention_mask": {0: batch, 1: text_len}},
-                          dynamo=True, external_data=False, verbose=False)
-    logger.debug("%s", chatter.getvalue())
-    logger.info("wrote %s and %s", out_dir / IMAGE_ONNX, out_dir / TEXT_ONNX)
-    return {"image_encoder_onnx": IMAGE_ONNX, "text_encoder_onnx": TEXT_ONNX}
 
 
 # ------------------------------------------------------------------------------------------ model card
@@ -381,12 +269,12 @@ their terms); check them before any other use.
 def _onnx_section(meta: dict) -> str:
     if "image_encoder_onnx" not in meta["files"]:
         return ""
-    size = meta["image_size"]
+    size, files = meta["image_size"], meta["files"]
     return f"""
 ## ONNX
 
-`{IMAGE_ONNX}`: `images` float32 [B, 3, {size[0]}, {size[1]}] (RGB, bilinear resize, (x/255 - {meta['pixel_mean']})
-/ {meta['pixel_std']}) -> `features` [B, {meta['feature_dim']}]. `{TEXT_ONNX}`: `input_ids`, `attention_mask` int64
+`{files['image_encoder_onnx']}`: `images` float32 [B, 3, {size[0]}, {size[1]}] (RGB, bilinear resize, (x/255 - {meta['pixel_mean']})
+/ {meta['pixel_std']}) -> `features` [B, {meta['feature_dim']}]. `{files['text_encoder_onnx']}`: `input_ids`, `attention_mask` int64
 [B, T] from the tokenizer in this folder -> `features` [B, {meta['feature_dim']}]. L2-normalise both before
 taking dot products.
 """
@@ -416,7 +304,7 @@ def push_to_hub(folder: str | os.PathLike[str], repo_id: str, private: bool = Fa
 
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="our .pth checkpoint (best.pth, last.pth)")
     parser.add_argument("out_dir", help="the model folder to write (created; an existing model folder is updated)")
     parser.add_argument("--onnx", action="store_true", help="also write image_encoder.onnx and text_encoder.onnx")
@@ -427,14 +315,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@user_errors_as_one_line()
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with user_errors_as_one_line():
-        folder = export_model_folder(args.checkpoint, args.out_dir, onnx=args.onnx, metrics_files=args.metrics)
-        print(f"model folder: {folder}")
-        if args.push_to_hub:
-            print(f"uploaded: {push_to_hub(folder, args.push_to_hub, args.private)}")
+    folder = export_model_folder(args.checkpoint, args.out_dir, onnx=args.onnx, metrics_files=args.metrics)
+    print(f"model folder: {folder}")
+    if args.push_to_hub:
+        print(f"uploaded: {push_to_hub(folder, args.push_to_hub, args.private)}")
     return folder
 
 
