@@ -25,6 +25,7 @@ from tqdm import tqdm
 from datasets.batch_augment import augment_batch
 from datasets.build import build_train_loader, set_train_epoch
 from datasets.records import SplitError
+from datasets.workers import closing_workers
 from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
                                 read_resume, save_checkpoint)
 from engine.data import build_run_tokenizer, load_data, save_run_tokenizer
@@ -293,6 +294,15 @@ def train_one_epoch(run: Run, stop: StopRequest, stop_after_steps: int | None, w
     # (each item is a function of seed, epoch, index), so keep the global stream untouched for resume.
     with torch.random.fork_rng(devices=[]):
         batches = iter(run.loader)
+    with closing_workers(batches) as batches:  # workers stop with the epoch, whatever ends it
+        return run_steps(run, batches, steps, stop, stop_after_steps, watchdog)
+
+
+def run_steps(run: Run, batches: Iterator[dict], steps: int, stop: StopRequest, stop_after_steps: int | None,
+              watchdog: StallWatchdog) -> bool:
+    """The optimizer steps of the epoch until ``steps``, reading ``batches``; True when stopped inside it."""
+    cfg, state = run.cfg, run.state
+    epoch = state.epoch
     window = LogWindow(run)
     stop_check_every = 1 if run.world_size == 1 else 10
     with tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {epoch}", disable=not (du.is_main_process() and interactive()),

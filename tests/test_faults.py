@@ -274,3 +274,83 @@ def test_a_finished_run_exits_0_with_a_complete_log_and_shareable_files(tmp_path
     assert environment["torch"] == torch.__version__ and environment["world_size"] == 1
     for name in ("last.pth", "best.pth", "metrics_test.json", "config.yaml"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name  # readable by colleagues under umask 022
+
+
+# ------------------------------------------------------------------------------- worker failures (issue 20)
+def corrupt_scan_data(path: str) -> None:
+    """Garbage in the middle of a JPEG's entropy-coded data: header, verify() and end marker still pass."""
+    raw = Path(path).read_bytes()
+    Path(path).write_bytes(raw[:800] + bytes(range(256)) * 3 + raw[800 + 768:])
+
+
+def run_to_the_end(args: list[str], timeout: float = 150.0) -> tuple[int, str, int]:
+    """(exit status, output, process group id) of a script run in its own process group; fails on a hang."""
+    proc = spawn(args, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{args[0]} hung: no exit within {timeout} s")
+    return proc.returncode, output, proc.pid
+
+
+def group_is_gone(pgid: int, seconds: float = 10.0) -> bool:
+    """Whether every process of the group (the DataLoader workers too) has exited within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_broken_image_in_a_worker_ends_training_and_evaluation_with_one_line(tmp_path):
+    from datasets.readers import load_annotations
+
+    data, first = tmp_path / "data", tmp_path / "first"
+    train(first, data, epochs=1, steps=1)
+    splits = load_annotations("cuhkpedes", data)
+    corrupt_scan_data(splits.val[0].image_path)
+    Path(splits.test[0].image_path).write_bytes(b"a text file saved as .jpg\n")
+    out = tmp_path / "run"
+    # Past a start-up check that only looks for files, both bad images reach the evaluation's workers.
+    status, output, pgid = run_to_the_end(["train_cuhkpedes.py", "--output-dir", str(out),
+                                           *tiny_overrides(data, epochs=1, steps=2), "data.num_workers=2",
+                                           "data.check_images=exists"])
+    assert status == 1 and group_is_gone(pgid), output[-3000:]
+    assert "Traceback" not in output and output.splitlines()[-1].startswith("error: evaluation image")
+    assert Path(splits.val[0].image_path).name in output.splitlines()[-1]
+    status, output, pgid = run_to_the_end(["evaluate.py", "--checkpoint", str(first / "best.pth"),
+                                           "data.num_workers=2"])
+    assert status == 1 and group_is_gone(pgid), output[-3000:]
+    assert "Traceback" not in output and Path(splits.test[0].image_path).name in output.splitlines()[-1]
+
+
+def test_a_worker_user_error_prints_its_own_message_as_one_line(tmp_path):
+    from datasets.readers import load_annotations
+
+    data = tmp_path / "data"
+    train(tmp_path / "first", data, epochs=1, steps=1)
+    for record in load_annotations("cuhkpedes", data).train[:2]:
+        Path(record.image_path).write_bytes(b"not an image")
+    status, output, pgid = run_to_the_end(["train_cuhkpedes.py", "--output-dir", str(tmp_path / "run"),
+                                           *tiny_overrides(data, epochs=1, steps=2), "data.num_workers=2",
+                                           "data.check_images=exists", "data.max_bad_images=0"])
+    assert status == 1 and group_is_gone(pgid), output[-3000:]
+    last = output.splitlines()[-1]
+    assert last.startswith("error: 1 training images could not be loaded") and "Original Traceback" not in last
+
+
+def test_the_default_check_decodes_the_evaluated_images(tmp_path):
+    from datasets.readers import load_annotations
+
+    data = tmp_path / "data"
+    train(tmp_path / "first", data, epochs=1, steps=1)
+    bad = load_annotations("cuhkpedes", data).val[0].image_path
+    corrupt_scan_data(bad)
+    with pytest.raises(SystemExit, match=f"cannot be decoded.*{Path(bad).name}"):
+        train(tmp_path / "run", data, epochs=1)
+    assert not (tmp_path / "run").exists()  # refused before the run took the folder, not at the first evaluation
