@@ -38,7 +38,7 @@ from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporari
 from utils.config import Config, ConfigError, save_config
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
-from utils.optim import build_optimizer, build_scheduler, set_schedule
+from utils.optim import build_optimizer, build_scheduler, renew_hyperparameters, schedule_changes, set_schedule
 
 logger = logging.getLogger("engine")
 
@@ -192,7 +192,15 @@ def restore_training(run: Run, obj: dict, path: Path | None) -> None:
         logger.warning("resuming a run of world size %d with %d processes: data order and RNG streams differ "
                        "from an uninterrupted run", obj["world_size"], world_size)
     run.optimizer.load_state_dict(obj["optimizer"])
-    run.scheduler.load_state_dict(obj["scheduler"])
+    changes = schedule_changes(obj["config"]["train"], run.cfg.train)
+    if changes:
+        # The schedule is a function of the config and the step: keep the one built from the new values.
+        renew_hyperparameters(run.optimizer, run.model, run.cfg.train)
+        logger.warning("resuming with %s: the schedule and the optimizer follow the new values from global step %d",
+                       ", ".join(f"train.{k} {old} -> {new}" for k, (old, new) in changes.items()),
+                       obj["step"])
+    else:
+        run.scheduler.load_state_dict(obj["scheduler"])
     if run.scaler is not None and obj.get("scaler"):
         run.scaler.load_state_dict(obj["scaler"])
     run.state = carry_best_over(TrainState.from_checkpoint(obj), path, run.output_dir)

@@ -354,3 +354,31 @@ def test_the_default_check_decodes_the_evaluated_images(tmp_path):
     with pytest.raises(SystemExit, match=f"cannot be decoded.*{Path(bad).name}"):
         train(tmp_path / "run", data, epochs=1)
     assert not (tmp_path / "run").exists()  # refused before the run took the folder, not at the first evaluation
+
+
+# ----------------------------------------------------------------------------------- resume (issue 20)
+def scheduled_lr(config_path: Path, epoch: int) -> float:
+    """The lr a fresh run of the config at ``config_path`` uses in ``epoch`` (schedule_unit epoch)."""
+    from utils.config import load_config
+    from utils.optim import build_optimizer, build_scheduler, set_schedule
+
+    cfg = load_config(str(config_path))
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg.train)
+    set_schedule(build_scheduler(optimizer, cfg.train, 2), cfg.train, epoch, epoch * 2)
+    return optimizer.param_groups[0]["lr"]
+
+
+def test_schedule_overrides_on_resume_apply_from_the_resumed_step(tmp_path, caplog):
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1, steps=2)  # a finished 1-epoch run: its schedule ended at min_lr
+    with caplog.at_level("WARNING"):
+        train(out, data, "--resume", "auto", "train.lr=0.01", epochs=3, steps=2)
+    assert "train.lr 0.001 -> 0.01" in caplog.text and "train.epochs 1 -> 3" in caplog.text
+    assert "from global step 2" in caplog.text
+    lrs = {r["epoch"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+    assert lrs[0] == pytest.approx(1e-5)  # epoch 0 ran under the old schedule's warmup start
+    for epoch in (1, 2):  # config.yaml holds what ran, and the lr is that config's
+        assert lrs[epoch] == pytest.approx(scheduled_lr(out / "config.yaml", epoch), rel=1e-6)
+    assert lrs[1] > 1e-3  # above the old peak, not at the old schedule's floor (1e-5)
+    with pytest.raises(SystemExit, match="^error: train.optimizer is 'sgd' but the resumed run trained with 'adamw'"):
+        train(out, data, "--resume", "auto", "train.optimizer=sgd", epochs=4, steps=2)
