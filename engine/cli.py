@@ -35,14 +35,29 @@ def exit_status(summary: dict) -> int:
     return EXIT_STOPPED if summary.get("stopped") else 0
 
 
-def refuse_previous_run(output_dir: Path) -> None:
-    """A new run must not overwrite another run's checkpoints unless asked to."""
+def refuse_previous_run(output_dir: Path, resuming: Path | None = None) -> None:
+    """A new run, or a run resumed from another folder's checkpoint, must not overwrite the checkpoints of the run
+    in ``output_dir`` unless asked to; the message says how to continue what is there."""
+    from engine.checkpoints import selection_record
     from utils.checkpoint import CheckpointError
 
     found = [name for name in ("last.pth", "best.pth") if (output_dir / name).is_file()]
-    if found:
-        raise CheckpointError(f"{output_dir} holds a previous run's {' and '.join(found)}; continue it with "
-                              "--resume auto, choose another --output-dir, or pass --overwrite to start over")
+    if not found:
+        return
+    if resuming is not None:
+        raise CheckpointError(f"{output_dir} holds another run's {' and '.join(found)}; resuming {resuming} there "
+                              "would replace them: choose another --output-dir, or pass --overwrite to replace them")
+    if found == ["best.pth"]:
+        try:
+            saved = f" (saved after epoch {selection_record(output_dir / 'best.pth')['best_epoch']})"
+        except Exception:  # an unreadable best.pth: the advice stands, the resume will name the damage
+            saved = ""
+        raise CheckpointError(f"{output_dir} holds a previous run's best.pth but no last.pth (the run stopped inside "
+                              "its first save of last.pth, or last.pth was deleted); best.pth is a whole checkpoint"
+                              f"{saved}: continue from it with --resume {output_dir / 'best.pth'}, choose another "
+                              "--output-dir, or pass --overwrite to start over")
+    raise CheckpointError(f"{output_dir} holds a previous run's {' and '.join(found)}; continue it with "
+                          "--resume auto, choose another --output-dir, or pass --overwrite to start over")
 
 
 def train_main(argv: Sequence[str] | None, *, description: str, default_config: str,
@@ -64,6 +79,8 @@ def train_main(argv: Sequence[str] | None, *, description: str, default_config: 
             resume_path = resolve_resume(args.resume, output_dir)
             if resume_path is None and not (args.eval_only or args.overwrite):
                 refuse_previous_run(output_dir)
+            elif resume_path is not None and not args.overwrite and resume_path.parent.resolve() != output_dir.resolve():
+                refuse_previous_run(output_dir, resuming=resume_path)
             resume_obj = load_file(resume_path) if resume_path is not None else None
             if resume_obj is not None:
                 # A resumed run keeps the configuration it started with; overrides still apply on top.

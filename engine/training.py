@@ -39,6 +39,7 @@ from utils.config import Config, ConfigError, save_config
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import build_optimizer, build_scheduler, renew_hyperparameters, schedule_changes, set_schedule
+from utils.run_lock import RunFolderLock
 
 logger = logging.getLogger("engine")
 
@@ -86,18 +87,19 @@ def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, re
     resume_path = Path(resume) if resume is not None else None
     device = set_up_process(cfg, output_dir)
     resume_obj = read_resume(resume_path, resume_obj)
-    run = prepare_run(cfg, output_dir, device, resume_obj, init_from)
-    if eval_only:
-        return summary(run, stopped=False, test=evaluate_split(run.model, run.eval_splits, cfg.eval.test_split,
-                                                               run.tokenizer, cfg, device, output_dir))
-    prepare_optimisation(run)
-    if resume_obj is not None:
-        restore_training(run, resume_obj, resume_path)
-    try:
-        stopped = run_epochs(run, stop_after_steps)
-        return summary(run, stopped, test=None if stopped else test_selected_model(run))
-    finally:
-        run.writer.close()
+    with RunFolderLock(output_dir) as lock:
+        run = prepare_run(cfg, output_dir, device, resume_obj, init_from, lock)
+        if eval_only:
+            return summary(run, stopped=False, test=evaluate_split(run.model, run.eval_splits, cfg.eval.test_split,
+                                                                   run.tokenizer, cfg, device, output_dir))
+        prepare_optimisation(run)
+        if resume_obj is not None:
+            restore_training(run, resume_obj, resume_path)
+        try:
+            stopped = run_epochs(run, stop_after_steps)
+            return summary(run, stopped, test=None if stopped else test_selected_model(run))
+        finally:
+            run.writer.close()
 
 
 # -------------------------------------------------------------------------------------------- set up
@@ -119,8 +121,9 @@ def set_up_process(cfg: Config, output_dir: Path) -> torch.device:
 
 
 def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj: dict | None,
-                init_from: str | None) -> Run:
-    """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run."""
+                init_from: str | None, lock: RunFolderLock) -> Run:
+    """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run
+    (rank 0 locks it first: a second process that would write there stops with one line)."""
     train_records, eval_splits = load_data(cfg)
     tokenizer = build_run_tokenizer(cfg, train_records, resume_obj)
     if len(tokenizer) > cfg.model.vocab_size:
@@ -135,6 +138,8 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
         model.load_state_dict(resume_obj["model"])
     model.to(device)
     # A run that fails before this point leaves an existing run directory as it was.
+    if du.is_main_process():
+        lock.acquire()
     setup_logging(output_dir, du.get_rank())
     if du.is_main_process():
         remove_orphan_temporaries(output_dir)

@@ -382,3 +382,62 @@ def test_schedule_overrides_on_resume_apply_from_the_resumed_step(tmp_path, capl
     assert lrs[1] > 1e-3  # above the old peak, not at the old schedule's floor (1e-5)
     with pytest.raises(SystemExit, match="^error: train.optimizer is 'sgd' but the resumed run trained with 'adamw'"):
         train(out, data, "--resume", "auto", "train.optimizer=sgd", epochs=4, steps=2)
+
+
+def test_resuming_into_another_runs_folder_needs_overwrite(tmp_path):
+    first, second, data = tmp_path / "first", tmp_path / "second", tmp_path / "data"
+    train(first, data, epochs=1)
+    train(second, data, epochs=1)
+    kept = {name: digest(second / name) for name in ("best.pth", "last.pth", "metrics.jsonl")}
+    with pytest.raises(SystemExit, match="^error: .*second holds another run's last.pth and best.pth; resuming "
+                                         ".*first/last.pth there would replace them.*--overwrite"):
+        train(second, data, "--resume", str(first / "last.pth"), epochs=2)
+    assert {name: digest(second / name) for name in kept} == kept
+    summary = train(second, data, "--resume", str(first / "last.pth"), "--overwrite", epochs=2)
+    assert summary["global_step"] == 4 and load_file(second / "last.pth")["epoch"] == 2
+
+
+def test_a_second_process_cannot_take_a_run_folder_in_use(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    args = ["--output-dir", str(out), *tiny_overrides(data, epochs=3, steps=2), "eval.selection_split=null"]
+    proc = spawn(["tests/fault_runner.py", "--stall-save", "3", *args])  # stalls inside epoch 1's save
+    try:
+        lines: list[str] = []
+        wait_for(lambda: lines.append(proc.stdout.readline()) or "stalling inside save" in lines[-1])
+        in_flight = temporaries(out)
+        with pytest.raises(SystemExit, match=f"^error: .*run is in use by pid {proc.pid} on .*another --output-dir"):
+            train(out, data, "--resume", "auto", "eval.selection_split=null", epochs=3)  # a double-submitted job
+        assert len(in_flight) == 1 and temporaries(out) == in_flight  # the first run's save was left alone
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    # The lock died with its process (kill -9): the folder is free for the resumed run.
+    summary = train(out, data, "--resume", "auto", "eval.selection_split=null", epochs=3)
+    assert summary["global_step"] == 6 and not temporaries(out)
+
+
+def test_a_crash_inside_the_first_last_pth_save_points_to_best_pth(tmp_path, monkeypatch):
+    import engine.training
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    real_save = engine.training.save_checkpoint
+
+    def crash_in_last(obj, path):
+        if path.name == "last.pth":
+            raise RuntimeError("simulated crash")
+        real_save(obj, path)
+
+    monkeypatch.setattr(engine.training, "save_checkpoint", crash_in_last)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(out, data, epochs=2)
+    monkeypatch.setattr(engine.training, "save_checkpoint", real_save)
+    assert (out / "best.pth").is_file() and not (out / "last.pth").exists()
+    advice = f"best.pth but no last.pth .*saved after epoch 0.*continue from it with --resume {out / 'best.pth'}"
+    with pytest.raises(SystemExit, match=advice):
+        train(out, data, "--resume", "auto", epochs=2)
+    resumed = train(out, data, "--resume", str(out / "best.pth"), epochs=2)
+    uninterrupted = train(tmp_path / "whole", data, epochs=2)
+    assert resumed["test"]["t2i"] == uninterrupted["test"]["t2i"] and resumed["global_step"] == 4
+    recovered, whole = load_file(out / "last.pth")["model"], load_file(tmp_path / "whole" / "last.pth")["model"]
+    assert all(torch.equal(recovered[name], whole[name]) for name in whole)  # bit-identical weights
