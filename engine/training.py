@@ -140,10 +140,9 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
     # A run that fails before this point leaves an existing run directory as it was.
     if du.is_main_process():
         lock.acquire()
-    setup_logging(output_dir, du.get_rank())
-    if du.is_main_process():
         remove_orphan_temporaries(output_dir)
-        save_config(cfg, output_dir / "config.yaml")
+        save_config(cfg, output_dir / "config.yaml")  # atomic, before log.txt: a full disk leaves no empty files
+    setup_logging(output_dir, du.get_rank())
     save_run_tokenizer(cfg, tokenizer, output_dir)
     objective = RetrievalObjective(model, cfg.loss)  # freezes what no loss reaches, so count after it
     logger.info("model: %.2fM parameters (%.2fM trainable)", sum(p.numel() for p in model.parameters()) / 1e6,

@@ -345,4 +345,8 @@ def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), sou
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())
+    """Write ``cfg`` as YAML atomically: a full disk leaves no empty or partial config.yaml behind."""
+    from utils.checkpoint import atomic_write
+
+    text = cfg.to_yaml().encode()
+    atomic_write(path, lambda handle: handle.write(text), expected_bytes=len(text))

@@ -31,38 +31,35 @@ class RunFolderLock:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self._handle = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
-        if self._handle is not None:
+        if self._fd is not None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        handle = open(self.folder / LOCK_NAME, "a+")
+        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = " ".join(handle.read().split()) or "another process"
-            handle.close()
+            holder = " ".join(os.pread(fd, 1000, 0).decode(errors="replace").split()) or "another process"
+            os.close(fd)
             raise RunFolderBusyError(
                 f"{self.folder} is in use by {holder}: two runs in one folder would destroy each other's files; "
                 "wait for that run to end (or stop it), or choose another --output-dir") from None
         except OSError as exc:  # a filesystem without locks: run unguarded rather than not at all
             logger.warning("%s: cannot lock the run folder (%s); make sure no other run uses it", self.folder, exc)
+        note = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         try:  # who holds it, for the message of the next process; a full disk must not stop the run here
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            handle.flush()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note.encode(), 0)
         except OSError:
             pass
-        self._handle = handle
+        self._fd = fd
 
     def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing the file releases the lock
-            self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file releases the lock
+            self._fd = None
 
     def __enter__(self) -> "RunFolderLock":
         return self
