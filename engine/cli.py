@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +32,19 @@ EXIT_STOPPED = 75
 
 
 def exit_status(summary: dict) -> int:
-    """The process exit status for a run summary: 0 finished, EXIT_STOPPED stopped with last.pth saved."""
-    return EXIT_STOPPED if summary.get("stopped") else 0
+    """The process exit status for a run summary: 0 finished, EXIT_STOPPED stopped with last.pth saved.
+
+    torchrun exits 1 whatever status its workers return, so local rank 0 also writes a stop's status into the
+    file ``IVT_EXIT_STATUS_FILE`` names (start.sh sets it and exits with that status).
+    """
+    status = EXIT_STOPPED if summary.get("stopped") else 0
+    report = os.environ.get("IVT_EXIT_STATUS_FILE")
+    if status and report and os.environ.get("LOCAL_RANK", "0") == "0":
+        try:
+            Path(report).write_text(f"{status}\n")
+        except OSError:  # the run is saved; only the wrapper's exit status is at stake
+            logger.warning("could not write the exit status to %s", report)
+    return status
 
 
 def refuse_previous_run(output_dir: Path, resuming: Path | None = None) -> None:

@@ -537,3 +537,21 @@ def test_a_file_size_limit_is_reported_like_a_full_disk(tmp_path):
     assert re.match(r"error: (disk full|file size limit reached): could not write .*big\.pth",
                     proc.stderr.strip().splitlines()[-1])
     assert target.read_bytes() == b"previous" and not temporaries(tmp_path)
+
+
+def test_a_stopped_run_under_torchrun_exits_75(tmp_path):
+    out = tmp_path / "run"
+    args = ["bash", "start.sh", "train_cuhkpedes.py", "2", "--output-dir", str(out),
+            *tiny_overrides(tmp_path / "data", epochs=500, steps=2), "train.eval_every_epochs=1000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, MASTER_PORT="29533")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # as under SLURM: start.sh, torchrun and its ranks in one group
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").is_file() and len(read_metrics(out / "metrics.jsonl")) >= 3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_STOPPED, output[-3000:]
+    assert load_file(out / "last.pth")["step"] >= 3 and not temporaries(out)
