@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from datasets.readers import DatasetSplits, check_images, load_annotations, load_pretrain_corpora
+from datasets.pixels import set_max_image_pixels
 from datasets.records import Record
 from datasets.synthetic import make_synthetic
 from datasets.tokenizer import build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab
@@ -62,6 +63,7 @@ def load_eval_splits(cfg: Config) -> DatasetSplits | None:
 
 def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
     """(train records, eval splits or None), with every image checked on rank 0 before anything trains."""
+    set_max_image_pixels(cfg.data.max_image_pixels)
     synthesize_if_missing(cfg)
     eval_splits = load_eval_splits(cfg)
     if cfg.task == "pretrain":

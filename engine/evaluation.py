@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datasets.build import worker_init
 from datasets.workers import closing_workers
+from datasets.pixels import set_max_image_pixels
 from datasets.records import MissingImagesError, Record
 from datasets.train_data import EvalImageDataset
 from datasets.transforms import build_test_transform
@@ -445,6 +446,7 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
         raise EvaluationError(f"eval.rerank_top_k={rerank_k} needs a model with a fusion stack (model.fusion_layers > 0); "
                          "set eval.rerank_top_k=0")
     check_images_exist(sets.image_paths)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     transform = build_test_transform(cfg.input)
     amp = bool(ev.amp)
     num_workers = int(cfg.data.num_workers)

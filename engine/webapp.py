@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 2000  # longer text is refused: the model reads only text.max_text_len tokens of it anyway
 MAX_TOP_K = 50
+MAX_UPLOAD = "20mb"  # the largest photo the page accepts (larger uploads are refused before they are stored)
 DEFAULT_PORT = 7860
 
 CSS = """
@@ -199,9 +200,9 @@ def build_app(page: SearchPage):
     return app
 
 
-def gallery_root(paths: Sequence[str]) -> str:
-    """The folder all gallery images are under (Gradio serves files only from allowed folders)."""
-    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+def served_files(paths: Sequence[str]) -> list[str]:
+    """The files Gradio may serve: the indexed images themselves, not their folder (which may hold anything)."""
+    return [os.path.abspath(p) for p in paths]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -244,7 +245,8 @@ def main(argv: Sequence[str] | None = None, block: bool = True):
         app = build_app(page)
         try:
             _, url, _ = app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
-                                   allowed_paths=[gallery_root(retriever.gallery.paths)], share=False,
+                                   allowed_paths=served_files(retriever.gallery.paths), share=False,
+                                   max_file_size=MAX_UPLOAD,
                                    ssr_mode=False, quiet=not block, css=CSS, footer_links=[])
         except OSError as exc:  # the port is taken, or the address is not this machine's
             raise ServeError(f"cannot listen on {args.host}:{args.port} ({exc}); choose another --port") from None

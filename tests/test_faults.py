@@ -555,3 +555,80 @@ def test_a_stopped_run_under_torchrun_exits_75(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == EXIT_STOPPED, output[-3000:]
     assert load_file(out / "last.pth")["step"] >= 3 and not temporaries(out)
+
+
+# ---------------------------------------------------------------------------- images and the web page (issue 20)
+def search_gallery(folder: Path, count: int = 6) -> Path:
+    """``count`` synthetic person crops, a 200-megapixel PNG of 194 KB and a 60-megapixel one, in ``folder``."""
+    from PIL import Image
+
+    from datasets.synthetic import make_synthetic
+
+    root = make_synthetic("cuhkpedes", folder.parent / "synth", num_ids=4, seed=0)
+    folder.mkdir()
+    for path in sorted((root / "imgs").rglob("*.jpg"))[:count]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    Image.new("L", (20000, 10000)).save(folder / "bomb.png")  # above Pillow's own refusal (179 MP)
+    Image.new("L", (10000, 6000)).save(folder / "large.png")  # below it: Pillow would decode it, with a warning
+    return folder
+
+
+def test_decompression_bombs_are_skipped_in_a_gallery_and_refused_as_queries(tmp_path):
+    from datasets.transforms import load_image
+    from engine.retrieval import QueryError, Retriever
+    from engine.webapp import SearchPage
+
+    gallery = search_gallery(tmp_path / "gallery")
+    retriever = Retriever.from_pretrained(str(ROOT / "tests" / "fixtures" / "search_model"), device="cpu")
+    index = retriever.index(str(gallery))
+    assert len(index) == 6 and sorted(Path(p).name for p, _ in index.skipped) == ["bomb.png", "large.png"]
+    assert all("megapixels" in why for _, why in index.skipped)
+    with pytest.raises(QueryError, match="large.png: 10000x6000 pixels \\(60 megapixels\\), more than the limit of 50"):
+        retriever.search_image(str(gallery / "large.png"))
+    shown = SearchPage(retriever, provenance={}).search_image(str(gallery / "bomb.png"))
+    assert shown.message.startswith("**Cannot search:**") and "megapixels" in shown.message
+    with pytest.raises(OSError, match="60 megapixels"):  # training skips and counts it like any unreadable image
+        load_image(gallery / "large.png")
+
+
+def test_the_web_server_serves_only_indexed_images_and_bounds_uploads(tmp_path):
+    pytest.importorskip("gradio", reason="gradio is not installed: pip install -r requirements-serve.txt")
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    import serve
+
+    gallery = search_gallery(tmp_path / "gallery")
+    (gallery / ".env").write_text("SECRET=1\n")
+    (gallery / "notes.jpg.txt").write_text("private\n")
+    app, url = serve.main(["--checkpoint", str(ROOT / "tests" / "fixtures" / "search_model"), "--gallery",
+                           str(gallery), "--port", str(free_port())], block=False)
+    try:
+        def status(request) -> int:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as refused:
+                return refused.code
+
+        indexed = sorted(gallery.glob("*.jpg"))[0]
+        assert status(f"{url}gradio_api/file={indexed}") == 200
+        for secret in (".env", "notes.jpg.txt", "bomb.png"):  # in the folder, not in the index
+            assert status(f"{url}gradio_api/file={gallery / secret}") == 403, secret
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode() + b"x" * (21 << 20) + f"\r\n--{boundary}--\r\n".encode()
+        upload = urllib.request.Request(f"{url}gradio_api/upload", data=body,
+                                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert status(upload) == 413  # 21 MB: over the page's 20 MB limit
+    finally:
+        app.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

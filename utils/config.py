@@ -54,7 +54,7 @@ MINIMUM = {
     "train.eval_every_epochs": 1, "train.save_every_epochs": 1, "train.max_steps_per_epoch": 0,
     "train.warmup_epochs": 0, "train.dist_timeout_minutes": 1, "train.stall_warning_seconds": 0,
     "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
-    "eval.save_examples": 0, "data.num_workers": 0, "data.synthetic_num_ids": 1, "input.num_views": 1,
+    "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1, "input.num_views": 1,
     "sampler.num_instances": 1, "text.max_text_len": 3, "text.mlm_max_masks": 0,
 }
 # Learning rates and similar that must be strictly positive.
