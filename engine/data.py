@@ -12,7 +12,7 @@ from pathlib import Path
 
 from datasets.readers import DatasetSplits, check_images, load_annotations, load_pretrain_corpora
 from datasets.pixels import set_max_image_pixels
-from datasets.records import Record
+from datasets.records import Record, SplitError
 from datasets.synthetic import make_synthetic
 from datasets.tokenizer import build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab
 from engine.checkpoints import tokenizer_from_record
@@ -70,6 +70,10 @@ def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
         train = load_pretrain_corpora(pretrain_corpora(cfg))
     else:
         train = eval_splits.train
+    if not train:
+        where = eval_splits.annotation_file if cfg.task != "pretrain" else "data.pretrain_corpora"
+        raise SplitError(f"the train split of {where} is empty: nothing to train on (check the annotation file's "
+                         "split field, or data.annotation_file)")
     mode = cfg.data.check_images
     if mode != "none" and du.is_main_process():
         check_images(train, decode=mode)

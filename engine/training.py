@@ -27,7 +27,7 @@ from datasets.build import build_train_loader, set_train_epoch
 from datasets.records import SplitError
 from datasets.workers import closing_workers
 from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
-                                read_resume, save_checkpoint)
+                                load_model_state, read_resume, save_checkpoint)
 from engine.data import build_run_tokenizer, load_data, save_run_tokenizer
 from engine.evaluation import evaluate_split, selection_score
 from models.ivt import build_model
@@ -135,7 +135,7 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
     else:
         if init_from:
             logger.warning("--init-from %s is ignored: resuming a run", init_from)
-        model.load_state_dict(resume_obj["model"])
+        load_model_state(model, resume_obj["model"], "the checkpoint being resumed")
     model.to(device)
     # A run that fails before this point leaves an existing run directory as it was.
     if du.is_main_process():

@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None, block: bool = True):
 
     setup_logging(None)
     with user_errors_as_one_line():
+        if not 0 < args.port < 65536:
+            raise ServeError(f"--port {args.port} is not a TCP port; choose one in 1-65535 (default {DEFAULT_PORT})")
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         try:
             import gradio  # noqa: F401

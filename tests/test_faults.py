@@ -632,3 +632,43 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------- one-line errors (issue 20)
+@pytest.mark.parametrize("override, expected", [
+    ("train.epochs=null", "'train.epochs' must be a number >= 1, got None"),
+    ("data.max_bad_images=-1", "'data.max_bad_images' must be a number >= 0 \\(or null\\), got -1"),
+    ("input.image_size=[32,abc]", "'input.image_size' must be \\[height, width\\], two positive integers"),
+    ("sampler.num_instances=3", "train.batch_size_per_gpu 8 is not a multiple of sampler.num_instances 3"),
+    ("train.lr=null", "'train.lr' must be a number > 0, got None"),
+])
+def test_bad_config_values_are_one_line_before_the_run_folder_is_touched(tmp_path, override, expected):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=f"^error: .*{expected}"):
+        train(out, tmp_path / "data", override, epochs=1, steps=1)
+    assert not out.exists()
+
+
+def test_user_mistakes_around_runs_are_one_line(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1, steps=1)
+    with pytest.raises(SystemExit, match="^error: the checkpoint being resumed: tensor .* has shape .* in the "
+                                         "checkpoint but .* in the model built from the config"):
+        train(out, data, "--resume", "auto", "model.embed_dim=64", epochs=2, steps=1)  # another architecture
+    records = json.loads((data / "reid_raw.json").read_text())
+    (data / "no_train.json").write_text(json.dumps([r for r in records if r["split"] != "train"]))
+    with pytest.raises(SystemExit, match="^error: the train split of .*no_train.json is empty"):
+        train(tmp_path / "empty", data, "data.annotation_file=no_train.json", epochs=1, steps=1)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="^error: --output-dir .*a_file is a file, not a folder"):
+        evaluate.main(["--checkpoint", str(out / "best.pth"), "--output-dir", str(tmp_path / "a_file")])
+    with pytest.raises(SystemExit, match="^error: nothing to evaluate on: --config .*pretrain.yaml has task=pretrain"):
+        evaluate.main(["--checkpoint", str(out / "best.pth"), "--config", str(ROOT / "configs" / "pretrain.yaml")])
+
+
+def test_serve_with_an_impossible_port_is_one_line(tmp_path):
+    import serve
+
+    with pytest.raises(SystemExit, match="^error: --port 99999 is not a TCP port"):
+        serve.main(["--checkpoint", str(tmp_path / "x.pth"), "--gallery", str(tmp_path), "--port", "99999"],
+                   block=False)

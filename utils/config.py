@@ -57,19 +57,37 @@ MINIMUM = {
     "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1, "input.num_views": 1,
     "sampler.num_instances": 1, "text.max_text_len": 3, "text.mlm_max_masks": 0,
 }
+# The same for keys where null means "the default rule".
+NULL_OR_MINIMUM = {"data.max_bad_images": 0}
 # Learning rates and similar that must be strictly positive.
 POSITIVE = ("train.lr",)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_ranges(data: dict, source: str) -> None:
-    for dotted, least in MINIMUM.items():
+    for dotted, least in {**MINIMUM, **NULL_OR_MINIMUM}.items():
         value = _lookup(data, dotted)
-        if value < least:
-            raise ConfigError(f"{source}: key {dotted!r} must be >= {least}, got {value!r}")
+        if value is None and dotted in NULL_OR_MINIMUM:
+            continue
+        if not _is_number(value) or value < least:
+            raise ConfigError(f"{source}: key {dotted!r} must be a number >= {least}"
+                              f"{' (or null)' if dotted in NULL_OR_MINIMUM else ''}, got {value!r}")
+    size = data["input"]["image_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and not isinstance(s, bool)
+                                                               and s > 0 for s in size)):
+        raise ConfigError(f"{source}: key 'input.image_size' must be [height, width], two positive integers, "
+                          f"got {size!r}")
+    batch, instances = data["train"]["batch_size_per_gpu"], data["sampler"]["num_instances"]
+    if data["task"] == "retrieval" and batch % instances:
+        raise ConfigError(f"{source}: train.batch_size_per_gpu {batch} is not a multiple of sampler.num_instances "
+                          f"{instances} (each batch holds batch_size_per_gpu / num_instances identities)")
     for dotted in POSITIVE:
         value = _lookup(data, dotted)
-        if not value > 0:
-            raise ConfigError(f"{source}: key {dotted!r} must be > 0, got {value!r}")
+        if not _is_number(value) or not value > 0:
+            raise ConfigError(f"{source}: key {dotted!r} must be a number > 0, got {value!r}")
     if data["text"]["max_text_len"] > data["model"]["max_text_positions"]:
         raise ConfigError(f"{source}: text.max_text_len {data['text']['max_text_len']} exceeds "
                           f"model.max_text_positions {data['model']['max_text_positions']}")
