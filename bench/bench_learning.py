@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from datasets.synthetic import HELD_OUT_STYLE, STYLES, make_synthetic  # noqa: E402
 
+MIN_IDS = 3  # one identity per split of the cuhkpedes layout
+
 # The paper's ablations in miniature: key -> (the variant's name in the table, overrides on the base config; a first
 # "@path" replaces the base config).
 ABLATION = {
@@ -146,6 +148,17 @@ def table(rows: list[dict], label: str) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, data_dir: Path, runs_dir: Path) -> None:
+    """Refuse, before the first run, what would fail after it (and lose the bench's later runs)."""
+    if args.num_ids < MIN_IDS:
+        parser.error(f"--num-ids must be at least {MIN_IDS} (train, val and test identities), got {args.num_ids}")
+    for flag, folder in (("--data-dir", data_dir), ("--runs-dir", runs_dir)):
+        if folder.exists() and not folder.is_dir():
+            parser.error(f"{flag} {folder} is a file, not a folder")
+    if args.out and not Path(args.out).parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -169,6 +182,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         variants = {name: extra for key, (name, extra) in ABLATION.items() if key in (args.ablation or ABLATION)}
     data_dir, runs_dir = Path(args.data_dir), Path(args.runs_dir)
+    check_arguments(parser, args, data_dir, runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine_state()}", flush=True)
     if args.vocabulary:

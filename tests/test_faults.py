@@ -672,3 +672,15 @@ def test_serve_with_an_impossible_port_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="^error: --port 99999 is not a TCP port"):
         serve.main(["--checkpoint", str(tmp_path / "x.pth"), "--gallery", str(tmp_path), "--port", "99999"],
                    block=False)
+
+
+def test_bench_learning_refuses_what_would_fail_after_its_first_run(tmp_path, capsys):
+    from bench import bench_learning
+
+    (tmp_path / "a_file").write_text("")
+    for argv, said in ((["--num-ids", "0"], "--num-ids must be at least 3"),
+                       (["--data-dir", str(tmp_path / "a_file")], "--data-dir .*a_file is a file"),
+                       (["--out", str(tmp_path / "missing" / "x.jsonl")], "--out .*the folder .*missing does not")):
+        with pytest.raises(SystemExit) as stopped:
+            bench_learning.main([*argv, "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
+        assert stopped.value.code == 2 and re.search(said, capsys.readouterr().err.splitlines()[-1]), argv
