@@ -61,7 +61,12 @@ def read_queries_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"queries file not found: {path}")
-    queries = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8, one description per line"
+                        ) from None
+    queries = [line.strip() for line in text.splitlines() if line.strip()]
     if not queries:
         raise UserError(f"{path}: no queries (expected one description per line)")
     return queries

@@ -684,3 +684,12 @@ def test_bench_learning_refuses_what_would_fail_after_its_first_run(tmp_path, ca
         with pytest.raises(SystemExit) as stopped:
             bench_learning.main([*argv, "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
         assert stopped.value.code == 2 and re.search(said, capsys.readouterr().err.splitlines()[-1]), argv
+
+
+def test_a_queries_file_that_is_not_utf8_is_one_line(tmp_path):
+    from retrieve import read_queries_file
+    from utils.errors import UserError
+
+    (tmp_path / "queries.txt").write_bytes("a man in a caf\u00e9 jacket\n".encode("latin-1"))
+    with pytest.raises(UserError, match="queries.txt: not UTF-8 text \\(byte 15\\)"):
+        read_queries_file(tmp_path / "queries.txt")
