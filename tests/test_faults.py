@@ -691,5 +691,5 @@ def test_a_queries_file_that_is_not_utf8_is_one_line(tmp_path):
     from utils.errors import UserError
 
     (tmp_path / "queries.txt").write_bytes("a man in a caf\u00e9 jacket\n".encode("latin-1"))
-    with pytest.raises(UserError, match="queries.txt: not UTF-8 text \\(byte 15\\)"):
+    with pytest.raises(UserError, match="queries.txt: not UTF-8 text \\(byte 14\\)"):
         read_queries_file(tmp_path / "queries.txt")
