@@ -91,7 +91,8 @@ def train_main(argv: Sequence[str] | None, *, description: str, default_config: 
             resume_path = resolve_resume(args.resume, output_dir)
             if resume_path is None and not (args.eval_only or args.overwrite):
                 refuse_previous_run(output_dir)
-            elif resume_path is not None and not args.overwrite and resume_path.parent.resolve() != output_dir.resolve():
+            elif (resume_path is not None and not args.overwrite
+                  and resume_path.parent.resolve() != output_dir.resolve()):  # another run's checkpoint
                 refuse_previous_run(output_dir, resuming=resume_path)
             resume_obj = load_file(resume_path) if resume_path is not None else None
             if resume_obj is not None:

@@ -23,8 +23,8 @@ class UserError(Exception):
 
 
 def out_of_space(exc: BaseException) -> str | None:
-    """"disk full" (or the quota's or file size limit's words) when ``exc`` or any exception in its chain of causes
-    and contexts is a write that ran out of room; None otherwise."""
+    """The words for a write that ran out of room ("disk full", or the quota's or the file size limit's) when
+    ``exc`` or any exception in its chain of causes and contexts is one; None otherwise."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
