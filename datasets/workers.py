@@ -59,6 +59,8 @@ def _unwrapped(iterator: Iterator) -> Iterator:
         except StopIteration:
             return
         except UserError as exc:
+            if "Original Traceback" not in str(exc):  # raised here (no workers): as it is
+                raise
             raise type(exc)(worker_message(exc)) from None
         yield item
 
