@@ -124,6 +124,10 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
                 init_from: str | None, lock: RunFolderLock) -> Run:
     """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run
     (rank 0 locks it first: a second process that would write there stops with one line)."""
+    batch, instances = cfg.train.batch_size_per_gpu, cfg.sampler.num_instances
+    if cfg.task == "retrieval" and batch % instances:  # the P x K sampler, built after the folder is taken
+        raise ConfigError(f"train.batch_size_per_gpu {batch} is not a multiple of sampler.num_instances {instances} "
+                          "(each batch holds batch_size_per_gpu / num_instances identities)")
     train_records, eval_splits = load_data(cfg)
     tokenizer = build_run_tokenizer(cfg, train_records, resume_obj)
     if len(tokenizer) > cfg.model.vocab_size:

@@ -80,10 +80,6 @@ def _check_ranges(data: dict, source: str) -> None:
                                                                and s > 0 for s in size)):
         raise ConfigError(f"{source}: key 'input.image_size' must be [height, width], two positive integers, "
                           f"got {size!r}")
-    batch, instances = data["train"]["batch_size_per_gpu"], data["sampler"]["num_instances"]
-    if data["task"] == "retrieval" and batch % instances:
-        raise ConfigError(f"{source}: train.batch_size_per_gpu {batch} is not a multiple of sampler.num_instances "
-                          f"{instances} (each batch holds batch_size_per_gpu / num_instances identities)")
     for dotted in POSITIVE:
         value = _lookup(data, dotted)
         if not _is_number(value) or not value > 0:
