@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         overrides.append(f"eval.save_examples={args.save_examples}")
     with user_errors_as_one_line():
         try:
+            if args.output_dir and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+                raise EvaluationError(f"--output-dir {args.output_dir} is a file, not a folder; name a folder "
+                                      "(created when missing)")
             model, cfg, tokenizer, info = load_for_inference(args.checkpoint, args.config, overrides, device)
             epoch = logged_epoch(info)
             when = "epoch unknown" if epoch is None else f"epoch {epoch} as in its training log"
@@ -86,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             logger.info("loaded %s (%s format, %s) on %s", args.checkpoint, info["format"], when, device)
             splits = load_eval_splits(cfg)
             if splits is None:
-                raise EvaluationError(f"{args.checkpoint} is a pretraining checkpoint without an evaluation set: "
-                                      "pass data.eval_root=PATH (and data.eval_format=cuhkpedes|icfg|rstp)")
+                source = f"--config {args.config}" if args.config else f"the config stored in {args.checkpoint}"
+                raise EvaluationError(f"nothing to evaluate on: {source} has task=pretrain and no data.eval_root; "
+                                      "pass data.eval_root=PATH (and data.eval_format=cuhkpedes|icfg|rstp), or a "
+                                      "retrieval recipe as --config")
             records = splits.split(args.split)
             results = evaluate_model(model, records, tokenizer, cfg, device, args.split)
             results["epoch"] = epoch

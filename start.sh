@@ -33,5 +33,24 @@ if [ -z "$python" ]; then
 fi
 cmd=("$python" -m torch.distributed.run --nproc_per_node="$nproc" --nnodes="$nnodes" --node_rank="$node_rank"
      --master_addr="$master_addr" --master_port="$master_port" "$script" "$@")
+# A run stopped by a signal exits 75 (EX_TEMPFAIL: resume it with --resume auto), but torchrun reports any
+# worker's non-zero status as 1; local rank 0 also writes its status into IVT_EXIT_STATUS_FILE, which this script
+# turns back into its own exit status.
+status_file=$(mktemp "${TMPDIR:-/tmp}/ivt_exit_status.XXXXXX")
+trap 'rm -f "$status_file"' EXIT
+export IVT_EXIT_STATUS_FILE=$status_file
 echo "+ ${cmd[*]}"
-exec "${cmd[@]}"
+# In the background, and deaf to SIGTERM/SIGINT itself: a signal to the process group (scancel, Ctrl-C) reaches
+# torchrun and its workers, which save last.pth and stop; this script waits for them and reports their status.
+trap ':' TERM INT
+"${cmd[@]}" &
+child=$!
+while kill -0 "$child" 2>/dev/null; do
+  wait "$child" || true
+done
+status=0
+wait "$child" || status=$?
+if [ "$status" -ne 0 ] && [ "$(cat "$status_file" 2>/dev/null)" = 75 ]; then
+  status=75
+fi
+exit "$status"

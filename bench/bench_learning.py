@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 from datasets.synthetic import HELD_OUT_STYLE, TARGET_STYLES, make_synthetic  # noqa: E402
 from utils.errors import user_errors_as_one_line  # noqa: E402
 
+MIN_IDS = 3  # one identity per split of the cuhkpedes layout
+
 # The paper's ablations in miniature: key -> (the variant's name in the table, overrides on the base config; a first
 # "@path" replaces the base config).
 ABLATION = {
@@ -204,7 +206,19 @@ def table(rows: list[dict], label: str) -> str:
     return "\n".join(lines)
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, data_dir: Path, runs_dir: Path) -> None:
+    """Refuse, before the first run, what would fail after it (and lose the bench's later runs)."""
+    if args.num_ids < MIN_IDS:
+        parser.error(f"--num-ids must be at least {MIN_IDS} (train, val and test identities), got {args.num_ids}")
+    for flag, folder in (("--data-dir", data_dir), ("--runs-dir", runs_dir)):
+        if folder.exists() and not folder.is_dir():
+            parser.error(f"{flag} {folder} is a file, not a folder")
+    if args.out and not Path(args.out).parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options; what would fail after the first run is refused here (and would lose the later runs)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--styles", nargs="+", default=list(TARGET_STYLES), choices=TARGET_STYLES)
@@ -230,7 +244,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocabulary", action="store_true",
                         help="no training: how a 1000-piece vocabulary learnt per style cuts its test captions")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    return parser.parse_intermixed_args(argv)  # overrides may come before and after the options
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after the options
+    check_arguments(parser, args, Path(args.data_dir), Path(args.runs_dir))
+    return args
 
 
 def emit(row: dict, out: str | None) -> None:

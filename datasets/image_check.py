@@ -59,9 +59,9 @@ def _short(error: BaseException) -> str:
 
 
 def _decode_fully(path: str) -> None:
-    from PIL import Image
+    from datasets.pixels import open_image
 
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.load()
         if image.mode != "RGB":
             image.convert("RGB")  # as datasets.transforms.load_image does
@@ -71,9 +71,12 @@ def _header_ok(path: str) -> bool:
     """True when the cheap tests pass; False when the file needs a full decode to decide."""
     from PIL import Image
 
+    from datasets.pixels import check_pixels
+
     try:
         with Image.open(path) as image:
             fmt = image.format
+            check_pixels(image, path)
             image.verify()
     except FileNotFoundError:
         raise

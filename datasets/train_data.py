@@ -221,4 +221,11 @@ class EvalImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(_load(self.paths[index], f"evaluation image {index}")), index
+        try:
+            image = _load(self.paths[index], f"evaluation image {index}")
+        except OSError as exc:
+            # Unlike training, an evaluation cannot substitute another image: its numbers would change unnoticed.
+            raise MissingImagesError(f"{exc}; an evaluation uses every image of its split: replace or remove that "
+                                     "file (list every bad one with: python -m datasets.check --format FORMAT "
+                                     "--root ROOT --full-decode)") from exc
+        return self.transform(image), index

@@ -10,16 +10,21 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from datasets.pixels import ImageTooLargeError, open_image
+
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 
 
 def load_image(path: str | PathLike[str]) -> Image.Image:
-    """The image at ``path`` decoded to RGB; FileNotFoundError / OSError naming the path otherwise."""
+    """The image at ``path`` decoded to RGB; FileNotFoundError / OSError naming the path otherwise (an
+    ImageTooLargeError above the pixel limit of datasets.pixels, before decoding)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
+    except ImageTooLargeError:
+        raise
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
         raise OSError(f"cannot decode image {path}: {exc}") from exc
 

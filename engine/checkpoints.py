@@ -246,7 +246,8 @@ def init_from_checkpoint(model, path: str, skip: Sequence[str] = (), obj: Any = 
 
 
 # ------------------------------------------------------------------------------------------ inference
-def _strict_load(model: torch.nn.Module, state_dict: dict, path: Path) -> None:
+def load_model_state(model: torch.nn.Module, state_dict: dict, path: Path | str) -> None:
+    """``model.load_state_dict`` with a CheckpointError naming the first tensor that does not fit."""
     own = model.state_dict()
     for key, value in state_dict.items():
         if key in own and own[key].shape != value.shape:
@@ -280,7 +281,7 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
             cfg = cfg.replace(task=recipe.task, data=recipe.data.to_dict(), eval=recipe.eval.to_dict())
         cfg = cfg.replace(overrides)
         model = build_model(cfg)
-        _strict_load(model, obj["model"], path)
+        load_model_state(model, obj["model"], path)
         tokenizer = tokenizer_from_record(obj.get("tokenizer"), cfg.text)
         info = {"format": "ours", "epoch": obj.get("epoch"), "step": obj.get("step"),
                 "step_in_epoch": obj.get("step_in_epoch")}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -33,18 +34,44 @@ EXIT_STOPPED = 75
 
 
 def exit_status(summary: dict) -> int:
-    """The process exit status for a run summary: 0 finished, EXIT_STOPPED stopped with last.pth saved."""
-    return EXIT_STOPPED if summary.get("stopped") else 0
+    """The process exit status for a run summary: 0 finished, EXIT_STOPPED stopped with last.pth saved.
+
+    torchrun exits 1 whatever status its workers return, so local rank 0 also writes a stop's status into the
+    file ``IVT_EXIT_STATUS_FILE`` names (start.sh sets it and exits with that status).
+    """
+    status = EXIT_STOPPED if summary.get("stopped") else 0
+    report = os.environ.get("IVT_EXIT_STATUS_FILE")
+    if status and report and os.environ.get("LOCAL_RANK", "0") == "0":
+        try:
+            Path(report).write_text(f"{status}\n")
+        except OSError:  # the run is saved; only the wrapper's exit status is at stake
+            logger.warning("could not write the exit status to %s", report)
+    return status
 
 
-def refuse_previous_run(output_dir: Path) -> None:
-    """A new run must not overwrite another run's checkpoints unless asked to."""
+def refuse_previous_run(output_dir: Path, resuming: Path | None = None) -> None:
+    """A new run, or a run resumed from another folder's checkpoint, must not overwrite the checkpoints of the run
+    in ``output_dir`` unless asked to; the message says how to continue what is there."""
+    from engine.checkpoints import selection_record
     from utils.checkpoint import CheckpointError
 
     found = [name for name in ("last.pth", "best.pth") if (output_dir / name).is_file()]
-    if found:
-        raise CheckpointError(f"{output_dir} holds a previous run's {' and '.join(found)}; continue it with "
-                              "--resume auto, choose another --output-dir, or pass --overwrite to start over")
+    if not found:
+        return
+    if resuming is not None:
+        raise CheckpointError(f"{output_dir} holds another run's {' and '.join(found)}; resuming {resuming} there "
+                              "would replace them: choose another --output-dir, or pass --overwrite to replace them")
+    if found == ["best.pth"]:
+        try:
+            saved = f" (saved after epoch {selection_record(output_dir / 'best.pth')['best_epoch']})"
+        except Exception:  # an unreadable best.pth: the advice stands, the resume will name the damage
+            saved = ""
+        raise CheckpointError(f"{output_dir} holds a previous run's best.pth but no last.pth (the run stopped inside "
+                              "its first save of last.pth, or last.pth was deleted); best.pth is a whole checkpoint"
+                              f"{saved}: continue from it with --resume {output_dir / 'best.pth'}, choose another "
+                              "--output-dir, or pass --overwrite to start over")
+    raise CheckpointError(f"{output_dir} holds a previous run's {' and '.join(found)}; continue it with "
+                          "--resume auto, choose another --output-dir, or pass --overwrite to start over")
 
 
 @user_errors_as_one_line()
@@ -68,6 +95,9 @@ def train_main(argv: Sequence[str] | None, doc: str, default_config: str) -> dic
         resume_path = resolve_resume(args.resume, output_dir)
         if resume_path is None and not (args.eval_only or args.overwrite):
             refuse_previous_run(output_dir)
+        elif (resume_path is not None and not args.overwrite
+              and resume_path.parent.resolve() != output_dir.resolve()):  # another run's checkpoint
+            refuse_previous_run(output_dir, resuming=resume_path)
         resume_obj = load_file(resume_path) if resume_path is not None else None
         if resume_obj is not None:
             # A resumed run keeps the configuration it started with; overrides still apply on top.

@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 from datasets.readers import DatasetSplits, check_images, load_annotations, load_pretrain_corpora
-from datasets.records import Record
+from datasets.pixels import set_max_image_pixels
+from datasets.records import Record, SplitError
 from datasets.synthetic import make_synthetic
 from datasets.tokenizer import (build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab,
                                 vocabulary_coverage)
@@ -75,16 +76,24 @@ def load_eval_splits(cfg: Config) -> DatasetSplits | None:
 
 def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
     """(train records, eval splits or None), with every image checked on rank 0 before anything trains."""
+    set_max_image_pixels(cfg.data.max_image_pixels)
     synthesize_if_missing(cfg)
     eval_splits = load_eval_splits(cfg)
     if cfg.task == "pretrain":
         train = load_pretrain_corpora(pretrain_corpora(cfg))
     else:
         train = eval_splits.train
-    if cfg.data.check_images != "none" and du.is_main_process():
-        check_images(train, decode=cfg.data.check_images)
+    if not train:
+        where = eval_splits.annotation_file if cfg.task != "pretrain" else "data.pretrain_corpora"
+        raise SplitError(f"the train split of {where} is empty: nothing to train on (check the annotation file's "
+                         "split field, or data.annotation_file)")
+    mode = cfg.data.check_images
+    if mode != "none" and du.is_main_process():
+        check_images(train, decode=mode)
         if eval_splits is not None:
-            check_images(eval_splits.val + eval_splits.test, decode=cfg.data.check_images)
+            # Training skips a bad image; an evaluation cannot (its numbers would change), and a JPEG with corrupt
+            # scan data passes the header check: the evaluated splits, a few thousand images, are decoded fully.
+            check_images(eval_splits.val + eval_splits.test, decode="full" if mode == "header" else mode)
     du.barrier()
     return train, eval_splits
 

@@ -27,6 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.build import worker_init
+from datasets.workers import closing_workers
+from datasets.pixels import set_max_image_pixels
 from datasets.records import MissingImagesError, Record
 from datasets.train_data import EvalImageDataset
 from datasets.transforms import build_test_transform
@@ -224,8 +226,8 @@ def encode_images(model: torch.nn.Module, paths: Sequence[str], transform: Calla
     start, stop = shard_range(len(paths))
     loader = _image_loader(EvalImageDataset(list(paths[start:stop]), transform), batch_size, device, num_workers)
     feats = []
-    with torch.inference_mode(), autocast(device, amp):
-        for images, _ in loader:
+    with torch.inference_mode(), autocast(device, amp), closing_workers(iter(loader)) as batches:
+        for images, _ in batches:
             _, feature = model.encode_image(images.to(device, non_blocking=True), bmm=False)
             feats.append(feature.float())
     local = torch.cat(feats) if feats else torch.zeros((0, 0), device=device)
@@ -327,8 +329,8 @@ def rerank_scores(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
     unique_images = [torch.unique(gallery).tolist() for _, gallery in batches]
     loader = _image_loader(_PairChunkImages(image_paths, transform, unique_images), None, device, num_workers)
     scores = torch.zeros(local_idx.numel(), device=device)
-    with torch.inference_mode(), autocast(device, amp):
-        for (positions, gallery), images, image_ids in zip(batches, loader, unique_images):
+    with torch.inference_mode(), autocast(device, amp), closing_workers(iter(loader)) as loaded:
+        for (positions, gallery), images, image_ids in zip(batches, loaded, unique_images):
             image_tokens, _ = model.encode_image(images.to(device, non_blocking=True), bmm=False)
             query_rows = positions // k + start
             unique_queries, query_inverse = torch.unique(query_rows, return_inverse=True)
@@ -444,6 +446,7 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
         raise EvaluationError(f"eval.rerank_top_k={rerank_k} needs a model with a fusion stack (model.fusion_layers > 0); "
                          "set eval.rerank_top_k=0")
     check_images_exist(sets.image_paths)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     transform = build_test_transform(cfg.input)
     amp = bool(ev.amp)
     num_workers = int(cfg.data.num_workers)

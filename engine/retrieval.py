@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.pixels import ImageTooLargeError, check_pixels, open_image, set_max_image_pixels
 from datasets.transforms import build_test_transform, load_image
 from engine.checkpoints import load_for_inference
 from engine.evaluation import encode_text_tokens, rerank_scores
@@ -156,14 +157,17 @@ def model_digest(checkpoint: str | os.PathLike[str], input_cfg: Any) -> str:
 def open_query_image(image: ImageInput) -> Image.Image:
     """An RGB PIL image from a path or a PIL image; QueryError (one line) for a missing or undecodable file."""
     if isinstance(image, Image.Image):
+        check_pixels(image, "the query image")
         return image.convert("RGB")
     if not isinstance(image, (str, os.PathLike)):
         raise QueryError(f"expected an image path or a PIL image, got {type(image).__name__}")
     if not Path(image).is_file():
         raise QueryError(f"query image not found: {image}")
     try:
-        with Image.open(image) as opened:
+        with open_image(image) as opened:
             return opened.convert("RGB")
+    except ImageTooLargeError as exc:
+        raise QueryError(str(exc)) from None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for files it cannot decode
         logger.debug("cannot decode %s: %s", image, exc)
         raise QueryError(f"{image}: not a readable image (no image format recognised, or the file is damaged)"
@@ -201,6 +205,7 @@ class Retriever:
         self.info = dict(info or {})
         self.gallery: GalleryIndex | None = None
         self.transform = build_test_transform(cfg.input)
+        set_max_image_pixels(int(cfg.data.max_image_pixels))  # galleries and queries alike
         self._reported_oov: set[str] = set()
         self._captions: tuple[tuple[str, ...], torch.Tensor] | None = None
 

@@ -27,7 +27,8 @@ def read_queries_file(path: str | Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text ({exc}); save the queries file as UTF-8") from None
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8, one description per line"
+                        ) from None
     queries = [line.strip() for line in text.splitlines() if line.strip()]
     if not queries:
         raise UserError(f"{path}: no queries (expected one description per line)")

@@ -25,8 +25,10 @@ from tqdm import tqdm
 from datasets.batch_augment import augment_batch
 from datasets.build import build_train_loader, set_train_epoch
 from datasets.records import SplitError
+from datasets.workers import closing_workers
 from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
-                                read_checkpoint_or_folder, read_resume, save_checkpoint)
+                                load_model_state, read_checkpoint_or_folder, read_resume,
+                                save_checkpoint)
 from engine.data import build_run_tokenizer, load_data, save_run_tokenizer
 from engine.evaluation import evaluate_split, selection_score
 from models.ivt import build_model
@@ -37,7 +39,8 @@ from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporari
 from utils.config import Config, ConfigError, save_config
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
-from utils.optim import build_optimizer, build_scheduler, set_schedule
+from utils.optim import build_optimizer, build_scheduler, renew_hyperparameters, schedule_changes, set_schedule
+from utils.run_lock import RunFolderLock
 
 logger = logging.getLogger("engine")
 
@@ -85,18 +88,19 @@ def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, re
     resume_path = Path(resume) if resume is not None else None
     device = set_up_process(cfg, output_dir)
     resume_obj = read_resume(resume_path, resume_obj)
-    run = prepare_run(cfg, output_dir, device, resume_obj, init_from)
-    if eval_only:
-        return summary(run, stopped=False, test=evaluate_split(run.model, run.eval_splits, cfg.eval.test_split,
-                                                               run.tokenizer, cfg, device, output_dir))
-    prepare_optimisation(run)
-    if resume_obj is not None:
-        restore_training(run, resume_obj, resume_path)
-    try:
-        stopped = run_epochs(run)
-        return summary(run, stopped, test=None if stopped else test_selected_model(run))
-    finally:
-        run.writer.close()
+    with RunFolderLock(output_dir) as lock:
+        run = prepare_run(cfg, output_dir, device, resume_obj, init_from, lock)
+        if eval_only:
+            return summary(run, stopped=False, test=evaluate_split(run.model, run.eval_splits, cfg.eval.test_split,
+                                                                   run.tokenizer, cfg, device, output_dir))
+        prepare_optimisation(run)
+        if resume_obj is not None:
+            restore_training(run, resume_obj, resume_path)
+        try:
+            stopped = run_epochs(run)
+            return summary(run, stopped, test=None if stopped else test_selected_model(run))
+        finally:
+            run.writer.close()
 
 
 # -------------------------------------------------------------------------------------------- set up
@@ -118,8 +122,13 @@ def set_up_process(cfg: Config, output_dir: Path) -> torch.device:
 
 
 def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj: dict | None,
-                init_from: str | None) -> Run:
-    """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run."""
+                init_from: str | None, lock: RunFolderLock) -> Run:
+    """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run
+    (rank 0 locks it first: a second process that would write there stops with one line)."""
+    batch, instances = cfg.train.batch_size_per_gpu, cfg.sampler.num_instances
+    if cfg.task == "retrieval" and batch % instances:  # the P x K sampler, built after the folder is taken
+        raise ConfigError(f"train.batch_size_per_gpu {batch} is not a multiple of sampler.num_instances {instances} "
+                          "(each batch holds batch_size_per_gpu / num_instances identities)")
     train_records, eval_splits = load_data(cfg)
     init_source = None if resume_obj is not None else (init_from or cfg.model.init_from)
     init_obj = read_checkpoint_or_folder(init_source) if init_source else None  # read once: tokenizer and weights
@@ -130,10 +139,11 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
                           f"{cfg.model.vocab_size}")
     model = build_network(cfg, device, resume_obj, init_from, init_obj)
     # A run that fails before this point leaves an existing run directory as it was.
-    setup_logging(output_dir, du.get_rank())
     if du.is_main_process():
+        lock.acquire()
         remove_orphan_temporaries(output_dir)
-        save_config(cfg, output_dir / "config.yaml")
+        save_config(cfg, output_dir / "config.yaml")  # atomic, before log.txt: a full disk leaves no empty files
+    setup_logging(output_dir, du.get_rank())
     save_run_tokenizer(cfg, tokenizer, output_dir)
     return new_run(cfg, output_dir, device, model, tokenizer, train_records, eval_splits)
 
@@ -148,7 +158,7 @@ def build_network(cfg: Config, device: torch.device, resume_obj: dict | None, in
     else:
         if init_from:
             logger.warning("--init-from %s is ignored: resuming a run", init_from)
-        model.load_state_dict(resume_obj["model"])
+        load_model_state(model, resume_obj["model"], "the checkpoint being resumed")
     return model.to(device)
 
 
@@ -218,7 +228,15 @@ def restore_training(run: Run, obj: dict, path: Path | None) -> None:
         logger.warning("resuming a run of world size %d with %d processes: data order and RNG streams differ "
                        "from an uninterrupted run", obj["world_size"], world_size)
     run.optimizer.load_state_dict(obj["optimizer"])
-    run.scheduler.load_state_dict(obj["scheduler"])
+    changes = schedule_changes(obj["config"]["train"], run.cfg.train)
+    if changes:
+        # The schedule is a function of the config and the step: keep the one built from the new values.
+        renew_hyperparameters(run.optimizer, run.model, run.cfg.train)
+        logger.warning("resuming with %s: the schedule and the optimizer follow the new values from global step %d",
+                       ", ".join(f"train.{k} {old} -> {new}" for k, (old, new) in changes.items()),
+                       obj["step"])
+    else:
+        run.scheduler.load_state_dict(obj["scheduler"])
     if run.scaler is not None and obj.get("scaler"):
         run.scaler.load_state_dict(obj["scaler"])
     run.state = carry_best_over(TrainState.from_checkpoint(obj), path, run.output_dir)
@@ -320,6 +338,14 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
     # (each item is a function of seed, epoch, index), so keep the global stream untouched for resume.
     with torch.random.fork_rng(devices=[]):
         batches = iter(run.loader)
+    with closing_workers(batches) as batches:  # workers stop with the epoch, whatever ends it
+        return run_steps(run, batches, steps, stop, watchdog)
+
+
+def run_steps(run: Run, batches: Iterator[dict], steps: int, stop: StopRequest, watchdog: StallWatchdog) -> bool:
+    """The optimizer steps of the epoch until ``steps``, reading ``batches``; True when stopped inside it."""
+    cfg, state = run.cfg, run.state
+    epoch = state.epoch
     window = LogWindow(run)
     stop_check_every = 1 if run.world_size == 1 else 10
     with tqdm(total=steps, initial=state.step_in_epoch, desc=f"epoch {epoch}", disable=not (du.is_main_process() and interactive()),

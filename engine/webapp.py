@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 2000  # longer text is refused: the model reads only text.max_text_len tokens of it anyway
 MAX_TOP_K = 50
+MAX_UPLOAD = "20mb"  # the largest photo the page accepts (larger uploads are refused before they are stored)
 DEFAULT_PORT = 7860
 
 CSS = """
@@ -201,9 +202,9 @@ def build_app(page: SearchPage):
     return app
 
 
-def gallery_root(paths: Sequence[str]) -> str:
-    """The folder all gallery images are under (Gradio serves files only from allowed folders)."""
-    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+def served_files(paths: Sequence[str]) -> list[str]:
+    """The files Gradio may serve: the indexed images themselves, not their folder (which may hold anything)."""
+    return [os.path.abspath(p) for p in paths]
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -229,6 +230,8 @@ def main(argv: Sequence[str] | None = None, block: bool = True):
 
     setup_logging(None)
     with user_errors_as_one_line():
+        if not 0 < args.port < 65536:
+            raise ServeError(f"--port {args.port} is not a TCP port; choose one in 1-65535 (default {DEFAULT_PORT})")
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         try:
             importlib.import_module("gradio")
@@ -246,7 +249,8 @@ def main(argv: Sequence[str] | None = None, block: bool = True):
         app = build_app(page)
         try:
             _, url, _ = app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
-                                   allowed_paths=[gallery_root(retriever.gallery.paths)], share=False,
+                                   allowed_paths=served_files(retriever.gallery.paths), share=False,
+                                   max_file_size=MAX_UPLOAD,
                                    ssr_mode=False, quiet=not block, css=CSS, footer_links=[])
         except OSError as exc:  # the port is taken, or the address is not this machine's
             raise ServeError(f"cannot listen on {args.host}:{args.port} ({exc}); choose another --port") from None

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -273,3 +274,421 @@ def test_a_finished_run_exits_0_with_a_complete_log_and_shareable_files(tmp_path
     assert environment["torch"] == torch.__version__ and environment["world_size"] == 1
     for name in ("last.pth", "best.pth", "metrics_test.json", "config.yaml"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name  # readable by colleagues under umask 022
+
+
+# ------------------------------------------------------------------------------- worker failures (issue 20)
+def corrupt_scan_data(path: str) -> None:
+    """Garbage in the middle of a JPEG's entropy-coded data: header, verify() and end marker still pass."""
+    raw = Path(path).read_bytes()
+    Path(path).write_bytes(raw[:800] + bytes(range(256)) * 3 + raw[800 + 768:])
+
+
+def run_to_the_end(args: list[str], timeout: float = 150.0) -> tuple[int, str, int]:
+    """(exit status, output, process group id) of a script run in its own process group; fails on a hang."""
+    proc = spawn(args, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"{args[0]} hung: no exit within {timeout} s")
+    return proc.returncode, output, proc.pid
+
+
+def group_is_gone(pgid: int, seconds: float = 10.0) -> bool:
+    """Whether every process of the group (the DataLoader workers too) has exited within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_a_broken_image_in_a_worker_ends_training_and_evaluation_with_one_line(tmp_path):
+    from datasets.readers import load_annotations
+
+    data, first = tmp_path / "data", tmp_path / "first"
+    train(first, data, epochs=1, steps=1)
+    splits = load_annotations("cuhkpedes", data)
+    corrupt_scan_data(splits.val[0].image_path)
+    Path(splits.test[0].image_path).write_bytes(b"a text file saved as .jpg\n")
+    out = tmp_path / "run"
+    # Past a start-up check that only looks for files, both bad images reach the evaluation's workers.
+    status, output, pgid = run_to_the_end(["train_cuhkpedes.py", "--output-dir", str(out),
+                                           *tiny_overrides(data, epochs=1, steps=2), "data.num_workers=2",
+                                           "data.check_images=exists"])
+    assert status == 1 and group_is_gone(pgid), output[-3000:]
+    assert "Traceback" not in output and output.splitlines()[-1].startswith("error: evaluation image")
+    assert Path(splits.val[0].image_path).name in output.splitlines()[-1]
+    status, output, pgid = run_to_the_end(["evaluate.py", "--checkpoint", str(first / "best.pth"),
+                                           "data.num_workers=2"])
+    assert status == 1 and group_is_gone(pgid), output[-3000:]
+    assert "Traceback" not in output and Path(splits.test[0].image_path).name in output.splitlines()[-1]
+
+
+def test_a_worker_user_error_prints_its_own_message_as_one_line(tmp_path):
+    from datasets.readers import load_annotations
+
+    data = tmp_path / "data"
+    train(tmp_path / "first", data, epochs=1, steps=1)
+    for record in load_annotations("cuhkpedes", data).train[:2]:
+        Path(record.image_path).write_bytes(b"not an image")
+    status, output, pgid = run_to_the_end(["train_cuhkpedes.py", "--output-dir", str(tmp_path / "run"),
+                                           *tiny_overrides(data, epochs=1, steps=2), "data.num_workers=2",
+                                           "data.check_images=exists", "data.max_bad_images=0"])
+    assert status == 1 and group_is_gone(pgid), output[-3000:]
+    last = output.splitlines()[-1]
+    assert last.startswith("error: 1 training images could not be loaded") and "Original Traceback" not in last
+
+
+def test_the_default_check_decodes_the_evaluated_images(tmp_path):
+    from datasets.readers import load_annotations
+
+    data = tmp_path / "data"
+    train(tmp_path / "first", data, epochs=1, steps=1)
+    bad = load_annotations("cuhkpedes", data).val[0].image_path
+    corrupt_scan_data(bad)
+    with pytest.raises(SystemExit, match=f"cannot be decoded.*{Path(bad).name}"):
+        train(tmp_path / "run", data, epochs=1)
+    assert not (tmp_path / "run").exists()  # refused before the run took the folder, not at the first evaluation
+
+
+# ----------------------------------------------------------------------------------- resume (issue 20)
+def scheduled_lr(config_path: Path, epoch: int) -> float:
+    """The lr a fresh run of the config at ``config_path`` uses in ``epoch`` (schedule_unit epoch)."""
+    from utils.config import load_config
+    from utils.optim import build_optimizer, build_scheduler, set_schedule
+
+    cfg = load_config(str(config_path))
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg.train)
+    set_schedule(build_scheduler(optimizer, cfg.train, 2), cfg.train, epoch, epoch * 2)
+    return optimizer.param_groups[0]["lr"]
+
+
+def test_schedule_overrides_on_resume_apply_from_the_resumed_step(tmp_path, caplog):
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1, steps=2)  # a finished 1-epoch run: its schedule ended at min_lr
+    with caplog.at_level("WARNING"):
+        train(out, data, "--resume", "auto", "train.lr=0.01", epochs=3, steps=2)
+    assert "train.lr 0.001 -> 0.01" in caplog.text and "train.epochs 1 -> 3" in caplog.text
+    assert "from global step 2" in caplog.text
+    lrs = {r["epoch"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+    assert lrs[0] == pytest.approx(1e-5)  # epoch 0 ran under the old schedule's warmup start
+    for epoch in (1, 2):  # config.yaml holds what ran, and the lr is that config's
+        assert lrs[epoch] == pytest.approx(scheduled_lr(out / "config.yaml", epoch), rel=1e-6)
+    assert lrs[1] > 1e-3  # above the old peak, not at the old schedule's floor (1e-5)
+    with pytest.raises(SystemExit, match="^error: train.optimizer is 'sgd' but the resumed run trained with 'adamw'"):
+        train(out, data, "--resume", "auto", "train.optimizer=sgd", epochs=4, steps=2)
+
+
+def test_resuming_into_another_runs_folder_needs_overwrite(tmp_path):
+    first, second, data = tmp_path / "first", tmp_path / "second", tmp_path / "data"
+    train(first, data, epochs=1)
+    train(second, data, epochs=1)
+    kept = {name: digest(second / name) for name in ("best.pth", "last.pth", "metrics.jsonl")}
+    with pytest.raises(SystemExit, match="^error: .*second holds another run's last.pth and best.pth; resuming "
+                                         ".*first/last.pth there would replace them.*--overwrite"):
+        train(second, data, "--resume", str(first / "last.pth"), epochs=2)
+    assert {name: digest(second / name) for name in kept} == kept
+    summary = train(second, data, "--resume", str(first / "last.pth"), "--overwrite", epochs=2)
+    assert summary["global_step"] == 4 and load_file(second / "last.pth")["epoch"] == 2
+
+
+def test_a_second_process_cannot_take_a_run_folder_in_use(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    args = ["--output-dir", str(out), *tiny_overrides(data, epochs=3, steps=2), "eval.selection_split=null"]
+    proc = spawn(["tests/fault_runner.py", "--stall-save", "3", *args])  # stalls inside epoch 1's save
+    try:
+        lines: list[str] = []
+        wait_for(lambda: lines.append(proc.stdout.readline()) or "stalling inside save" in lines[-1])
+        in_flight = temporaries(out)
+        with pytest.raises(SystemExit, match=f"^error: .*run is in use by pid {proc.pid} on .*another --output-dir"):
+            train(out, data, "--resume", "auto", "eval.selection_split=null", epochs=3)  # a double-submitted job
+        assert len(in_flight) == 1 and temporaries(out) == in_flight  # the first run's save was left alone
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    # The lock died with its process (kill -9): the folder is free for the resumed run.
+    summary = train(out, data, "--resume", "auto", "eval.selection_split=null", epochs=3)
+    assert summary["global_step"] == 6 and not temporaries(out)
+
+
+def test_a_crash_inside_the_first_last_pth_save_points_to_best_pth(tmp_path, monkeypatch):
+    import engine.training
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    real_save = engine.training.save_checkpoint
+
+    def crash_in_last(obj, path):
+        if path.name == "last.pth":
+            raise RuntimeError("simulated crash")
+        real_save(obj, path)
+
+    monkeypatch.setattr(engine.training, "save_checkpoint", crash_in_last)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(out, data, epochs=2)
+    monkeypatch.setattr(engine.training, "save_checkpoint", real_save)
+    assert (out / "best.pth").is_file() and not (out / "last.pth").exists()
+    advice = f"best.pth but no last.pth .*saved after epoch 0.*continue from it with --resume {out / 'best.pth'}"
+    with pytest.raises(SystemExit, match=advice):
+        train(out, data, "--resume", "auto", epochs=2)
+    resumed = train(out, data, "--resume", str(out / "best.pth"), epochs=2)
+    uninterrupted = train(tmp_path / "whole", data, epochs=2)
+    assert resumed["test"]["t2i"] == uninterrupted["test"]["t2i"] and resumed["global_step"] == 4
+    recovered, whole = load_file(out / "last.pth")["model"], load_file(tmp_path / "whole" / "last.pth")["model"]
+    assert all(torch.equal(recovered[name], whole[name]) for name in whole)  # bit-identical weights
+
+
+# ------------------------------------------------------------------------------ a real full disk (issue 20)
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 8 MiB tmpfs: writes there fail with the kernel's own ENOSPC, as on a full disk (needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); "
+                    "test_a_file_size_limit_is_reported_like_a_full_disk still makes a real write error")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, keep_bytes: int) -> None:
+    """Fill ``disk`` up to ``keep_bytes`` of free space (tmpfs counts whole 4 KiB pages)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    os.ftruncate(fd, max(0, os.lseek(fd, 0, os.SEEK_END) - keep_bytes))
+    os.close(fd)
+
+
+@pytest.mark.parametrize("free_kib", [16, 200, 600])  # torch's zip writer fails at different records of the file
+def test_a_real_full_disk_at_the_save_keeps_the_checkpoints_and_says_so(tmp_path, small_disk, free_kib):
+    out, data = small_disk / "run", tmp_path / "data"
+    train(out, data, epochs=1, steps=2)
+    kept = {name: digest(out / name) for name in ("last.pth", "best.pth")}
+    fill(small_disk, free_kib * 1024)
+    with pytest.raises(SystemExit, match=r"^error: disk full: could not write .*(best|last)\.pth \(the save "
+                                         r"needed about 0.[0-9] MiB; 0.[0-9] MiB free.*intact"):
+        train(out, data, "--resume", "auto", epochs=2, steps=2)
+    assert {name: digest(out / name) for name in kept} == kept and not temporaries(out)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) > 4 and all(json.loads(line) for line in lines)
+
+
+def test_a_disk_filling_up_while_logging_leaves_whole_lines_and_one_message(tmp_path, small_disk, capsys):
+    import logging
+
+    from utils.logging_utils import MetricsWriter, setup_logging
+
+    setup_logging(small_disk, rank=0)
+    writer = MetricsWriter(small_disk)
+    writer.write("train", 0, {"loss": 1.0})
+    fill(small_disk, 0)  # metrics.jsonl and log.txt can still fill their last page, then the kernel refuses
+    try:
+        for step in range(100):  # 15 kB: more than the page log.txt has left
+            logging.getLogger("engine").info("step %d %s", step, "y" * 140)
+        with pytest.raises(DiskFullError, match="^disk full: could not append a record to .*metrics.jsonl .*whole"):
+            for step in range(1, 1000):
+                writer.write("train", step, {"loss": 1.0, "note": "x" * 100})
+    finally:
+        setup_logging(None)
+    records = read_metrics(writer.path)
+    assert [r["step"] for r in records] == list(range(len(records))) and len(records) > 1
+    assert writer.path.read_text().endswith("}\n")  # not a torn line
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and err.count("log.txt: disk full, no further lines written there") == 1
+
+
+def test_a_full_disk_at_the_start_of_a_run_leaves_no_empty_files(tmp_path, small_disk):
+    data = tmp_path / "data"
+    train(tmp_path / "first", data, epochs=1, steps=1)
+    fill(small_disk, 0)
+    out = small_disk / "run"
+    with pytest.raises(SystemExit, match="^error: disk full: could not write .*config.yaml"):
+        train(out, data, epochs=1, steps=1)
+    assert not (out / "config.yaml").exists() and not (out / "log.txt").exists()
+
+
+def test_a_file_size_limit_is_reported_like_a_full_disk(tmp_path):
+    # RLIMIT_FSIZE makes the kernel refuse the write with EFBIG: a real write error, without root or a tmpfs.
+    script = (
+        "import resource, sys, torch\n"
+        "from utils.checkpoint import atomic_save\n"
+        "from utils.errors import user_errors_as_one_line\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "with user_errors_as_one_line():\n"
+        f"    atomic_save({{'w': torch.zeros(200_000)}}, {str(tmp_path / 'big.pth')!r})\n"
+    )
+    target = tmp_path / "big.pth"
+    target.write_bytes(b"previous")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    # torch's zip writer reports the refused write without its errno: named as a full disk, with the file
+    assert re.match(r"error: (disk full|file size limit reached): could not write .*big\.pth",
+                    proc.stderr.strip().splitlines()[-1])
+    assert target.read_bytes() == b"previous" and not temporaries(tmp_path)
+
+
+def test_a_stopped_run_under_torchrun_exits_75(tmp_path):
+    out = tmp_path / "run"
+    args = ["bash", "start.sh", "train_cuhkpedes.py", "2", "--output-dir", str(out),
+            *tiny_overrides(tmp_path / "data", epochs=500, steps=2), "train.eval_every_epochs=1000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, MASTER_PORT="29533")
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # as under SLURM: start.sh, torchrun and its ranks in one group
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").is_file() and len(read_metrics(out / "metrics.jsonl")) >= 3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_STOPPED, output[-3000:]
+    assert load_file(out / "last.pth")["step"] >= 3 and not temporaries(out)
+
+
+# ---------------------------------------------------------------------------- images and the web page (issue 20)
+def search_gallery(folder: Path, count: int = 6) -> Path:
+    """``count`` synthetic person crops, a 200-megapixel PNG of 194 KB and a 60-megapixel one, in ``folder``."""
+    from PIL import Image
+
+    from datasets.synthetic import make_synthetic
+
+    root = make_synthetic("cuhkpedes", folder.parent / "synth", num_ids=4, seed=0)
+    folder.mkdir()
+    for path in sorted((root / "imgs").rglob("*.jpg"))[:count]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    Image.new("L", (20000, 10000)).save(folder / "bomb.png")  # above Pillow's own refusal (179 MP)
+    Image.new("L", (10000, 6000)).save(folder / "large.png")  # below it: Pillow would decode it, with a warning
+    return folder
+
+
+def test_decompression_bombs_are_skipped_in_a_gallery_and_refused_as_queries(tmp_path):
+    from datasets.transforms import load_image
+    from engine.retrieval import QueryError, Retriever
+    from engine.webapp import SearchPage
+
+    gallery = search_gallery(tmp_path / "gallery")
+    retriever = Retriever.from_pretrained(str(ROOT / "tests" / "fixtures" / "search_model"), device="cpu")
+    index = retriever.index(str(gallery))
+    assert len(index) == 6 and sorted(Path(p).name for p, _ in index.skipped) == ["bomb.png", "large.png"]
+    assert all("megapixels" in why for _, why in index.skipped)
+    with pytest.raises(QueryError, match="large.png: 10000x6000 pixels \\(60 megapixels\\), more than the limit of 50"):
+        retriever.search_image(str(gallery / "large.png"))
+    shown = SearchPage(retriever, provenance={}).search_image(str(gallery / "bomb.png"))
+    assert shown.message.startswith("**Cannot search:**") and "megapixels" in shown.message
+    with pytest.raises(OSError, match="60 megapixels"):  # training skips and counts it like any unreadable image
+        load_image(gallery / "large.png")
+
+
+def test_the_web_server_serves_only_indexed_images_and_bounds_uploads(tmp_path):
+    pytest.importorskip("gradio", reason="gradio is not installed: pip install -r requirements-serve.txt")
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    import serve
+
+    gallery = search_gallery(tmp_path / "gallery")
+    (gallery / ".env").write_text("SECRET=1\n")
+    (gallery / "notes.jpg.txt").write_text("private\n")
+    app, url = serve.main(["--checkpoint", str(ROOT / "tests" / "fixtures" / "search_model"), "--gallery",
+                           str(gallery), "--port", str(free_port())], block=False)
+    try:
+        def status(request) -> int:
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as refused:
+                return refused.code
+
+        indexed = sorted(gallery.glob("*.jpg"))[0]
+        assert status(f"{url}gradio_api/file={indexed}") == 200
+        for secret in (".env", "notes.jpg.txt", "bomb.png"):  # in the folder, not in the index
+            assert status(f"{url}gradio_api/file={gallery / secret}") == 403, secret
+        boundary = uuid.uuid4().hex
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode() + b"x" * (21 << 20) + f"\r\n--{boundary}--\r\n".encode()
+        upload = urllib.request.Request(f"{url}gradio_api/upload", data=body,
+                                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert status(upload) == 413  # 21 MB: over the page's 20 MB limit
+    finally:
+        app.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------- one-line errors (issue 20)
+@pytest.mark.parametrize("override, expected", [
+    ("train.epochs=null", "'train.epochs' must be a number >= 1, got None"),
+    ("data.max_bad_images=-1", "'data.max_bad_images' must be a number >= 0 \\(or null\\), got -1"),
+    ("input.image_size=[32,abc]", "'input.image_size' must be \\[height, width\\], two positive integers"),
+    ("sampler.num_instances=3", "train.batch_size_per_gpu 8 is not a multiple of sampler.num_instances 3"),
+    ("train.lr=null", "'train.lr' must be a number > 0, got None"),
+])
+def test_bad_config_values_are_one_line_before_the_run_folder_is_touched(tmp_path, override, expected):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=f"^error: .*{expected}"):
+        train(out, tmp_path / "data", override, epochs=1, steps=1)
+    assert not out.exists()
+
+
+def test_user_mistakes_around_runs_are_one_line(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1, steps=1)
+    with pytest.raises(SystemExit, match="^error: the checkpoint being resumed: tensor .* has shape .* in the "
+                                         "checkpoint but .* in the model built from the config"):
+        train(out, data, "--resume", "auto", "model.embed_dim=64", epochs=2, steps=1)  # another architecture
+    records = json.loads((data / "reid_raw.json").read_text())
+    (data / "no_train.json").write_text(json.dumps([r for r in records if r["split"] != "train"]))
+    with pytest.raises(SystemExit, match="^error: the train split of .*no_train.json is empty"):
+        train(tmp_path / "empty", data, "data.annotation_file=no_train.json", epochs=1, steps=1)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="^error: --output-dir .*a_file is a file, not a folder"):
+        evaluate.main(["--checkpoint", str(out / "best.pth"), "--output-dir", str(tmp_path / "a_file")])
+    with pytest.raises(SystemExit, match="^error: nothing to evaluate on: --config .*pretrain.yaml has task=pretrain"):
+        evaluate.main(["--checkpoint", str(out / "best.pth"), "--config", str(ROOT / "configs" / "pretrain.yaml")])
+
+
+def test_serve_with_an_impossible_port_is_one_line(tmp_path):
+    import serve
+
+    with pytest.raises(SystemExit, match="^error: --port 99999 is not a TCP port"):
+        serve.main(["--checkpoint", str(tmp_path / "x.pth"), "--gallery", str(tmp_path), "--port", "99999"],
+                   block=False)
+
+
+def test_bench_learning_refuses_what_would_fail_after_its_first_run(tmp_path, capsys):
+    from bench import bench_learning
+
+    (tmp_path / "a_file").write_text("")
+    for argv, said in ((["--num-ids", "0"], "--num-ids must be at least 3"),
+                       (["--data-dir", str(tmp_path / "a_file")], "--data-dir .*a_file is a file"),
+                       (["--out", str(tmp_path / "missing" / "x.jsonl")], "--out .*the folder .*missing does not")):
+        with pytest.raises(SystemExit) as stopped:
+            bench_learning.main([*argv, "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
+        assert stopped.value.code == 2 and re.search(said, capsys.readouterr().err.splitlines()[-1]), argv
+
+
+def test_a_queries_file_that_is_not_utf8_is_one_line(tmp_path):
+    from retrieve import read_queries_file
+    from utils.errors import UserError
+
+    (tmp_path / "queries.txt").write_bytes("a man in a caf\u00e9 jacket\n".encode("latin-1"))
+    with pytest.raises(UserError, match="queries.txt: not UTF-8 text \\(byte 14\\)"):
+        read_queries_file(tmp_path / "queries.txt")

@@ -5,7 +5,6 @@ contents); everything in it loads with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
@@ -18,7 +17,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, out_of_space
 
 FORMAT_NAME = "ivt-retrieval-checkpoint"
 FORMAT_VERSION = 1
@@ -40,13 +39,6 @@ def file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    # torch.save reports a full disk as a RuntimeError from its zip writer, not as an OSError.
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, RuntimeError) and "file write failed" in str(exc)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -84,10 +76,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], expected_b
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.remove(tmp)
-        if _is_disk_full(exc):
+        reason = out_of_space(exc) if isinstance(exc, Exception) else None
+        if reason is not None:
             needed = f"about {expected_bytes / 2**20:.1f} MiB" if expected_bytes else f"more than {written} bytes"
             free = shutil.disk_usage(path.parent).free
-            raise DiskFullError(f"disk full: could not write {path} (the save needed {needed}; "
+            raise DiskFullError(f"{reason}: could not write {path} (the save needed {needed}; "
                                 f"{free / 2**20:.1f} MiB free on that filesystem); the previous {path.name}, "
                                 "if any, is intact") from None
         raise

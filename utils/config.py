@@ -60,22 +60,37 @@ MINIMUM = {
     "train.eval_every_epochs": 1, "train.save_every_epochs": 1, "train.max_steps_per_epoch": 0,
     "train.warmup_epochs": 0, "train.dist_timeout_minutes": 1, "train.stall_warning_seconds": 0,
     "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
-    "eval.save_examples": 0, "data.num_workers": 0, "data.synthetic_num_ids": 1, "data.eval_synthetic_num_ids": 1,
-    "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3, "text.mlm_max_masks": 0,
+    "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1,
+    "data.eval_synthetic_num_ids": 1, "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3,
+    "text.mlm_max_masks": 0,
 }
+# The same for keys where null means "the default rule".
+NULL_OR_MINIMUM = {"data.max_bad_images": 0}
 # Learning rates and similar that must be strictly positive.
 POSITIVE = ("train.lr",)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_ranges(data: dict, source: str) -> None:
-    for dotted, least in MINIMUM.items():
+    for dotted, least in {**MINIMUM, **NULL_OR_MINIMUM}.items():
         value = _lookup(data, dotted)
-        if value < least:
-            raise ConfigError(f"{source}: key {dotted!r} must be >= {least}, got {value!r}")
+        if value is None and dotted in NULL_OR_MINIMUM:
+            continue
+        if not _is_number(value) or value < least:
+            raise ConfigError(f"{source}: key {dotted!r} must be a number >= {least}"
+                              f"{' (or null)' if dotted in NULL_OR_MINIMUM else ''}, got {value!r}")
+    size = data["input"]["image_size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and not isinstance(s, bool)
+                                                               and s > 0 for s in size)):
+        raise ConfigError(f"{source}: key 'input.image_size' must be [height, width], two positive integers, "
+                          f"got {size!r}")
     for dotted in POSITIVE:
         value = _lookup(data, dotted)
-        if not value > 0:
-            raise ConfigError(f"{source}: key {dotted!r} must be > 0, got {value!r}")
+        if not _is_number(value) or not value > 0:
+            raise ConfigError(f"{source}: key {dotted!r} must be a number > 0, got {value!r}")
     if data["text"]["max_text_len"] > data["model"]["max_text_positions"]:
         raise ConfigError(f"{source}: text.max_text_len {data['text']['max_text_len']} exceeds "
                           f"model.max_text_positions {data['model']['max_text_positions']}")
@@ -352,4 +367,8 @@ def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), sou
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())
+    """Write ``cfg`` as YAML atomically: a full disk leaves no empty or partial config.yaml behind."""
+    from utils.checkpoint import atomic_write
+
+    text = cfg.to_yaml().encode()
+    atomic_write(path, lambda handle: handle.write(text), expected_bytes=len(text))

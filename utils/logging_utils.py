@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint import atomic_write
+from utils.checkpoint import DiskFullError, atomic_write
+from utils.errors import out_of_space
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _EARLY_RECORDS_KEPT = 10_000
+_FILE_MODE = 0o666  # before the umask, as open() does
 
 
 class _EarlyRecords(logging.Handler):
@@ -52,7 +56,7 @@ def setup_logging(output_dir: str | Path | None, rank: int = 0) -> None:
         handlers.append(_EarlyRecords())
     elif rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        log_file = logging.FileHandler(Path(output_dir) / "log.txt")
+        log_file = _RunLogHandler(Path(output_dir) / "log.txt")
         log_file.setFormatter(formatter)
         for record in (early[0].records if early else []):
             log_file.handle(record)
@@ -72,8 +76,8 @@ def interactive() -> bool:
 class MetricsWriter:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard when installed.
 
-    Each record is one ``write`` of a whole line, flushed, so a crash leaves at most a torn last line, which
-    :func:`read_metrics` skips.
+    Each record is one ``write`` of a whole line, so a crash leaves at most a torn last line, which
+    :func:`read_metrics` skips; a full disk leaves no part of the line (see :func:`append_whole_line`).
     """
 
     def __init__(self, output_dir: str | Path, enabled: bool = True):
@@ -92,9 +96,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record, default=float) + "\n")
-            handle.flush()
+        append_whole_line(self.path, json.dumps(record, default=float) + "\n")
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -117,6 +119,51 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def append_whole_line(path: Path, line: str) -> None:
+    """Append ``line`` to ``path``, or nothing at all: a write that runs out of space is cut back to the old end.
+
+    DiskFullError (one line, naming the file) when the disk is full; the file keeps its whole lines.
+    """
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            reason = out_of_space(exc)
+            if reason is None:
+                raise
+            os.ftruncate(fd, end)
+            raise DiskFullError(f"{reason}: could not append a record to {path} "
+                                f"({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free); its lines so far "
+                                "are whole and the last saved checkpoint is intact: free space, then resume with "
+                                "--resume auto") from None
+    finally:
+        os.close(fd)
+
+
+class _RunLogHandler(logging.FileHandler):
+    """log.txt; on a full disk it says so once on the console and stops, instead of a block per record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        reason = out_of_space(sys.exc_info()[1])
+        if reason is None:
+            super().handleError(record)
+            return
+        self.setLevel(logging.CRITICAL + 1)
+        sys.stderr.write(f"{self.baseFilename}: {reason}, no further lines written there (the console has them)\n")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:  # the lines the full disk refused stay on the console only
+            if out_of_space(exc) is None:
+                raise
 
 
 def read_metrics(path: str | Path) -> list[dict]:

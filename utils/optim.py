@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from timm.scheduler import CosineLRScheduler
 
-from utils.config import Config
+from utils.config import Config, ConfigError
 
 
 def parameter_groups(model: torch.nn.Module, train_cfg: Config) -> list[dict]:
@@ -113,3 +113,45 @@ def set_schedule(scheduler: CosineLRScheduler, train_cfg: Config, epoch: int, gl
     else:
         steps_per_epoch = max(1, scheduler.t_initial // max(1, schedule_length(train_cfg)))
         scheduler.step_update(global_step + offset * steps_per_epoch)
+
+
+# train.* keys that shape the learning-rate schedule or the optimizer's update. The schedule is a function of these
+# and of the step, so a resumed run can take new values from the step it resumes at.
+SCHEDULE_KEYS = ("lr", "bias_lr_factor", "epochs", "schedule_epochs", "schedule_epoch_offset", "schedule_unit",
+                 "warmup_epochs", "warmup_lr_init", "min_lr", "weight_decay", "weight_decay_bias", "momentum",
+                 "betas")
+
+
+def schedule_changes(saved_train: dict, train_cfg: Config) -> dict[str, tuple]:
+    """{key: (saved value, new value)} for the SCHEDULE_KEYS whose value differs from the checkpoint's config.
+
+    ConfigError when ``train.optimizer`` differs: the saved optimizer state belongs to the saved optimizer.
+    """
+    if saved_train.get("optimizer", train_cfg.optimizer) != train_cfg.optimizer:
+        raise ConfigError(f"train.optimizer is {train_cfg.optimizer!r} but the resumed run trained with "
+                                f"{saved_train['optimizer']!r}, whose state it holds; keep it, or start a new run "
+                                "from these weights with --init-from")
+    changes = {}
+    for key in SCHEDULE_KEYS:
+        old, new = saved_train.get(key), train_cfg.get(key)
+        if key in saved_train and _plain(old) != _plain(new):
+            changes[key] = (old, new)
+    return changes
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def renew_hyperparameters(optimizer: torch.optim.Optimizer, model: torch.nn.Module, train_cfg: Config) -> None:
+    """Give a restored optimizer's parameter groups the lr, weight decay, momentum and betas of ``train_cfg``.
+
+    The groups are those of :func:`parameter_groups` (same order); ``initial_lr`` is the schedule's base value.
+    """
+    for group, fresh in zip(optimizer.param_groups, parameter_groups(model, train_cfg)):
+        group["lr"] = group["initial_lr"] = fresh["lr"]
+        group["weight_decay"] = fresh["weight_decay"]
+        if "momentum" in group:
+            group["momentum"] = train_cfg.momentum
+        if "betas" in group:
+            group["betas"] = tuple(train_cfg.betas)

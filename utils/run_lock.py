@@ -1,0 +1,68 @@
+"""One run per run folder: an exclusive ``flock`` on ``<folder>/run.lock`` while a run writes there.
+
+A second process that would take the same folder (a double-submitted job, a ``--resume auto`` started while the
+first run still saves) gets one clear line instead of deleting the first run's in-flight files. The kernel drops
+the lock when its process ends, however it ends (kill -9 included), so a lock file left behind is never stale: the
+file stays, only a live process holds the lock. Linux NFS clients map ``flock`` onto POSIX locks, which the
+server sees from every node.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from utils.errors import UserError
+
+LOCK_NAME = "run.lock"
+
+logger = logging.getLogger(__name__)
+
+
+class RunFolderBusyError(UserError, RuntimeError):
+    """Another live process holds the run folder."""
+
+
+class RunFolderLock:
+    """``acquire()`` takes the folder (creating it); ``release()`` or leaving the ``with`` block gives it back."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = " ".join(os.pread(fd, 1000, 0).decode(errors="replace").split()) or "another process"
+            os.close(fd)
+            raise RunFolderBusyError(
+                f"{self.folder} is in use by {holder}: two runs in one folder would destroy each other's files; "
+                "wait for that run to end (or stop it), or choose another --output-dir") from None
+        except OSError as exc:  # a filesystem without locks: run unguarded rather than not at all
+            logger.warning("%s: cannot lock the run folder (%s); make sure no other run uses it", self.folder, exc)
+        note = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        try:  # who holds it, for the message of the next process; a full disk must not stop the run here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, note.encode(), 0)
+        except OSError:
+            pass
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file releases the lock
+            self._fd = None
+
+    def __enter__(self) -> "RunFolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
