@@ -238,8 +238,10 @@ def test_start_sh_picks_a_python_that_has_torch(tmp_path):
     fake.mkdir()
     (fake / "python3").write_text("#!/bin/sh\nexit 1\n")
     (fake / "python3").chmod(0o755)
-    real = Path(sys.executable)
-    (fake / "python").symlink_to(real)
+    # A wrapper that runs this interpreter by its own path, not a symlink to it: a symlink to a virtualenv's
+    # python placed outside the virtualenv does not find the virtualenv's packages.
+    (fake / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (fake / "python").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     env["PATH"] = f"{fake}:/usr/bin:/bin"
     result = subprocess.run(["bash", str(ROOT / "start.sh"), "--version-only-not-a-script.py", "1"],
