@@ -48,19 +48,6 @@ def output_paths(checkpoint: str | Path, output_dir: str | Path | None, split: s
     return folder / f"metrics_{split}{suffix}.json", folder / f"examples_{split}{suffix}"
 
 
-def logged_epoch(info: dict) -> int | None:
-    """The epoch as the training log numbers it (from 0), of the model in a checkpoint.
-
-    Checkpoints store ``epoch`` as the epoch to run next (ours and the authors' alike), so a checkpoint
-    written at the end of an epoch holds the model of ``epoch - 1``; one of ours written mid-epoch (a stopped
-    run's last.pth, ``step_in_epoch > 0``) holds a model inside ``epoch``.
-    """
-    epoch = info.get("epoch")
-    if not isinstance(epoch, int):
-        return None
-    return epoch if info.get("step_in_epoch") else epoch - 1
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the evaluation; returns the results dict (the same on every rank). Bad input exits with one line."""
     args = parse_args(argv)
@@ -69,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from engine.data import load_eval_splits
     from engine.evaluation import EvaluationError, evaluate_model, save_examples, write_metrics_json
     from utils import distributed as du
+    from utils.checkpoint import model_epoch
     from utils.logging_utils import setup_logging
 
     device = du.init_distributed(args.device)
@@ -79,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with user_errors_as_one_line():
         try:
             model, cfg, tokenizer, info = load_for_inference(args.checkpoint, args.config, overrides, device)
-            epoch = logged_epoch(info)
+            epoch = model_epoch(info)
             when = "epoch unknown" if epoch is None else f"epoch {epoch} as in its training log"
             if epoch is not None and info.get("step_in_epoch"):
                 when += f", stopped after {info['step_in_epoch']} steps of it"

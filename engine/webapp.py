@@ -108,6 +108,7 @@ class SearchPage:
 def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file: str | None) -> dict:
     """Where the model came from: checkpoint, format, training state, recipe, test metrics, and the gallery."""
     from models.export import CONFIG_FILE, find_metrics, is_model_folder
+    from utils.checkpoint import model_epoch
 
     cfg, info = retriever.cfg, retriever.info
     path = Path(checkpoint)
@@ -123,7 +124,7 @@ def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file:
             logger.warning("no metrics for the page: %s", exc)
     model = cfg.model
     return {
-        "checkpoint": str(path), "format": kind, "epoch": info.get("epoch"), "step": info.get("step"),
+        "checkpoint": str(path), "format": kind, "epoch": model_epoch(info), "step": info.get("step"),
         "task": cfg.task, "dataset": f"{cfg.data.format} ({cfg.data.root})",
         "model": (f"width {model.embed_dim}, {model.depth} layers, {model.num_heads} heads, "
                   f"{model.fusion_layers} fusion layers, input {cfg.input.image_size[0]}x{cfg.input.image_size[1]}"),
@@ -137,7 +138,8 @@ def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file:
 
 def provenance_markdown(p: dict) -> str:
     esc = html.escape
-    lines = ["### Model", f"- checkpoint: `{esc(p['checkpoint'])}` ({esc(str(p['format']))}, epoch {p['epoch']}, "
+    lines = ["### Model", f"- checkpoint: `{esc(p['checkpoint'])}` ({esc(str(p['format']))}, epoch {p['epoch']} "
+             "as numbered in the training log, "
              f"step {p['step']})", f"- recipe: task {esc(p['task'])} on {esc(p['dataset'])}",
              f"- model: {esc(p['model'])}", f"- tokenizer: {esc(p['tokenizer'])}",
              f"- config digest: `{p['config_digest']}`", "", "### Evaluation metrics"]

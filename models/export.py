@@ -30,7 +30,7 @@ import torch
 from datasets.tokenizer import build_tokenizer, save_tokenizer, tokenizer_from_vocab
 from models.config import IVTConfig
 from models.ivt import build_model
-from utils.checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointError, atomic_write, load_file
+from utils.checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointError, atomic_write, load_file, model_epoch
 from utils.config import config_from_dict
 from utils.errors import UserError, user_errors_as_one_line
 
@@ -108,6 +108,7 @@ def folder_as_checkpoint(path: str | os.PathLike[str]) -> dict:
     training = meta.get("training", {})
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": state, "config": config,
             "tokenizer": record, "epoch": training.get("epoch"), "step": training.get("step"),
+            "step_in_epoch": training.get("step_in_epoch"),
             "model_folder": str(path)}
 
 
@@ -197,7 +198,7 @@ def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
                       "lowercase": bool(cfg.text.lowercase), "vocab_size": len(tokenizer),
                       "max_text_len": int(cfg.text.max_text_len)},
         "config": cfg.to_dict(),
-        "training": {k: obj.get(k) for k in ("epoch", "step", "best_metric", "best_epoch", "world_size")},
+        "training": {k: obj.get(k) for k in ("epoch", "step_in_epoch", "step", "best_metric", "best_epoch", "world_size")},
         "metrics": find_metrics(checkpoint, metrics_files),
         "source_checkpoint": {"file": checkpoint.name, "sha256": _sha256(checkpoint)},
         "training_environment": obj.get("environment"),
@@ -332,7 +333,7 @@ Scores are cosine similarities in [-1, 1], not probabilities.
 
 Task `{cfg['task']}` on {dataset}{synthetic} (`data.root={cfg['data']['root']}`), {cfg['train']['epochs']} epochs,
 optimizer {cfg['train']['optimizer']} (lr {cfg['train']['lr']:g}), losses {losses or 'CMPM'}; exported from
-`{meta['source_checkpoint']['file']}` (sha256 {meta['source_checkpoint']['sha256'][:16]}..., epoch {train.get('epoch')},
+`{meta['source_checkpoint']['file']}` (sha256 {meta['source_checkpoint']['sha256'][:16]}..., epoch {model_epoch(train)} as numbered in the training log,
 step {train.get('step')}). The full resolved recipe is `config.json` -> `config`.
 
 ## Evaluation
