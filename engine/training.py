@@ -37,7 +37,7 @@ from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporari
 from utils.config import Config, ConfigError, save_config
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
-from utils.optim import build_optimizer, build_scheduler, set_schedule
+from utils.optim import batch_scaling_message, build_optimizer, build_scheduler, set_schedule
 
 logger = logging.getLogger("engine")
 
@@ -159,7 +159,10 @@ def prepare_optimisation(run: Run) -> None:
         cfg, run.train_records, run.tokenizer, rank=du.get_rank(), world_size=world_size)
     set_train_epoch(run.sampler, run.dataset, 0)
     run.nominal_steps = steps_in_epoch(run)
-    run.optimizer = build_optimizer(run.model, cfg.train)
+    message = batch_scaling_message(cfg.train, world_size)
+    if message and du.is_main_process():
+        logger.warning(message)
+    run.optimizer = build_optimizer(run.model, cfg.train, world_size)
     run.scheduler = build_scheduler(run.optimizer, cfg.train, run.nominal_steps)
     if device.type == "cuda" and cfg.train.amp == "fp16":
         run.scaler = torch.amp.GradScaler("cuda")

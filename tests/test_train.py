@@ -185,6 +185,12 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     # The two ranks saw different records: their first batches' pids differ.
     assert rank0["first_pids"] != rank1["first_pids"]
     assert (out / "metrics_test.json").is_file()
+    # recipe warnings come from rank 0, once: the batch (2 x 8 records against the reference 112) and the warmup
+    # (tiny runs train 1 epoch with 1 warmup epoch)
+    logs = result.stdout + result.stderr
+    assert logs.count("global batch 16 (2 process(es) x") == 1, logs[-3000:]
+    assert "the linear rule gives lr 0.0001429" in logs
+    assert logs.count("never leaves warmup") == 1, logs[-3000:]
 
 
 def test_tiny_pretraining_lowers_all_three_losses(tmp_path):
