@@ -15,6 +15,7 @@ metrics_<split>.json there instead (still named after the checkpoint when DIR is
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -84,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if du.is_main_process():
                 logger.info("wrote %s", metrics_path)
                 if "examples" in results:
-                    written = save_examples(examples_dir, results, records, cfg)
+                    from engine.explanation import explain_with
+
+                    explain = functools.partial(explain_with, model, tokenizer, cfg, device)  # "why it matches"
+                    written = save_examples(examples_dir, results, records, cfg, explain)
                     logger.info("wrote %d example pictures and index.html to %s",
                                 sum(p.suffix == ".png" for p in written), examples_dir)
             du.barrier()

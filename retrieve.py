@@ -40,6 +40,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                         help="re-rank the top candidates with the ITM head (needs a fusion stack; default: "
                              "when eval.rerank_top_k > 0)")
+    parser.add_argument("--why", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw under each text query's result its heatmap of the regions that drive the match "
+                             "and its best-matching words (default; --no-why skips the extra model passes)")
     parser.add_argument("--out", default="retrieval.png", help="contact sheet (PNG); several queries: OUT_001.png ...")
     parser.add_argument("--jsonl", default=None,
                         help="results as JSON lines (default with --queries-file: OUT with the suffix .jsonl)")
@@ -94,6 +97,11 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
             handle.write(json.dumps({**rec, "results": [r.to_dict() for r in rec["results"]]}) + "\n")
 
 
+def why(retriever: Any, args: argparse.Namespace, text: str, results: Sequence[Any]) -> list | None:
+    """Each result's "why this person" explanation for ``text`` (None with --no-why)."""
+    return [retriever.explain(text, r.path) for r in results] if args.why else None
+
+
 def interactive(retriever: Any, args: argparse.Namespace, out: Path) -> list[dict]:
     """Read descriptions from standard input; print each top-k and redraw the sheet at ``out``."""
     from engine.retrieval import QueryError
@@ -118,7 +126,8 @@ def interactive(retriever: Any, args: argparse.Namespace, out: Path) -> list[dic
             print(f"error: {exc}")
             continue
         print_results(f'"{text}"', results, len(retriever.gallery))
-        contact_sheet([r.path for r in results], [r.score for r in results], f'query: "{text}"', out)
+        contact_sheet([r.path for r in results], [r.score for r in results], f'query: "{text}"', out,
+                      why(retriever, args, text, results))
         print(f"contact sheet: {out}")
         records.append(record("text", text, results, out, retriever.out_of_vocabulary(text)))
     return records
@@ -151,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         for text, results in zip(texts, text_results):
             sheet = sheet_path(out, len(records) + 1 if several else None)
             print_results(f'"{text}"', results, size)
-            contact_sheet([r.path for r in results], [r.score for r in results], f'query: "{text}"', sheet)
+            contact_sheet([r.path for r in results], [r.score for r in results], f'query: "{text}"', sheet,
+                          why(retriever, args, text, results))
             records.append(record("text", text, results, sheet, retriever.out_of_vocabulary(text)))
         for image in args.image:
             results = retriever.search_image(image, k=args.top_k)

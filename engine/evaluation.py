@@ -383,6 +383,27 @@ def example_rows(first_hit_rank: torch.Tensor, n: int, pick: str = "spread") -> 
     return order[:n]
 
 
+# The "no good match" threshold (the web page): this share of the correctly answered queries scores below it.
+MATCH_THRESHOLD_QUANTILE = 0.05
+
+
+def match_threshold(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
+                    gallery_pids: torch.Tensor, chunk_size: int) -> dict:
+    """The cosine score below which a best match is unlikely to be the right person, measured on a split.
+
+    text_feats [Q, D], image_feats [G, D], pids [Q] / [G]. The value is the MATCH_THRESHOLD_QUANTILE quantile of
+    the best score of the queries whose best match is their person: 95% of the correctly answered queries score
+    above it, so a best score below it says the gallery holds nothing like the description. None without a
+    correctly answered query.
+    """
+    scores, indices = topk_indices(text_feats, image_feats, 1, chunk_size=chunk_size)
+    right = gallery_pids.to(indices.device)[indices[:, 0]] == query_pids.to(indices.device)
+    value = float(torch.quantile(scores[right, 0].float(), MATCH_THRESHOLD_QUANTILE)) if right.any() else None
+    return {"value": value, "quantile": MATCH_THRESHOLD_QUANTILE, "queries_answered_right": int(right.sum()),
+            "rule": f"{MATCH_THRESHOLD_QUANTILE:.0%} quantile of the best cosine score over the split's queries "
+                    "whose best match is the right person"}
+
+
 def _examples(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
               gallery_pids: torch.Tensor, per_query: dict, n: int, pick: str,
               rerank: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
@@ -492,6 +513,7 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     per_query = results["t2i"].pop("per_query", None)
     results["i2t"] = retrieval_metrics(image_feats, text_feats, gallery_pids, query_pids, chunk_size=chunk, **options)
     results["chance_R1"] = chance_r1(query_pids, gallery_pids)
+    results["match_threshold"] = match_threshold(text_feats, image_feats, query_pids, gallery_pids, chunk)
     results["counts"] = {"queries": sets.num_queries, "gallery_images": sets.num_gallery,
                          "identities": int(torch.unique(sets.query_pids).numel())}
 
@@ -550,11 +572,13 @@ def write_metrics_json(path: str | Path, results: dict, checkpoint: str | Path |
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
-def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record], cfg: Any) -> list[Path]:
+def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record], cfg: Any,
+                  explain: Callable[[str, str], Any] | None = None) -> list[Path]:
     """PNGs of ``results["examples"]`` and an index.html listing them with their query text and metrics.
 
     See utils.visualize.save_query_examples; rank 0 only, no collective. ``cfg`` gives the protocol that
-    ``results`` were computed under (the example indices refer to its queries and gallery).
+    ``results`` were computed under (the example indices refer to its queries and gallery). ``explain``
+    (caption, image path) -> engine.explanation.Explanation adds each image's "why it matches" heatmap.
     """
     written: list[Path] = []
     examples = results.get("examples")
@@ -568,7 +592,7 @@ def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record],
     first_matches = [None if m is None else (m["index"], m["rank"], m["score"]) for m in examples["first_match"]]
     written = save_query_examples(out_dir, queries, gallery, torch.tensor(examples["indices"]),
                                   torch.tensor(examples["scores"]), len(rows), query_ids=rows,
-                                  first_matches=first_matches)
+                                  first_matches=first_matches, explain=explain)
     final = results["t2i_rerank"] if "t2i_rerank" in results else results["t2i"]
     ranked_by = (f"ITM re-ranking of the cosine top {results['rerank_top_k']}" if "t2i_rerank" in results
                  else "cosine similarity")
