@@ -27,3 +27,22 @@ def test_ci_runs_the_readme_quick_start_commands_verbatim():
     assert commands == _quick_start_commands()
     # in the virtualenv .ci/run makes, the commands' pip and python are that environment's
     assert "python3 -m venv" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_no_absolute_machine_paths_in_committed_files():
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    # written split so that this file does not name them itself
+    patterns = [re.compile(p) for p in ("/" + "work/", "/" + "root/", "/" + "tmp/", "/" + "home/")]
+    found = []
+    for name in files:
+        path = ROOT / name
+        if not path.is_file() or path.suffix in (".png", ".jpg", ".pth", ".safetensors", ".pt", ".onnx"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        found += [f"{name}: {p.pattern}" for p in patterns if p.search(text)]
+    assert not found, found
