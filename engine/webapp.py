@@ -39,7 +39,8 @@ CSS = """
 #why-index { display: none; }
 #message p { margin: 0.2rem 0; }
 """
-# Clicking a result writes its index into the hidden #why-index box; its input event asks the server why.
+# Clicking a result writes its index into the hidden #why-index box; the change of its value asks the server why
+# (a new query resets the box, so the same result can be asked about again).
 RESULTS_JS = """
 element.addEventListener('click', (event) => {
   const card = event.target.closest('figure[data-index]');
