@@ -193,6 +193,41 @@ return [...document.querySelectorAll('#results figure')].map((figure) => {
 """
 
 
+def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_path) -> None:
+    """After a search with results: labels under whole images, the why panel on a click (photographed), the "no
+    good match" message for a nonsense query (which closes the panel), and no horizontal scrolling on a phone."""
+    from selenium.webdriver.common.by import By
+
+    time.sleep(1.0)  # let the thumbnails finish drawing
+    # every label under its image, never over it; every image whole inside the results (no clipped heads)
+    for geometry in browser.execute_script(GEOMETRY_JS):
+        assert geometry["label_top"] >= geometry["img_bottom"] - 0.5, geometry
+        assert geometry["img_top"] >= geometry["results_top"] - 0.5, geometry
+        assert geometry["natural_ratio"] == pytest.approx(geometry["shown_ratio"], rel=0.05), geometry
+
+    # why this person: a click on a result opens the panel with its heatmap and words; a new query closes it
+    browser.find_elements(By.CSS_SELECTOR, "#results figure")[0].click()
+    wait.until(lambda _: "Why #1 matches" in browser.find_element(By.CSS_SELECTOR, "#why").text)
+    why = browser.find_element(By.CSS_SELECTOR, "#why")
+    assert why.find_element(By.CSS_SELECTOR, "img[alt='heatmap of result #1']").size["height"] > 50
+    assert "Words that match most" in why.text and "green" in why.text
+    time.sleep(0.5)  # let the panel's images finish drawing
+    shot = tmp_path / "serve.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("IVT_SERVE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["IVT_SERVE_SCREENSHOT"])
+    # a description nobody in the gallery fits: the ranking comes with a "no good match" message
+    search("zzzz qqqq", lambda: "No good match" in message())
+    assert browser.find_element(By.CSS_SELECTOR, "#why").text.strip() == ""
+    assert len(results()) == 8
+    # at phone width the grid wraps: no horizontal scrolling
+    browser.set_window_size(390, 844)
+    time.sleep(0.5)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    browser.set_window_size(1400, 1150)
+
+
 def test_the_page_in_a_browser(browser, trained_gallery, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -202,8 +237,9 @@ def test_the_page_in_a_browser(browser, trained_gallery, tmp_path):
     import serve
 
     folder, pids, train = trained_gallery
-    app, url = serve.main(["--checkpoint", os.path.relpath(TRAINED), "--gallery", str(folder), "--port", str(_free_port()),
-                           "--device", "cpu", "--top-k", "8"], block=False)
+    # a relative checkpoint path, so that the screenshot names no machine's folders
+    app, url = serve.main(["--checkpoint", os.path.relpath(TRAINED), "--gallery", str(folder),
+                           "--port", str(_free_port()), "--device", "cpu", "--top-k", "8"], block=False)
     try:
         assert url.startswith("http://127.0.0.1:")
         wait = WebDriverWait(browser, 60)
@@ -235,34 +271,7 @@ def test_the_page_in_a_browser(browser, trained_gallery, tmp_path):
         assert shown == [Path(hit.path).name for hit in api.search(target.caption, k=8)]
         assert pids[shown[0]] == target.pid, f"expected person {target.pid} first, got {shown}"
         assert "not probabilities" in message() and "No good match" not in message()
-        time.sleep(1.0)  # let the thumbnails finish drawing
-        # every label under its image, never over it; every image whole inside the results (no clipped heads)
-        for geometry in browser.execute_script(GEOMETRY_JS):
-            assert geometry["label_top"] >= geometry["img_bottom"] - 0.5, geometry
-            assert geometry["img_top"] >= geometry["results_top"] - 0.5, geometry
-            assert geometry["natural_ratio"] == pytest.approx(geometry["shown_ratio"], rel=0.05), geometry
-
-        # why this person: a click on a result opens the panel with its heatmap and words; a new query closes it
-        browser.find_elements(By.CSS_SELECTOR, "#results figure")[0].click()
-        wait.until(lambda _: "Why #1 matches" in browser.find_element(By.CSS_SELECTOR, "#why").text)
-        why = browser.find_element(By.CSS_SELECTOR, "#why")
-        assert why.find_element(By.CSS_SELECTOR, "img[alt='heatmap of result #1']").size["height"] > 50
-        assert "Words that match most" in why.text and "green" in why.text
-        time.sleep(0.5)  # let the panel's images finish drawing
-        shot = tmp_path / "serve.png"
-        browser.save_screenshot(str(shot))
-        assert shot.stat().st_size > 10_000
-        if os.environ.get("IVT_SERVE_SCREENSHOT"):
-            shutil.copy(shot, os.environ["IVT_SERVE_SCREENSHOT"])
-        # a description nobody in the gallery fits: the ranking comes with a "no good match" message
-        search("zzzz qqqq", lambda: "No good match" in message())
-        assert browser.find_element(By.CSS_SELECTOR, "#why").text.strip() == ""
-        assert len(results()) == 8
-        # at phone width the grid wraps: no horizontal scrolling
-        browser.set_window_size(390, 844)
-        time.sleep(0.5)
-        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
-        browser.set_window_size(1400, 1150)
+        _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_path)
 
         # bad input: a message on the page, never a stack trace
         search("   ", lambda: "Type a description" in message())
