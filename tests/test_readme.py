@@ -96,6 +96,7 @@ def _parse_entry(argv: list[str], monkeypatch) -> tuple[str, object]:
     monkeypatch.chdir(ROOT)
     try:
         if module:
+            monkeypatch.delitem(sys.modules, module, raising=False)  # runpy warns about a module imported before
             runpy.run_module(module, run_name="__main__", alter_sys=False)
         else:
             assert (ROOT / argv[1]).is_file(), argv[1]
