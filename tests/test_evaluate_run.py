@@ -30,6 +30,12 @@ def test_evaluate_leaves_the_runs_metrics_untouched(run_dir):
     assert own["t2i"]["R1"] == pytest.approx(trained["t2i"]["R1"], abs=1e-6) == results["t2i"]["R1"]
     assert own["t2i"]["mAP"] == pytest.approx(trained["t2i"]["mAP"], abs=1e-6)
     assert (run_dir / "examples_test_best" / "index.html").is_file()
+    from PIL import Image
+
+    from utils.visualize import THUMB_SIZE
+
+    picture = Image.open(sorted((run_dir / "examples_test_best").glob("query_*.png"))[0])
+    assert picture.height > 2 * THUMB_SIZE[1]  # each result drawn twice: as it is and with its "why" heatmap
     assert not (run_dir / "examples_test").exists()
     # --output-dir pointing at the run folder still keeps the checkpoint's name
     evaluate.main(["--checkpoint", str(run_dir / "last.pth"), "--output-dir", str(run_dir)])
