@@ -15,6 +15,7 @@ metrics_<split>.json there instead (still named after the checkpoint when DIR is
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -48,19 +49,6 @@ def output_paths(checkpoint: str | Path, output_dir: str | Path | None, split: s
     return folder / f"metrics_{split}{suffix}.json", folder / f"examples_{split}{suffix}"
 
 
-def logged_epoch(info: dict) -> int | None:
-    """The epoch as the training log numbers it (from 0), of the model in a checkpoint.
-
-    Checkpoints store ``epoch`` as the epoch to run next (ours and the authors' alike), so a checkpoint
-    written at the end of an epoch holds the model of ``epoch - 1``; one of ours written mid-epoch (a stopped
-    run's last.pth, ``step_in_epoch > 0``) holds a model inside ``epoch``.
-    """
-    epoch = info.get("epoch")
-    if not isinstance(epoch, int):
-        return None
-    return epoch if info.get("step_in_epoch") else epoch - 1
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the evaluation; returns the results dict (the same on every rank). Bad input exits with one line."""
     args = parse_args(argv)
@@ -69,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from engine.data import load_eval_splits
     from engine.evaluation import EvaluationError, evaluate_model, save_examples, write_metrics_json
     from utils import distributed as du
+    from utils.checkpoint import model_epoch
     from utils.logging_utils import setup_logging
 
     device = du.init_distributed(args.device)
@@ -82,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 raise EvaluationError(f"--output-dir {args.output_dir} is a file, not a folder; name a folder "
                                       "(created when missing)")
             model, cfg, tokenizer, info = load_for_inference(args.checkpoint, args.config, overrides, device)
-            epoch = logged_epoch(info)
+            epoch = model_epoch(info)
             when = "epoch unknown" if epoch is None else f"epoch {epoch} as in its training log"
             if epoch is not None and info.get("step_in_epoch"):
                 when += f", stopped after {info['step_in_epoch']} steps of it"
@@ -101,7 +90,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if du.is_main_process():
                 logger.info("wrote %s", metrics_path)
                 if "examples" in results:
-                    written = save_examples(examples_dir, results, records, cfg)
+                    from engine.explanation import explain_with
+
+                    explain = functools.partial(explain_with, model, tokenizer, cfg, device)  # "why it matches"
+                    written = save_examples(examples_dir, results, records, cfg, explain)
                     logger.info("wrote %d example pictures and index.html to %s",
                                 sum(p.suffix == ".png" for p in written), examples_dir)
             du.barrier()

@@ -32,6 +32,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                         help="re-rank the top candidates with the ITM head (needs a fusion stack; default: "
                              "when eval.rerank_top_k > 0)")
+    parser.add_argument("--why", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw under each text query's result its heatmap of the regions that drive the match "
+                             "and its best-matching words (default; --no-why skips the extra model passes)")
     parser.add_argument("--out", default="retrieval.png", help="contact sheet (PNG); several queries: OUT_001.png ...")
     parser.add_argument("--jsonl", default=None,
                         help="results as JSON lines (default with --queries-file: OUT with the suffix .jsonl)")

@@ -1,6 +1,6 @@
 """Cost of each piece of the training data path, per item, on this machine (one CPU thread unless --threads).
 
-    python bench/bench_data.py --data-dir /tmp/ivt_e2e_cpu [--device cuda] [--records 28]
+    python bench/bench_data.py --data-dir runs/e2e_cpu [--device cuda] [--records 28]
 
 On images of bench/e2e_data.py's dataset (CUHK-PEDES's size range) at input.image_size (default the recipe's
 384x128): decoding a JPEG (PIL) vs reading the decoded image from the image cache; one view through the reference

@@ -227,8 +227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-ids", type=int, default=400, help="identities (15%% of them are test ids)")
     parser.add_argument("--ablation", nargs="*", choices=list(ABLATION), default=None, metavar="VARIANT",
                         help=f"run these variants of the objective (all when none is named): {', '.join(ABLATION)}")
-    parser.add_argument("--data-dir", default="/tmp/bench_learning/data")
-    parser.add_argument("--runs-dir", default="/tmp/bench_learning/runs")
+    parser.add_argument("--data-dir", default="runs/bench_learning/data")
+    parser.add_argument("--runs-dir", default="runs/bench_learning/runs")
     parser.add_argument("--out", default=None, help="JSON lines file to append each run's result to")
     parser.add_argument("--name", default="recipe", help="the variant's name in the table and run folders")
     parser.add_argument("--dry-run", action="store_true")

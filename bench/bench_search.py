@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--checkpoint", default=None, help="default: the demo architecture with random weights")
-    parser.add_argument("--work", default="/tmp/ivt_bench_search", help="gallery, index and checkpoint go here")
+    parser.add_argument("--work", default="runs/bench_search", help="gallery, index and checkpoint go here")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "search_cpu"),
                         help="writes OUT.json and OUT.md")
     parser.add_argument("--runs", type=int, default=50, help="timed single queries (batches: runs / 10)")

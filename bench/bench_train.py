@@ -4,7 +4,7 @@ epoch end to end with the loader, and the fastest setting per GPU memory budget.
     python bench/bench_train.py --device cpu --sizes tiny                 # CI-sized: seconds
     python bench/bench_train.py --device cuda --sizes base                # the recipe: 28 records x 3 views, bf16
     python bench/bench_train.py --device cuda --sizes base --variants baseline,foreach,pad16,compile,after
-    python bench/bench_train.py --device cuda --end-to-end --data-dir /tmp/e2e_cuhk --max-steps 300
+    python bench/bench_train.py --device cuda --end-to-end --data-dir runs/e2e_cuhk --max-steps 300
     python bench/bench_train.py --device cuda --memory-budgets 12,16,24,40,80
 
 Step mode. The real training step, ``engine.training.optimizer_step`` (host-to-device copy, the device augmentation
@@ -599,7 +599,7 @@ def main(argv=None) -> list[dict]:
                         "machine are steadier with 1)")
     e2e = parser.add_argument_group("end to end")
     e2e.add_argument("--end-to-end", action="store_true")
-    e2e.add_argument("--data-dir", default="/tmp/ivt_e2e_data")
+    e2e.add_argument("--data-dir", default="runs/e2e_data")
     e2e.add_argument("--max-steps", type=int, default=0, help="steps of the epoch to run (0: the whole epoch)")
     e2e.add_argument("--data-workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                      help="processes writing the synthetic JPEGs")

@@ -1,7 +1,7 @@
 """A synthetic CUHK-PEDES-shaped dataset for the end-to-end benchmark: the real dataset's counts and image sizes.
 
-    python bench/e2e_data.py --out /tmp/e2e_cuhk                       # the real counts (34,054 train images, ...)
-    python bench/e2e_data.py --out /tmp/e2e_small --train-images 300 --train-captions 600 --eval-images 40 \
+    python bench/e2e_data.py --out runs/e2e_cuhk                       # the real counts (34,054 train images, ...)
+    python bench/e2e_data.py --out runs/e2e_small --train-images 300 --train-captions 600 --eval-images 40 \
         --eval-captions 80 --train-ids 100 --eval-ids 20
 
 Counts default to CUHK-PEDES's published ones: train 11,003 identities, 34,054 images, 68,126 captions; val and

@@ -27,7 +27,7 @@ if [[ $SMOKE == 1 ]]; then
     STEP="--batch 4 --steps 1 --warmup 1 --profile-steps 1"
     VARIANTS_EAGER=baseline,foreach,pad16,device_aug
     VARIANTS_COMPILED=${SMOKE_COMPILED:-}   # CPU compilation takes minutes: opt in with SMOKE_COMPILED=compile
-    DATA=${DATA:-/tmp/ivt_e2e_smoke}
+    DATA=${DATA:-runs/e2e_smoke}
     COUNTS="--train-ids 24 --train-images 60 --train-captions 120 --eval-ids 8 --eval-images 16 --eval-captions 32"
     E2E="--batch 8 --max-steps 3 --warmup 1"
     WORKERS=2
@@ -40,7 +40,7 @@ else
     STEP="--batch 28 --steps 15 --warmup 3 --profile-steps 3"
     VARIANTS_EAGER=baseline,foreach,fused,pad16,device_aug
     VARIANTS_COMPILED=compile,after
-    DATA=${DATA:-/tmp/ivt_e2e_cuhk}
+    DATA=${DATA:-runs/e2e_cuhk}
     COUNTS=""   # bench/e2e_data.py's defaults: CUHK-PEDES's counts
     E2E="--batch 28 --max-steps 150 --warmup 10"
     WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))

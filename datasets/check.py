@@ -127,6 +127,18 @@ def _identity_lines(train: Sequence[Record], min_instances: int, examples: int) 
     return lines, trainable
 
 
+def _images_in_root_hint(missing: Sequence[str], root: str, sample: int = 50) -> str | None:
+    """A hint when the missing images exist directly under ``root`` instead of ``root/imgs`` (the most common
+    layout mistake); None when a sample of them is not there either."""
+    imgs = os.path.join(root, "imgs")
+    checked = [p for p in missing[:sample] if os.path.commonpath([imgs, p]) == imgs]
+    found = sum(os.path.isfile(os.path.join(root, os.path.relpath(p, imgs))) for p in checked)
+    if not checked or found < len(checked) / 2:
+        return None
+    return (f"hint: {found} of {len(checked)} missing images checked sit directly in {root} instead of {imgs}: "
+            f"images are read from <root>/imgs/<path in the annotation>; move them into {imgs}/")
+
+
 def run_check(args: argparse.Namespace, out: TextIO) -> int:
     collect = _Collect()
     reader_logger = logging.getLogger("datasets.readers")
@@ -155,6 +167,9 @@ def run_check(args: argparse.Namespace, out: TextIO) -> int:
         say(line)
     if report.missing:
         failures.append(f"{len(report.missing)} missing image(s)")
+        hint = _images_in_root_hint(report.missing, args.root) if base else None
+        if hint:
+            say(hint)
     if report.undecodable:
         failures.append(f"{len(report.undecodable)} undecodable image(s)")
 

@@ -15,6 +15,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from datasets.authors_text import authors_cut, authors_word_count
 from datasets.image_check import DEFAULT_MODE, ImageCheckReport, scan_images
 from datasets.records import (
     SPLIT_NAMES,
@@ -45,6 +46,7 @@ class _FormatSpec:
     raw_splits: tuple[str, ...]
     processed_caption_is_list: bool
     processed_has_att: bool
+    authors_words: str = ""  # how the authors' loader counts a caption's words: "split" (RSTPReid), "tokens" (ICFG)
 
 
 _SPECS: dict[str, _FormatSpec] = {
@@ -54,11 +56,11 @@ _SPECS: dict[str, _FormatSpec] = {
     ),
     "icfg": _FormatSpec(
         "ICFG-PEDES", ("ICFG-PEDES.json", "ICFG_PEDES.json", "ICFG_PEDES_VISTXT.json"), "file_path",
-        ("train", "test"), True, False,
+        ("train", "test"), True, False, "tokens",
     ),
     "rstp": _FormatSpec(
         "RSTPReid", ("data_captions.json", "rstpreid_vistxt.json"), "img_path",
-        ("train", "val", "test"), False, False,
+        ("train", "val", "test"), False, False, "split",
     ),
 }
 FORMATS = tuple(_SPECS)
@@ -81,6 +83,7 @@ class _Entry:
     captions: tuple[str, ...]
     raw_id: int
     phrases: tuple[str, ...] | None
+    tokens: tuple[tuple[str, ...] | None, ...] = ()  # per caption, the file's processed_tokens (ICFG-PEDES)
 
 
 # ----------------------------------------------------------------------------------------------- field access
@@ -142,6 +145,20 @@ def _get_phrases(item: dict, path: Any, index: int, split: str | None) -> tuple[
     return phrases or None
 
 
+def _get_tokens(item: dict, count: int, path: Any, index: int,
+                split: str | None) -> tuple[tuple[str, ...] | None, ...]:
+    """``processed_tokens`` (a list of word lists, one per caption) for the first ``count`` captions; None for
+    a caption the field does not cover (the field is optional)."""
+    value = item.get("processed_tokens")
+    if value is None:
+        return (None,) * count
+    if not isinstance(value, list) or not all(
+            isinstance(words, list) and all(isinstance(w, str) for w in words) for words in value):
+        raise DataFormatError(path, "a list of word lists (one per caption)", index=index, split=split,
+                              field="processed_tokens", got=describe_value(value))
+    return tuple(tuple(value[k]) if k < len(value) else None for k in range(count))
+
+
 def _as_object(item: Any, path: Any, index: int, split: str | None) -> dict:
     if not isinstance(item, dict):
         raise DataFormatError(path, "a JSON object", index=index, split=split, got=describe_value(item))
@@ -158,13 +175,15 @@ def _parse_raw(data: list, path: str, spec: _FormatSpec) -> Iterator[_Entry]:
         if split not in spec.raw_splits:
             raise DataFormatError(path, f"one of {list(spec.raw_splits)}", index=index, field="split",
                                   got=describe_value(split))
+        captions = _get_str_list(item, "captions", path, index, None)
         yield _Entry(
             split=split,
             index=index,
             rel_path=_get_str(item, spec.path_field, path, index, None),
-            captions=tuple(_get_str_list(item, "captions", path, index, None)),
+            captions=tuple(captions),
             raw_id=_get_int(item, "id", path, index, None),
             phrases=None,
+            tokens=_get_tokens(item, len(captions), path, index, None) if spec.authors_words == "tokens" else (),
         )
 
 
@@ -188,6 +207,7 @@ def _parse_processed(data: dict, path: str, spec: _FormatSpec) -> Iterator[_Entr
                 captions = _get_str_list(item, "captions", path, index, split)[:1]
             else:
                 captions = [_get_str(item, "captions", path, index, split)]
+            tokens = _get_tokens(item, 1, path, index, split)[:1] if spec.authors_words == "tokens" else ()
             yield _Entry(
                 split=split,
                 index=index,
@@ -195,17 +215,29 @@ def _parse_processed(data: dict, path: str, spec: _FormatSpec) -> Iterator[_Entr
                 captions=tuple(captions),
                 raw_id=_get_int(item, "id", path, index, split),
                 phrases=_get_phrases(item, path, index, split) if spec.processed_has_att else None,
+                tokens=tokens,
             )
 
 
+def _authors_view(entry: _Entry, k: int, words: str) -> tuple[int | None, str | None]:
+    """(authors_word_count, authors_caption) of caption ``k`` of ``entry`` (see Record), from the raw caption."""
+    caption = entry.captions[k]
+    if words == "split":
+        return authors_word_count(caption), None
+    tokens = entry.tokens[k] if words == "tokens" and k < len(entry.tokens) else None
+    if tokens is None:
+        return None, None
+    return len(tokens), authors_cut(caption, tokens)
+
+
 def _build_records(
-    entries: Iterable[_Entry], root: str, path: str, splits: Sequence[str]
+    entries: Iterable[_Entry], root: str, path: str, splits: Sequence[str], authors_words: str = ""
 ) -> tuple[dict[str, list[Record]], int, list[tuple[str, int, str]]]:
     """Flatten entries to one record per caption.
 
     Returns records per split, the number of train pids and (split, index, path) of entries with empty captions.
     """
-    rows: dict[str, list[tuple[str, str, int, tuple[str, ...] | None]]] = {s: [] for s in splits}
+    rows: dict[str, list[tuple]] = {s: [] for s in splits}
     image_pid: dict[str, dict[str, tuple[int, int]]] = {s: {} for s in splits}
     empty: list[tuple[str, int, str]] = []
     for entry in entries:
@@ -215,16 +247,17 @@ def _build_records(
                 path, f"image '{entry.rel_path}' to keep id {seen[0]} given at record {seen[1]}",
                 index=entry.index, split=entry.split, field="id", got=entry.raw_id,
             )
-        kept = [c.strip() for c in entry.captions if c.strip()]
+        kept = [k for k, c in enumerate(entry.captions) if c.strip()]
         if len(kept) < len(entry.captions) or not entry.captions:
             empty.append((entry.split, entry.index, entry.rel_path))
-        for caption in kept:
-            rows[entry.split].append((entry.rel_path, caption, entry.raw_id, entry.phrases))
+        for k in kept:
+            rows[entry.split].append((entry.rel_path, entry.captions[k].strip(), entry.raw_id, entry.phrases,
+                                      *_authors_view(entry, k, authors_words)))
     if empty:
         shown = ", ".join(f"{s}[{i}] {p}" for s, i, p in empty[:_MAX_LISTED])
         logger.warning("%s: skipped empty captions in %d record(s); first: %s", path, len(empty), shown)
 
-    train_ids = sorted({raw_id for _, _, raw_id, _ in rows.get("train", [])})
+    train_ids = sorted({row[2] for row in rows.get("train", [])})
     train_label = {raw_id: label for label, raw_id in enumerate(train_ids)}
     records: dict[str, list[Record]] = {}
     for split, split_rows in rows.items():
@@ -236,8 +269,10 @@ def _build_records(
                 pid=train_label[raw_id] if split == "train" else raw_id,
                 image_id=image_ids.setdefault(rel_path, len(image_ids)),
                 phrases=phrases,
+                authors_word_count=word_count,
+                authors_caption=cut,
             )
-            for rel_path, caption, raw_id, phrases in split_rows
+            for rel_path, caption, raw_id, phrases, word_count, cut in split_rows
         ]
     return records, len(train_ids), empty
 
@@ -342,7 +377,7 @@ def load_annotations(
     else:
         raise DataFormatError(path, "a JSON list of image entries (raw) or an object of splits (processed)",
                               got=describe_value(data))
-    records, num_train_pids, empty = _build_records(entries, root, str(path), SPLIT_NAMES)
+    records, num_train_pids, empty = _build_records(entries, root, str(path), SPLIT_NAMES, spec.authors_words)
     splits = DatasetSplits(fmt, root, str(path), records["train"], records["val"], records["test"], num_train_pids,
                            skipped_empty=empty)
     logger.info("%s annotations from %s:\n%s", spec.title, path, format_statistics(splits))

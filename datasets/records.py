@@ -17,6 +17,10 @@ class Record:
     ``pid`` is 0..P-1 in the train split (raw train ids sorted, then numbered) and the raw id elsewhere;
     ``image_id`` numbers the split's unique images 0..n_images-1 in order of first appearance, so two
     captions of one image share it. ``phrases`` holds the authors' ``att`` phrases when the file has them.
+    ``authors_word_count`` is the caption's length in words as the authors' loader of the format counts it
+    (RSTPReid: their split of the raw caption; ICFG-PEDES: the file's ``processed_tokens``), None elsewhere;
+    ``authors_caption`` is the caption as their ICFG-PEDES loader cuts it when it has more than 90 of those
+    tokens, else None (see datasets/authors_text.py; protocol ``authors`` uses both).
     """
 
     image_path: str
@@ -24,6 +28,8 @@ class Record:
     pid: int
     image_id: int
     phrases: tuple[str, ...] | None = None
+    authors_word_count: int | None = None
+    authors_caption: str | None = None
 
 
 class DataFormatError(UserError, ValueError):

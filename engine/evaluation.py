@@ -5,7 +5,8 @@ Protocol ``standard`` (``eval.protocol``): every caption of the split is a query
 the standard average precision over queries that have a positive. Protocol ``authors`` reproduces the
 authors' evaluation code so that their published numbers can be compared: the gallery is every second record
 of the annotation in file order (every record on ICFG-PEDES), AP is the trapezoidal variant, a query without
-a positive counts as zero, and RSTPReid captions of more than 90 words are dropped before anything else.
+a positive counts as zero, RSTPReid captions of more than 90 words are dropped before anything else and
+ICFG-PEDES captions of more than 90 words are cut, both counting words as the authors' loaders do.
 Features are encoded once (batched, autocast on CUDA, each rank a contiguous shard, gathered back in order),
 ranked by cosine similarity, and, when the model has a fusion stack and ``eval.rerank_top_k > 0``, each
 query's top-k images are re-scored by the ITM head. Image-to-text metrics (images as queries, captions as
@@ -17,15 +18,16 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.authors_text import AUTHORS_MAX_WORDS as AUTHORS_LIMIT
+from datasets.authors_text import authors_word_count
 from datasets.build import worker_init
 from datasets.workers import closing_workers
 from datasets.pixels import set_max_image_pixels
@@ -56,7 +58,8 @@ PROTOCOLS = ("standard", "authors")
 # and the caption length (their word count) beyond which a record is dropped from the split. Both are part of
 # the definition of protocol "authors", not settings: changing them would no longer reproduce their numbers.
 AUTHORS_GALLERY_EVERY = {"cuhkpedes": 2, "rstp": 2, "icfg": 1}
-AUTHORS_MAX_WORDS = {"rstp": 90}
+AUTHORS_MAX_WORDS = {"rstp": AUTHORS_LIMIT}  # longer captions are dropped
+AUTHORS_CUT_WORDS = {"icfg": AUTHORS_LIMIT}  # longer captions are cut (Record.authors_caption)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class EvalSets:
     gallery_image_ids: torch.Tensor
     protocol: str = "standard"
     dropped_captions: int = 0
+    cut_captions: int = 0
 
     @property
     def num_queries(self) -> int:
@@ -87,9 +91,26 @@ class EvalSets:
         return len(self.image_paths)
 
 
-def authors_word_count(caption: str) -> int:
-    """Words as the authors count them to drop long RSTPReid captions: pieces between spaces, '.', ',', '?'."""
-    return sum(1 for piece in re.split(r"[\s.,?]+", caption) if piece)
+def _authors_words(record: Record) -> int:
+    """The record's word count as the authors' loader counts it (computed from the caption when the reader
+    could not keep the raw one, e.g. records built in code)."""
+    if record.authors_word_count is not None:
+        return record.authors_word_count
+    return authors_word_count(record.caption)
+
+
+def _authors_records(records: Sequence[Record], data_format: str) -> tuple[list[Record], int, int]:
+    """Protocol ``authors``' view of a split: (records, captions dropped, captions cut)."""
+    max_words = AUTHORS_MAX_WORDS.get(data_format)
+    kept = [r for r in records if max_words is None or _authors_words(r) <= max_words]
+    if not kept:
+        raise EvaluationError(f"every caption of the split has more than {max_words} words, which "
+                              "eval.protocol=authors drops")
+    cut = 0
+    if data_format in AUTHORS_CUT_WORDS:
+        cut = sum(r.authors_caption is not None for r in kept)
+        kept = [r if r.authors_caption is None else replace(r, caption=r.authors_caption) for r in kept]
+    return kept, len(records) - len(kept), cut
 
 
 def build_eval_protocol(records: Sequence[Record], protocol: str = "standard",
@@ -97,8 +118,8 @@ def build_eval_protocol(records: Sequence[Record], protocol: str = "standard",
     """Queries and gallery of ``records`` (one split, in annotation file order) under ``protocol``.
 
     standard: queries = every record's caption; gallery = each ``image_id`` once, in order of first appearance.
-    authors: records whose caption has more than AUTHORS_MAX_WORDS[data_format] words are dropped first;
-    queries = the remaining records; gallery = the image of every AUTHORS_GALLERY_EVERY[data_format]-th
+    authors: records whose caption has more than AUTHORS_MAX_WORDS[data_format] words are dropped first and
+    captions of AUTHORS_CUT_WORDS formats cut as the authors' loader cuts them; queries = the remaining records; gallery = the image of every AUTHORS_GALLERY_EVERY[data_format]-th
     remaining record, starting with the first (their ``[::2]``: exactly the unique images when every image
     has two adjacent captions).
 
@@ -109,19 +130,12 @@ def build_eval_protocol(records: Sequence[Record], protocol: str = "standard",
         raise EvaluationError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if not records:
         raise EvaluationError("the evaluation split has no records")
-    dropped = 0
+    dropped = cut = 0
     if protocol == "authors":
         if data_format not in AUTHORS_GALLERY_EVERY:
             raise EvaluationError(f"eval.protocol=authors is defined for the formats the authors evaluate "
                                   f"({', '.join(AUTHORS_GALLERY_EVERY)}), not {data_format!r}; use eval.protocol=standard")
-        max_words = AUTHORS_MAX_WORDS.get(data_format)
-        if max_words is not None:
-            kept = [r for r in records if authors_word_count(r.caption) <= max_words]
-            dropped = len(records) - len(kept)
-            records = kept
-            if not records:
-                raise EvaluationError(f"every caption of the split has more than {max_words} words, which "
-                                      "eval.protocol=authors drops")
+        records, dropped, cut = _authors_records(records, data_format)
     texts, query_pids, query_image_ids = [], [], []
     first_seen: dict[int, int] = {}  # image_id -> index of the record that introduced it
     for index, record in enumerate(records):
@@ -150,6 +164,7 @@ def build_eval_protocol(records: Sequence[Record], protocol: str = "standard",
         gallery_image_ids=torch.tensor([r.image_id for r in gallery], dtype=torch.long),
         protocol=protocol,
         dropped_captions=dropped,
+        cut_captions=cut,
     )
 
 
@@ -173,10 +188,12 @@ def describe_protocol(sets: EvalSets, data_format: str) -> dict:
         gallery = {1: "every record's image", 2: "the image of every second record in file order"}[
             AUTHORS_GALLERY_EVERY[data_format]]
         max_words = AUTHORS_MAX_WORDS.get(data_format)
+        cut_words = AUTHORS_CUT_WORDS.get(data_format)
     else:
-        gallery, max_words = "every unique image", None
+        gallery, max_words, cut_words = "every unique image", None, None
     return {"name": sets.protocol, "gallery": gallery, **metric_options(sets.protocol),
-            "max_caption_words": max_words, "captions_dropped": sets.dropped_captions}
+            "max_caption_words": max_words, "captions_dropped": sets.dropped_captions,
+            "cut_caption_words": cut_words, "captions_cut": sets.cut_captions}
 
 
 def check_images_exist(paths: Sequence[str], limit: int = 5) -> None:
@@ -368,6 +385,27 @@ def example_rows(first_hit_rank: torch.Tensor, n: int, pick: str = "spread") -> 
     return order[:n]
 
 
+# The "no good match" threshold (the web page): this share of the correctly answered queries scores below it.
+MATCH_THRESHOLD_QUANTILE = 0.05
+
+
+def match_threshold(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
+                    gallery_pids: torch.Tensor, chunk_size: int) -> dict:
+    """The cosine score below which a best match is unlikely to be the right person, measured on a split.
+
+    text_feats [Q, D], image_feats [G, D], pids [Q] / [G]. The value is the MATCH_THRESHOLD_QUANTILE quantile of
+    the best score of the queries whose best match is their person: 95% of the correctly answered queries score
+    above it, so a best score below it says the gallery holds nothing like the description. None without a
+    correctly answered query.
+    """
+    scores, indices = topk_indices(text_feats, image_feats, 1, chunk_size=chunk_size)
+    right = gallery_pids.to(indices.device)[indices[:, 0]] == query_pids.to(indices.device)
+    value = float(torch.quantile(scores[right, 0].float(), MATCH_THRESHOLD_QUANTILE)) if right.any() else None
+    return {"value": value, "quantile": MATCH_THRESHOLD_QUANTILE, "queries_answered_right": int(right.sum()),
+            "rule": f"{MATCH_THRESHOLD_QUANTILE:.0%} quantile of the best cosine score over the split's queries "
+                    "whose best match is the right person"}
+
+
 def _examples(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
               gallery_pids: torch.Tensor, per_query: dict, n: int, pick: str,
               rerank: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
@@ -458,6 +496,9 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     if sets.dropped_captions:
         logger.info("protocol %s: %d captions of more than %d words dropped, as the authors", protocol,
                     sets.dropped_captions, AUTHORS_MAX_WORDS[data_format])
+    if sets.cut_captions:
+        logger.info("protocol %s: %d captions of more than %d words cut, as the authors", protocol,
+                    sets.cut_captions, AUTHORS_CUT_WORDS[data_format])
     began = time.perf_counter()
     image_feats = encode_images(model, sets.image_paths, transform, ev.batch_size, device, amp, num_workers)
     text_feats = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, ev.batch_size, device, amp)
@@ -475,6 +516,7 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     per_query = results["t2i"].pop("per_query", None)
     results["i2t"] = retrieval_metrics(image_feats, text_feats, gallery_pids, query_pids, chunk_size=chunk, **options)
     results["chance_R1"] = chance_r1(query_pids, gallery_pids)
+    results["match_threshold"] = match_threshold(text_feats, image_feats, query_pids, gallery_pids, chunk)
     results["counts"] = {"queries": sets.num_queries, "gallery_images": sets.num_gallery,
                          "identities": int(torch.unique(sets.query_pids).numel())}
 
@@ -533,11 +575,13 @@ def write_metrics_json(path: str | Path, results: dict, checkpoint: str | Path |
     atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
-def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record], cfg: Any) -> list[Path]:
+def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record], cfg: Any,
+                  explain: Callable[[str, str], Any] | None = None) -> list[Path]:
     """PNGs of ``results["examples"]`` and an index.html listing them with their query text and metrics.
 
     See utils.visualize.save_query_examples; rank 0 only, no collective. ``cfg`` gives the protocol that
-    ``results`` were computed under (the example indices refer to its queries and gallery).
+    ``results`` were computed under (the example indices refer to its queries and gallery). ``explain``
+    (caption, image path) -> engine.explanation.Explanation adds each image's "why it matches" heatmap.
     """
     written: list[Path] = []
     examples = results.get("examples")
@@ -551,7 +595,7 @@ def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record],
     first_matches = [None if m is None else (m["index"], m["rank"], m["score"]) for m in examples["first_match"]]
     written = save_query_examples(out_dir, queries, gallery, torch.tensor(examples["indices"]),
                                   torch.tensor(examples["scores"]), len(rows), query_ids=rows,
-                                  first_matches=first_matches)
+                                  first_matches=first_matches, explain=explain)
     final = results["t2i_rerank"] if "t2i_rerank" in results else results["t2i"]
     ranked_by = (f"ITM re-ranking of the cosine top {results['rerank_top_k']}" if "t2i_rerank" in results
                  else "cosine similarity")

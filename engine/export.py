@@ -109,7 +109,8 @@ def folder_record(obj: dict, cfg: Any, tokenizer, checkpoint: Path, metrics: dic
                       "lowercase": bool(cfg.text.lowercase), "vocab_size": len(tokenizer),
                       "max_text_len": int(cfg.text.max_text_len)},
         "config": cfg.to_dict(),
-        "training": {k: obj.get(k) for k in ("epoch", "step", "best_metric", "best_epoch", "world_size")},
+        "training": {k: obj.get(k) for k in ("epoch", "step_in_epoch", "step", "best_metric", "best_epoch",
+                                             "world_size")},
         "metrics": metrics,
         "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
         "training_environment": obj.get("environment"),
@@ -190,6 +191,8 @@ def _metrics_table(metrics: dict[str, dict]) -> str:
 
 def model_card(meta: dict, name: str) -> str:
     """The README.md of a model folder: what it is, how it was trained, metrics, how to load, licence, citation."""
+    from utils.checkpoint import model_epoch
+
     cfg, arch, train = meta["config"], meta["architecture"], meta["training"]
     dataset = cfg["data"]["format"] if cfg["task"] == "retrieval" else "the pretraining corpora"
     synthetic = " (synthetic data)" if cfg["data"].get("synthesize_if_missing") else ""
@@ -220,7 +223,8 @@ Scores are cosine similarities in [-1, 1], not probabilities.
 
 Task `{cfg['task']}` on {dataset}{synthetic} (`data.root={cfg['data']['root']}`), {cfg['train']['epochs']} epochs,
 optimizer {cfg['train']['optimizer']} (lr {cfg['train']['lr']:g}), losses {losses or 'CMPM'}; exported from
-`{meta['source_checkpoint']['file']}` (sha256 {meta['source_checkpoint']['sha256'][:16]}..., epoch {train.get('epoch')},
+`{meta['source_checkpoint']['file']}` (sha256 {meta['source_checkpoint']['sha256'][:16]}...,
+epoch {model_epoch(train)} as numbered in the training log,
 step {train.get('step')}). The full resolved recipe is `config.json` -> `config`.
 
 ## Evaluation

@@ -475,6 +475,12 @@ class Retriever:
                 for rank, j in enumerate(order, 1)]
 
     # ---------------------------------------------------------------------------------- image-to-text
+    def explain(self, text: str, image: str) -> Any:
+        """Why ``image`` scores what it does for ``text``: engine.explanation.Explanation (image regions, words)."""
+        from engine.explanation import explain
+
+        return explain(self, _check_texts([text])[0], image)
+
     def set_captions(self, captions: Sequence[str]) -> None:
         """Encode the caption list ``describe`` ranks (kept until another list is set)."""
         captions = tuple(_check_texts(list(captions)))

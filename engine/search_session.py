@@ -62,6 +62,11 @@ def write_jsonl(path: Path, records: Sequence[dict]) -> None:
             handle.write(json.dumps({**rec, "results": [r.to_dict() for r in rec["results"]]}) + "\n")
 
 
+def why(retriever: Any, args: argparse.Namespace, text: str, results: Sequence[Any]) -> list | None:
+    """Each result's "why this person" explanation for ``text`` (None with --no-why)."""
+    return [retriever.explain(text, r.path) for r in results] if args.why else None
+
+
 def interactive(retriever: Any, args: argparse.Namespace, out: Path) -> list[dict]:
     """Read descriptions from standard input; print each top-k and redraw the sheet at ``out``."""
     print(f"type a description and press Enter ({' / '.join(QUIT_WORDS)} or Ctrl-D to stop); "
@@ -83,7 +88,8 @@ def interactive(retriever: Any, args: argparse.Namespace, out: Path) -> list[dic
             print(f"error: {exc}")
             continue
         print_results(f'"{text}"', results, len(retriever.gallery))
-        contact_sheet([r.path for r in results], [r.score for r in results], f'query: "{text}"', out)
+        contact_sheet([r.path for r in results], [r.score for r in results], f'query: "{text}"', out,
+                      why(retriever, args, text, results))
         print(f"contact sheet: {out}")
         records.append(record("text", text, results, out, retriever.out_of_vocabulary(text)))
     return records
@@ -122,7 +128,8 @@ def search_all(retriever: Retriever, texts: Sequence[str], args: argparse.Namesp
     for text, results in zip(texts, text_results):
         sheet = sheet_path(out, len(records) + 1 if several else None)
         print_results(f'"{text}"', results, size)
-        contact_sheet([r.path for r in results], [r.score for r in results], f'query: "{text}"', sheet)
+        contact_sheet([r.path for r in results], [r.score for r in results], f'query: "{text}"', sheet,
+                      why(retriever, args, text, results))
         records.append(record("text", text, results, sheet, retriever.out_of_vocabulary(text)))
     for image in args.image:
         results = retriever.search_image(image, k=args.top_k)

@@ -39,7 +39,8 @@ from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporari
 from utils.config import Config, ConfigError, save_config
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
-from utils.optim import build_optimizer, build_scheduler, renew_hyperparameters, schedule_changes, set_schedule
+from utils.optim import (batch_scaling_message, build_optimizer, build_scheduler, renew_hyperparameters,
+                         schedule_changes, set_schedule)
 from utils.run_lock import RunFolderLock
 
 logger = logging.getLogger("engine")
@@ -202,7 +203,10 @@ def set_train_module(run: Run) -> None:
 def set_optimizer(run: Run) -> None:
     """Optimizer, schedule (over ``run.nominal_steps`` steps per epoch) and, for fp16 on a GPU, the grad scaler."""
     cfg = run.cfg
-    run.optimizer = build_optimizer(run.model, cfg.train)
+    message = batch_scaling_message(cfg.train, run.world_size)
+    if message and du.is_main_process():
+        logger.warning(message)
+    run.optimizer = build_optimizer(run.model, cfg.train, run.world_size)
     run.scheduler = build_scheduler(run.optimizer, cfg.train, run.nominal_steps)
     if run.device.type == "cuda" and cfg.train.amp == "fp16":
         run.scaler = torch.amp.GradScaler("cuda")

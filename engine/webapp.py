@@ -26,11 +26,33 @@ MAX_TOP_K = 50
 MAX_UPLOAD = "20mb"  # the largest photo the page accepts (larger uploads are refused before they are stored)
 DEFAULT_PORT = 7860
 
+THUMB_HEIGHT = 256  # results travel inside the page as JPEG thumbnails of at most this height
+# The results: a grid that wraps to the window (no horizontal scrolling on a phone), each image whole (letterboxed,
+# never cropped) with its label under it, never over it. #why-index is the hidden box a click on a result writes.
 CSS = """
-#results .caption-label { white-space: pre-line; overflow: visible; text-overflow: clip; font-size: 0.8rem;
-                          max-width: 95%; text-align: center; line-height: 1.25; }
-#results .grid-wrap.fixed-height { height: auto; max-height: none; min-height: 0; }
+#results .ivt-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(104px, 1fr)); gap: 10px; }
+#results figure { margin: 0; cursor: pointer; border: 2px solid transparent; border-radius: 6px; padding: 2px; }
+#results figure:hover, #results figure.ivt-picked { border-color: var(--color-accent, #f97316); }
+#results img { display: block; width: 100%; height: 220px; object-fit: contain; background: #f4f4f5; }
+#results figcaption { font-size: 0.78rem; text-align: center; line-height: 1.25; white-space: pre-line;
+                      overflow-wrap: anywhere; padding-top: 3px; }
+#why img { display: inline-block; width: 46%; height: 240px; object-fit: contain; margin: 0 3% 0 0; }
+#why .ivt-word { padding: 0 2px; border-radius: 3px; }
+#why-index { display: none; }
 #message p { margin: 0.2rem 0; }
+"""
+# Clicking a result writes its index into the hidden #why-index box; the change of its value asks the server why
+# (a new query resets the box, so the same result can be asked about again).
+RESULTS_JS = """
+element.addEventListener('click', (event) => {
+  const card = event.target.closest('figure[data-index]');
+  if (!card) return;
+  element.querySelectorAll('figure.ivt-picked').forEach((f) => f.classList.remove('ivt-picked'));
+  card.classList.add('ivt-picked');
+  const box = document.querySelector('#why-index textarea, #why-index input');
+  box.value = card.dataset.index;
+  box.dispatchEvent(new Event('input', {bubbles: true}));
+});
 """
 
 
@@ -40,10 +62,68 @@ class ServeError(UserError, RuntimeError):
 
 @dataclass
 class Shown:
-    """What one request puts on the page: gallery items (image path, caption) and a message (Markdown)."""
+    """What one request puts on the page: gallery items (image path, caption), a message (Markdown) and, for a
+    text query, the text (the "why this person" panel explains against it)."""
 
     items: list[tuple[str, str]]
     message: str
+    text: str | None = None
+
+
+def data_uri(image: Any, height: int = THUMB_HEIGHT) -> str:
+    """A PIL image as a JPEG data URI, scaled down to at most ``height`` pixels high."""
+    import base64
+    import io
+
+    from PIL import ImageOps
+
+    image = image.convert("RGB")
+    if image.height > height:
+        image = ImageOps.contain(image, (max(1, image.width * height // image.height), height))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _thumbnail_uri(path: str) -> str:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            return data_uri(ImageOps.exif_transpose(image))
+    except (OSError, ValueError):
+        return ""
+
+
+def results_html(items: Sequence[tuple[str, str]]) -> str:
+    """The ranked images as a wrapping grid; each label under its image; a click asks why it matches."""
+    if not items:
+        return ""
+    cards = [f'<figure data-index="{i}" title="click: why this person?"><img src="{_thumbnail_uri(path)}" '
+             f'alt="{html.escape(label)}"><figcaption>{html.escape(label)}</figcaption></figure>'
+             for i, (path, label) in enumerate(items)]
+    return '<div class="ivt-grid">' + "".join(cards) + "</div>"
+
+
+def why_html(explanation: Any, rank: int) -> str:
+    """The "why this person" panel: the image, the image with its heatmap, the split and the words by share."""
+    from PIL import Image
+
+    from utils.visualize import heat_overlay
+
+    esc = html.escape
+    with Image.open(explanation.image_path) as image:
+        image = image.convert("RGB")
+        plain, heat = data_uri(image, 300), data_uri(heat_overlay(image, explanation.patch_map), 300)
+    scale = max((abs(s) for _, s in explanation.words), default=0.0) or 1.0
+    words = " ".join(
+        f'<span class="ivt-word" title="{share:+.4f}" style="background: rgba('
+        f'{"230,30,30" if share >= 0 else "30,90,230"},{0.75 * abs(share) / scale:.2f})">{esc(word)}</span>'
+        for word, share in explanation.words)
+    return (f"<h3>Why #{rank} matches</h3><div><img src=\"{plain}\" alt=\"result #{rank}\">"
+            f"<img src=\"{heat}\" alt=\"heatmap of result #{rank}\"></div>"
+            f"<p>Red regions raise the score for the description, blue ones lower it; words are shaded the same "
+            f"way.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
 
 
 def caption(hit: Any) -> str:
@@ -55,10 +135,11 @@ def caption(hit: Any) -> str:
 class SearchPage:
     """The handlers of the page, independent of Gradio (tested directly and through a browser)."""
 
-    def __init__(self, retriever: Any, provenance: dict, default_k: int = 10):
+    def __init__(self, retriever: Any, provenance: dict, default_k: int = 10, min_score: float | None = None):
         self.retriever = retriever
         self.provenance = provenance
         self.default_k = max(1, min(int(default_k), MAX_TOP_K))
+        self.min_score = match_threshold_of(provenance) if min_score is None else float(min_score)
 
     def _k(self, k: Any) -> int:
         try:
@@ -75,8 +156,26 @@ class SearchPage:
             return Shown([], f"**The description is too long** ({len(text):,} characters; at most "
                              f"{MAX_QUERY_CHARS:,}). The model reads only its first "
                              f"{self.retriever.cfg.text.max_text_len} tokens; shorten it.")
-        return self._run(lambda: self.retriever.search(text, k=self._k(k), rerank=bool(rerank)),
-                         f"“{html.escape(text)}”", text)
+        shown = self._run(lambda: self.retriever.search(text, k=self._k(k), rerank=bool(rerank)),
+                          f"“{html.escape(text)}”", text)
+        shown.text = text if shown.items else None
+        return shown
+
+    def explain(self, text: str | None, items: Sequence[tuple[str, str]], index: Any) -> str:
+        """The "why this person" panel (HTML) of result ``index`` of the text query ``text``; a line on a failure."""
+        try:
+            index = int(index)
+        except (TypeError, ValueError):
+            return ""
+        if not text or not 0 <= index < len(items):
+            return "<p>Click a result of a description to see why it matches.</p>"
+        try:
+            return why_html(self.retriever.explain(text, items[index][0]), index + 1)
+        except UserError as exc:
+            return f"<p><b>Cannot explain:</b> {html.escape(str(exc))}</p>"
+        except Exception:  # a bug: full traceback in the server log, one line on the page
+            logger.exception("explanation failed")
+            return "<p><b>Internal error</b> while explaining; the server log has the details.</p>"
 
     def search_image(self, image: str | None, k: Any = None) -> Shown:
         if not image:
@@ -99,6 +198,11 @@ class SearchPage:
         ranked_by = "ITM re-ranking" if results and results[0].itm_score is not None else "cosine similarity"
         lines = [f"Top {len(results)} of {len(self.retriever.gallery)} images for {label}, ranked by {ranked_by}. "
                  "Scores are cosine similarities of the features (1 = same direction), not probabilities."]
+        best = max((r.score for r in results), default=None)
+        if text and best is not None and self.min_score is not None and best < self.min_score:
+            lines.insert(0, f"**No good match.** The best score, {best:.3f}, is below {self.min_score:.3f}: the score "
+                            "95% of the correctly answered test queries reach (its measured threshold). Nobody here "
+                            "looks much like the description; these are the closest images.")
         unknown = self.retriever.out_of_vocabulary(text) if text else []
         if unknown:
             lines.append(f"Not in the model's vocabulary (spelt letter by letter, so they count little): "
@@ -106,11 +210,19 @@ class SearchPage:
         return Shown([(r.path, caption(r)) for r in results], "\n\n".join(lines))
 
 
+def match_threshold_of(provenance: dict) -> float | None:
+    """The model's "no good match" threshold, measured by evaluation on its test split (None when unknown)."""
+    measured = (provenance.get("metrics") or {}).get("test", {}).get("match_threshold") or {}
+    value = measured.get("value") if isinstance(measured, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 # ------------------------------------------------------------------------------------------ provenance
 def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file: str | None) -> dict:
     """Where the model came from: checkpoint, format, training state, recipe, test metrics, and the gallery."""
     from engine.export import find_metrics
     from engine.model_folder import CONFIG_FILE, is_model_folder
+    from utils.checkpoint import model_epoch
 
     cfg, info = retriever.cfg, retriever.info
     path = Path(checkpoint)
@@ -126,7 +238,7 @@ def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file:
             logger.warning("no metrics for the page: %s", exc)
     model = cfg.model
     return {
-        "checkpoint": str(path), "format": kind, "epoch": info.get("epoch"), "step": info.get("step"),
+        "checkpoint": str(path), "format": kind, "epoch": model_epoch(info), "step": info.get("step"),
         "task": cfg.task, "dataset": f"{cfg.data.format} ({cfg.data.root})",
         "model": (f"width {model.embed_dim}, {model.depth} layers, {model.num_heads} heads, "
                   f"{model.fusion_layers} fusion layers, input {cfg.input.image_size[0]}x{cfg.input.image_size[1]}"),
@@ -140,7 +252,8 @@ def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file:
 
 def provenance_markdown(p: dict) -> str:
     esc = html.escape
-    lines = ["### Model", f"- checkpoint: `{esc(p['checkpoint'])}` ({esc(str(p['format']))}, epoch {p['epoch']}, "
+    lines = ["### Model", f"- checkpoint: `{esc(p['checkpoint'])}` ({esc(str(p['format']))}, epoch {p['epoch']} "
+             "as numbered in the training log, "
              f"step {p['step']})", f"- recipe: task {esc(p['task'])} on {esc(p['dataset'])}",
              f"- model: {esc(p['model'])}", f"- tokenizer: {esc(p['tokenizer'])}",
              f"- config digest: `{p['config_digest']}`", "", "### Evaluation metrics"]
@@ -170,8 +283,8 @@ def build_app(page: SearchPage):
     with gr.Blocks(title="IVT person search", analytics_enabled=False) as app:
         gr.Markdown("## Person search\nDescribe a person in words, or upload a photo, to rank the gallery.")
         with gr.Row():
-            with gr.Column(scale=3):
-                query = gr.Textbox(label="Description", lines=2, elem_id="query",
+            with gr.Column(scale=3, min_width=300):
+                query = gr.Textbox(label="Description (Enter searches)", lines=1, max_lines=4, elem_id="query",
                                    placeholder="a woman in a red coat and black pants with a black backpack")
                 with gr.Row():
                     search = gr.Button("Search", variant="primary", elem_id="search")
@@ -180,25 +293,32 @@ def build_app(page: SearchPage):
                                          label="re-rank with the ITM head" if has_fusion
                                          else "re-rank (this model has no ITM head)")
                 message = gr.Markdown(elem_id="message")
-                results = gr.Gallery(label="Ranked gallery (rank · cosine score · file)", columns=6, height=None,
-                                     object_fit="contain", elem_id="results", allow_preview=True)
-            with gr.Column(scale=1):
+                results = gr.HTML(elem_id="results", js_on_load=RESULTS_JS)
+                why_index = gr.Textbox(elem_id="why-index", show_label=False, container=False)
+            with gr.Column(scale=1, min_width=260):
+                why = gr.HTML(elem_id="why")
                 upload = gr.File(label="…or search by a photo", type="filepath", elem_id="upload")
                 shown_photo = gr.Image(label="query photo", interactive=False, height=180, elem_id="query-photo")
                 gr.Markdown(provenance_markdown(page.provenance), elem_id="provenance")
+        shown_state = gr.State(Shown([], ""))
 
-        def on_text(text, k, rr):
+        def on_text(text, k, rr):  # a new query closes the previous "why" panel
             shown = page.search_text(text, k, rr)
-            return shown.items, shown.message
+            return results_html(shown.items), shown.message, shown, "", ""
 
         def on_image(file, k):
             shown = page.search_image(file, k)
             photo = file if shown.items else None
-            return shown.items, shown.message, photo
+            return results_html(shown.items), shown.message, photo, shown, "", ""
 
-        search.click(on_text, [query, top_k, rerank], [results, message])
-        query.submit(on_text, [query, top_k, rerank], [results, message])
-        upload.upload(on_image, [upload, top_k], [results, message, shown_photo])
+        def on_why(index, shown):
+            return page.explain(shown.text, shown.items, index)
+
+        text_outputs = [results, message, shown_state, why, why_index]
+        search.click(on_text, [query, top_k, rerank], text_outputs)
+        query.submit(on_text, [query, top_k, rerank], text_outputs)
+        upload.upload(on_image, [upload, top_k], [results, message, shown_photo, shown_state, why, why_index])
+        why_index.change(on_why, [why_index, shown_state], [why])
     return app
 
 

@@ -70,13 +70,22 @@ def cmpm_loss(
 
         def direction(query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             logits = query @ F.normalize(key, dim=1).t()
-            # clamp: a row with no positive would divide 0 by 0
-            q = labels / labels.sum(dim=1, keepdim=True).clamp(min=1.0).sqrt()
+            q = cmpm_targets(labels)
             # p from softmax and log p from log_softmax, as the authors (exp(log_softmax) differs in the last bits)
             kl = F.softmax(logits, dim=1) * (F.log_softmax(logits, dim=1) - torch.log(q + eps))
             return kl.sum(dim=1).mean()
 
         return direction(v, t, same) + direction(t, v, same.t())
+
+
+def cmpm_targets(labels: torch.Tensor) -> torch.Tensor:
+    """CMPM's target distribution: labels [N, M] float 0/1 -> q [N, M] = labels / ||labels row||_2.
+
+    The L2 norm of the row (``norm``, not ``sum().sqrt()``, which differs by one ulp for some counts such as
+    19, 34 or 37 positives) keeps q bit-equal to the authors' targets. A row without a positive would divide
+    0 by 0; the clamp leaves it at 0 (a norm of a non-empty 0/1 row is at least 1, so it changes nothing else).
+    """
+    return labels / labels.norm(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def itc_loss(

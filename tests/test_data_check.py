@@ -159,3 +159,17 @@ def test_check_runs_as_a_module_without_torch(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-c", probe, str(root)], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.stdout.rstrip().endswith("heavy: []"), run.stdout + run.stderr
+
+
+def test_check_hints_at_images_sitting_in_the_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = make_synthetic("rstp", tmp_path / "rstp", num_ids=10, seed=1)
+    for image in (root / "imgs").iterdir():  # the layout mistake: the images unpacked into the root itself
+        image.rename(root / image.name)
+    assert check.main(["--format", "rstp", "--root", str(root), "--no-decode"]) == 1
+    out = capsys.readouterr().out
+    assert f"sit directly in {root} instead of {root}/imgs" in out and f"move them into {root}/imgs/" in out
+    # images that are simply absent get no such hint
+    for image in root.glob("*.jpg"):
+        image.unlink()
+    assert check.main(["--format", "rstp", "--root", str(root), "--no-decode"]) == 1
+    assert "hint:" not in capsys.readouterr().out

@@ -30,6 +30,12 @@ def test_evaluate_leaves_the_runs_metrics_untouched(run_dir):
     assert own["t2i"]["R1"] == pytest.approx(trained["t2i"]["R1"], abs=1e-6) == results["t2i"]["R1"]
     assert own["t2i"]["mAP"] == pytest.approx(trained["t2i"]["mAP"], abs=1e-6)
     assert (run_dir / "examples_test_best" / "index.html").is_file()
+    from PIL import Image
+
+    from utils.visualize import THUMB_SIZE
+
+    picture = Image.open(sorted((run_dir / "examples_test_best").glob("query_*.png"))[0])
+    assert picture.height > 2 * THUMB_SIZE[1]  # each result drawn twice: as it is and with its "why" heatmap
     assert not (run_dir / "examples_test").exists()
     # --output-dir pointing at the run folder still keeps the checkpoint's name
     evaluate.main(["--checkpoint", str(run_dir / "last.pth"), "--output-dir", str(run_dir)])
@@ -52,8 +58,30 @@ def test_evaluate_reports_the_epoch_of_the_training_log(run_dir, caplog):
     assert last["epoch"] == 1 and "epoch 1 step" in log and "epoch 2 step" not in log  # epochs 0 and 1 in the log
 
 
-def test_logged_epoch_rule():
-    assert evaluate.logged_epoch({"epoch": 5}) == 4  # saved at the end of epoch 4: the next to run is 5
-    assert evaluate.logged_epoch({"epoch": 5, "step_in_epoch": 0}) == 4
-    assert evaluate.logged_epoch({"epoch": 6, "step_in_epoch": 7}) == 6  # stopped inside epoch 6
-    assert evaluate.logged_epoch({"epoch": None}) is None and evaluate.logged_epoch({}) is None
+def test_model_epoch_rule():
+    from utils.checkpoint import model_epoch
+
+    assert model_epoch({"epoch": 5}) == 4  # saved at the end of epoch 4: the next to run is 5
+    assert model_epoch({"epoch": 5, "step_in_epoch": 0}) == 4
+    assert model_epoch({"epoch": 6, "step_in_epoch": 7}) == 6  # stopped inside epoch 6
+    assert model_epoch({"epoch": None}) is None and model_epoch({}) is None
+
+
+def test_one_epoch_number_in_log_checkpoint_evaluate_page_and_model_card(run_dir, tmp_path):
+    from engine.retrieval import Retriever
+    from engine.webapp import gather_provenance, provenance_markdown
+    from engine.export import main as export_main
+    from utils.checkpoint import model_epoch
+
+    best = load_file(run_dir / "best.pth")
+    logged_best = int(re.findall(r"best [0-9.]+ at epoch (\d+)\)", (run_dir / "log.txt").read_text())[-1])
+    assert best["best_epoch"] == model_epoch(best) == logged_best
+    assert evaluate.main(["--checkpoint", str(run_dir / "best.pth"), "--output-dir", str(tmp_path / "ev")])[
+        "epoch"] == logged_best
+    folder = export_main([str(run_dir / "best.pth"), str(tmp_path / "folder")])
+    assert f"epoch {logged_best} as numbered in the training log" in (folder / "README.md").read_text()
+    for source in (run_dir / "best.pth", folder):
+        retriever = Retriever.from_checkpoint(source, device="cpu") if source.is_file() else \
+            Retriever.from_pretrained(source, device="cpu")
+        panel = provenance_markdown(gather_provenance(retriever, str(source), "", None))
+        assert re.findall(r"epoch (\d+) as numbered in the training log", panel) == [str(logged_best)], panel

@@ -145,12 +145,35 @@ def test_authors_gallery_follows_file_order_not_images():
         build_eval_protocol(records, "authors", "market")
 
 
-def test_authors_drop_rstp_captions_over_90_words_before_taking_every_second():
-    from engine.evaluation import authors_word_count
+# (caption, words as the authors' RSTPReid loader counts them), counted by hand: it splits on single spaces
+# only, so an empty piece (two spaces, a leading or trailing space) is a word and tabs or newlines join words;
+# a piece holding '.' is split on '.' alone (a ',' inside stays), else on ',', else on '?'; empty parts go.
+AUTHORS_COUNTS = [
+    ("a man in a red coat", 6),
+    ("a  man", 3),  # double space: an empty word
+    (" a man ", 4),  # leading and trailing space
+    ("a\tman\nwith a bag", 3),  # "a\tman\nwith", "a", "bag"
+    ("man,bag.", 1),  # split on '.' only: "man,bag"
+    ("coat.shoes,bag", 2),  # "coat", "shoes,bag"
+    ("coat,shoes,bag", 3),
+    ("is it? yes", 3),
+    ("a , b", 2),  # "," alone leaves nothing
+    ("...", 0),
+    ("", 1),
+    ("end.  next", 3),  # "end", "", "next"
+]
 
-    words_90 = " ".join(["tall"] * 88) + " man,bag."  # '.' and ',' separate words too: 90
-    words_91 = " ".join(["tall"] * 89) + " man,bag."
-    assert authors_word_count(words_90) == 90 and authors_word_count(words_91) == 91
+
+@pytest.mark.parametrize("caption, count", AUTHORS_COUNTS)
+def test_authors_word_count_is_the_rstp_loaders_rule(caption, count):
+    from datasets.authors_text import authors_word_count
+
+    assert authors_word_count(caption) == count
+
+
+def test_authors_drop_rstp_captions_over_90_words_before_taking_every_second():
+    words_90 = " ".join(["tall"] * 89) + " man,bag."
+    words_91 = " ".join(["tall"] * 89) + "  man,bag."  # one more space: one more word, as the authors count
     records = [Record("a.jpg", "short a", 1, 0), Record("a.jpg", words_91, 1, 0),
                Record("b.jpg", words_90, 2, 1), Record("b.jpg", "short b", 2, 1), Record("c.jpg", "short c", 3, 2)]
     sets = build_eval_protocol(records, "authors", "rstp")
@@ -160,6 +183,21 @@ def test_authors_drop_rstp_captions_over_90_words_before_taking_every_second():
     # the drop is RSTPReid's only; the standard protocol never drops a caption
     assert build_eval_protocol(records, "authors", "cuhkpedes").num_queries == 5
     assert build_eval_protocol(records).num_queries == 5
+    # the reader's count of the raw caption wins over the (stripped) caption's: 89 words plus a leading space
+    stripped = Record("d.jpg", words_90, 4, 3, authors_word_count=91)
+    assert build_eval_protocol([stripped, *records[2:]], "authors", "rstp").dropped_captions == 1
+
+
+def test_authors_cut_icfg_captions_at_the_91st_processed_word():
+    tokens = [f"w{i}" for i in range(90)] + ["an", "extra"]
+    caption = "a man " + " ".join(tokens)
+    cut = caption[: caption.index("an")]  # the first occurrence as a substring: inside "man", as the authors
+    assert cut == "a m"
+    long = Record("a.jpg", caption, 1, 0, authors_word_count=92, authors_caption=cut)
+    short = Record("b.jpg", "a woman", 2, 1, authors_word_count=2)
+    sets = build_eval_protocol([long, short], "authors", "icfg")
+    assert sets.texts == ["a m", "a woman"] and sets.cut_captions == 1 and sets.dropped_captions == 0
+    assert build_eval_protocol([long, short]).texts == [caption, "a woman"]  # standard: never cut
 
 
 def test_authors_protocol_metrics_by_hand(tmp_path, monkeypatch, synth_root):
@@ -190,7 +228,8 @@ def test_authors_protocol_metrics_by_hand(tmp_path, monkeypatch, synth_root):
     assert results["counts"]["gallery_images"] == 2
     assert results["protocol"] == {"name": "authors", "gallery": "the image of every second record in file order",
                                    "ap_formula": "trapezoidal", "without_positive": "zero",
-                                   "max_caption_words": None, "captions_dropped": 0}
+                                   "max_caption_words": None, "captions_dropped": 0,
+                                   "cut_caption_words": None, "captions_cut": 0}
     # the standard protocol on the same features: gallery a, b, c, so query 1 finds b; standard AP
     gallery_feats[paths["b"]] = [1.0, 1.0]
     standard = evaluate_model(tiny_model(cfg), records, None, tiny_cfg(synth_root), "cpu", "test")

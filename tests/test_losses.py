@@ -346,3 +346,19 @@ def test_gather_with_two_gloo_ranks():
     # only the local slice carries gradient: rank 0 owns rows 0-1 (weights 1, 2), rank 1 rows 2-3 (3, 4)
     assert torch.equal(out[0]["grad"], torch.tensor([[1.0] * 3, [2.0] * 3]))
     assert torch.equal(out[1]["grad"], torch.tensor([[3.0] * 3, [4.0] * 3]))
+
+
+@pytest.mark.parametrize("width", [64, 84])
+def test_cmpm_targets_are_bit_equal_to_the_authors_formula_for_every_positive_count(width):
+    # The authors divide the 0/1 label matrix by its rows' L2 norms; sum().sqrt() is one ulp off for some
+    # counts (19, 34, 37, ...), so only the same formula is bit-equal.
+    from models.losses import cmpm_targets
+
+    for count in range(1, min(width, 64) + 1):
+        pids = torch.arange(width)
+        pids[:count] = -1  # one person with `count` items, everyone else alone
+        labels = (pids[:, None] == pids[None, :]).float()
+        authors = labels / labels.norm(dim=1)
+        assert torch.equal(cmpm_targets(labels), authors), count
+        assert torch.equal(cmpm_targets(labels.t()), authors.t()), count  # the text-to-image direction's view
+    assert torch.equal(cmpm_targets(torch.zeros(2, 3)), torch.zeros(2, 3))  # no positive: zeros, not NaN

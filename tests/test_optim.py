@@ -83,3 +83,36 @@ def test_schedule_length_defaults_to_epochs_and_is_checked():
         cfg = load_config(None, bad)
         with pytest.raises(ValueError, match="train.schedule_epoch"):
             build_scheduler(build_optimizer(torch.nn.Linear(2, 2), cfg.train), cfg.train, steps_per_epoch=5)
+
+
+def test_batch_scaling_message_and_the_opt_in_linear_rule():
+    from utils.optim import batch_scaling_message, effective_lr
+
+    cfg = load_config(None)  # the authors' reference: 4 GPUs x 28 = 112 at lr 0.005
+    assert batch_scaling_message(cfg.train, 4) is None and effective_lr(cfg.train, 4) == 0.005
+    message = batch_scaling_message(cfg.train, 1)
+    assert "global batch 28 (1 process(es) x train.batch_size_per_gpu 28 x train.grad_accum_steps 1)" in message
+    assert "the linear rule gives lr 0.00125" in message and "training with 0.005" in message
+    assert build_optimizer(torch.nn.Linear(2, 2), cfg.train, world_size=1).param_groups[0]["lr"] == 0.005
+    scaled = load_config(None, ["train.scale_lr_with_batch=true", "train.grad_accum_steps=2"])
+    weights, biases = build_optimizer(torch.nn.Linear(2, 2), scaled.train, world_size=1).param_groups
+    assert weights["lr"] == pytest.approx(0.0025) and biases["lr"] == pytest.approx(0.005)  # 56 / 112, bias x2
+    assert "training with the linearly scaled lr 0.0025" in batch_scaling_message(scaled.train, 1)
+    assert batch_scaling_message(load_config(None, ["train.reference_batch_size=null"]).train, 1) is None
+    rstp = load_config("configs/rstp.yaml")
+    assert batch_scaling_message(rstp.train, 1) is None  # the authors' RSTPReid run: 1 GPU x 48
+    with pytest.raises(Exception, match="reference_batch_size"):
+        load_config(None, ["train.reference_batch_size=0"])
+
+
+def test_config_warnings_come_from_rank_0_once(monkeypatch, caplog):
+    overrides = ["train.epochs=2", "train.warmup_epochs=4"]
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level("WARNING"):
+        load_config(None, overrides)
+    assert "never leaves warmup" not in caplog.text
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level("WARNING"):
+        load_config(None, overrides)
+        load_config(None, overrides)
+    assert caplog.text.count("never leaves warmup") == 1

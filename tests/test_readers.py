@@ -448,3 +448,31 @@ def test_a_new_dataset_in_an_existing_shape_needs_one_reader_entry(monkeypatch, 
     os.rename(root / "data_captions.json", root / "mine.json")
     splits = load_annotations("mydata", root)
     assert (splits.name, len(splits.train), len(splits.val), len(splits.test)) == ("mydata", 8, 4, 4)
+
+
+def test_readers_keep_the_authors_word_counts_of_the_raw_captions(tmp_path):
+    # RSTPReid: counted on the raw caption, before the reader strips it (a leading space is a word to them)
+    rstp = [{"id": 1, "img_path": "a.jpg", "captions": [" a man  in red", "a woman"], "split": "test"},
+            {"id": 2, "img_path": "b.jpg", "captions": ["coat.shoes,bag", "x"], "split": "train"}]
+    root = tmp_path / "rstp"
+    _write_json(root / "data_captions.json", rstp)
+    splits = load_annotations("rstp", root)
+    assert [(r.caption, r.authors_word_count) for r in splits.test] == [("a man  in red", 6), ("a woman", 2)]
+    assert [r.authors_word_count for r in splits.train] == [2, 1]
+    # ICFG-PEDES: the file's processed_tokens, and the cut at the 91st of them
+    tokens = [f"w{i}" for i in range(90)] + ["an", "extra"]
+    caption = "a man " + " ".join(tokens)
+    icfg = [{"split": "test", "captions": [caption], "file_path": "a.jpg", "processed_tokens": [tokens], "id": 1},
+            {"split": "test", "captions": ["a woman"], "file_path": "b.jpg", "processed_tokens": [["a", "woman"]],
+             "id": 2},
+            {"split": "train", "captions": ["a boy"], "file_path": "c.jpg", "id": 3}]
+    root = tmp_path / "icfg"
+    _write_json(root / "ICFG-PEDES.json", icfg)
+    splits = load_annotations("icfg", root)
+    assert [(r.authors_word_count, r.authors_caption) for r in splits.test] == [(92, "a m"), (2, None)]
+    assert splits.test[0].caption == caption  # the record keeps the whole caption; protocol authors cuts it
+    assert (splits.train[0].authors_word_count, splits.train[0].authors_caption) == (None, None)  # no tokens
+    icfg[1]["processed_tokens"] = "a woman"
+    _write_json(root / "ICFG-PEDES.json", icfg)
+    with pytest.raises(DataFormatError, match="record 1, field 'processed_tokens': expected a list of word lists"):
+        load_annotations("icfg", root)

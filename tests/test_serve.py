@@ -77,6 +77,22 @@ def test_page_handlers_turn_bad_input_into_messages(page, tmp_path, monkeypatch)
     assert "Internal error" in shown.message and "Traceback" not in shown.message and "deep inside" not in shown.message
 
 
+def test_no_good_match_message_and_the_why_panel(page):
+    from engine.webapp import match_threshold_of, results_html
+
+    best = page.retriever.search(QUERY, k=1)[0].score
+    assert page.min_score is None and "No good match" not in page.search_text(QUERY, 3).message
+    strict = SearchPage(page.retriever, provenance={"metrics": {"test": {"match_threshold": {"value": best + 0.01}}}})
+    assert strict.min_score == pytest.approx(best + 0.01) == match_threshold_of(strict.provenance)
+    shown = strict.search_text(QUERY, 3)
+    assert shown.message.startswith("**No good match.**") and len(shown.items) == 3  # the closest are still shown
+    assert "No good match" not in SearchPage(page.retriever, {}, min_score=best - 0.01).search_text(QUERY, 3).message
+    assert shown.text == QUERY and "Why #2 matches" in strict.explain(shown.text, shown.items, "1")
+    assert "Click a result" in strict.explain(None, [], 0) and strict.explain(QUERY, shown.items, "x") == ""
+    grid = results_html(shown.items)
+    assert grid.count("<figure") == 3 and grid.count("data:image/jpeg;base64,") == 3 and "<figcaption>" in grid
+
+
 def test_rerank_control_and_provenance_panel(synth_root, tmp_path):
     from engine.webapp import gather_provenance, provenance_markdown
 
@@ -91,7 +107,7 @@ def test_rerank_control_and_provenance_panel(synth_root, tmp_path):
     trained = Retriever.from_pretrained(TRAINED, device="cpu")
     trained.index(copy_gallery(synth_root, tmp_path / "g2", count=3))
     panel = provenance_markdown(gather_provenance(trained, str(TRAINED), str(tmp_path / "g2"), None))
-    for part in ("model folder", "epoch 80", "width 64, 2 layers", "test text-to-image: R@1 44.64", "3 images"):
+    for part in ("model folder", "epoch 79 as numbered in the training log", "width 64, 2 layers", "test text-to-image: R@1 44.64", "3 images"):
         assert part in panel
 
 
@@ -162,8 +178,59 @@ def trained_gallery(synth_root, tmp_path_factory) -> tuple[Path, dict[str, int],
     return folder, pids, train
 
 
+# Per result: where its label and image are, against the results area, and the image's shape as drawn.
+GEOMETRY_JS = """
+const top = document.querySelector('#results').getBoundingClientRect().top;
+return [...document.querySelectorAll('#results figure')].map((figure) => {
+  const img = figure.querySelector('img').getBoundingClientRect();
+  const label = figure.querySelector('figcaption').getBoundingClientRect();
+  const image = figure.querySelector('img');
+  const scale = Math.min(img.width / image.naturalWidth, img.height / image.naturalHeight);
+  return {img_top: img.top, img_bottom: img.bottom, label_top: label.top, results_top: top,
+          natural_ratio: image.naturalWidth / image.naturalHeight,
+          shown_ratio: (image.naturalWidth * scale) / (image.naturalHeight * scale)};
+});
+"""
+
+
+def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_path) -> None:
+    """After a search with results: labels under whole images, the why panel on a click (photographed), the "no
+    good match" message for a nonsense query (which closes the panel), and no horizontal scrolling on a phone."""
+    from selenium.webdriver.common.by import By
+
+    time.sleep(1.0)  # let the thumbnails finish drawing
+    # every label under its image, never over it; every image whole inside the results (no clipped heads)
+    for geometry in browser.execute_script(GEOMETRY_JS):
+        assert geometry["label_top"] >= geometry["img_bottom"] - 0.5, geometry
+        assert geometry["img_top"] >= geometry["results_top"] - 0.5, geometry
+        assert geometry["natural_ratio"] == pytest.approx(geometry["shown_ratio"], rel=0.05), geometry
+
+    # why this person: a click on a result opens the panel with its heatmap and words; a new query closes it
+    browser.find_elements(By.CSS_SELECTOR, "#results figure")[0].click()
+    wait.until(lambda _: "Why #1 matches" in browser.find_element(By.CSS_SELECTOR, "#why").text)
+    why = browser.find_element(By.CSS_SELECTOR, "#why")
+    assert why.find_element(By.CSS_SELECTOR, "img[alt='heatmap of result #1']").size["height"] > 50
+    assert "Words that match most" in why.text and "green" in why.text
+    time.sleep(0.5)  # let the panel's images finish drawing
+    shot = tmp_path / "serve.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("IVT_SERVE_SCREENSHOT"):
+        shutil.copy(shot, os.environ["IVT_SERVE_SCREENSHOT"])
+    # a description nobody in the gallery fits: the ranking comes with a "no good match" message
+    search("zzzz qqqq", lambda: "No good match" in message())
+    assert browser.find_element(By.CSS_SELECTOR, "#why").text.strip() == ""
+    assert len(results()) == 8
+    # at phone width the grid wraps: no horizontal scrolling
+    browser.set_window_size(390, 844)
+    time.sleep(0.5)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    browser.set_window_size(1400, 1150)
+
+
 def test_the_page_in_a_browser(browser, trained_gallery, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -197,21 +264,19 @@ def test_the_page_in_a_browser(browser, trained_gallery, tmp_path, monkeypatch):
             browser.find_element(By.CSS_SELECTOR, "#search").click()
             wait.until(lambda _: wait_for())
 
-        # a description of one person: the page shows the API's ranking, that person's images on top
+        # a description of one person, typed and sent with Enter: the page shows the API's ranking, that person's
+        # images on top
         target = train[5]  # "The man has on a green collared shirt, and red shorts."
-        search(target.caption, lambda: len(results()) == 8)
+        box.clear()
+        box.send_keys(target.caption + Keys.ENTER)
+        wait.until(lambda _: len(results()) == 8)
         shown = [alt.split("\n")[-1].split()[-1] for alt in results()]
         api = Retriever.from_pretrained(TRAINED, device="cpu")
         api.index(folder)
         assert shown == [Path(hit.path).name for hit in api.search(target.caption, k=8)]
         assert pids[shown[0]] == target.pid, f"expected person {target.pid} first, got {shown}"
-        assert "not probabilities" in message()
-        time.sleep(1.0)  # let the thumbnails finish drawing
-        shot = tmp_path / "serve.png"
-        browser.save_screenshot(str(shot))
-        assert shot.stat().st_size > 10_000
-        if os.environ.get("IVT_SERVE_SCREENSHOT"):
-            shutil.copy(shot, os.environ["IVT_SERVE_SCREENSHOT"])
+        assert "not probabilities" in message() and "No good match" not in message()
+        _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_path)
 
         # bad input: a message on the page, never a stack trace
         search("   ", lambda: "Type a description" in message())

@@ -183,6 +183,12 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     # The two ranks saw different records: their first batches' pids differ.
     assert rank0["first_pids"] != rank1["first_pids"]
     assert (out / "metrics_test.json").is_file()
+    # recipe warnings come from rank 0, once: the batch (2 x 8 records against the reference 112) and the warmup
+    # (tiny runs train 1 epoch with 1 warmup epoch)
+    logs = result.stdout + result.stderr
+    assert logs.count("global batch 16 (2 process(es) x") == 1, logs[-3000:]
+    assert "the linear rule gives lr 0.0001429" in logs
+    assert logs.count("never leaves warmup") == 1, logs[-3000:]
 
 
 def test_tiny_pretraining_lowers_all_three_losses(tmp_path):
@@ -236,8 +242,10 @@ def test_start_sh_picks_a_python_that_has_torch(tmp_path):
     fake.mkdir()
     (fake / "python3").write_text("#!/bin/sh\nexit 1\n")
     (fake / "python3").chmod(0o755)
-    real = Path(sys.executable)
-    (fake / "python").symlink_to(real)
+    # A wrapper that runs this interpreter by its own path, not a symlink to it: a symlink to a virtualenv's
+    # python placed outside the virtualenv does not find the virtualenv's packages.
+    (fake / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (fake / "python").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
     env["PATH"] = f"{fake}:/usr/bin:/bin"
     result = subprocess.run(["bash", str(ROOT / "start.sh"), "--version-only-not-a-script.py", "1"],

@@ -1,6 +1,7 @@
 """Example pictures: hit/miss frames and symbols, the first true match set apart, file names, the index page."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -70,3 +71,25 @@ def test_index_page_escapes_text(tmp_path):
     text = page.read_text()
     assert "Examples &lt;test&gt;" in text and "a &quot;tall&quot; man &amp; &lt;dog&gt;" in text
     assert 'src="query_00001.png"' in text and "rank 3" in text and "50.00%" in text
+
+
+def test_heat_overlay_marks_raising_regions_red_and_lowering_ones_blue(tmp_path):
+    from types import SimpleNamespace
+
+    from utils.visualize import contact_sheet, heat_overlay
+
+    grey = Image.new("RGB", (20, 40), (128, 128, 128))
+    shown = np.asarray(heat_overlay(grey, torch.tensor([[1.0], [0.0], [-1.0]]))).astype(int)
+    top, middle, bottom = shown[2, 10], shown[20, 10], shown[37, 10]
+    assert top[0] > 128 + 40 and top[2] < 128 - 40  # red where the share is largest
+    assert bottom[2] > 128 + 40 and bottom[0] < 128 - 40  # blue where it is most negative
+    assert abs(middle - 128).max() <= 2  # nothing where it is 0
+    assert np.array_equal(np.asarray(heat_overlay(grey, torch.zeros(3, 1))), np.asarray(grey))
+    # a contact sheet with explanations draws each image twice (the second with its map) and the best words
+    path = tmp_path / "p.png"
+    grey.save(path)
+    why = SimpleNamespace(patch_map=torch.tensor([[1.0], [-1.0]]), method="gradient x input",
+                          top_words=lambda: ["red", "coat"])
+    plain = Image.open(contact_sheet([path], [0.5], "q", tmp_path / "plain.png"))
+    explained = Image.open(contact_sheet([path], [0.5], "q", tmp_path / "why.png", [why]))
+    assert explained.height > plain.height + 200

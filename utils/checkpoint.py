@@ -54,6 +54,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def model_epoch(info: dict) -> int | None:
+    """The epoch of the model a checkpoint holds, numbered as the training log numbers epochs (from 0).
+
+    Checkpoints store ``epoch`` as the epoch to run next (ours and the authors' alike), so one written at the end
+    of an epoch holds the model of ``epoch - 1``; one of ours written mid-epoch (a stopped run's last.pth,
+    ``step_in_epoch > 0``) holds a model inside ``epoch``. Every report (evaluate.py, the web page, the model
+    card) shows this number, so it matches the log's "best ... at epoch E" and the checkpoint's ``best_epoch``.
+    ``info`` is the checkpoint dict or any dict with its ``epoch`` and ``step_in_epoch``; None when unknown.
+    """
+    epoch = info.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        return None
+    return epoch if info.get("step_in_epoch") else epoch - 1
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], expected_bytes: int | None = None) -> None:
     """Call ``write`` on a temporary file in the same folder, fsync it, then rename it over ``path``.
 

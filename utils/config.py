@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -104,6 +105,19 @@ IGNORED_BY_TASK = {
 }
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args: Any) -> None:
+    """logger.warning on the process of rank 0 only (torchrun's RANK, read before any process group exists), and
+    once per process for each ``key`` however often (and from whichever file) a config is loaded, so a launch
+    with N processes prints it once."""
+    if os.environ.get("RANK", "0") != "0" or key in _WARNED:
+        return
+    _WARNED.add(key)
+    logger.warning(message, *args)
+
+
 def _lookup(data: Mapping, dotted: str) -> Any:
     node: Any = data
     for part in dotted.split("."):
@@ -121,9 +135,13 @@ def _check_values(data: dict, source: str) -> None:
         if text_level not in ("word", "phrase", "sentence"):
             raise ConfigError(f"{source}: text.levels entries must be word, phrase or sentence, got {text_level!r}")
     _check_ranges(data, source)
+    reference = data["train"]["reference_batch_size"]
+    if reference is not None and reference < 1:
+        raise ConfigError(f"{source}: key 'train.reference_batch_size' must be >= 1 or null, got {reference!r}")
     if data["train"]["epochs"] <= data["train"]["warmup_epochs"]:
-        logger.warning("%s: train.epochs %d <= train.warmup_epochs %d: the run never leaves warmup", source,
-                       data["train"]["epochs"], data["train"]["warmup_epochs"])
+        warn_once(f"warmup {data['train']['epochs']} {data['train']['warmup_epochs']}",
+                  "%s: train.epochs %d <= train.warmup_epochs %d: the run never leaves warmup", source,
+                  data["train"]["epochs"], data["train"]["warmup_epochs"])
     defaults = _load_schema()
     for dotted in IGNORED_BY_TASK[data["task"]]:
         value = _lookup(data, dotted)

@@ -17,7 +17,44 @@ from timm.scheduler import CosineLRScheduler
 from utils.config import Config, ConfigError
 
 
-def parameter_groups(model: torch.nn.Module, train_cfg: Config) -> list[dict]:
+def global_batch(train_cfg: Config, world_size: int) -> int:
+    """Records per optimizer step over all processes: world_size x batch_size_per_gpu x grad_accum_steps."""
+    return world_size * train_cfg.batch_size_per_gpu * train_cfg.grad_accum_steps
+
+
+def linear_scaled_lr(train_cfg: Config, world_size: int) -> float:
+    """``train.lr`` scaled linearly from ``train.reference_batch_size`` to this run's global batch."""
+    reference = train_cfg.reference_batch_size
+    if reference is None:
+        return train_cfg.lr
+    return train_cfg.lr * global_batch(train_cfg, world_size) / reference
+
+
+def effective_lr(train_cfg: Config, world_size: int) -> float:
+    """The lr the optimizer uses: the linearly scaled one with ``train.scale_lr_with_batch``, else ``train.lr``.
+    The config keeps ``train.lr`` as written, so a resumed run scales it once again to the same value."""
+    return linear_scaled_lr(train_cfg, world_size) if train_cfg.scale_lr_with_batch else train_cfg.lr
+
+
+def batch_scaling_message(train_cfg: Config, world_size: int) -> str | None:
+    """One line when the global batch differs from the recipe's reference batch (None when it matches or the
+    recipe names none): the batch, the reference, the lr in use and the linear rule's lr."""
+    reference = train_cfg.reference_batch_size
+    batch = global_batch(train_cfg, world_size)
+    if reference is None or batch == reference:
+        return None
+    scaled = linear_scaled_lr(train_cfg, world_size)
+    head = (f"global batch {batch} ({world_size} process(es) x train.batch_size_per_gpu "
+            f"{train_cfg.batch_size_per_gpu} x train.grad_accum_steps {train_cfg.grad_accum_steps}) differs from "
+            f"the {reference} train.lr={train_cfg.lr:g} was tuned for (train.reference_batch_size)")
+    if train_cfg.scale_lr_with_batch:
+        return f"{head}: training with the linearly scaled lr {scaled:.4g} (train.scale_lr_with_batch=true)"
+    return (f"{head}: the linear rule gives lr {scaled:.4g} (train.scale_lr_with_batch=true or "
+            f"train.lr={scaled:.4g} applies it); training with {train_cfg.lr:g}, a different recipe")
+
+
+def parameter_groups(model: torch.nn.Module, train_cfg: Config, world_size: int = 1) -> list[dict]:
+    lr = effective_lr(train_cfg, world_size)
     decay, bias = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -25,9 +62,9 @@ def parameter_groups(model: torch.nn.Module, train_cfg: Config) -> list[dict]:
         (bias if "bias" in name else decay).append(param)
     groups = []
     if decay:
-        groups.append({"params": decay, "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay})
+        groups.append({"params": decay, "lr": lr, "weight_decay": train_cfg.weight_decay})
     if bias:
-        groups.append({"params": bias, "lr": train_cfg.lr * train_cfg.bias_lr_factor,
+        groups.append({"params": bias, "lr": lr * train_cfg.bias_lr_factor,
                        "weight_decay": train_cfg.weight_decay_bias})
     return groups
 
@@ -49,15 +86,16 @@ def implementation_flags(train_cfg: Config) -> dict:
     raise ValueError(f"train.optimizer_impl must be 'default', 'foreach' or 'fused', got {impl!r}")
 
 
-def build_optimizer(model: torch.nn.Module, train_cfg: Config) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, train_cfg)
+def build_optimizer(model: torch.nn.Module, train_cfg: Config, world_size: int = 1) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, train_cfg, world_size)
+    lr = effective_lr(train_cfg, world_size)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     impl = implementation_flags(train_cfg)
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum, **impl)
+        return torch.optim.SGD(groups, lr=lr, momentum=train_cfg.momentum, **impl)
     if train_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), **impl)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(train_cfg.betas), **impl)
     raise ValueError(f"train.optimizer must be 'sgd' or 'adamw', got {train_cfg.optimizer!r}")
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import html
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -60,11 +61,38 @@ def _wrap(text: str, font: ImageFont.ImageFont, width_px: int) -> list[str]:
     return lines
 
 
-def _thumbnail(path: str | Path) -> Image.Image:
-    """The image letterboxed into THUMB_SIZE; a grey placeholder that says so when it cannot be read."""
+RAISES_COLOUR = (230, 30, 30)      # heatmaps: regions that raise the score
+LOWERS_COLOUR = (30, 90, 230)      # and regions that lower it
+HEAT_ALPHA = 0.65                  # opacity of the strongest region
+
+
+def heat_overlay(image: Image.Image, patch_map: torch.Tensor, alpha: float = HEAT_ALPHA) -> Image.Image:
+    """``image`` (RGB) with a patch map [rows, cols] of score shares drawn over it: red where a region raises the
+    score, blue where it lowers it, more opaque for larger shares (the largest |share| at ``alpha``).
+
+    The model sees the image stretched to its input size, so the grid is stretched over the whole image.
+    """
+    heat = patch_map.detach().float().cpu()
+    scale = float(heat.abs().max()) if heat.numel() else 0.0
+    if scale == 0.0:
+        return image.convert("RGB")
+    grid = torch.nn.functional.interpolate((heat / scale)[None, None], size=(image.height, image.width),
+                                           mode="bilinear", align_corners=False)[0, 0]
+    base = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))  # [H, W, 3]
+    colour = torch.where(grid[..., None] >= 0, torch.tensor(RAISES_COLOUR, dtype=torch.float32),
+                         torch.tensor(LOWERS_COLOUR, dtype=torch.float32))
+    weight = (grid.abs() * alpha)[..., None]
+    return Image.fromarray((base * (1 - weight) + colour * weight).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def _thumbnail(path: str | Path, heat: torch.Tensor | None = None) -> Image.Image:
+    """The image letterboxed into THUMB_SIZE (with ``heat``, a patch map, drawn over it: see heat_overlay); a grey
+    placeholder that says so when it cannot be read."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image).convert("RGB")
+            if heat is not None:
+                image = heat_overlay(image, heat)
             image = ImageOps.contain(image, THUMB_SIZE)
     except (OSError, ValueError):
         placeholder = Image.new("RGB", THUMB_SIZE, (200, 200, 200))
@@ -105,12 +133,13 @@ def _render_ranked(header: list[str], cells: Sequence[dict], out_path: str | Pat
     """Header lines, then one row of thumbnails; each cell is {path, caption, name, hit, apart}.
 
     A cell gets a frame and badge by ``hit`` (True/False), its ``caption`` and file ``name`` under it; a cell
-    with ``apart`` is set off from the row by a gap and a dashed rule.
+    with ``apart`` is set off from the row by a gap and a dashed rule; a cell with ``heat`` (a patch map) shows
+    the image a second time under the first with the map drawn over it (heat_overlay).
     """
     font, small = _font(), _font(SMALL_FONT_SIZE)
     line_h, small_h = _line_height(font), _line_height(small)
     cell_w = THUMB_SIZE[0] + 2 * FRAME
-    frame_h = THUMB_SIZE[1] + 2 * FRAME
+    frame_h = _frame_height(any(cell.get("heat") is not None for cell in cells))
     cell_h = frame_h + line_h + small_h
     xs, x = [], GAP
     for cell in cells:
@@ -131,7 +160,7 @@ def _render_ranked(header: list[str], cells: Sequence[dict], out_path: str | Pat
             for dash in range(y, y + cell_h, 10):
                 draw.line([(rule_x, dash), (rule_x, min(dash + 5, y + cell_h))], fill=NEUTRAL_COLOUR, width=2)
         draw.rectangle([x, y, x + cell_w - 1, y + frame_h - 1], fill=HIT_COLOUR if cell["hit"] else MISS_COLOUR)
-        sheet.paste(_thumbnail(cell["path"]), (x + FRAME, y + FRAME))
+        _paste_thumbnails(sheet, cell["path"], cell.get("heat"), x, y)
         _draw_mark(draw, x + FRAME + MARK_RADIUS + 2, y + FRAME + MARK_RADIUS + 2, cell["hit"])
         caption = _elide(cell["caption"], font, cell_w)
         draw.text((x + max((cell_w - _text_width(font, caption)) / 2, 0), y + frame_h + 2), caption,
@@ -148,14 +177,16 @@ def _render_ranked(header: list[str], cells: Sequence[dict], out_path: str | Pat
 def save_query_examples(out_dir: str | Path, queries: Sequence[tuple[str, int]],
                         gallery: Sequence[tuple[str, int]], topk_indices: torch.Tensor,
                         topk_scores: torch.Tensor, n: int, query_ids: Sequence[int] | None = None,
-                        first_matches: Sequence[tuple[int, int, float] | None] | None = None) -> list[Path]:
+                        first_matches: Sequence[tuple[int, int, float] | None] | None = None,
+                        explain: Callable[[str, str], Any] | None = None) -> list[Path]:
     """One PNG per query (the first ``n`` rows): its text, then its top-k gallery images marked hit/miss.
 
     queries: (caption, pid) per row of ``topk_indices``; gallery: (image path, pid) per gallery index;
     topk_indices, topk_scores: [n_rows, k] gallery indices and scores, best first; query_ids: the queries'
     indices in the split, used in the titles and file names (default 0..n_rows-1); first_matches: per row,
     None or (gallery index, 1-based rank, score) of the first true match when it is not in the top k, shown
-    apart on the right.
+    apart on the right; explain: (caption, image path) -> engine.explanation.Explanation, whose heatmap is then
+    drawn under each image.
     Returns the paths written, ``query_<id>.png`` in ``out_dir``.
     """
     if topk_indices.shape != topk_scores.shape or topk_indices.dim() != 2:
@@ -185,6 +216,11 @@ def save_query_examples(out_dir: str | Path, queries: Sequence[tuple[str, int]],
                           "name": Path(gallery[index][0]).name, "hit": True, "apart": True})
         elif not any(hits):
             header.append("this person has no image in the gallery")
+        if explain is not None:
+            explained = [explain(text, cell["path"]) for cell in cells]
+            for cell, explanation in zip(cells, explained):
+                cell["heat"] = explanation.patch_map
+            header.append(HEAT_LEGEND.format(method=explained[0].method))
         written.append(_render_ranked(header, cells, Path(out_dir) / f"query_{query_ids[row]:05d}.png"))
     return written
 
@@ -214,10 +250,17 @@ def write_examples_index(out_path: str | Path, title: str, summary: Sequence[tup
     return out_path
 
 
-def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: str, out_path: str | Path) -> Path:
+HEAT_LEGEND = ("under each image, why it matches: red regions raise its score for the text, blue ones lower it "
+               "({method})")
+
+
+def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: str, out_path: str | Path,
+                  explanations: Sequence | None = None) -> Path:
     """Ranked images under ``title`` (wrapped), MAX_COLUMNS per row; returns ``out_path``.
 
-    Under each thumbnail: its rank and score, then its file name (shortened in the middle to fit).
+    Under each thumbnail: its rank and score, then its file name (shortened in the middle to fit). With
+    ``explanations`` (engine.explanation.Explanation per image), each image's heatmap is drawn under it and
+    its best-matching words under its name.
     """
     if len(paths) != len(scores):
         raise ValueError(f"{len(paths)} paths but {len(scores)} scores")
@@ -225,18 +268,39 @@ def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: s
     cell_width = THUMB_SIZE[0] + 2 * FRAME
     captions = [[f"#{rank + 1} {float(score):.3f}", _elide(Path(str(path)).name, font, cell_width)]
                 for rank, (path, score) in enumerate(zip(paths, scores))]
-    return _render_captioned([title], [str(p) for p in paths], captions, out_path, columns=MAX_COLUMNS)
+    header, heats = [title], None
+    if explanations:
+        header.append(HEAT_LEGEND.format(method=explanations[0].method))
+        heats = [e.patch_map for e in explanations]
+        for lines, explanation in zip(captions, explanations):
+            lines.append(_elide(", ".join(explanation.top_words()), font, cell_width))
+    return _render_captioned(header, [str(p) for p in paths], captions, out_path, columns=MAX_COLUMNS, heats=heats)
+
+
+def _frame_height(with_heat: bool) -> int:
+    """A cell's framed picture height: one thumbnail, or two (the image, then its heatmap) when ``with_heat``."""
+    return (2 if with_heat else 1) * THUMB_SIZE[1] + (3 if with_heat else 2) * FRAME
+
+
+def _paste_thumbnails(sheet: Image.Image, path: str, heat: torch.Tensor | None, x: int, y: int) -> None:
+    """The thumbnail of ``path`` inside the frame at (x, y), and under it the heatmap one when ``heat`` is given."""
+    sheet.paste(_thumbnail(path), (x + FRAME, y + FRAME))
+    if heat is not None:
+        sheet.paste(_thumbnail(path, heat), (x + FRAME, y + 2 * FRAME + THUMB_SIZE[1]))
 
 
 def _render_captioned(header: list[str], paths: Sequence[str], captions: Sequence[Sequence[str]],
-                      out_path: str | Path, columns: int) -> Path:
-    """Header lines on top, then the thumbnails in rows of ``columns``, each with several caption lines (centred)."""
+                      out_path: str | Path, columns: int, heats: Sequence[torch.Tensor | None] | None = None) -> Path:
+    """Header lines on top, then the thumbnails in rows of ``columns``, each with several caption lines (centred)
+    and, with ``heats``, its heatmap under it (see _render_ranked)."""
     font = _font(FONT_SIZE - 2)
     title_font = _font()
     line_h = _line_height(font)
     lines = max((len(c) for c in captions), default=1)
+    heats = list(heats) if heats is not None else [None] * len(paths)
     cell_w = THUMB_SIZE[0] + 2 * FRAME
-    cell_h = THUMB_SIZE[1] + 2 * FRAME + lines * line_h
+    frame_h = _frame_height(any(h is not None for h in heats))
+    cell_h = frame_h + lines * line_h
     columns = max(1, min(columns, len(paths))) if paths else 1
     rows = (len(paths) + columns - 1) // columns
     width = max(GAP + columns * (cell_w + GAP), 360)
@@ -247,14 +311,14 @@ def _render_captioned(header: list[str], paths: Sequence[str], captions: Sequenc
     draw = ImageDraw.Draw(sheet)
     for i, line in enumerate(wrapped):
         draw.text((GAP, GAP + i * title_h), line, fill=TEXT_COLOUR, font=title_font)
-    for i, (path, cell_lines) in enumerate(zip(paths, captions)):
+    for i, (path, cell_lines, heat) in enumerate(zip(paths, captions, heats)):
         x = GAP + (i % columns) * (cell_w + GAP)
         y = header_h + (i // columns) * (cell_h + GAP)
-        draw.rectangle([x, y, x + cell_w - 1, y + THUMB_SIZE[1] + 2 * FRAME - 1], fill=NEUTRAL_COLOUR)
-        sheet.paste(_thumbnail(path), (x + FRAME, y + FRAME))
+        draw.rectangle([x, y, x + cell_w - 1, y + frame_h - 1], fill=NEUTRAL_COLOUR)
+        _paste_thumbnails(sheet, path, heat, x, y)
         for j, text in enumerate(cell_lines):
             text_x = x + max((cell_w - _text_width(font, text)) / 2, 0)
-            draw.text((text_x, y + THUMB_SIZE[1] + 2 * FRAME + 2 + j * line_h), text, fill=TEXT_COLOUR, font=font)
+            draw.text((text_x, y + frame_h + 2 + j * line_h), text, fill=TEXT_COLOUR, font=font)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out_path)

@@ -16,11 +16,11 @@ echo "C $(cat /proc/loadavg)" >> $R/load.txt
 python bench/bench_train.py --device cpu --sizes base --threads 2 --batch 2 --steps 2 --warmup 1 --profile-steps 1 --json $R/step_base.json 2>&1 | grep -vE "$F" > $R/step_base.txt
 echo "D $(cat /proc/loadavg)" >> $R/load.txt
 COUNTS="--train-ids 300 --train-images 1000 --train-captions 2000 --eval-ids 40 --eval-images 100 --eval-captions 200"
-python bench/bench_train.py --device cpu --sizes tiny --threads 1 --end-to-end --data-dir /tmp/ivt_e2e_cpu $COUNTS --data-workers 2 --batch 8 --max-steps 30 --warmup 5 --set "input.image_size=[384,128]" --set data.num_workers=2 --json $R/e2e_cpu_augment.json 2>&1 | grep -vE "$F" > $R/e2e_cpu_augment.txt
+python bench/bench_train.py --device cpu --sizes tiny --threads 1 --end-to-end --data-dir <tmp>/ivt_e2e_cpu $COUNTS --data-workers 2 --batch 8 --max-steps 30 --warmup 5 --set "input.image_size=[384,128]" --set data.num_workers=2 --json $R/e2e_cpu_augment.json 2>&1 | grep -vE "$F" > $R/e2e_cpu_augment.txt
 echo "D2 $(cat /proc/loadavg)" >> $R/load.txt
-python bench/bench_train.py --device cpu --sizes tiny --threads 1 --end-to-end --data-dir /tmp/ivt_e2e_cpu $COUNTS --data-workers 2 --batch 8 --max-steps 30 --warmup 5 --set "input.image_size=[384,128]" --set data.num_workers=2 --set data.augment_on=device --set data.image_cache=/tmp/ivt_e2e_cpu.cache --json $R/e2e_device_augment.json 2>&1 | grep -vE "$F" > $R/e2e_device_augment.txt
+python bench/bench_train.py --device cpu --sizes tiny --threads 1 --end-to-end --data-dir <tmp>/ivt_e2e_cpu $COUNTS --data-workers 2 --batch 8 --max-steps 30 --warmup 5 --set "input.image_size=[384,128]" --set data.num_workers=2 --set data.augment_on=device --set data.image_cache=<tmp>/ivt_e2e_cpu.cache --json $R/e2e_device_augment.json 2>&1 | grep -vE "$F" > $R/e2e_device_augment.txt
 echo "E $(cat /proc/loadavg)" >> $R/load.txt
-python bench/bench_data.py --data-dir /tmp/ivt_e2e_cpu --images 300 --threads 1 > $R/data_path.txt 2>&1
+python bench/bench_data.py --data-dir <tmp>/ivt_e2e_cpu --images 300 --threads 1 > $R/data_path.txt 2>&1
 echo "end $(cat /proc/loadavg)" >> $R/load.txt
 python bench/summarize.py $R > /dev/null
 date -u >> $R/env.txt

@@ -1,0 +1,96 @@
+"""Why an image matches a sentence: the ranking score split over the image's tokens and the sentence's tokens.
+
+The ranking score is the cosine of the two global features, s = <t, v> / (|t| |v|).
+
+``model.feature_pool: mean`` (the global feature is the mean of the output tokens): with v = (1/N) sum_i v_i,
+s = sum_i <t, v_i> / (N |t| |v|), so c_i = <t, v_i> / (N |t| |v|) is image token i's share and the shares add up
+to s exactly (up to float rounding). The same holds for the words, with the roles of the modalities swapped.
+
+``model.feature_pool: cls`` (the IVT recipe: the global feature is the output CLS token): the score is not a
+sum over tokens, so the shares are gradient x input (Simonyan et al. 2014; Shrikumar et al. 2017) on the
+tokens that enter the first transformer block: c_i = <ds/dx_i, x_i>. They point at the regions and words the
+score is most sensitive to, weighted by their size; they do not add up to s (``exact`` is False).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class MatchExplanation:
+    """score: the cosine of the two features; image: [N] shares of the image tokens (token 0 is CLS, then the
+    patch grid row-major); text: [T] shares of the text tokens (padding 0); grid: the patch grid (rows, cols);
+    method: "exact mean-pool decomposition" or "gradient x input"; exact: whether the shares add up to score."""
+
+    score: float
+    image: torch.Tensor
+    text: torch.Tensor
+    grid: tuple[int, int]
+    method: str
+    exact: bool
+
+    def patch_map(self) -> torch.Tensor:
+        """The patch tokens' shares as a [rows, cols] map (the CLS token's share left out)."""
+        return self.image[1:].reshape(self.grid)
+
+
+def _mean_pool_shares(tokens: torch.Tensor, mask: Optional[torch.Tensor], other: torch.Tensor) -> torch.Tensor:
+    """tokens [N, D] of one side, mask [N] or None, other's unit feature [D] -> shares [N] of <other, mean>/|mean|."""
+    weights = torch.ones(tokens.shape[0], dtype=tokens.dtype, device=tokens.device) if mask is None \
+        else mask.to(tokens.dtype)
+    pooled = (tokens * weights[:, None]).sum(0) / weights.sum().clamp(min=1.0)
+    return weights * (tokens @ other) / (weights.sum().clamp(min=1.0) * pooled.norm())
+
+
+def explain_match(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,
+                  mask: Optional[torch.Tensor]) -> MatchExplanation:
+    """One image [1, 3, H, W] and one tokenised caption (ids [1, T], mask [1, T]) -> their MatchExplanation.
+
+    Runs in float32 with the model in eval mode (no token dropping); the caller picks the device.
+    """
+    if model.config.feature_pool == "mean":
+        with torch.no_grad():
+            image_tokens, image_feature = model.encode_image(image, bmm=False)
+            text_tokens, text_feature, text_mask = model.encode_text_with_mask(ids, mask, bmm=False)
+            t_unit, v_unit = F.normalize(text_feature.float(), dim=1)[0], F.normalize(image_feature.float(), dim=1)[0]
+            image_shares = _mean_pool_shares(image_tokens[0].float(), None, t_unit)
+            row_mask = None if text_mask is None else text_mask[0]
+            text_shares = _mean_pool_shares(text_tokens[0].float(), row_mask, v_unit)
+            score = float(t_unit @ v_unit)
+        return MatchExplanation(score, image_shares.cpu(), text_shares.cpu(), tuple(model.encoder.grid),
+                                "exact mean-pool decomposition", True)
+    return _gradient_x_input(model, image, ids, mask)
+
+
+def _gradient_x_input(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,
+                      mask: Optional[torch.Tensor]) -> MatchExplanation:
+    """Gradient x input on the tokens entering the first block, for both modalities (see the module doc)."""
+    entering: list[torch.Tensor] = []
+
+    def keep(_module, args):
+        x = args[0].detach().requires_grad_(True)  # a leaf of its own, whether or not the weights need grads
+        entering.append(x)
+        return (x, *args[1:])
+
+    handle = model.encoder.blocks[0].register_forward_pre_hook(keep)
+    try:
+        with torch.enable_grad():
+            _, image_feature = model.encode_image(image, bmm=False)
+            _, text_feature = model.encode_text(ids, mask, bmm=False)
+            score = (F.normalize(image_feature.float(), dim=1) * F.normalize(text_feature.float(), dim=1)).sum()
+            score.backward()
+            score = score.detach()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    image_in, text_in = entering
+    image_shares = (image_in.grad * image_in).sum(-1)[0].detach()
+    text_shares = (text_in.grad * text_in).sum(-1)[0, : ids.shape[1]].detach()  # blocks may see padded text
+    if mask is not None:
+        text_shares = text_shares * mask[0].to(text_shares.dtype)
+    return MatchExplanation(score.item(), image_shares.float().cpu(), text_shares.float().cpu(),
+                            tuple(model.encoder.grid), "gradient x input", False)

@@ -1,0 +1,95 @@
+""""Why this person": the score split over image regions and words (models/explain.py, engine/explanation.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.explain import explain_match
+from models.ivt import build_model
+from tests.search_fixtures import QUERY, copy_gallery, make_checkpoint
+from tests.tiny import TINY_MODEL
+from utils.config import load_config
+
+
+def _model(pool: str, seed: int = 0):
+    cfg = load_config(None, TINY_MODEL + [f"model.feature_pool={pool}"])
+    torch.manual_seed(seed)
+    return build_model(cfg).eval(), cfg
+
+
+def _inputs(seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 3, 32, 16, generator=generator)
+    ids = torch.randint(5, 400, (1, 9), generator=generator)
+    ids[0, 0] = 2
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # two padding positions: they must get no share
+    return image, ids, mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mean_pool_shares_add_up_to_the_ranking_score(seed):
+    model, _ = _model("mean", seed)
+    image, ids, mask = _inputs(seed + 10)
+    got = explain_match(model, image, ids, mask)
+    with torch.no_grad():
+        _, v = model.encode_image(image, bmm=False)
+        _, t = model.encode_text(ids, mask, bmm=False)
+    cosine = float(F.normalize(v, dim=1)[0] @ F.normalize(t, dim=1)[0])
+    assert got.exact and got.method == "exact mean-pool decomposition"
+    assert got.score == pytest.approx(cosine, abs=1e-6)
+    assert abs(float(got.image.double().sum()) - got.score) < 1e-5  # image tokens (CLS + patches)
+    assert abs(float(got.text.double().sum()) - got.score) < 1e-5  # text tokens
+    assert got.image.shape == (1 + 4 * 2,) and got.patch_map().shape == (4, 2)  # 32x16 input, 8-pixel patches
+    assert torch.equal(got.text[7:], torch.zeros(2)) and got.text[:7].abs().min() > 0
+
+
+def test_cls_pool_uses_gradient_times_input_and_leaves_the_model_as_it_was():
+    model, _ = _model("cls")
+    image, ids, mask = _inputs()
+    got = explain_match(model, image, ids, mask)
+    assert not got.exact and got.method == "gradient x input"
+    assert got.image.shape == (9,) and torch.isfinite(got.image).all() and got.image.abs().sum() > 0
+    assert torch.equal(got.text[7:], torch.zeros(2)) and got.text[:7].abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    # gradient x input is first order: scaling the score's most important input token by (1 + eps) moves the
+    # score by about eps x its share
+    with torch.no_grad():
+        _, t = model.encode_text(ids, mask, bmm=False)
+    eps = 1e-3
+    patch = int(got.image[1:].abs().argmax()) + 1
+    seen = []
+
+    def scale_token(_module, args):
+        x = args[0].clone()
+        if x.shape[1] == 9 and not seen:  # the image's tokens
+            seen.append(True)
+            x[:, patch] *= 1 + eps
+        return (x, *args[1:])
+
+    handle = model.encoder.blocks[0].register_forward_pre_hook(scale_token)
+    with torch.no_grad():
+        _, v = model.encode_image(image, bmm=False)
+    handle.remove()
+    moved = float(F.normalize(v, dim=1)[0] @ F.normalize(t, dim=1)[0]) - got.score
+    assert moved == pytest.approx(eps * float(got.image[patch]), rel=0.05, abs=1e-7)
+
+
+def test_retriever_explains_its_own_score_word_by_word(tmp_path):
+    from datasets.synthetic import make_synthetic
+    from engine.retrieval import Retriever
+
+    root = make_synthetic("cuhkpedes", tmp_path / "synth", num_ids=8, seed=0)
+    checkpoint = make_checkpoint(tmp_path / "mean.pth", root, seed=0, extra=["model.feature_pool=mean"])
+    retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
+    retriever.index(copy_gallery(root, tmp_path / "gallery", count=4))
+    hit = retriever.search(QUERY, k=1)[0]
+    why = retriever.explain(QUERY, hit.path)
+    assert why.score == pytest.approx(hit.score, abs=1e-5)
+    assert abs(why.image_total() - why.score) < 1e-5 and abs(why.text_total() - why.score) < 1e-5
+    assert " ".join(w for w, _ in why.words).replace(" ,", ",").replace(" .", ".") == QUERY
+    assert "split exactly" in why.summary() and why.top_words()
+    assert Path(why.image_path) == Path(hit.path)
