@@ -6,12 +6,20 @@ val/test R@1 and mAP per style with chance, wall time and the spread over seeds.
     python bench/bench_learning.py --ablation --seeds 0              # faithful / re-rank / no BMM / no MLA
     python bench/bench_learning.py --ablation no-bmm rerank --seeds 0  # some of them
     python bench/bench_learning.py --dry-run                         # print the commands only
+    python bench/bench_learning.py --pretrain configs/demo_pretrain.yaml   # the pipeline: from scratch and from
+                                                                     # the miniature pretraining, every style
 
 The CPU-scale proxy for method research: a change to the objective that helps should help on every style, and
 above all on the held-out one (cctv: never tune a recipe on it). Each run is ``train_cuhkpedes.py`` in a child
 process (``nice -n 10``), on a synthetic CUHK-PEDES-format dataset written once per style and data seed under
 --data-dir. A seed sets the training seed (``seed=``); --vary-data also draws a new dataset per seed.
 Results go to --out as JSON lines (one per run) and the table is printed as Markdown.
+
+With --pretrain CONFIG the bench pretrains once (``train_pretrain.py``, into ``--runs-dir/pretrain-<digest>``, the
+digest of the resolved config and --pretrain-overrides: a changed config pretrains anew, an unchanged one reuses the
+finished run), tests that checkpoint zero-shot on every style (cosine ranking and ITM re-ranking), and then runs each
+variant from scratch and ``--init-from`` its last.pth (``--init`` picks one of the two). Every run's row also
+records the CMPM losses logged in its first epoch, against the uniform-softmax plateau of bench/bench_collapse.py.
 """
 from __future__ import annotations
 

@@ -74,11 +74,12 @@ def _words(tokenizer: Any, text: str, shares: torch.Tensor, max_text_len: int
 
 def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, image_path: str) -> Explanation:
     """The explanation of ``image_path``'s score for ``text`` (float32, no autocast, the test transform)."""
+    from datasets.pixels import open_image
     from datasets.transforms import build_test_transform
     from engine.evaluation import tokenize
-    from engine.retrieval import open_query_image
 
-    pixels = build_test_transform(cfg.input)(open_query_image(image_path))[None].to(device)
+    with open_image(image_path) as opened:
+        pixels = build_test_transform(cfg.input)(opened.convert("RGB"))[None].to(device)
     ids, mask = tokenize(tokenizer, [text], cfg.text.max_text_len, device)
     was_training = model.training
     model.eval()
@@ -89,8 +90,3 @@ def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, i
     words, special = _words(tokenizer, text, match.text, int(cfg.text.max_text_len))
     return Explanation(str(image_path), text, match.score, match.patch_map(), float(match.image[0]), words, special,
                        match.method, match.exact)
-
-
-def explain(retriever: Any, text: str, image_path: str) -> Explanation:
-    """explain_with ``retriever``'s model, tokenizer, recipe and device."""
-    return explain_with(retriever.model, retriever.tokenizer, retriever.cfg, retriever.device, text, image_path)

@@ -477,9 +477,10 @@ class Retriever:
     # ---------------------------------------------------------------------------------- image-to-text
     def explain(self, text: str, image: str) -> Any:
         """Why ``image`` scores what it does for ``text``: engine.explanation.Explanation (image regions, words)."""
-        from engine.explanation import explain
+        from engine.explanation import explain_with
 
-        return explain(self, _check_texts([text])[0], image)
+        open_query_image(image)  # a missing or undecodable file is a QueryError, as for a search
+        return explain_with(self.model, self.tokenizer, self.cfg, self.device, _check_texts([text])[0], image)
 
     def set_captions(self, captions: Sequence[str]) -> None:
         """Encode the caption list ``describe`` ranks (kept until another list is set)."""
