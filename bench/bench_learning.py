@@ -225,6 +225,22 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, d
         parser.error(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
 
 
+def tables_of(rows: list[dict]) -> str:
+    """The training rows' table, then the zero-shot rows of a pretrained checkpoint (one line per style and
+    re-ranking depth)."""
+    runs = [r for r in rows if r.get("kind") != "zero_shot"]
+    lines = [table(runs, "variant")] if runs else []
+    zero_shot = [r for r in rows if r.get("kind") == "zero_shot"]
+    if zero_shot:
+        lines += ["", "| pretrained checkpoint, zero-shot | style | test R@1 | test mAP | ITM re-ranked R@1 / mAP | "
+                      "chance R@1 |", "|---|---|---|---|---|---|"]
+        for r in zero_shot:
+            rerank = (f"{r['test_R1_rerank']:.1f} / {r['test_mAP_rerank']:.1f}" if "test_R1_rerank" in r else "")
+            lines.append(f"| {r['run']} | {r['style']} | {r['test_R1']:.1f} | {r['test_mAP']:.1f} | {rerank} | "
+                         f"{r['chance_R1']:.2f} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The options; what would fail after the first run is refused here (and would lose the later runs)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -249,6 +265,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --pretrain: ITM re-ranking depth of the pretrained model's zero-shot test")
     parser.add_argument("--init", nargs="+", choices=("scratch", "pretrained"), default=None,
                         help="with --pretrain: which starting points to run (default both)")
+    parser.add_argument("--table", nargs="+", default=None, metavar="JSONL",
+                        help="no training: print the tables of result files written with --out")
     parser.add_argument("--vocabulary", action="store_true",
                         help="no training: how a 1000-piece vocabulary learnt per style cuts its test captions")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
@@ -294,6 +312,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.vocabulary:
         for style in args.styles:
             print("\n".join(vocabulary_report(dataset(data_dir, style, args.num_ids, 0))), flush=True)
+        return []
+    if args.table:
+        print(tables_of([json.loads(line) for name in args.table for line in Path(name).read_text().splitlines()
+                         if line.strip()]))
         return []
     starts, pretraining = starting_points(args, data_dir, runs_dir)
     rows: list[dict] = []
