@@ -686,7 +686,7 @@ def test_bench_learning_refuses_what_would_fail_after_its_first_run(tmp_path, ca
 
 
 def test_a_queries_file_that_is_not_utf8_is_one_line(tmp_path):
-    from retrieve import read_queries_file
+    from engine.search_session import read_queries_file
     from utils.errors import UserError
 
     (tmp_path / "queries.txt").write_bytes("a man in a caf\u00e9 jacket\n".encode("latin-1"))
