@@ -112,18 +112,12 @@ def test_rerank_control_and_provenance_panel(synth_root, tmp_path):
 
 
 def test_serve_without_gradio_says_how_to_install(monkeypatch, tmp_path):
-    import builtins
+    import sys
 
     import serve
 
-    real_import = builtins.__import__
-
-    def no_gradio(name, *args, **kwargs):
-        if name == "gradio":
-            raise ImportError("No module named 'gradio'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_gradio)
+    # None in sys.modules makes every import of it fail, whether or not an earlier test imported it
+    monkeypatch.setitem(sys.modules, "gradio", None)
     with pytest.raises(SystemExit, match="requirements-serve.txt"):
         serve.main(["--checkpoint", str(tmp_path / "x.pth"), "--gallery", str(tmp_path)], block=False)
 
