@@ -196,6 +196,8 @@ class _Writer:
         if who.pattern != "plain" and rng.random() < 0.7:
             upper = f"{rng.choice(_PATTERNS[who.pattern])} {upper}"
         out = [("upper", upper)]
+        # lower_colour is always a key field, so the lower garment is always named; the draw stays because the
+        # recorded corpora's bytes depend on the sequence of draws
         if who.lower_type is not None and (rng.random() < 0.95 or "lower_colour" in self.always):
             out.append(("lower", f"{self.colour(who.lower_colour)} {rng.choice(LOWER_WORDS[who.lower_type])}"))  # type: ignore[arg-type]
         if rng.random() < 0.4 or "shoes_colour" in self.always:
