@@ -76,7 +76,7 @@ def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, i
     """The explanation of ``image_path``'s score for ``text`` (float32, no autocast, the test transform)."""
     from datasets.pixels import open_image
     from datasets.transforms import build_test_transform
-    from engine.evaluation import tokenize
+    from engine.encoding import tokenize
 
     with open_image(image_path) as opened:
         pixels = build_test_transform(cfg.input)(opened.convert("RGB"))[None].to(device)

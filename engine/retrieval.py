@@ -9,7 +9,7 @@
 
 Scores are cosine similarities of L2-normalised features (in [-1, 1], higher is closer), not probabilities. With
 a fusion stack (``model.fusion_layers > 0``) ``rerank=True`` re-orders the top candidates by the ITM head; their
-``itm_score`` is what evaluation ranks by (engine.evaluation.itm_score: the "match" logit).
+``itm_score`` is what evaluation ranks by (engine.encoding.itm_score: the "match" logit).
 
 The index file holds the image features, the image paths with their sizes and modification times, a digest of
 the model (checkpoint path, size and modification time, and the input settings) and a sha256 of all of these. It
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from datasets.pixels import ImageTooLargeError, check_pixels, open_image, set_max_image_pixels
 from datasets.transforms import build_test_transform, load_image
 from engine.checkpoints import load_for_inference
-from engine.evaluation import encode_text_tokens, rerank_scores
+from engine.encoding import encode_text_tokens, rerank_scores
 from utils.amp import autocast
 from utils.checkpoint import atomic_save
 from utils.errors import UserError

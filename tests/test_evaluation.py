@@ -11,8 +11,8 @@ import torch
 from datasets.records import Record
 from utils.checkpoint import atomic_save
 from utils.config import load_config
-from engine.evaluation import (build_eval_protocol, chance_r1, encode_images, encode_texts, evaluate_model,
-                              rerank_scores)
+from engine.encoding import encode_images, encode_texts, rerank_scores
+from engine.evaluation import build_eval_protocol, chance_r1, evaluate_model
 from utils.metrics import retrieval_metrics
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=16", "model.stride=16",

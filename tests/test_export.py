@@ -283,7 +283,7 @@ def test_onnx_encoders_match_pytorch(checkpoint, synth_root, tmp_path, capfd, ca
     import numpy as np
     import onnxruntime
 
-    from engine.evaluation import tokenize
+    from engine.encoding import tokenize
     from engine.export import main
 
     capfd.readouterr()

@@ -235,7 +235,7 @@ def fusion_retriever(tmp_path_factory, synth_root) -> Retriever:
 
 def test_rerank_orders_the_top_candidates_by_the_itm_head(fusion_retriever, indexed):
     from datasets.transforms import load_image
-    from engine.evaluation import encode_text_tokens, itm_score
+    from engine.encoding import encode_text_tokens, itm_score
 
     retriever = fusion_retriever
     plain = retriever.search(QUERY, k=4, rerank=False)
