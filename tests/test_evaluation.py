@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from datasets.records import Record
-from utils.checkpoint import atomic_save
+from utils.checkpoint import atomic_save, load_file
 from utils.config import load_config
+from engine.checkpoints import checkpoint_dict
 from engine.encoding import encode_images, encode_texts, rerank_scores
 from engine.evaluation import build_eval_protocol, chance_r1, evaluate_model
 from utils.metrics import retrieval_metrics
@@ -56,9 +57,8 @@ def tokenizer(splits):
 def save_ours(path: Path, model, cfg, tokenizer) -> Path:
     from datasets.tokenizer import tokenizer_vocab
 
-    atomic_save({"format": "ivt-retrieval-checkpoint", "format_version": 1, "model": model.state_dict(),
-                 "config": cfg.to_dict(), "tokenizer": {"vocab": tokenizer_vocab(tokenizer), "lowercase": True},
-                 "epoch": 0, "step": 0}, path)
+    atomic_save(checkpoint_dict(model.state_dict(), cfg.to_dict(),
+                                {"vocab": tokenizer_vocab(tokenizer), "lowercase": True}, epoch=0, step=0), path)
     return path
 
 
@@ -524,7 +524,7 @@ def test_sharded_encoding_gathers_in_order(splits, synth_root, tokenizer, tmp_pa
     # 2 ranks over 9 images / 19 captions: uneven shards (5, 4) and (10, 9), so gathering must cut the padding
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(synth_root), tokenizer_vocab(tokenizer), str(out)),
              nprocs=2, join=True)
-    gathered = torch.load(out)
+    gathered = load_file(out)
     cfg = tiny_cfg(synth_root, "model.fusion_layers=1")
     model = tiny_model(cfg)
     sets = build_eval_protocol(splits.test)
