@@ -36,6 +36,7 @@ from utils.environment import environment_record
 from utils.errors import UserError
 from utils.distributed import get_world_size, is_main_process
 from utils.metrics import apply_rerank, format_metrics_table, retrieval_metrics, topk_indices
+from utils.task_plan import TaskPlan
 from utils.visualize import save_query_examples, write_examples_index
 
 logger = logging.getLogger(__name__)
@@ -166,8 +167,7 @@ def build_eval_protocol(records: Sequence[Record], protocol: str = "standard",
 def protocol_of(cfg: Any) -> tuple[str, str]:
     """(eval.protocol, the format of the evaluated dataset) of a config: data.format, or data.eval_format
     when pretraining evaluates zero-shot on another dataset."""
-    data_format = cfg.data.eval_format if cfg.task == "pretrain" else cfg.data.format
-    return str(cfg.eval.protocol), str(data_format)
+    return str(cfg.eval.protocol), TaskPlan.from_config(cfg).eval_format
 
 
 def metric_options(protocol: str) -> dict[str, str]:
