@@ -225,6 +225,29 @@ def test_torch_load_is_called_only_by_the_one_loader():
     assert len(torch_loads(ROOT / THE_LOADER)) == 1
 
 
+CHECKPOINT_OWNER = "engine/checkpoints.py"
+
+
+def checkpoint_literals(path: Path) -> list[int]:
+    """Lines of dict literals tagged as our checkpoint (``"format": FORMAT_NAME`` or its value spelt out)."""
+    found = []
+    for node in ast.walk(syntax_tree(path)):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if (isinstance(key, ast.Constant) and key.value == "format"
+                        and ((isinstance(value, ast.Name) and value.id == "FORMAT_NAME")
+                             or (isinstance(value, ast.Constant) and value.value == "ivt-retrieval-checkpoint"))):
+                    found.append(node.lineno)
+    return found
+
+
+def test_only_the_checkpoint_module_builds_our_checkpoint_dict():
+    offenders = {str(p.relative_to(ROOT)): checkpoint_literals(p) for p in our_files()
+                 if str(p.relative_to(ROOT)) != CHECKPOINT_OWNER}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert len(checkpoint_literals(ROOT / CHECKPOINT_OWNER)) == 1  # checkpoint_dict
+
+
 def test_models_write_no_file():
     offenders = {str(p.relative_to(ROOT)): file_writes(p) for p in modules_of("models")}
     assert {k: v for k, v in offenders.items() if v} == {}
@@ -236,6 +259,10 @@ def test_the_format_checks_see_every_spelling(tmp_path):
                       "open('a')\nPath('a').open(mode='a')\ntorch.save({}, 'a')\njson.dump({}, f)\n"
                       "Path('a').write_text('x')\nopen('a', 'rb')\n")
     assert torch_loads(module) == [3]
+    literals = tmp_path / "d.py"  # another file: syntax trees are cached by path
+    literals.write_text("x = {'format': FORMAT_NAME}\ny = {\"format\": 'ivt-retrieval-checkpoint'}\n"
+                        "z = {'format': 'pt'}\n")
+    assert checkpoint_literals(literals) == [1, 2]
     assert file_writes(module) == ["4: open", "6: open", "7: save", "8: dump", "9: write_text"]
 
 
