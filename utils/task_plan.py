@@ -3,8 +3,8 @@
 ``task: retrieval`` trains and evaluates on one person-retrieval dataset (``data.format`` in ``data.root``) with
 P x K identity batches of ``input.num_views`` views. ``task: pretrain`` trains on image-caption corpora
 (``data.pretrain_corpora``) with one view per record in plainly shuffled batches, and evaluates zero-shot on
-``data.eval_format`` in ``data.eval_root`` when one is given. Code asks the plan, never ``cfg.task`` itself, so a
-new task is one more branch here.
+``data.eval_format`` in ``data.eval_root`` when one is given. Code asks the plan and never tests ``cfg.task``
+itself, so a new task is one more branch here.
 """
 from __future__ import annotations
 
