@@ -1,3 +1,4 @@
+import logging
 import os
 import signal
 import sys
@@ -13,6 +14,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Give every test the root logger it started with: utils.logging_utils.setup_logging (a run, a command) sets
+    the root level and adds handlers that would otherwise leak into the next test's log capture."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture
