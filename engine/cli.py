@@ -23,7 +23,8 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
     parser.add_argument("--init-from", default=None, help="initialise from our or the authors' checkpoint")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the test split and exit")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in an --output-dir that holds a previous run's checkpoints")
+                        help="start a new run in an --output-dir that holds a previous run: its files are moved "
+                             "into <output-dir>/replaced/<time>/ first, so no record mixes two runs")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -58,6 +59,7 @@ def refuse_previous_run(output_dir: Path, resuming: Path | None = None) -> None:
     found = [name for name in ("last.pth", "best.pth") if (output_dir / name).is_file()]
     if not found:
         return
+    refuse_running(output_dir)
     if resuming is not None:
         raise CheckpointError(f"{output_dir} holds another run's {' and '.join(found)}; resuming {resuming} there "
                               "would replace them: choose another --output-dir, or pass --overwrite to replace them")
@@ -72,6 +74,18 @@ def refuse_previous_run(output_dir: Path, resuming: Path | None = None) -> None:
                               "--output-dir, or pass --overwrite to start over")
     raise CheckpointError(f"{output_dir} holds a previous run's {' and '.join(found)}; continue it with "
                           "--resume auto, choose another --output-dir, or pass --overwrite to start over")
+
+
+def refuse_running(output_dir: Path) -> None:
+    """RunFolderBusyError when a live run holds ``output_dir``: whatever its files say (a best.pth without last.pth
+    is also what a run inside its first save of last.pth looks like), that run is still running."""
+    from utils.run_lock import RunFolderBusyError, RunFolderLock
+
+    holder = RunFolderLock(output_dir).holder()
+    if holder is not None:
+        raise RunFolderBusyError(f"{output_dir} is in use by {holder}: that run is still running (it may be saving "
+                                 "a checkpoint); wait for it to end (or stop it), then continue it with --resume auto, "
+                                 "or choose another --output-dir")
 
 
 @user_errors_as_one_line()
@@ -92,6 +106,7 @@ def train_main(argv: Sequence[str] | None, doc: str, default_config: str) -> dic
     try:
         cfg = load_config(args.config, args.overrides)
         output_dir = Path(args.output_dir or cfg.output_dir)
+        refuse_running(output_dir)
         resume_path = resolve_resume(args.resume, output_dir)
         if resume_path is None and not (args.eval_only or args.overwrite):
             refuse_previous_run(output_dir)
@@ -106,7 +121,10 @@ def train_main(argv: Sequence[str] | None, doc: str, default_config: str) -> dic
                 logger.warning("--config %s is ignored: a resumed run keeps the config stored in %s",
                                args.config, resume_path)
         cfg = cfg.replace([f"output_dir={output_dir}"])
+        # --overwrite sets the previous run's files aside, unless this run continues them (a resume from this folder)
+        fresh = args.overwrite and not args.eval_only and (
+            resume_path is None or resume_path.parent.resolve() != output_dir.resolve())
         return train(cfg, output_dir=output_dir, resume=resume_path, resume_obj=resume_obj,
-                     init_from=args.init_from, eval_only=args.eval_only)
+                     init_from=args.init_from, eval_only=args.eval_only, set_aside_previous=fresh)
     finally:
         du.cleanup_distributed()

@@ -41,7 +41,7 @@ from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import (batch_scaling_message, build_optimizer, build_scheduler, renew_hyperparameters,
                          schedule_changes, set_schedule)
-from utils.run_lock import RunFolderLock
+from utils.run_lock import RunFolderLock, set_aside_previous_run
 
 logger = logging.getLogger("engine")
 
@@ -80,17 +80,18 @@ class Run:
 
 
 def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, resume_obj: dict | None = None,
-          init_from: str | None = None, eval_only: bool = False) -> dict:
+          init_from: str | None = None, eval_only: bool = False, set_aside_previous: bool = False) -> dict:
     """Run (or resume) the recipe in ``cfg``; returns the run summary (see :func:`summary`).
 
     ``resume`` is a checkpoint path (the CLI resolves "auto"); ``resume_obj`` is that checkpoint when the caller
-    has already loaded it, so a multi-GB file is not read twice.
+    has already loaded it, so a multi-GB file is not read twice. ``set_aside_previous`` (--overwrite) moves a
+    previous run's files into ``output_dir/replaced/<time>/`` once this run has taken the folder.
     """
     resume_path = Path(resume) if resume is not None else None
     device = set_up_process(cfg, output_dir)
     resume_obj = read_resume(resume_path, resume_obj)
     with RunFolderLock(output_dir) as lock:
-        run = prepare_run(cfg, output_dir, device, resume_obj, init_from, lock)
+        run = prepare_run(cfg, output_dir, device, resume_obj, init_from, lock, set_aside_previous)
         if eval_only:
             return summary(run, stopped=False, test=evaluate_split(run.model, run.eval_splits, cfg.eval.test_split,
                                                                    run.tokenizer, cfg, device, output_dir))
@@ -123,7 +124,7 @@ def set_up_process(cfg: Config, output_dir: Path) -> torch.device:
 
 
 def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj: dict | None,
-                init_from: str | None, lock: RunFolderLock) -> Run:
+                init_from: str | None, lock: RunFolderLock, set_aside_previous: bool = False) -> Run:
     """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run
     (rank 0 locks it first: a second process that would write there stops with one line)."""
     batch, instances = cfg.train.batch_size_per_gpu, cfg.sampler.num_instances
@@ -142,6 +143,10 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
     # A run that fails before this point leaves an existing run directory as it was.
     if du.is_main_process():
         lock.acquire()
+        replaced = set_aside_previous_run(output_dir) if set_aside_previous else None
+        if replaced is not None:
+            logger.info("--overwrite: the previous run's files are now in %s (delete it when no longer needed)",
+                        replaced)
         remove_orphan_temporaries(output_dir)
         save_config(cfg, output_dir / "config.yaml")  # atomic, before log.txt: a full disk leaves no empty files
     setup_logging(output_dir, du.get_rank())
