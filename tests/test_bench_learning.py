@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,8 @@ def test_the_pretrained_checkpoint_is_cached_by_config_digest(bench, tmp_path, m
         run_dir = Path(command[command.index("--output-dir") + 1])
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").write_text(json.dumps(
-            {"kind": "eval", "epoch": 0, "t2i/R1": 12.5, "t2i/mAP": 20.0, "score": 12.5}) + "\n")
+            {"kind": "eval", "step": 4, "time": time.time(), "epoch": 0, "t2i/R1": 12.5, "t2i/mAP": 20.0,
+             "score": 12.5}) + "\n")
         (run_dir / "last.pth").write_bytes(b"weights")
         children.append(command)
         return 42.0
