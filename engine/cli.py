@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +33,9 @@ def build_parser(description: str, default_config: str) -> argparse.ArgumentPars
 # Exit status of a run stopped by a signal after saving last.pth: EX_TEMPFAIL, "try again later", so that a
 # scheduler or wrapper can requeue it with --resume auto. Finished runs exit 0, failed ones 1.
 EXIT_STOPPED = 75
+# Exit status of a run ended because its step waited train.stall_stop_seconds for a batch (a stalled loader worker):
+# EX_IOERR, the read never came back. last.pth is saved (single process); resume with --resume auto.
+EXIT_STALLED = 74
 
 
 def exit_status(summary: dict) -> int:
@@ -98,7 +102,7 @@ def train_main(argv: Sequence[str] | None, doc: str, default_config: str) -> dic
     args = build_parser(doc.splitlines()[0], default_config).parse_intermixed_args(argv)
     # Heavy imports after argument parsing, so that --help answers at once.
     from engine.checkpoints import resolve_resume
-    from engine.training import train
+    from engine.training import WorkerStalledError, train
     from utils import distributed as du
     from utils.checkpoint import load_file
     from utils.config import config_from_dict, load_config
@@ -126,5 +130,8 @@ def train_main(argv: Sequence[str] | None, doc: str, default_config: str) -> dic
             resume_path is None or resume_path.parent.resolve() != output_dir.resolve())
         return train(cfg, output_dir=output_dir, resume=resume_path, resume_obj=resume_obj,
                      init_from=args.init_from, eval_only=args.eval_only, set_aside_previous=fresh)
+    except WorkerStalledError as exc:
+        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
+        raise SystemExit(EXIT_STALLED) from None
     finally:
         du.cleanup_distributed()

@@ -61,6 +61,7 @@ MINIMUM = {
     "train.epochs": 1, "train.batch_size_per_gpu": 1, "train.grad_accum_steps": 1, "train.log_every_steps": 1,
     "train.eval_every_epochs": 1, "train.save_every_epochs": 1, "train.max_steps_per_epoch": 0,
     "train.warmup_epochs": 0, "train.dist_timeout_minutes": 1, "train.stall_warning_seconds": 0,
+    "train.stall_stop_seconds": 0,
     "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
     "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1,
     "data.eval_synthetic_num_ids": 1, "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3,
