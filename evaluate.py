@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from engine.data import load_eval_splits
     from engine.evaluation import EvaluationError, evaluate_model, save_examples, write_metrics_json
     from utils import distributed as du
-    from utils.checkpoint import model_epoch
+    from utils.checkpoint import check_writable_folder, model_epoch
     from utils.logging_utils import setup_logging
 
     device = du.init_distributed(args.device)
@@ -83,9 +83,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                       "pass data.eval_root=PATH (and data.eval_format=cuhkpedes|icfg|rstp), or a "
                                       "retrieval recipe as --config")
             records = splits.split(args.split)
+            metrics_path, examples_dir = output_paths(args.checkpoint, args.output_dir, args.split)
+            check_writable_folder(metrics_path.parent, f"the metrics file {metrics_path.name} (--output-dir)")
+            if int(cfg.eval.save_examples) > 0:
+                check_writable_folder(examples_dir, "the example pictures' folder (--save-examples)")
             results = evaluate_model(model, records, tokenizer, cfg, device, args.split)
             results["epoch"] = epoch
-            metrics_path, examples_dir = output_paths(args.checkpoint, args.output_dir, args.split)
             write_metrics_json(metrics_path, results, args.checkpoint, cfg)
             if du.is_main_process():
                 logger.info("wrote %s", metrics_path)

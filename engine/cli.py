@@ -104,12 +104,13 @@ def train_main(argv: Sequence[str] | None, doc: str, default_config: str) -> dic
     from engine.checkpoints import resolve_resume
     from engine.training import WorkerStalledError, train
     from utils import distributed as du
-    from utils.checkpoint import load_file
+    from utils.checkpoint import check_writable_folder, load_file
     from utils.config import config_from_dict, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
         output_dir = Path(args.output_dir or cfg.output_dir)
+        check_writable_folder(output_dir, "--output-dir")  # before anything is read or trained
         refuse_running(output_dir)
         resume_path = resolve_resume(args.resume, output_dir)
         if resume_path is None and not (args.eval_only or args.overwrite):

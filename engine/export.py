@@ -125,9 +125,10 @@ def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
     from safetensors.torch import save as safetensors_bytes
 
     from datasets.tokenizer import save_tokenizer
-    from utils.checkpoint import atomic_write, file_mode
+    from utils.checkpoint import atomic_write, check_writable_folder, file_mode
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_writable_folder(out_dir, "the model folder")  # before the checkpoint is read
     obj, cfg, tokenizer, model = load_exportable(checkpoint)
     metrics = find_metrics(checkpoint, metrics_files)
     _prepare_out_dir(out_dir, overwrite)
