@@ -1,6 +1,7 @@
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,3 +54,26 @@ def stop_after_steps(monkeypatch):
         monkeypatch.setattr(training, "optimizer_step", step)
 
     return arm
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(folder)``: the folder becomes a read-only bind mount of itself (root ignores permission bits,
+    not a read-only mount); unmounted afterwards. Skips where mounting is not allowed."""
+    mounted = []
+
+    def mount(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        for command in (["mount", "--bind", str(folder), str(folder)],
+                        ["mount", "-o", "remount,ro,bind", str(folder)]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                if command[1] == "-o":  # the bind mount stands, read-write: take it down
+                    subprocess.run(["umount", "-l", str(folder)], check=False)
+                pytest.skip(f"cannot make a read-only bind mount here ({done.stderr.strip()}): needs root")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

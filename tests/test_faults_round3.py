@@ -174,3 +174,37 @@ def test_the_signal_handler_never_logs_so_a_flush_it_interrupts_loses_nothing(ca
     assert "Logging error" not in err and "reentrant" not in err
     assert err.count("a line being flushed") == 1 and err.count("received signal 15") == 1
     assert err.index("a line being flushed") < err.index("received signal 15")
+
+
+# ------------------------------------------------------------------------------------ read-only outputs
+def test_outputs_that_cannot_be_written_are_refused_before_the_evaluation_runs(tmp_path, read_only, monkeypatch):
+    import engine.evaluation
+    import evaluate
+    from engine.export import main as export_main
+
+    out, data = tmp_path / "run", tmp_path / "data"
+    train(out, data, epochs=1, steps=1)
+    checkpoint = out / "best.pth"
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluation ran although its results could not be written")
+
+    monkeypatch.setattr(engine.evaluation, "evaluate_model", never)
+    read_only(out)
+    for extra in ([], ["--save-examples", "2"]):  # next to a checkpoint in a read-only folder
+        with pytest.raises(SystemExit, match=f"^error: the metrics file metrics_test_best.json \\(--output-dir\\): "
+                                             f"cannot write in {out}: Read-only file system"):
+            evaluate.main(["--checkpoint", str(checkpoint), *extra])
+    mount = read_only(tmp_path / "ro")
+    with pytest.raises(SystemExit, match=f"^error: the metrics file .*cannot write in {mount} \\(where "
+                                         f"{mount / 'eval'} would be created\\): Read-only file system"):
+        evaluate.main(["--checkpoint", str(checkpoint), "--output-dir", str(mount / "eval")])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "examples_test").write_text("a file where the examples folder goes")
+    with pytest.raises(SystemExit, match="^error: the example pictures' folder \\(--save-examples\\): .*examples_test "
+                                         "is a file, not a folder"):
+        evaluate.main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "eval"),
+                       "--save-examples", "2"])
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["examples_test"]
+    with pytest.raises(SystemExit, match=f"^error: the model folder: cannot write in {mount} .*Read-only file system"):
+        export_main([str(checkpoint), str(mount / "model")])
