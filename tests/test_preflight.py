@@ -137,3 +137,22 @@ def test_synthetic_writer_arguments_are_one_line(tmp_path):
                                              "'cuhkpedes'"):
             main(["--format", "cuhkpedes", "--out", str(tmp_path / "out"), "--num-ids", number])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+# ------------------------------------------------------------------------------ logging between tests
+def test_a_command_sets_up_logging(tmp_path):
+    """The first of a pair: setup_logging sets the root logger to INFO and adds its handlers, as every command
+    and run does; the conftest fixture restore_logging must undo it for the next test."""
+    import logging
+
+    from utils.logging_utils import setup_logging
+
+    setup_logging(tmp_path)
+    assert logging.getLogger().level == logging.INFO
+
+
+def test_the_next_test_starts_with_the_root_logger_as_it_was():
+    import logging
+
+    root = logging.getLogger()
+    assert root.level == logging.WARNING and not [h for h in root.handlers if getattr(h, "_ivt_handler", False)]
