@@ -44,7 +44,11 @@ def exit_status(summary: dict) -> int:
     torchrun exits 1 whatever status its workers return, so local rank 0 also writes a stop's status into the
     file ``IVT_EXIT_STATUS_FILE`` names (start.sh sets it and exits with that status).
     """
-    status = EXIT_STOPPED if summary.get("stopped") else 0
+    return report_status(EXIT_STOPPED if summary.get("stopped") else 0)
+
+
+def report_status(status: int) -> int:
+    """``status``, also written to the file IVT_EXIT_STATUS_FILE names (by local rank 0) when it is not 0."""
     report = os.environ.get("IVT_EXIT_STATUS_FILE")
     if status and report and os.environ.get("LOCAL_RANK", "0") == "0":
         try:
@@ -133,6 +137,6 @@ def train_main(argv: Sequence[str] | None, doc: str, default_config: str) -> dic
                      init_from=args.init_from, eval_only=args.eval_only, set_aside_previous=fresh)
     except WorkerStalledError as exc:
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
-        raise SystemExit(EXIT_STALLED) from None
+        raise SystemExit(report_status(EXIT_STALLED)) from None
     finally:
         du.cleanup_distributed()

@@ -421,6 +421,8 @@ class StallWatchdog(threading.Thread):
     def __exit__(self, *exc) -> None:
         self._done.set()
         if self._previous_alarm is not None:
+            if self.is_alive():  # no SIGALRM may come after its handler is gone (its default ends the process)
+                self.join(timeout=10.0)
             signal.signal(signal.SIGALRM, self._previous_alarm)
 
 
