@@ -1,4 +1,3 @@
-import logging
 import os
 import signal
 import subprocess
@@ -19,18 +18,13 @@ if str(ROOT) not in sys.path:
 
 @pytest.fixture(autouse=True)
 def restore_logging():
-    """Give every test the root logger it started with: utils.logging_utils.setup_logging (a run, a command) sets
-    the root level and adds handlers that would otherwise leak into the next test's log capture."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
+    """Every test leaves logging as the session found it: utils.logging_utils.setup_logging (a run, a command, or a
+    module fixture that trains) sets the root level to INFO and adds handlers, which would leak into the next test's
+    log capture."""
     yield
-    for handler in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
+    from utils.logging_utils import reset_logging
+
+    reset_logging()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ field or argument at fault."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,4 +156,6 @@ def test_the_next_test_starts_with_the_root_logger_as_it_was():
     import logging
 
     root = logging.getLogger()
-    assert root.level == logging.WARNING and not [h for h in root.handlers if getattr(h, "_ivt_handler", False)]
+    assert root.level == logging.WARNING  # the level a session starts with (Python's default)
+    assert not [h for h in root.handlers if type(h).__module__ == "utils.logging_utils"
+                or getattr(h, "stream", None) is sys.stderr]  # neither the previous test's log.txt nor its console
