@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                       "pass data.eval_root=PATH (and data.eval_format=cuhkpedes|icfg|rstp), or a "
                                       "retrieval recipe as --config")
             records = splits.split(args.split)
-            results = evaluate_model(model, records, tokenizer, cfg, device, args.split)
+            results = evaluate_model(model, records, tokenizer, cfg, device, args.split, info.get("calibration"))
             results["epoch"] = epoch
             metrics_path, examples_dir = output_paths(args.checkpoint, args.output_dir, args.split)
             write_metrics_json(metrics_path, results, args.checkpoint, cfg)

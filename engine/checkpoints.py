@@ -43,10 +43,14 @@ class TrainState:
     global_step: int = 0
     best_metric: float = float("-inf")
     best_epoch: int = -1
+    # the "no good match" threshold and blend weight of the latest evaluation on the selection split
+    # (engine.evaluation.calibration_record): each checkpoint carries those of the evaluation before it was saved
+    calibration: dict | None = None
 
     @classmethod
     def from_checkpoint(cls, obj: dict) -> "TrainState":
-        return cls(obj["epoch"], obj["step_in_epoch"], obj["step"], obj["best_metric"], obj["best_epoch"])
+        return cls(obj["epoch"], obj["step_in_epoch"], obj["step"], obj["best_metric"], obj["best_epoch"],
+                   obj.get("calibration"))
 
 
 def detect_format(obj: Any) -> str:
@@ -116,7 +120,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "step": state.global_step,
-        "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+        "best_metric": state.best_metric, "best_epoch": state.best_epoch, "calibration": state.calibration,
         "config": cfg.to_dict(), "tokenizer": tokenizer_record(tokenizer, cfg.text), "rng": rng,
         "world_size": du.get_world_size(), "environment": environment_record(),
     }
@@ -284,7 +288,7 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
         load_model_state(model, obj["model"], path)
         tokenizer = tokenizer_from_record(obj.get("tokenizer"), cfg.text)
         info = {"format": "ours", "epoch": obj.get("epoch"), "step": obj.get("step"),
-                "step_in_epoch": obj.get("step_in_epoch")}
+                "step_in_epoch": obj.get("step_in_epoch"), "calibration": obj.get("calibration")}
     elif kind == "official":
         _, model_overrides = convert_official(obj)
         cfg = load_config(config_path).replace(model=model_overrides)

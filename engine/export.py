@@ -31,7 +31,8 @@ from utils.errors import user_errors_as_one_line
 logger = logging.getLogger(__name__)
 
 METRIC_SPLITS = ("test", "val")
-METRIC_KEYS = ("split", "t2i", "t2i_rerank", "rerank_top_k", "i2t", "chance_R1", "counts")
+METRIC_KEYS = ("split", "t2i", "t2i_rerank", "t2i_blend", "rerank_top_k", "rerank_blend", "itm_pair_accuracy",
+               "i2t", "chance_R1", "counts", "match_threshold", "no_match", "calibration")
 
 
 def find_metrics(checkpoint: Path, files: Sequence[str | os.PathLike[str]] = ()) -> dict[str, dict]:
@@ -64,6 +65,16 @@ def find_metrics(checkpoint: Path, files: Sequence[str | os.PathLike[str]] = ())
         split = data.get("split") or file.stem.removeprefix("metrics_")
         found[split] = {k: data[k] for k in METRIC_KEYS if k in data}
     return found
+
+
+def carried_calibration(obj: dict, metrics: dict[str, dict]) -> dict | None:
+    """The "no good match" threshold and blend weight the folder carries (engine.calibration): the checkpoint's
+    own (chosen on val during training), else those of an evaluation of it on val (``evaluate.py --split val``
+    beside it, for checkpoints trained before they were carried)."""
+    if obj.get("calibration"):
+        return obj["calibration"]
+    val = metrics.get("val", {}).get("calibration")
+    return val if isinstance(val, dict) and val.get("split") == "val" else None
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -112,6 +123,7 @@ def folder_record(obj: dict, cfg: Any, tokenizer, checkpoint: Path, metrics: dic
         "training": {k: obj.get(k) for k in ("epoch", "step_in_epoch", "step", "best_metric", "best_epoch",
                                              "world_size")},
         "metrics": metrics,
+        "calibration": carried_calibration(obj, metrics),
         "source_checkpoint": {"file": checkpoint.name, "sha256": sha256_of(checkpoint)},
         "training_environment": obj.get("environment"),
         "export_environment": environment_record("cpu"),
@@ -174,7 +186,7 @@ def _metrics_table(metrics: dict[str, dict]) -> str:
     rows = []
     for split, result in metrics.items():
         for key, label in (("t2i", "text-to-image"), ("t2i_rerank", "text-to-image, ITM re-ranked"),
-                           ("i2t", "image-to-text")):
+                           ("t2i_blend", "text-to-image, cosine + ITM blend"), ("i2t", "image-to-text")):
             if key in result:
                 m = result[key]
                 rows.append(f"| {split} | {label} | " + " | ".join(

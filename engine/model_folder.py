@@ -128,5 +128,5 @@ def folder_as_checkpoint(path: str | os.PathLike[str]) -> dict:
     training = meta.get("training", {})
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": state, "config": config,
             "tokenizer": record, "epoch": training.get("epoch"), "step": training.get("step"),
-            "step_in_epoch": training.get("step_in_epoch"),
+            "step_in_epoch": training.get("step_in_epoch"), "calibration": meta.get("calibration"),
             "model_folder": str(path)}

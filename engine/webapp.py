@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -139,7 +140,12 @@ class SearchPage:
         self.retriever = retriever
         self.provenance = provenance
         self.default_k = max(1, min(int(default_k), MAX_TOP_K))
-        self.min_score = match_threshold_of(provenance) if min_score is None else float(min_score)
+        # the "no good match" rule: min_score (a cosine) when given, else the one carried with the model
+        # (engine.calibration, measured on val), else the cosine threshold of older exports' test metrics
+        self.no_match = (no_match_rule_of(getattr(retriever, "info", {}) or {}, provenance) if min_score is None
+                         else {"rule": "cosine", "thresholds": {"cosine": float(min_score)},
+                               "source": "the server's setting"})
+        self.min_score = self.no_match["thresholds"].get("cosine") if self.no_match else None
 
     def _k(self, k: Any) -> int:
         try:
@@ -198,16 +204,53 @@ class SearchPage:
         ranked_by = "ITM re-ranking" if results and results[0].itm_score is not None else "cosine similarity"
         lines = [f"Top {len(results)} of {len(self.retriever.gallery)} images for {label}, ranked by {ranked_by}. "
                  "Scores are cosine similarities of the features (1 = same direction), not probabilities."]
-        best = max((r.score for r in results), default=None)
-        if text and best is not None and self.min_score is not None and best < self.min_score:
-            lines.insert(0, f"**No good match.** The best score, {best:.3f}, is below {self.min_score:.3f}: the score "
-                            "95% of the correctly answered test queries reach (its measured threshold). Nobody here "
-                            "looks much like the description; these are the closest images.")
+        flagged = self._no_good_match(text) if text and results else None
+        if flagged:
+            lines.insert(0, flagged)
         unknown = self.retriever.out_of_vocabulary(text) if text else []
         if unknown:
             lines.append(f"Not in the model's vocabulary (spelt letter by letter, so they count little): "
                          f"{html.escape(', '.join(unknown))}.")
         return Shown([(r.path, caption(r)) for r in results], "\n\n".join(lines))
+
+
+    def _no_good_match(self, text: str) -> str | None:
+        """The "no good match" message when the best image does not stand out enough or scores too low, else None."""
+        from engine.calibration import is_no_match
+
+        words = {w for w in re.findall(r"\w+", text.lower()) if len(w) > 1}
+        if words and words <= {w.lower() for w in self.retriever.out_of_vocabulary(text)}:
+            return ("**No good match.** The model knows none of the words of this description, so it cannot read "
+                    "it; these images are ranked by noise.")
+        rule = self.no_match
+        if not rule:
+            return None
+        scores = self.retriever.encode_query(text) @ self.retriever.gallery.features.t()  # [G]
+        no_match, stats = is_no_match(scores, rule)
+        if not no_match:
+            return None
+        said = []
+        if stats.get("zscore", float("inf")) < rule["thresholds"].get("zscore", float("-inf")):
+            said.append(f"the best image stands out from the rest of this gallery by {stats['zscore']:.2f} standard "
+                        f"deviations, less than {rule['thresholds']['zscore']:.2f}")
+        if stats.get("cosine", float("inf")) < rule["thresholds"].get("cosine", float("-inf")):
+            said.append(f"the best score, {stats['cosine']:.3f}, is below {rule['thresholds']['cosine']:.3f}")
+        share = f"{1 - float(rule.get('quantile') or 0.05):.0%}"
+        return (f"**No good match.** {'; '.join(said).capitalize()}: marks {share} of the right answers reach "
+                f"({rule['source']}). Nobody here looks much like the description; these are the closest images.")
+
+
+def no_match_rule_of(info: dict, provenance: dict) -> dict | None:
+    """The model's "no good match" rule: the calibration its checkpoint or folder carries, else (older exports)
+    the cosine threshold of its test metrics; None when neither is known."""
+    carried = (info.get("calibration") or {}).get("no_match") or {}
+    if isinstance(carried.get("thresholds"), dict) and carried["thresholds"]:
+        return {**carried, "source": "measured on the validation split with short descriptions"}
+    legacy = match_threshold_of(provenance)
+    if legacy is None:
+        return None
+    return {"rule": "cosine", "thresholds": {"cosine": legacy}, "quantile": 0.05,
+            "source": "measured on the test split with whole captions"}
 
 
 def match_threshold_of(provenance: dict) -> float | None:
