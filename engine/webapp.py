@@ -53,6 +53,17 @@ element.addEventListener('click', (event) => {
   const box = document.querySelector('#why-index textarea, #why-index input');
   box.value = card.dataset.index;
   box.dispatchEvent(new Event('input', {bubbles: true}));
+  // on a phone the panel sits below the results, off-screen: bring it into view once its content arrives
+  const why = document.querySelector('#why');
+  const place = why.getBoundingClientRect();
+  if (place.top > window.innerHeight - 40 || place.bottom < 0) {
+    const observer = new MutationObserver(() => {
+      if (!why.querySelector('h3')) return;
+      observer.disconnect();
+      why.scrollIntoView({block: 'start'});
+    });
+    observer.observe(why, {childList: true, subtree: true, characterData: true});
+  }
 });
 """
 
@@ -121,10 +132,11 @@ def why_html(explanation: Any, rank: int) -> str:
         f'<span class="ivt-word" title="{share:+.4f}" style="background: rgba('
         f'{"230,30,30" if share >= 0 else "30,90,230"},{0.75 * abs(share) / scale:.2f})">{esc(word)}</span>'
         for word, share in explanation.words)
+    against = (f"above {explanation.baseline}" if explanation.baseline_score is not None else "")
     return (f"<h3>Why #{rank} matches</h3><div><img src=\"{plain}\" alt=\"result #{rank}\">"
             f"<img src=\"{heat}\" alt=\"heatmap of result #{rank}\"></div>"
-            f"<p>Red regions raise the score for the description, blue ones lower it; words are shaded the same "
-            f"way.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
+            f"<p>Red regions raise the score for the description {against}, blue ones lower it; words are shaded "
+            f"the same way.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
 
 
 def caption(hit: Any) -> str:
@@ -146,6 +158,7 @@ class SearchPage:
                          else {"rule": "cosine", "thresholds": {"cosine": float(min_score)},
                                "source": "the server's setting"})
         self.min_score = self.no_match["thresholds"].get("cosine") if self.no_match else None
+        self._baseline: tuple[Any, Any] | None = None  # (the gallery, its contrastive baseline), made on first use
 
     def _k(self, k: Any) -> int:
         try:
@@ -176,12 +189,24 @@ class SearchPage:
         if not text or not 0 <= index < len(items):
             return "<p>Click a result of a description to see why it matches.</p>"
         try:
-            return why_html(self.retriever.explain(text, items[index][0]), index + 1)
+            return why_html(self._explain(text, items[index][0]), index + 1)
         except UserError as exc:
             return f"<p><b>Cannot explain:</b> {html.escape(str(exc))}</p>"
         except Exception:  # a bug: full traceback in the server log, one line on the page
             logger.exception("explanation failed")
             return "<p><b>Internal error</b> while explaining; the server log has the details.</p>"
+
+    def _explain(self, text: str, path: str) -> Any:
+        """Why ``path`` ranks above the gallery's average picture for ``text`` (contrastive; the plain split of the
+        score for a model whose explanation is not contrastive)."""
+        from engine.explanation import explain_with, gallery_baseline
+        from engine.retrieval import open_query_image
+
+        r = self.retriever
+        open_query_image(path)  # a missing or undecodable file is a QueryError, as for a search
+        if self._baseline is None or self._baseline[0] is not r.gallery:
+            self._baseline = (r.gallery, gallery_baseline(r.model, r.cfg, r.device, r.gallery.paths))
+        return explain_with(r.model, r.tokenizer, r.cfg, r.device, text, path, self._baseline[1])
 
     def search_image(self, image: str | None, k: Any = None) -> Shown:
         if not image:

@@ -240,6 +240,14 @@ def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_
     browser.set_window_size(390, 844)
     time.sleep(0.5)
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    # and the explanation, below the results there, opens where the user is looking
+    search(QUERY, lambda: QUERY in message())
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.find_elements(By.CSS_SELECTOR, "#results figure")[0].click()
+    wait.until(lambda _: "Why #1 matches" in browser.find_element(By.CSS_SELECTOR, "#why").text)
+    time.sleep(0.5)
+    top = browser.execute_script("return document.querySelector('#why').getBoundingClientRect().top")
+    assert -2 <= top < browser.execute_script("return window.innerHeight") / 2, top  # was ~1,450 px below
     browser.set_window_size(1400, 1150)
 
 
