@@ -1,14 +1,15 @@
 """What a ranking can be trusted with, measured on a split and carried with the model.
 
 - "No good match": a query's best image is flagged when it does not stand out from the rest of the gallery.
-  Statistic ``zscore``: the best score's distance from the mean of the query's scores over the gallery, in
-  standard deviations (a description that fits nobody still has a best image, but it does not stand out);
-  ``cosine``: the best cosine itself (a description the model cannot read, e.g. unknown words, scores low
-  everywhere while some image still stands out). Rule ``both`` (``eval.no_match_rule``) flags a query when either
-  is below its threshold. A threshold is the quantile of its statistic over the split's queries whose best image
-  is the right person (``eval.no_match_quantile``, shared evenly by the rule's statistics), measured on what people type: the first clause of each caption ("a man in a green shirt"), not the
-  whole annotator's paragraph. Both error rates are measured: right best answers flagged, and queries about a
-  person removed from the gallery (every image of their id taken out) not flagged.
+  Statistic ``cosine``: the best cosine itself; ``zscore``: the best score's distance from the mean of the
+  query's scores over the gallery, in standard deviations (whether the best image stands out). Rule ``cosine``
+  (``eval.no_match_rule``) tests the first, ``zscore`` the second, ``both`` flags when either is low. A threshold
+  is the quantile of its statistic over the split's queries whose best image is the right person
+  (``eval.no_match_quantile``, shared evenly by the rule's statistics), measured twice: on what people type (the
+  first clause of each caption, "a man in a green shirt") and on the whole annotator's captions; a query's
+  threshold is read between the two by its number of words, since scores grow with the length of a description.
+  Both error rates are measured: right best answers flagged, and queries about a person removed from the gallery
+  (every image of their id taken out) not flagged.
 - Re-ranking that never loses: the top k ordered by ``cosine + w * ITM`` (the ITM match logit rescaled to the
   cosine's spread within each query's top k), ``w`` chosen on the split from a grid that contains 0 (the cosine
   order itself), so on that split the blend is never below cosine ranking.
@@ -95,27 +96,44 @@ def rule_statistics(rule: str) -> tuple[str, ...]:
     return STATISTICS if rule == "both" else (rule,)
 
 
-def no_match_thresholds(measured: dict[str, torch.Tensor], quantile: float, rule: str) -> dict[str, float] | None:
-    """Each statistic's threshold: its quantile over the queries whose best image is right, at ``quantile``
-    split evenly between the rule's statistics (so that at most ``quantile`` of those queries are flagged).
-    None without such a query."""
-    names = rule_statistics(rule)
-    right = measured["right"]
-    if not bool(right.any()):
+def word_count(text: str) -> int:
+    """The words of a query, as the thresholds count them."""
+    return len(text.split())
+
+
+def threshold_at(entry: dict, words: torch.Tensor) -> torch.Tensor:
+    """A threshold [Q] per query from its word count [Q]: linear between the (words, value) points measured on
+    short queries and on whole captions, constant beyond them (scores grow with the length of a description)."""
+    (w0, w1), (v0, v1) = entry["words"], entry["values"]
+    if w1 <= w0:
+        return torch.full(words.shape, float(v0))
+    t = ((words.float() - w0) / (w1 - w0)).clamp(0.0, 1.0)
+    return v0 + t * (v1 - v0)
+
+
+def no_match_thresholds(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], quantile: float,
+                        rule: str) -> dict[str, dict] | None:
+    """Each statistic's threshold: its quantile over the queries whose best image is right, at ``quantile`` split
+    evenly between the rule's statistics (so that at most about ``quantile`` of them are flagged), measured on the
+    short queries and on the whole captions, each at its median word count (see threshold_at). None without a
+    right answer in either set."""
+    if not (bool(short["right"].any()) and bool(full["right"].any())):
         return None
-    return {name: float(torch.quantile(measured[f"present_{name}"][right], quantile / len(names)))
-            for name in names}
+    share = quantile / len(rule_statistics(rule))
+    return {name: {"words": [float(short["words"].float().median()), float(full["words"].float().median())],
+                   "values": [float(torch.quantile(m[f"present_{name}"][m["right"]], share)) for m in (short, full)]}
+            for name in rule_statistics(rule)}
 
 
-def flagged(measured: dict[str, torch.Tensor], thresholds: dict[str, float], where: str) -> torch.Tensor:
+def flagged(measured: dict[str, torch.Tensor], thresholds: dict[str, dict], where: str) -> torch.Tensor:
     """[Q] bool: the queries a rule flags, from the statistics measured ``where`` ("present" or "absent")."""
     out = torch.zeros_like(measured["right"])
-    for name, value in thresholds.items():
-        out |= measured[f"{where}_{name}"] < value
+    for name, entry in thresholds.items():
+        out |= measured[f"{where}_{name}"] < threshold_at(entry, measured["words"])
     return out
 
 
-def no_match_rates(measured: dict[str, torch.Tensor], thresholds: dict[str, float] | None) -> dict[str, Any]:
+def no_match_rates(measured: dict[str, torch.Tensor], thresholds: dict[str, dict] | None) -> dict[str, Any]:
     """Both error rates of ``thresholds`` (percent): right best answers flagged; absent persons not flagged."""
     right, absent = measured["right"], measured["has_positive"]
     counts = {"queries_answered_right": int(right.sum()), "absent_queries": int(absent.sum())}
@@ -137,13 +155,15 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     "every_rule": the rates each rule would have had, calibrated here}: rates on this split's first clauses
     and whole captions.
     """
-    short_feats = encode([first_clause(t) for t in texts])
-    short = no_match_measure(short_feats, image_feats, query_pids, gallery_pids, chunk_size)
+    shorts = [first_clause(t) for t in texts]
+    short = no_match_measure(encode(shorts), image_feats, query_pids, gallery_pids, chunk_size)
     full = no_match_measure(text_feats, image_feats, query_pids, gallery_pids, chunk_size)
+    short["words"] = torch.tensor([word_count(t) for t in shorts])
+    full["words"] = torch.tensor([word_count(t) for t in texts])
     quantile = float(ev.no_match_quantile)
     every = {}
     for rule in NO_MATCH_RULES:  # what each rule would give, for choosing the rule itself
-        thresholds = no_match_thresholds(short, quantile, rule)
+        thresholds = no_match_thresholds(short, full, quantile, rule)
         every[rule] = {"thresholds": thresholds, "short_queries": no_match_rates(short, thresholds),
                        "full_captions": no_match_rates(full, thresholds)}
     if carried:
@@ -151,16 +171,19 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     else:
         rule = str(ev.no_match_rule)
         record = {"rule": rule, "thresholds": every[rule]["thresholds"], "quantile": quantile,
-                  "calibrated_on": "the first clause of each caption of this split"}
+                  "calibrated_on": "this split: the first clause of each caption and the whole captions"}
     thresholds = record["thresholds"]
     return {**record, "short_queries": no_match_rates(short, thresholds),
             "full_captions": no_match_rates(full, thresholds), "every_rule": every}
 
 
-def is_no_match(scores: torch.Tensor, rule: dict) -> tuple[bool, dict[str, float]]:
-    """(flagged, the statistics) of one query's scores [G] over a gallery under a carried rule record."""
+def is_no_match(scores: torch.Tensor, rule: dict, words: int) -> tuple[bool, dict[str, float], dict[str, float]]:
+    """(flagged, the statistics, their thresholds) of one query of ``words`` words, scores [G] over a gallery,
+    under a carried rule record."""
+    count = torch.tensor([words])
     stats = {name: float(match_statistic(scores.reshape(1, -1), None, name)[0]) for name in rule["thresholds"]}
-    return any(stats[n] < v for n, v in rule["thresholds"].items()), stats
+    limits = {name: float(threshold_at(entry, count)[0]) for name, entry in rule["thresholds"].items()}
+    return any(stats[n] < limits[n] for n in stats), stats, limits
 
 
 # ------------------------------------------------------------------------------------------- blend

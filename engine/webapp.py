@@ -155,9 +155,10 @@ class SearchPage:
         # the "no good match" rule: min_score (a cosine) when given, else the one carried with the model
         # (engine.calibration, measured on val), else the cosine threshold of older exports' test metrics
         self.no_match = (no_match_rule_of(getattr(retriever, "info", {}) or {}, provenance) if min_score is None
-                         else {"rule": "cosine", "thresholds": {"cosine": float(min_score)},
+                         else {"rule": "cosine", "thresholds": {"cosine": fixed_threshold(float(min_score))},
                                "source": "the server's setting"})
-        self.min_score = self.no_match["thresholds"].get("cosine") if self.no_match else None
+        cosine = (self.no_match or {}).get("thresholds", {}).get("cosine")
+        self.min_score = cosine["values"][-1] if cosine else None  # for a whole caption
         self._baseline: tuple[Any, Any] | None = None  # (the gallery, its contrastive baseline), made on first use
 
     def _k(self, k: Any) -> int:
@@ -241,7 +242,7 @@ class SearchPage:
 
     def _no_good_match(self, text: str) -> str | None:
         """The "no good match" message when the best image does not stand out enough or scores too low, else None."""
-        from engine.calibration import is_no_match
+        from engine.calibration import is_no_match, word_count
 
         words = {w for w in re.findall(r"\w+", text.lower()) if len(w) > 1}
         if words and words <= {w.lower() for w in self.retriever.out_of_vocabulary(text)}:
@@ -251,15 +252,15 @@ class SearchPage:
         if not rule:
             return None
         scores = self.retriever.encode_query(text) @ self.retriever.gallery.features.t()  # [G]
-        no_match, stats = is_no_match(scores, rule)
+        no_match, stats, limits = is_no_match(scores, rule, word_count(text))
         if not no_match:
             return None
         said = []
-        if stats.get("zscore", float("inf")) < rule["thresholds"].get("zscore", float("-inf")):
+        if stats.get("zscore", float("inf")) < limits.get("zscore", float("-inf")):
             said.append(f"the best image stands out from the rest of this gallery by {stats['zscore']:.2f} standard "
-                        f"deviations, less than {rule['thresholds']['zscore']:.2f}")
-        if stats.get("cosine", float("inf")) < rule["thresholds"].get("cosine", float("-inf")):
-            said.append(f"the best score, {stats['cosine']:.3f}, is below {rule['thresholds']['cosine']:.3f}")
+                        f"deviations, less than {limits['zscore']:.2f}")
+        if stats.get("cosine", float("inf")) < limits.get("cosine", float("-inf")):
+            said.append(f"the best score, {stats['cosine']:.3f}, is below {limits['cosine']:.3f}")
         share = f"{1 - float(rule.get('quantile') or 0.05):.0%}"
         return (f"**No good match.** {'; '.join(said).capitalize()}: marks {share} of the right answers reach "
                 f"({rule['source']}). Nobody here looks much like the description; these are the closest images.")
@@ -274,8 +275,13 @@ def no_match_rule_of(info: dict, provenance: dict) -> dict | None:
     legacy = match_threshold_of(provenance)
     if legacy is None:
         return None
-    return {"rule": "cosine", "thresholds": {"cosine": legacy}, "quantile": 0.05,
+    return {"rule": "cosine", "thresholds": {"cosine": fixed_threshold(legacy)}, "quantile": 0.05,
             "source": "measured on the test split with whole captions"}
+
+
+def fixed_threshold(value: float) -> dict:
+    """One threshold for queries of any length, in the form engine.calibration.threshold_at reads."""
+    return {"words": [0.0, 0.0], "values": [value, value]}
 
 
 def match_threshold_of(provenance: dict) -> float | None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from engine.calibration import (blend_grid, blend_scores, choose_blend_weight, first_clause, flagged,
-                                itm_pair_accuracy, match_statistic, no_match_measure, no_match_rates,
-                                no_match_thresholds)
+                                is_no_match, itm_pair_accuracy, match_statistic, no_match_measure, no_match_rates,
+                                no_match_thresholds, threshold_at)
 from models.losses import sample_hard_negatives
 from utils.metrics import retrieval_metrics
 
@@ -42,6 +42,7 @@ def test_no_match_rates_by_hand():
     texts = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.6, 0.8], [-1.0, 0.2]])
     query_pids = torch.tensor([0, 1, 1, 0])
     measured = no_match_measure(texts, images, query_pids, gallery_pids, chunk_size=3)
+    measured["words"] = torch.tensor([4, 4, 4, 4])
     assert measured["right"].tolist() == [True, True, True, False]
     assert measured["has_positive"].tolist() == [True, True, True, True]
     q = torch.nn.functional.normalize(texts, dim=1)
@@ -49,16 +50,26 @@ def test_no_match_rates_by_hand():
     assert measured["present_cosine"].tolist() == pytest.approx(cosine.max(dim=1).values.tolist())
     # absent: query 0 without image 0 has cosines [0.0995, -0.995]: best 0.0995
     assert float(measured["absent_cosine"][0]) == pytest.approx(0.1 / math.sqrt(1.01), abs=1e-4)
-    thresholds = no_match_thresholds(measured, 0.0, "cosine")  # the lowest right answer: 0.8
-    assert thresholds == {"cosine": pytest.approx(0.8)}
-    rates = no_match_rates(measured, {"cosine": 0.79})
+    # long captions score higher: the same queries, counted as 12 words, 0.1 higher
+    longer = {**measured, "present_cosine": measured["present_cosine"] + 0.1, "words": torch.full((4,), 12)}
+    thresholds = no_match_thresholds(measured, longer, 0.0, "cosine")  # the lowest right answers: 0.8 and 0.9
+    assert thresholds["cosine"]["words"] == [4.0, 12.0]
+    assert thresholds["cosine"]["values"] == pytest.approx([0.8, 0.9])
+    assert threshold_at(thresholds["cosine"], torch.tensor([2, 4, 8, 12, 40])).tolist() == \
+        pytest.approx([0.8, 0.8, 0.85, 0.9, 0.9])
+    fixed = {"cosine": {"words": [4.0, 12.0], "values": [0.79, 0.79]}}
+    rates = no_match_rates(measured, fixed)
     assert rates["right_top1_flagged"] == 0.0 and rates["queries_answered_right"] == 3
     # absent best cosines: q0 0.0995, q1 0.0995, q2 0.6 (its person 1 removed, image 0 left), q3 0.98 (image 2)
     assert rates["absent_not_flagged"] == 25.0
-    assert no_match_rates(measured, {"cosine": 0.5})["absent_not_flagged"] == 50.0
-    both = no_match_thresholds(measured, 0.5, "both")
+    assert no_match_rates(measured, {"cosine": {"words": [4.0, 4.0], "values": [0.5, 0.5]}})["absent_not_flagged"] == 50.0
+    both = no_match_thresholds(measured, longer, 0.5, "both")
     assert set(both) == {"zscore", "cosine"}
-    assert flagged(measured, {"cosine": 0.9, "zscore": -10.0}, "present").tolist() == [False, False, True, False]
+    assert flagged(measured, {"cosine": {"words": [0, 0], "values": [0.9, 0.9]},
+                              "zscore": {"words": [0, 0], "values": [-10.0, -10.0]}}, "present").tolist() == \
+        [False, False, True, False]
+    no, stats, limits = is_no_match(cosine[2], {"thresholds": thresholds}, 8)
+    assert no and stats["cosine"] == pytest.approx(0.8) and limits["cosine"] == pytest.approx(0.85)
 
 
 def test_the_blend_at_weight_zero_is_the_cosine_ranking_and_never_loses_where_chosen():

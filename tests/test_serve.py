@@ -258,7 +258,9 @@ def test_an_exported_folder_carries_its_no_good_match_rule(exported_model, train
 
     meta = json.loads((exported_model / "config.json").read_text())
     rule = meta["calibration"]["no_match"]
-    assert meta["calibration"]["split"] == "val" and rule["rule"] == "both" and rule["thresholds"]["zscore"] > 0
+    assert meta["calibration"]["split"] == "val" and rule["rule"] == "cosine"
+    short_words, full_words = rule["thresholds"]["cosine"]["words"]
+    assert 3 <= short_words < full_words  # measured on first clauses and on whole captions
     assert meta["metrics"]["val"]["no_match"]["thresholds"] == rule["thresholds"]
     short = meta["metrics"]["val"]["no_match"]["short_queries"]
     assert short["right_top1_flagged"] <= 10.0 and short["queries_answered_right"] > 0  # 5% quantile of val
@@ -266,7 +268,8 @@ def test_an_exported_folder_carries_its_no_good_match_rule(exported_model, train
     retriever = Retriever.from_pretrained(exported_model, device="cpu")
     retriever.index(source)
     page = SearchPage(retriever, provenance={})
-    assert page.no_match["thresholds"] == rule["thresholds"] and page.min_score == rule["thresholds"]["cosine"]
+    assert page.no_match["thresholds"] == rule["thresholds"]
+    assert page.min_score == rule["thresholds"]["cosine"]["values"][1]
     for text in (train[5].caption, first_clause(train[5].caption)):  # the whole caption and what a person types
         assert "No good match" not in page.search_text(text, 3).message, text
     assert page.search_text("zzzz qqqq", 3).message.startswith("**No good match.**")
