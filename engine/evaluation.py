@@ -440,7 +440,7 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     results["chance_R1"] = chance_r1(query_pids, gallery_pids)
     results["match_threshold"] = match_threshold(text_feats, image_feats, query_pids, gallery_pids, chunk)
     results["no_match"] = calibrate_no_match(
-        lambda texts: encode_texts(model, tokenizer, texts, cfg.text.max_text_len, ev.batch_size, device, amp),
+        lambda texts: encode_texts(model, tokenizer, texts, token_limit, ev.batch_size, device, amp),
         sets.texts, text_feats, image_feats, query_pids, gallery_pids, chunk, ev,
         (calibration or {}).get("no_match"))
     results["counts"] = {"queries": sets.num_queries, "gallery_images": sets.num_gallery,

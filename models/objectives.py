@@ -105,7 +105,7 @@ class RetrievalObjective(nn.Module):
         return out
 
     def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature,
-             caption_ids) -> torch.Tensor:
+             caption_ids=None) -> torch.Tensor:
         """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call.
 
         Negatives are drawn from the softmax of the ITC similarities (``image_feats``/``text_feats`` as ITC sees
@@ -121,7 +121,8 @@ class RetrievalObjective(nn.Module):
             if hardness != 1.0:
                 sim_i2t = sim_i2t * hardness
             never = None
-            if self.exclude_same_caption:  # [B images, B texts]: image i's own caption is text j, word for word
+            if self.exclude_same_caption and caption_ids is not None:  # [B images, B texts]: image i's own
+                # caption is text j, token for token
                 never = (caption_ids[:, None, :] == caption_ids[None, :, :]).all(dim=-1)
         neg_image_for_text, neg_text_for_image = sample_hard_negatives(
             sim_i2t, pids, pids, check=self.negative_check, floor=self.negative_floor, top_k=self.negative_top_k,

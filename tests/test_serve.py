@@ -251,9 +251,8 @@ def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_
     browser.execute_script("window.scrollTo(0, 0)")
     browser.find_elements(By.CSS_SELECTOR, "#results figure")[0].click()
     wait.until(lambda _: "Why #1 matches" in browser.find_element(By.CSS_SELECTOR, "#why").text)
-    time.sleep(0.5)
-    top = browser.execute_script("return document.querySelector('#why').getBoundingClientRect().top")
-    assert -2 <= top < browser.execute_script("return window.innerHeight") / 2, top  # was ~1,450 px below
+    panel_top = "return document.querySelector('#why').getBoundingClientRect().top"
+    wait.until(lambda _: -2 <= browser.execute_script(panel_top) < 844 / 2)  # it used to open ~1,450 px below
     browser.set_window_size(1400, 1150)
 
 
