@@ -132,10 +132,10 @@ def why_html(explanation: Any, rank: int) -> str:
         f'<span class="ivt-word" title="{share:+.4f}" style="background: rgba('
         f'{"230,30,30" if share >= 0 else "30,90,230"},{0.75 * abs(share) / scale:.2f})">{esc(word)}</span>'
         for word, share in explanation.words)
-    against = (f"above {explanation.baseline}" if explanation.baseline_score is not None else "")
+    against = (f" above {explanation.baseline}" if explanation.baseline_score is not None else "")
     return (f"<h3>Why #{rank} matches</h3><div><img src=\"{plain}\" alt=\"result #{rank}\">"
             f"<img src=\"{heat}\" alt=\"heatmap of result #{rank}\"></div>"
-            f"<p>Red regions raise the score for the description {against}, blue ones lower it; words are shaded "
+            f"<p>Red regions raise the score for the description{against}, blue ones lower it; words are shaded "
             f"the same way.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
 
 
