@@ -159,3 +159,49 @@ def test_main_converts_every_person_corpus_and_feeds_the_reader(tmp_path: Path, 
     assert [c.strip() for c in table[3].split("|")] == ["ham_pedes", "2", "0", "0", "0", "0", "0", "2"]
     with pytest.raises(SystemExit):
         prepare_pretrain.main(["--out", str(out), "--sda", str(mals)])  # no --sda-root
+
+
+# ----------------------------------------------------------------------------------------------- record store
+
+def test_record_store_equals_the_list_it_replaces(tmp_path: Path) -> None:
+    from datasets.record_store import RecordStore, iter_json_list
+    items = [{"image": f"d/{i // 2}.jpg", "caption": f"caption {i} é" + "x" * (i * 37 % 3000)} for i in range(700)]
+    path = _dump(tmp_path / "a.json", items)
+    import datasets.record_store as record_store
+    record_store._CHUNK_CHARS = 4096  # elements straddle the window and some are longer than it
+    try:
+        assert list(iter_json_list(path)) == items
+    finally:
+        record_store._CHUNK_CHARS = 1 << 20
+    store = load_pretrain_corpora([{"annotation": str(path), "image_root": "/r"},
+                                   {"annotation": str(_dump(tmp_path / "b.json", [{"image": "/abs.jpg",
+                                                                                  "caption": ["u", "v"]}])),
+                                    "image_root": "/s"}])
+    assert isinstance(store, RecordStore) and len(store) == 702
+    expected = [(f"/r/d/{i // 2}.jpg", items[i]["caption"]) for i in range(700)] + [("/abs.jpg", "u"), ("/abs.jpg", "v")]
+    assert [(r.image_path, r.caption) for r in store] == expected
+    assert [r.pid for r in store[-3:]] == [699, 700, 701] and store[-1].image_id == 701
+    assert len(store.path_ends) == 351  # one stored path per image, not per caption
+    with pytest.raises(IndexError):
+        store[702]
+    for text, message in (("", "an empty file"), ('{"a": 1}', "expected a JSON list"),
+                          ('[{"image": "a", "caption": "b"} {"image"', "',' or ']'"),
+                          ('[{"image": "a", "caption": "b"}, {"image": ', "valid JSON")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(DataFormatError, match=message):
+            load_pretrain_corpora([{"annotation": str(bad), "image_root": "r"}])
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 4000])
+def test_record_store_block_edges(count: int) -> None:
+    from datasets.record_store import RecordStore
+    store = RecordStore(["/r"])
+    captions = [f"person {i} in a {'red' if i % 3 else 'blue'} coat" for i in range(count)]
+    for i, caption in enumerate(captions):
+        store.add(0, f"{i // 3}.jpg", caption)
+    store.freeze()
+    assert [store.caption(i) for i in range(count)] == captions
+    assert len(store.block_ends) == -(-count // 8)
+    if count == 4000:  # most blocks are compressed against the dictionary: far below the text's size
+        assert store.captions.nbytes < sum(map(len, captions)) / 3
