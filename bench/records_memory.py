@@ -12,6 +12,7 @@ shared pages divided among the processes sharing them); the peaks are written wi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -36,24 +37,24 @@ MIN_AVAILABLE_GIB = 3.0  # the shared machine keeps this much free: a layout tha
 
 
 def _vocabulary(rng: random.Random) -> tuple[list[str], list[float]]:
-    """Pseudo-words of 1-4 syllables drawn with Zipf frequencies (rank r: 1/r), as words of real captions are;
-    a small fixed vocabulary would compress far better than real text."""
+    """Pseudo-words of 1-4 syllables and their cumulative Zipf weights (rank r: 1/r), as words of real captions
+    are drawn; a small fixed vocabulary would compress far better than real text."""
     syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["the", "and", "in", "a", "of"]
     words = sorted({"".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(VOCABULARY * 2)})
     rng.shuffle(words)
     words = words[:VOCABULARY]
-    return words, [1.0 / rank for rank in range(1, len(words) + 1)]
+    return words, list(itertools.accumulate(1.0 / rank for rank in range(1, len(words) + 1)))
 
 
 def generate(path: Path, records: int, seed: int = 0) -> None:
     """A corpus of ``records`` captions, two per image, 20-40 words each (the person corpora's caption length)."""
     rng = random.Random(seed)
-    words, weights = _vocabulary(rng)
+    words, cumulative = _vocabulary(rng)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("[")
         for index in range(records):
-            caption = " ".join(rng.choices(words, weights, k=rng.randint(20, 40)))
+            caption = " ".join(rng.choices(words, cum_weights=cumulative, k=rng.randint(20, 40)))
             entry = {"image": f"gene_crop/c_g_a_{index // 40000}/{index // 2}.jpg", "caption": caption}
             handle.write(("," if index else "") + json.dumps(entry))
         handle.write("]")

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from datasets.readers import DatasetSplits, check_images, load_annotations, load_pretrain_corpora
+from datasets.shards import ShardManifest
 from datasets.pixels import set_max_image_pixels
 from datasets.records import Record, SplitError
 from datasets.synthetic import make_synthetic
@@ -67,6 +68,18 @@ def pretrain_corpora(cfg: Config) -> list[dict]:
     return corpora
 
 
+def pretrain_train_records(cfg: Config):
+    """The pretraining records: from the corpora, or with ``data.pretrain_shards`` the captions the shard writer
+    listed beside its shards (records.json; the images stay in the tars and are checked against the manifest)."""
+    if not cfg.data.pretrain_shards:
+        return load_pretrain_corpora(pretrain_corpora(cfg))
+    manifest = ShardManifest.load(cfg.data.pretrain_shards)
+    if du.is_main_process():
+        manifest.verify_files()
+    return load_pretrain_corpora([{"annotation": str(manifest.folder / "records.json"),
+                                   "image_root": str(manifest.folder)}])
+
+
 def load_eval_splits(cfg: Config) -> DatasetSplits | None:
     """The retrieval dataset that evaluates this task (None for pretraining without ``data.eval_root``)."""
     if cfg.task == "pretrain":
@@ -80,7 +93,7 @@ def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
     synthesize_if_missing(cfg)
     eval_splits = load_eval_splits(cfg)
     if cfg.task == "pretrain":
-        train = load_pretrain_corpora(pretrain_corpora(cfg))
+        train = pretrain_train_records(cfg)
     else:
         train = eval_splits.train
     if not train:
@@ -89,7 +102,8 @@ def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
                          "split field, or data.annotation_file)")
     mode = cfg.data.check_images
     if mode != "none" and du.is_main_process():
-        check_images(train, decode=mode)
+        if not (cfg.task == "pretrain" and cfg.data.pretrain_shards):  # shard images: sizes checked above
+            check_images(train, decode=mode)
         if eval_splits is not None:
             # Training skips a bad image; an evaluation cannot (its numbers would change), and a JPEG with corrupt
             # scan data passes the header check: the evaluated splits, a few thousand images, are decoded fully.
