@@ -208,3 +208,86 @@ def test_two_ranks_by_two_workers_read_every_sample_exactly_once(tmp_path: Path)
 
 def _spawned(rank: int, world: int, init: str, manifest_path: str, outs: list[str]) -> None:
     _rank_reads(rank, world, init, manifest_path, outs[rank])
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def _synthetic_shards(tmp_path: Path, per_shard: int = 4) -> tuple[Path, Path]:
+    from datasets.synthetic import make_synthetic
+    root = tmp_path / "pretrain"
+    make_synthetic("pretrain", root, num_ids=12, seed=0, style="mixed")
+    shards.main(["--root", str(root), "--out", str(tmp_path / "shards"), "--samples-per-shard", str(per_shard)])
+    return root, tmp_path / "shards" / "manifest.json"
+
+
+def _train_args(tmp_path: Path, root: Path, manifest: Path, out: Path, workers: int = 2) -> list[str]:
+    from tests.tiny import tiny_overrides
+    return (["--output-dir", str(out)] + tiny_overrides(root, "pretrain", steps=3)
+            + [f"data.pretrain_shards={manifest}", f"data.num_workers={workers}", "model.fusion_layers=1",
+               "data.shards_shuffle_buffer=8", "train.batch_size_per_gpu=4"])
+
+
+@pytest.mark.slow
+def test_the_miniature_pretraining_runs_from_shards_and_resumes_inside_an_epoch(tmp_path, stop_after_steps) -> None:
+    import train_pretrain
+    from utils.checkpoint import load_file
+    root, manifest = _synthetic_shards(tmp_path)
+    out = tmp_path / "run"
+    stop_after_steps(2)
+    summary = train_pretrain.main(_train_args(tmp_path, root, manifest, out))
+    assert summary["stopped"] and load_file(out / "last.pth")["step_in_epoch"] == 2
+    assert load_file(out / "last.pth")["shard_stream"]["corpus_sha256"] == ShardManifest.load(manifest).corpus_sha256
+    train_pretrain.main(_train_args(tmp_path, root, manifest, out) + ["--resume", "auto"])
+    log = (out / "log.txt").read_text()
+    assert "rank 0 resumes epoch 0 at batch 2" in log and "0 samples are seen twice" in log
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 7))  # 2 epochs x 3 steps, none lost or run twice across the stop
+    other_root = tmp_path / "other"
+    from datasets.synthetic import make_synthetic
+    make_synthetic("pretrain", other_root, num_ids=12, seed=5, style="mixed")
+    shards.main(["--root", str(other_root), "--out", str(tmp_path / "other-shards"), "--samples-per-shard", "4"])
+    with pytest.raises(SystemExit, match="trained on shards of another corpus"):
+        train_pretrain.main(_train_args(tmp_path, root, tmp_path / "other-shards" / "manifest.json", out)
+                            + ["--resume", "auto", "train.epochs=3"])
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_covers_the_epoch(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    import train_pretrain
+    root, manifest = _synthetic_shards(tmp_path, per_shard=3)
+    out = tmp_path / "run"
+    args = _train_args(tmp_path, root, manifest, out) + ["train.max_steps_per_epoch=0", "train.epochs=2",
+                                                         "train.eval_every_epochs=5"]
+    proc = subprocess.Popen([sys.executable, "train_pretrain.py", *args], cwd=Path(__file__).resolve().parents[1],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not _epoch_one_started(out):
+            time.sleep(0.2)
+        assert _epoch_one_started(out), "the run did not reach epoch 1"
+        os.killpg(proc.pid, signal.SIGKILL)  # main process and loader workers, no handler runs
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    train_pretrain.main(args + ["--resume", "auto"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epoch_one = [r for r in records if r["kind"] == "train" and r["epoch"] == 1]
+    report = [line for line in (out / "log.txt").read_text().splitlines() if "shards epoch 1:" in line][-1]
+    read = int(report.split("samples read")[0].split()[-1])
+    untrained = int(report.split("sample(s) fall outside")[0].split()[-1])
+    steps = int(report.split(" steps of")[0].split()[-1])
+    # the resumed epoch covers the corpus: every sample is read, and trained or reported outside the steps
+    assert read == ShardManifest.load(manifest).samples
+    assert len(epoch_one) == steps and steps * 4 + untrained == read
+
+
+def _epoch_one_started(out: Path) -> bool:
+    path = out / "metrics.jsonl"
+    return path.is_file() and any(json.loads(line).get("epoch") == 1 for line in path.read_text().splitlines()
+                                  if line.strip())
