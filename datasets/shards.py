@@ -435,7 +435,7 @@ class ShardStream(IterableDataset):
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--corpora", help="corpora list (JSON: [{annotation, image_root}], as prepare_pretrain writes)")
     source.add_argument("--root", help="a folder holding pretrain.json (the synthetic corpus's layout)")
     parser.add_argument("--out", required=True, help="folder for the shards, manifest.json and records.json")
@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="resize images (JPEG) to H x W")
     parser.add_argument("--verify", action="store_true", help="check an existing manifest's shards (sha256)")
     args = parser.parse_args(argv)
+    if not (args.verify or args.corpora or args.root):
+        parser.error("give --corpora or --root (or --verify to check the shards in --out)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with user_errors_as_one_line():
         if args.verify:

@@ -65,7 +65,7 @@ def test_write_read_and_verify(tmp_path: Path, capsys) -> None:
     records = json.loads((tmp_path / "s" / "records.json").read_text())
     assert len(records) == 23 and records[22] == {"image": "000000022", "caption": "person 22 in a coat",
                                                   "identity": "id11"}
-    shards.main(["--out", str(tmp_path / "s"), "--verify", "--root", "unused"])
+    shards.main(["--out", str(tmp_path / "s"), "--verify"])
     assert "checksums match" in capsys.readouterr().out
     resized = shards.write_shards(_corpora_list(tmp_path), tmp_path / "r", 50, resize=(8, 4))
     sample = next(shards.read_shard(tmp_path / "r" / "shard-000000.tar", 23))
