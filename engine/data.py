@@ -19,7 +19,7 @@ from datasets.tokenizer import (build_tokenizer, save_tokenizer, tokenizer_from_
                                 vocabulary_coverage)
 from engine.checkpoints import init_tokenizer, tokenizer_from_record
 from utils import distributed as du
-from utils.config import Config
+from utils.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ def pretrain_train_records(cfg: Config):
     listed beside its shards (records.json; the images stay in the tars and are checked against the manifest)."""
     if not cfg.data.pretrain_shards:
         return load_pretrain_corpora(pretrain_corpora(cfg))
+    if cfg.data.pretrain_corpora:
+        raise ConfigError("data.pretrain_corpora and data.pretrain_shards are both set: the shards already hold "
+                          "their corpus; unset one of them")
     manifest = ShardManifest.load(cfg.data.pretrain_shards)
     if du.is_main_process():
         manifest.verify_files()

@@ -291,3 +291,20 @@ def _epoch_one_started(out: Path) -> bool:
     path = out / "metrics.jsonl"
     return path.is_file() and any(json.loads(line).get("epoch") == 1 for line in path.read_text().splitlines()
                                   if line.strip())
+
+
+def test_corpora_and_shards_together_are_refused(tmp_path: Path) -> None:
+    from engine.data import pretrain_train_records
+    from utils.config import ConfigError, load_config
+    manifest = _written(tmp_path)
+    cfg = load_config("configs/demo_pretrain.yaml", [f"data.pretrain_shards={manifest.path}"])
+    assert len(pretrain_train_records(cfg)) == 23  # the captions listed beside the shards
+    (tmp_path / "corpora.json").write_text(json.dumps(_corpus_entries(tmp_path)), encoding="utf-8")
+    both = load_config("configs/demo_pretrain.yaml", [f"data.pretrain_shards={manifest.path}",
+                                                      f"data.pretrain_corpora={tmp_path / 'corpora.json'}"])
+    with pytest.raises(ConfigError, match="both set"):
+        pretrain_train_records(both)
+
+
+def _corpus_entries(tmp_path: Path) -> list[dict]:
+    return [{"annotation": str(tmp_path / "corpus.json"), "image_root": str(tmp_path / "images")}]
