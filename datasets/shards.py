@@ -125,17 +125,11 @@ def _corpus_samples(corpora: Sequence[dict]) -> Iterator[tuple[str, str, str]]:
                 yield image, caption, str(item.get("identity", item["image"]))
 
 
-def write_shards(corpora: Sequence[dict], out: str | os.PathLike[str], samples_per_shard: int,
-                 resize: tuple[int, int] | None = None) -> dict:
-    """Write ``corpora`` (entries ``{"annotation", "image_root"}``) as shards in ``out``; returns the manifest."""
-    if samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # the folder is unfinished until the new manifest exists
-    buffer = _ShardBuffer(out, samples_per_shard)
-    skipped: Counter = Counter()
-    records: list[dict] = []
+def _write_samples(corpora: Sequence[dict], buffer: _ShardBuffer, records: Any, skipped: Counter,
+                   resize: tuple[int, int] | None) -> int:
+    """Every usable caption of ``corpora`` into ``buffer`` (and its entry into the ``records`` file); returns
+    the count, and counts what it skips in ``skipped``."""
+    count = 0
     last: tuple[str, tuple[bytes, str] | None] = ("", None)
     for image, caption, identity in _corpus_samples(corpora):
         if not caption.strip():
@@ -150,15 +144,37 @@ def write_shards(corpora: Sequence[dict], out: str | os.PathLike[str], samples_p
         if last[1] is None:
             skipped["missing_or_unreadable_image"] += 1
             continue
-        index = len(records)
-        key = f"{index:09d}"
-        buffer.add(key, last[1][1], last[1][0], {"caption": caption.strip(), "identity": identity, "index": index})
-        records.append({"image": key, "caption": caption.strip(), "identity": identity})
+        key = f"{count:09d}"
+        buffer.add(key, last[1][1], last[1][0], {"caption": caption.strip(), "identity": identity, "index": count})
+        records.write(("," if count else "") + json.dumps({"image": key, "caption": caption.strip(),
+                                                           "identity": identity}))
+        count += 1
+    return count
+
+
+def write_shards(corpora: Sequence[dict], out: str | os.PathLike[str], samples_per_shard: int,
+                 resize: tuple[int, int] | None = None) -> dict:
+    """Write ``corpora`` (entries ``{"annotation", "image_root"}``) as shards in ``out``; returns the manifest."""
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # the folder is unfinished until the new manifest exists
+    buffer = _ShardBuffer(out, samples_per_shard)
+    skipped: Counter = Counter()
+    partial = out / "records.json.partial"  # the captions, streamed: 5M of them never sit in memory at once
+    with open(partial, "w", encoding="utf-8") as records:
+        records.write("[")
+        count = _write_samples(corpora, buffer, records, skipped, resize)
+        records.write("]")
+        records.flush()
+        os.fsync(records.fileno())
     buffer.flush()
-    if not records:
+    if not count:
+        partial.unlink()
         raise DataFormatError(str(out), "at least one record with a caption and an image", got="none")
-    atomic_write(out / "records.json", lambda handle: handle.write(json.dumps(records).encode("utf-8")))
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "samples": len(records),
+    os.replace(partial, out / "records.json")
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "samples": count,
                 "corpus_sha256": buffer.corpus_hash.hexdigest(), "samples_per_shard": samples_per_shard,
                 "resize": list(resize) if resize else None, "skipped": dict(skipped),
                 "sources": [str(c["annotation"]) for c in corpora], "shards": buffer.shards}
