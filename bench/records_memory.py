@@ -155,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--layout", choices=("list", "store"), help="measure one layout in this process")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", help="JSON results file (both layouts, each in a fresh process)")
+    parser.add_argument("--layouts", nargs="+", choices=("list", "store"), default=["list", "store"],
+                        help="the layouts to measure, each in a fresh process")
+    parser.add_argument("--out", help="JSON results file")
     args = parser.parse_args(argv)
     with user_errors_as_one_line():
         torch.set_num_threads(1)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(json.dumps(result))
             return result
         results = []
-        for layout in ("list", "store"):
+        for layout in args.layouts:
             command = [sys.executable, "-m", "bench.records_memory", "--annotation", args.annotation,
                        "--layout", layout, "--batch", str(args.batch), "--workers", str(args.workers)]
             load = os.getloadavg()

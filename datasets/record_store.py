@@ -30,7 +30,11 @@ DICTIONARY_BYTES = 32768  # zlib's preset dictionary: the first captions of the 
 
 
 def _offsets(values: array) -> np.ndarray:
-    return np.frombuffer(values, dtype=np.int64) if len(values) else np.zeros(0, dtype=np.int64)
+    """``values`` as int64, or as a uint32 copy when they fit (half the bytes: 20 MB less per 5M records)."""
+    wide = np.frombuffer(values, dtype=np.int64) if len(values) else np.zeros(0, dtype=np.int64)
+    if not len(wide) or int(wide.max()) < 2**32:
+        return wide.astype(np.uint32)
+    return wide
 
 
 class RecordStore(Sequence):
@@ -47,6 +51,7 @@ class RecordStore(Sequence):
         self._pending = bytearray()  # the captions of the block being filled, uncompressed
         self._unsealed: list[bytes] = []  # blocks waiting for the dictionary (the first 32 KB of captions)
         self.dictionary: bytes | None = None
+        self._compressor: Any = None
         self._caption_ends = array("q")  # end of each caption in the uncompressed text of all captions
         self._paths = bytearray()
         self._path_ends = array("q")
@@ -84,8 +89,10 @@ class RecordStore(Sequence):
             if sum(map(len, self._unsealed)) < DICTIONARY_BYTES and not last:
                 return
             self.dictionary = b"".join(self._unsealed)[:DICTIONARY_BYTES]
+        if self._compressor is None:  # primed once: copying it skips loading the dictionary for every block
+            self._compressor = zlib.compressobj(6, zdict=self.dictionary)
         for text in self._unsealed:
-            compressor = zlib.compressobj(6, zdict=self.dictionary)
+            compressor = self._compressor.copy()
             self._captions += compressor.compress(text) + compressor.flush()
             self._block_ends.append(len(self._captions))
         self._unsealed = []
@@ -105,6 +112,9 @@ class RecordStore(Sequence):
         self.path_roots = np.frombuffer(self._path_roots, dtype=np.uint16) if len(self._path_roots) \
             else np.zeros(0, dtype=np.uint16)
         self.record_paths = _offsets(self._record_paths)
+        # the growing buffers of the offsets were copied into narrower arrays: let them go
+        self._caption_ends = self._block_ends = self._path_ends = self._record_paths = None
+        self._compressor = None
         self.frozen = True
         return self
 
@@ -114,7 +124,7 @@ class RecordStore(Sequence):
                                       self.path_roots, self.record_paths))
 
     def __len__(self) -> int:
-        return len(self._caption_ends)
+        return len(self.caption_ends) if self.frozen else len(self._caption_ends)
 
     def caption(self, index: int) -> str:
         block = index // CAPTIONS_PER_BLOCK
