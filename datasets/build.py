@@ -21,6 +21,7 @@ from datasets.train_data import TrainDataset, build_item
 from datasets.transforms import build_train_transform
 from utils import distributed as du
 from utils.config import ConfigError
+from utils.task_plan import TaskPlan
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def build_train_loader(
     """
     if not records:
         raise ValueError("build_train_loader: no training records")
-    if cfg.task == "pretrain" and cfg.data.get("pretrain_shards"):
+    if TaskPlan.from_config(cfg).train_on_corpora and cfg.data.get("pretrain_shards"):
         return build_shard_loader(cfg, tokenizer, rank=rank, world_size=world_size)
     batch_size = cfg.train.batch_size_per_gpu
     # data.augment_on: device -> workers ship uint8 images and view parameters; the step augments on its device.
@@ -63,7 +64,7 @@ def build_train_loader(
     transform = build_train_transform(cfg.input) if device_augment is None else None
     common = dict(seed=cfg.seed, lowercase=cfg.text.lowercase, max_bad_images=cfg.data.max_bad_images,
                   image_cache=training_image_cache(cfg, records, rank), device_augment=device_augment)
-    if cfg.task == "pretrain":
+    if not TaskPlan.from_config(cfg).identity_batches:  # pretraining: one view, sentence level, plain shuffle
         levels: tuple[str, ...] = ("sentence",)
         dataset = TrainDataset(
             records, transform, num_views=1, levels=levels,
