@@ -37,6 +37,7 @@ from utils import distributed as du
 from utils.amp import autocast
 from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporaries, restore_rng_state
 from utils.config import Config, ConfigError, save_config
+from utils.environment import environment_record
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import (batch_scaling_message, build_optimizer, build_scheduler, renew_hyperparameters,
@@ -323,6 +324,9 @@ class StallWatchdog(threading.Thread):
 
 def run_epochs(run: Run) -> bool:
     """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
+    # What the steps that follow ran with (versions, thread counts): a fresh run's first record, a resume's at
+    # the step it resumes from.
+    run.writer.write("environment", run.state.global_step, environment_record(run.device))
     with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds) as watchdog:
         while run.state.epoch < run.cfg.train.epochs:
             if train_one_epoch(run, stop, watchdog) or end_of_epoch(run, stop, watchdog):
