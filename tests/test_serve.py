@@ -222,6 +222,7 @@ def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_
     browser.set_window_size(1400, 1150)
 
 
+@pytest.mark.slow  # drives headless Chromium: 29 s with its set-up on 2 shared cores (load 10-12)
 def test_the_page_in_a_browser(browser, trained_gallery, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
