@@ -2,7 +2,7 @@
 loader workers and under torchrun, a second process on a run folder in use, failures inside worker processes, a
 real full disk (a tmpfs), a file size limit, and the web page's real HTTP server. Each test states the fault, then
 asserts the files left behind and the exit status. Marked slow: CI runs them in their own step
-(``python -m pytest -m slow``); each takes 3 to 35 s on 2 shared cores."""
+(``python -m pytest -m slow``); 1 to 50 s each on the 2 shared cores under load 10-18."""
 from __future__ import annotations
 
 import errno

@@ -14,7 +14,7 @@ from utils.logging_utils import read_metrics
 THREAD_KEYS = ("torch_threads", "torch_interop_threads", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-@pytest.mark.slow  # two trainings: 25 s on the 2 shared cores (load 9.9)
+@pytest.mark.slow  # two trainings: 8.5 to 25 s on the 2 shared cores (load 10-18)
 def test_two_runs_with_the_same_threads_end_with_equal_state_dicts(tmp_path):
     data = tmp_path / "data"
     # A loader worker as in the demo: items are functions of (seed, epoch, index), not of the worker's RNG.
