@@ -88,7 +88,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="tiny", help="comma list of " + ", ".join(SIZES))
     parser.add_argument("--batch", type=int, default=None, help="records per step (default: 28 on GPU, 8 tiny/"
                         "small, 2 base on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU, 5 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU; 5 per "
+                        "memory candidate)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; compile: 6)")
     parser.add_argument("--text-lens", default="8,58", help="min,max real tokens per text (incl. [CLS]/[SEP])")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
