@@ -247,7 +247,9 @@ def _build_records(
                 path, f"image '{entry.rel_path}' to keep id {seen[0]} given at record {seen[1]}",
                 index=entry.index, split=entry.split, field="id", got=entry.raw_id,
             )
-        kept = [k for k, c in enumerate(entry.captions) if c.strip()]
+        # A whitespace-only caption stays in the evaluation splits, as "": protocol authors keeps it as a query,
+        # as their loaders do, and protocol standard leaves it out (engine/evaluation.py); nothing trains on it.
+        kept = [k for k, c in enumerate(entry.captions) if c.strip() or (c and entry.split != "train")]
         if len(kept) < len(entry.captions) or not entry.captions:
             empty.append((entry.split, entry.index, entry.rel_path))
         for k in kept:

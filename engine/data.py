@@ -1,8 +1,6 @@
-"""A run's data: the training records, the evaluation splits and the tokenizer, for either task.
+"""A run's data: the training records, the evaluation splits and the tokenizer, as the task plan says.
 
-``task: retrieval`` trains and evaluates on one person-retrieval dataset (``data.format`` in ``data.root``).
-``task: pretrain`` trains on image-caption corpora (``data.pretrain_corpora``) and evaluates zero-shot on the
-retrieval dataset ``data.eval_format`` in ``data.eval_root``, when one is given.
+Which records train and which dataset evaluates is ``utils.task_plan.TaskPlan``'s answer for the config's task.
 """
 from __future__ import annotations
 
@@ -19,11 +17,12 @@ from datasets.tokenizer import (build_tokenizer, save_tokenizer, tokenizer_from_
 from engine.checkpoints import init_tokenizer, tokenizer_from_record
 from utils import distributed as du
 from utils.config import Config
+from utils.task_plan import TaskPlan
 
 logger = logging.getLogger(__name__)
 
 
-def synthesize_if_missing(cfg: Config) -> None:
+def synthesize_if_missing(cfg: Config, plan: TaskPlan | None = None) -> None:
     """Write the synthetic dataset into data.root when it is absent (rank 0 decides and writes; all wait); for
     pretraining also the zero-shot evaluation set into data.eval_root (``data.eval_synthetic_*``).
 
@@ -32,16 +31,10 @@ def synthesize_if_missing(cfg: Config) -> None:
     """
     if not cfg.data.synthesize_if_missing:
         return
-    data = cfg.data
-    if cfg.task == "pretrain":
-        wanted = [(data.root, "pretrain", data.synthetic_style, data.synthetic_num_ids)]
-        if data.eval_root:
-            wanted.append((data.eval_root, data.eval_format, data.eval_synthetic_style, data.eval_synthetic_num_ids))
-    else:
-        wanted = [(data.root, data.format, data.synthetic_style, data.synthetic_num_ids)]
+    plan = plan or TaskPlan.from_config(cfg)
     if du.is_main_process():
-        for root, fmt, style, num_ids in wanted:
-            write_synthetic_once(Path(root), fmt, style, num_ids, data.synthetic_seed)
+        for root, fmt, style, num_ids in plan.synthetic_sets:
+            write_synthetic_once(Path(root), fmt, style, num_ids, cfg.data.synthetic_seed)
     du.barrier()
 
 
@@ -67,24 +60,23 @@ def pretrain_corpora(cfg: Config) -> list[dict]:
     return corpora
 
 
-def load_eval_splits(cfg: Config) -> DatasetSplits | None:
+def load_eval_splits(cfg: Config, plan: TaskPlan | None = None) -> DatasetSplits | None:
     """The retrieval dataset that evaluates this task (None for pretraining without ``data.eval_root``)."""
-    if cfg.task == "pretrain":
-        return load_annotations(cfg.data.eval_format, cfg.data.eval_root) if cfg.data.eval_root else None
-    return load_annotations(cfg.data.format, cfg.data.root, cfg.data.annotation_file)
+    plan = plan or TaskPlan.from_config(cfg)
+    if plan.eval_root is None:
+        return None
+    return load_annotations(plan.eval_format, plan.eval_root, plan.eval_annotation_file)
 
 
-def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
+def load_data(cfg: Config, plan: TaskPlan | None = None) -> tuple[list[Record], DatasetSplits | None]:
     """(train records, eval splits or None), with every image checked on rank 0 before anything trains."""
+    plan = plan or TaskPlan.from_config(cfg)
     set_max_image_pixels(cfg.data.max_image_pixels)
-    synthesize_if_missing(cfg)
-    eval_splits = load_eval_splits(cfg)
-    if cfg.task == "pretrain":
-        train = load_pretrain_corpora(pretrain_corpora(cfg))
-    else:
-        train = eval_splits.train
+    synthesize_if_missing(cfg, plan)
+    eval_splits = load_eval_splits(cfg, plan)
+    train = load_pretrain_corpora(pretrain_corpora(cfg)) if plan.train_on_corpora else eval_splits.train
     if not train:
-        where = eval_splits.annotation_file if cfg.task != "pretrain" else "data.pretrain_corpora"
+        where = "data.pretrain_corpora" if plan.train_on_corpora else eval_splits.annotation_file
         raise SplitError(f"the train split of {where} is empty: nothing to train on (check the annotation file's "
                          "split field, or data.annotation_file)")
     mode = cfg.data.check_images

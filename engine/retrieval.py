@@ -36,7 +36,7 @@ from datasets.transforms import build_test_transform, load_image
 from engine.checkpoints import load_for_inference
 from engine.encoding import encode_text_tokens, rerank_scores
 from utils.amp import autocast
-from utils.checkpoint import atomic_save
+from utils.checkpoint import CheckpointError, atomic_save, load_file
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -296,9 +296,9 @@ class Retriever:
     @staticmethod
     def _read_index(file: str | os.PathLike[str]) -> GalleryIndex:
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # any unpickling or zip error means the same thing here
-            raise GalleryError(f"{file}: cannot be read as a gallery index ({type(exc).__name__}: {exc})") from None
+            obj = load_file(file)
+        except CheckpointError as exc:  # a damaged, truncated or foreign file means the same thing here
+            raise GalleryError(f"cannot be read as a gallery index: {exc}") from None
         if not isinstance(obj, dict) or obj.get("format") != INDEX_FORMAT:
             raise GalleryError(f"{file}: not a gallery index (expected format={INDEX_FORMAT!r})")
         if "sha256" not in obj:

@@ -43,6 +43,7 @@ from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import (batch_scaling_message, build_optimizer, build_scheduler, renew_hyperparameters,
                          schedule_changes, set_schedule)
 from utils.run_lock import RunFolderLock
+from utils.task_plan import TaskPlan
 
 logger = logging.getLogger("engine")
 
@@ -74,6 +75,10 @@ class Run:
     selection: str | None = None  # the split that picks best.pth, None = the last epoch
     state: TrainState = field(default_factory=TrainState)
     writer: MetricsWriter | None = None
+    plan: TaskPlan = field(init=False)  # what the task means: records, evaluation, batches; resolved once
+
+    def __post_init__(self) -> None:
+        self.plan = TaskPlan.from_config(self.cfg)
 
     @property
     def world_size(self) -> int:
@@ -127,11 +132,12 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
                 init_from: str | None, lock: RunFolderLock) -> Run:
     """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run
     (rank 0 locks it first: a second process that would write there stops with one line)."""
+    plan = TaskPlan.from_config(cfg)
     batch, instances = cfg.train.batch_size_per_gpu, cfg.sampler.num_instances
-    if cfg.task == "retrieval" and batch % instances:  # the P x K sampler, built after the folder is taken
+    if plan.identity_batches and batch % instances:  # the P x K sampler, built after the folder is taken
         raise ConfigError(f"train.batch_size_per_gpu {batch} is not a multiple of sampler.num_instances {instances} "
                           "(each batch holds batch_size_per_gpu / num_instances identities)")
-    train_records, eval_splits = load_data(cfg)
+    train_records, eval_splits = load_data(cfg, plan)
     init_source = None if resume_obj is not None else (init_from or cfg.model.init_from)
     init_obj = read_checkpoint_or_folder(init_source) if init_source else None  # read once: tokenizer and weights
     tokenizer = build_run_tokenizer(cfg, train_records, resume_obj,
@@ -414,8 +420,7 @@ class LogWindow:
 
     def __init__(self, run: Run):
         self.run = run
-        self.images_per_step = run.cfg.train.batch_size_per_gpu * (
-            1 if run.cfg.task == "pretrain" else run.cfg.input.num_views)
+        self.images_per_step = run.cfg.train.batch_size_per_gpu * run.plan.views_per_record
         self._reset()
 
     def _reset(self) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils.checkpoint import CheckpointError, atomic_save, load_file
+
 from engine.retrieval import CaptionResult, GalleryError, QueryError, Retriever, SearchResult
 from tests.search_fixtures import QUERY, make_checkpoint
 
@@ -62,7 +64,7 @@ def test_retrieve_writes_index_and_sheet_then_reuses_the_index(checkpoint, galle
         first = run(*args)
     assert "skipped 1 unreadable image(s) of 6" in caplog.text and "broken.jpg" in caplog.text
     assert index_file.is_file() and sheet.is_file()
-    saved = torch.load(index_file, weights_only=True)
+    saved = load_file(index_file)
     assert sorted(Path(p).name for p in saved["paths"]) == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "p4.jpg"]
     assert [Path(p).name for p, _ in saved["skipped"]] == ["broken.jpg"]
 
@@ -102,7 +104,7 @@ def test_index_from_another_checkpoint_is_refused(checkpoint, synth_root, galler
         other.load_index(index_file)
     # given the folder, the other model re-encodes and overwrites the stale file
     gallery_index = other.index(gallery, index_file=index_file)
-    assert torch.load(index_file, weights_only=True)["model_digest"] == gallery_index.model_digest == other.digest
+    assert load_file(index_file)["model_digest"] == gallery_index.model_digest == other.digest
 
 
 def test_a_flipped_byte_in_an_index_is_refused_or_rebuilt(checkpoint, gallery, tmp_path, caplog):
@@ -111,13 +113,19 @@ def test_a_flipped_byte_in_an_index_is_refused_or_rebuilt(checkpoint, gallery, t
     index_file = tmp_path / "g.index.pt"
     retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
     built = retriever.index(gallery, index_file=index_file)
+    tampered = load_file(index_file)  # rewritten whole, so its zip CRCs hold: the index's own sha256 catches it
+    tampered["features"][0, 0] = 1e31
+    atomic_save(tampered, tmp_path / "t.index.pt")
+    with pytest.raises(GalleryError, match="does not match its sha256"):
+        Retriever.from_checkpoint(checkpoint, device="cpu").load_index(tmp_path / "t.index.pt")
     raw = bytearray(index_file.read_bytes())
     at = bytes(raw).find(built.features[0].numpy().tobytes())  # the first feature row, stored as is
     assert at > 0
     raw[at + 3] ^= 0x40  # an exponent bit of its first value: the score of that image would be off by far
     index_file.write_bytes(bytes(raw))
-    assert torch.load(index_file, weights_only=True)["features"][0, 0].abs() > 1e30  # the file still loads as such
-    with pytest.raises(GalleryError, match="does not match its sha256"):
+    with pytest.raises(CheckpointError, match="checksum of 'archive/data/0' does not match"):
+        load_file(index_file)  # the one loader checks the zip CRCs, before the index's own sha256 is reached
+    with pytest.raises(GalleryError, match="g.index.pt: damaged"):
         Retriever.from_checkpoint(checkpoint, device="cpu").load_index(index_file)
     with pytest.raises(SystemExit) as info:
         retrieve.main(["--checkpoint", str(checkpoint), "--gallery", str(index_file), "--query", QUERY,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -150,15 +151,28 @@ def verify_zip_checksums(path: str | Path) -> None:
                               "(a bit flip or a partial copy); use another copy or an earlier checkpoint")
 
 
-def load_file(path: str | Path) -> Any:
-    """Load a checkpoint file safely (tensors and plain containers only), after checking its checksums."""
+class UnsafePickleError(CheckpointError):
+    """A file that holds objects other than tensors and plain containers: loading it would run pickled code."""
+
+
+def load_file(path: str | Path, *, trust_pickle: bool = False, mmap: bool = False) -> Any:
+    """Every ``torch.load`` of the project: a file's contents on the CPU, after checking its zip checksums.
+
+    Tensors and plain containers only (``weights_only``), unless ``trust_pickle`` (runs the file's pickled code:
+    only for a file the user vouches for); such a file refused raises UnsafePickleError. ``mmap`` maps the tensors
+    instead of reading them (a zip-format file only), for callers that read a few fields of a large file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     verify_zip_checksums(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, unsupported globals: all mean "not usable"
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap or None)
+    except Exception as exc:  # zip errors, truncated files, unsupported globals: all mean "not usable"
+        if not trust_pickle and isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+            # a class or function reference: loading it would run the file's code, which needs the user's word
+            raise UnsafePickleError(f"{path}: holds objects other than tensors and plain containers, which are not "
+                                    f"loaded unless the file is trusted ({exc})") from None
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
 
 
