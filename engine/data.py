@@ -12,11 +12,12 @@ from datasets.readers import DatasetSplits, check_images, load_annotations, load
 from datasets.pixels import set_max_image_pixels
 from datasets.records import Record, SplitError
 from datasets.synthetic import make_synthetic
+from datasets.synthetic.identities import key_fields, split_sizes
 from datasets.tokenizer import (build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab,
                                 vocabulary_coverage)
 from engine.checkpoints import init_tokenizer, tokenizer_from_record
 from utils import distributed as du
-from utils.config import Config
+from utils.config import Config, ConfigError
 from utils.task_plan import TaskPlan
 
 logger = logging.getLogger(__name__)
@@ -29,13 +30,41 @@ def synthesize_if_missing(cfg: Config, plan: TaskPlan | None = None) -> None:
     Each is written next to its root and renamed into place, so an interrupted synthesis never leaves a
     half-written dataset that a later run would take for a real one.
     """
+    plan = plan or TaskPlan.from_config(cfg)
+    check_data_roots(cfg, plan)
     if not cfg.data.synthesize_if_missing:
         return
-    plan = plan or TaskPlan.from_config(cfg)
+    keys = ("data.synthetic_num_ids", "data.eval_synthetic_num_ids")
+    for (root, fmt, _, num_ids), key in zip(plan.synthetic_sets, keys):
+        if not (Path(root).is_dir() and any(Path(root).iterdir())):
+            check_synthetic_size(fmt, num_ids, key)
     if du.is_main_process():
         for root, fmt, style, num_ids in plan.synthetic_sets:
             write_synthetic_once(Path(root), fmt, style, num_ids, cfg.data.synthetic_seed)
     du.barrier()
+
+
+def check_data_roots(cfg: Config, plan: TaskPlan) -> None:
+    """data.root and data.eval_root, where they are read, are folders (or absent, to be written): a file there is
+    named before anything is written next to it."""
+    data = cfg.data
+    keys = [] if plan.train_on_corpora and data.pretrain_corpora else ["root"]
+    keys += ["eval_root"] if plan.train_on_corpora and data.eval_root else []
+    for key in keys:
+        path = Path(data[key])
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"data.{key} {path} is a file, not a folder: set data.{key}=FOLDER to the dataset "
+                              "folder (or to a folder that does not exist yet, to write the synthetic set there)")
+
+
+def check_synthetic_size(fmt: str, num_ids: int, key: str) -> None:
+    """ConfigError naming ``key`` when the synthetic writer cannot draw ``num_ids`` identities in format ``fmt``."""
+    try:
+        split_sizes(fmt, num_ids)
+        key_fields(num_ids)
+    except ValueError as exc:
+        raise ConfigError(f"{key} {num_ids}: {exc} (each split of the synthetic {fmt} set needs one identity, and "
+                          "training needs enough identities for one batch)") from None
 
 
 def write_synthetic_once(root: Path, fmt: str, style: str, num_ids: int, seed: int) -> None:
@@ -65,7 +94,8 @@ def load_eval_splits(cfg: Config, plan: TaskPlan | None = None) -> DatasetSplits
     plan = plan or TaskPlan.from_config(cfg)
     if plan.eval_root is None:
         return None
-    return load_annotations(plan.eval_format, plan.eval_root, plan.eval_annotation_file)
+    root_key = "data.eval_root" if plan.train_on_corpora else "data.root"
+    return load_annotations(plan.eval_format, plan.eval_root, plan.eval_annotation_file, root_key=root_key)
 
 
 def load_data(cfg: Config, plan: TaskPlan | None = None) -> tuple[list[Record], DatasetSplits | None]:

@@ -12,7 +12,7 @@ from engine.data import load_eval_splits
 from engine.evaluation import EvaluationError, evaluate_model, save_examples, write_metrics_json
 from engine.explanation import explain_with
 from utils import distributed as du
-from utils.checkpoint import model_epoch
+from utils.checkpoint import check_writable_folder, model_epoch
 from utils.errors import user_errors_as_one_line
 from utils.logging_utils import setup_logging
 
@@ -45,6 +45,9 @@ def evaluate_checkpoint(args: argparse.Namespace, metrics_path: Path, examples_d
                                       "pass data.eval_root=PATH (and data.eval_format=cuhkpedes|icfg|rstp), or a "
                                       "retrieval recipe as --config")
             records = splits.split(args.split)
+            check_writable_folder(metrics_path.parent, f"the metrics file {metrics_path.name} (--output-dir)")
+            if int(cfg.eval.save_examples) > 0:
+                check_writable_folder(examples_dir, "the example pictures' folder (--save-examples)")
             results = evaluate_model(model, records, tokenizer, cfg, device, args.split)
             results["epoch"] = epoch
             write_metrics_json(metrics_path, results, args.checkpoint, cfg)

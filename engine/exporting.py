@@ -15,7 +15,7 @@ from typing import Sequence
 from engine.checkpoints import load_for_inference
 from engine.model_folder import ExportError, finish_model_folder, folder_record, start_model_folder
 from engine.onnx_export import export_onnx
-from utils.checkpoint import model_epoch
+from utils.checkpoint import check_writable_folder, model_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if checkpoint.is_dir():
         raise ExportError(f"{checkpoint}: already a model folder; export the .pth checkpoint it was made from")
+    check_writable_folder(out_dir, "the model folder")  # before the checkpoint is read
     model, cfg, tokenizer, info = load_for_inference(checkpoint)  # proves the weights fit the config first
     if info["format"] != "ours":
         raise ExportError(f"{checkpoint}: not one of our checkpoints; an authors' checkpoint is converted first "

@@ -83,7 +83,25 @@ def read_folder_config(path: str | os.PathLike[str]) -> dict:
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path / CONFIG_FILE}: the 'config' key (the resolved recipe) is missing or not an "
                               "object; export the folder again")
+    check_folder_fields(path / CONFIG_FILE, meta)
     return meta
+
+
+def check_folder_fields(config_file: Path, meta: dict) -> None:
+    """The optional fields of a folder's config.json have the shapes the loader reads (CheckpointError naming the
+    field otherwise): files_sha256 maps file names to 64 hex digits, tokenizer and training are objects."""
+    from utils.checkpoint import CheckpointError
+
+    sums = meta.get("files_sha256")
+    if sums is not None and not (isinstance(sums, dict) and all(
+            isinstance(name, str) and isinstance(digest, str) and len(digest) == 64
+            and all(c in "0123456789abcdef" for c in digest) for name, digest in sums.items())):
+        raise CheckpointError(f"{config_file}: field 'files_sha256' must map file names to sha256 digests (64 hex "
+                              f"digits), found {str(sums)[:80]!r}; export the folder again")
+    for field in ("tokenizer", "training"):
+        if meta.get(field) is not None and not isinstance(meta[field], dict):
+            raise CheckpointError(f"{config_file}: field {field!r} must be an object, found {meta[field]!r}; export "
+                                  "the folder again")
 
 
 def verify_file(folder: Path, meta: dict, name: str) -> None:

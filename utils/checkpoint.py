@@ -70,6 +70,31 @@ def model_epoch(info: dict) -> int | None:
     return epoch if info.get("step_in_epoch") else epoch - 1
 
 
+class OutputNotWritableError(UserError, PermissionError):
+    """A folder a command would write into cannot take files (a read-only mount, an immutable folder, permissions,
+    or a file where the folder should be); raised before the work whose results would be lost."""
+
+
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """OutputNotWritableError naming ``what`` (e.g. "--output-dir") when no file can be created in ``folder``, or,
+    while it does not exist yet, in the nearest existing folder above it, where it would be made. A real file is
+    created and removed: root ignores permission bits, a read-only mount or an immutable folder does not."""
+    folder = Path(folder).absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputNotWritableError(f"{what}: {probe} is a file, not a folder; remove it or choose another place")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", suffix=TMP_SUFFIX, dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        where = "" if probe == folder else f" (where {folder} would be created)"
+        raise OutputNotWritableError(f"{what}: cannot write in {probe}{where}: {exc.strerror or exc}; choose a "
+                                     "writable folder") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], expected_bytes: int | None = None) -> None:
     """Call ``write`` on a temporary file in the same folder, fsync it, then rename it over ``path``.
 
