@@ -84,6 +84,9 @@ def read_run(run_dir: Path, since: float = 0.0) -> dict:
               "chance_R1": test["chance_R1"], "first_epoch_cmpm": first_epoch_cmpm}
     if "t2i_rerank" in test:  # a fusion recipe: the test split ranked by the ITM head too
         result.update(test_R1_rerank=test["t2i_rerank"]["R1"], test_mAP_rerank=test["t2i_rerank"]["mAP"])
+    if "t2i_blend" in test:  # and by the cosine + ITM blend at the weight chosen on val
+        result.update(test_R1_blend=test["t2i_blend"]["R1"], test_mAP_blend=test["t2i_blend"]["mAP"],
+                      blend_weight=test["rerank_blend"]["weight"], itm_pair_accuracy=test.get("itm_pair_accuracy"))
     return result
 
 
@@ -210,11 +213,12 @@ def table(rows: list[dict], label: str) -> str:
             f"{spread([r['val_mAP'] for r in runs])} | {spread([r['test_R1'] for r in runs])} | "
             f"{spread([r['test_mAP'] for r in runs])} | {runs[0]['chance_R1']:.2f} | "
             f"{statistics.mean(walls) / 60:.1f} min |")
-        if all("test_R1_rerank" in r for r in runs):
-            lines.append(
-                f"| {variant}, ITM re-ranked | {name} | {len(runs)} | | | "
-                f"{spread([r['test_R1_rerank'] for r in runs])} | {spread([r['test_mAP_rerank'] for r in runs])} | "
-                f"{runs[0]['chance_R1']:.2f} | |")
+        for key, label in (("rerank", "ITM re-ranked"), ("blend", "cosine + ITM blend")):
+            if all(f"test_R1_{key}" in r for r in runs):
+                lines.append(
+                    f"| {variant}, {label} | {name} | {len(runs)} | | | "
+                    f"{spread([r[f'test_R1_{key}'] for r in runs])} | {spread([r[f'test_mAP_{key}'] for r in runs])} | "
+                    f"{runs[0]['chance_R1']:.2f} | |")
     return "\n".join(lines)
 
 

@@ -111,6 +111,11 @@ def test_pretrain_then_rerank_fine_tune(tmp_path):
     assert "t2i_rerank" in summary["test"] and "t2i" in summary["test"]
     again = evaluate.main(["--checkpoint", str(ft_out / "best.pth"), "--output-dir", str(tmp_path / "ev")])
     assert again["t2i_rerank"]["R1"] == pytest.approx(summary["test"]["t2i_rerank"]["R1"], abs=1e-6)
+    # best.pth carries the blend weight and "no good match" rule chosen on val; test and evaluate.py apply them
+    carried = load_file(ft_out / "best.pth")["calibration"]
+    assert carried["split"] == "val" and str(carried["rerank_blend_weight"]) in summary["test"]["rerank_blend"]["grid"]
+    assert summary["test"]["calibration"] == carried == again["calibration"]
+    assert again["t2i_blend"]["R1"] == pytest.approx(summary["test"]["t2i_blend"]["R1"], abs=1e-6)
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path, stop_after_steps):

@@ -54,6 +54,7 @@ CHOICES = {
     "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
     "eval.protocol": ("standard", "authors"),
     "eval.examples_pick": ("spread", "worst"),
+    "eval.no_match_rule": ("cosine", "zscore", "both"),
 }
 
 # Sizes and counts that must be at least this much (a zero batch, chunk or save interval has no meaning).
