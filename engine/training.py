@@ -38,6 +38,7 @@ from utils import distributed as du
 from utils.amp import autocast
 from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporaries, restore_rng_state
 from utils.config import Config, ConfigError, save_config
+from utils.environment import environment_record
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import (batch_scaling_message, build_optimizer, build_scheduler, renew_hyperparameters,
@@ -461,6 +462,9 @@ def data_failure(run: Run, watchdog: StallWatchdog, exc: BaseException) -> UserE
 
 def run_epochs(run: Run) -> bool:
     """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
+    # What the steps that follow ran with (versions, thread counts): a fresh run's first record, a resume's at
+    # the step it resumes from.
+    run.writer.write("environment", run.state.global_step, environment_record(run.device))
     with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds,
                                               run.cfg.train.stall_stop_seconds) as watchdog:
         while run.state.epoch < run.cfg.train.epochs:
