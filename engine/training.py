@@ -489,10 +489,23 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
         try:
             return run_steps(run, watchdog.batches(batches, unwrapped), steps, stop, watchdog)
         except Exception as exc:
+            if stopped_with_its_workers(run, stop, watchdog):
+                return True
             failure = data_failure(run, watchdog, exc)
             if failure is None:
                 raise
             raise failure from None
+
+
+def stopped_with_its_workers(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
+    """A SIGTERM/SIGINT sent to the whole process group also ends the loader workers, and the wait for a batch
+    can fail on their death before the loop sees its own stop flag: that is the requested stop, not a worker
+    failure. A single process saves last.pth (between steps, so the state is whole) and stops as asked."""
+    if not (stop.requested and watchdog.fetch_failed and run.world_size == 1):
+        return False
+    stop.agreed(run.device)  # logs the received signal once
+    save(run, ["last.pth"])
+    return True
 
 
 def run_steps(run: Run, batches: Iterator[dict], steps: int, stop: StopRequest, watchdog: StallWatchdog) -> bool:
