@@ -13,7 +13,7 @@ name>/), so a training run's own metrics_<split>.json is never overwritten; --ou
 metrics_<split>.json there instead (still named after the checkpoint when DIR is the checkpoint's folder).
 
 --save-features also writes the features the evaluation computed beside the metrics file, as
-features_<split>[_<checkpoint name>].pt (torch.load; tensors and lists only): texts [Q] with text_features [Q, D],
+features_<split>[_<checkpoint name>].pt (utils.checkpoint.load_file or torch.load; tensors and lists only): texts [Q] with text_features [Q, D],
 query_pids and query_image_ids; image_paths [G] with image_features [G, D], gallery_pids and gallery_image_ids;
 plus checkpoint, split, epoch and protocol. The features are float32, before L2 normalisation, rows in the
 protocol's order: e.g. to study the embedding or to score another ranking without encoding again.

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import evaluate
 from tests.tiny import tiny_overrides
+from utils.checkpoint import load_file
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_saved_features_equal_a_fresh_encoding(run, tmp_path):
 
     results = evaluate.main(["--checkpoint", str(run / "best.pth"), "--split", "val", "--save-features",
                              "--output-dir", str(tmp_path)])
-    saved = torch.load(tmp_path / "features_val.pt", weights_only=True)
+    saved = load_file(tmp_path / "features_val.pt")  # the project's one loader: weights_only, checksums verified
     assert json.loads((tmp_path / "metrics_val.json").read_text())["t2i"]["R1"] == pytest.approx(results["t2i"]["R1"])
     assert "features" not in results and saved["split"] == "val" and saved["format"] == "ivt-eval-features"
     model, cfg, tokenizer, _ = load_for_inference(run / "best.pth")
