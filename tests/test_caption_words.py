@@ -92,3 +92,14 @@ def test_search_records_carry_the_flagged_words(trained, tmp_path):
     retriever = Retriever.from_checkpoint(trained / "run" / "last.pth", device="cpu")
     line = record("text", QUERY, [], tmp_path / "sheet.jpg", retriever.out_of_vocabulary(QUERY))
     assert line["out_of_vocabulary"] == ["child", "bicycle", "poncho", "scarf"]
+
+
+def test_the_web_page_names_the_words_the_captions_never_held(trained):
+    from engine.webapp import SearchPage
+
+    retriever = Retriever.from_checkpoint(trained / "run" / "last.pth", device="cpu")
+    retriever.index(sorted(str(p) for p in (trained / "data").rglob("*.jpg"))[:4])
+    message = SearchPage(retriever, provenance={}, default_k=2).search_text(QUERY).message
+    assert "never in the model's training captions" in message
+    assert "child, bicycle, poncho, scarf." in message
+    assert "Not in the model's vocabulary" not in SearchPage(retriever, {}, 2).search_text("a red coat").message
