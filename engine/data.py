@@ -165,7 +165,7 @@ def run_caption_words(cfg: Config, train_records, prior: dict | None) -> list[st
         return None
     own = caption_word_list((r.caption for r in train_records), int(cfg.text.caption_words_min_count),
                             int(cfg.text.caption_words_max))
-    earlier = (prior or {}).get("caption_words") or []
+    earlier = (prior.get("caption_words") if isinstance(prior, dict) else None) or []  # authors' files: none
     words = sorted(set(own).union(earlier))
     logger.info("caption vocabulary: %d words (%d from this run's captions, %d carried from the checkpoint)",
                 len(words), len(own), len(earlier))
