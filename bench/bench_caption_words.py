@@ -61,23 +61,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="the JSON result file")
     args = parser.parse_args(argv)
-    from utils.checkpoint import atomic_write
+    from bench.base import machine_record, write_record
     from utils.config import load_config
-    from utils.environment import environment_record
 
     text = load_config(None).text
     load_before = os.getloadavg()
     began = time.perf_counter()
     captions = pseudo_captions(args.captions, args.vocabulary, args.seed)
-    result = {"command": "python -m bench.bench_caption_words " + " ".join(argv), "machine":
-              "2 CPU cores, no GPU, shared", "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0),
-              "environment": environment_record("cpu"), "captions": args.captions, "vocabulary": args.vocabulary,
+    result = {"command": "python -m bench.bench_caption_words " + " ".join(argv), "machine": machine_record("cpu"),
+              "captions": args.captions, "vocabulary": args.vocabulary,
               "generate_seconds": round(time.perf_counter() - began, 2),
               **measure(captions, int(text.caption_words_min_count), int(text.caption_words_max)),
               "load_avg_1_5_15_before": list(load_before), "load_avg_1_5_15_after": list(os.getloadavg())}
-    payload = json.dumps(result, indent=2) + "\n"
-    atomic_write(Path(args.out), lambda handle: handle.write(payload.encode()))
-    print(payload)
+    write_record(Path(args.out), result)
+    print(json.dumps(result, indent=1, default=str))
     return result
 
 

@@ -1,6 +1,6 @@
 """Do the "why this person" heatmaps point at the garment a query names? The pointing game on synthetic data.
 
-    python bench/bench_pointing.py --checkpoint runs/demo/best.pth --data-root runs/parts/classic-400 \
+    python -m bench.bench_pointing --checkpoint runs/demo/best.pth --data-root runs/parts/classic-400 \
         --out bench/results/pointing.json
 
 The classic synthetic style writes a part map beside every picture (which part each pixel shows: upper garment,
@@ -19,13 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from utils.errors import user_errors_as_one_line
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from utils.errors import user_errors_as_one_line  # noqa: E402
 
 # How a one-attribute query names each part.
 QUERY = {"upper": "a person in {}", "lower": "a person in {}", "shoes": "a person wearing {}",
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = play(args.checkpoint, root, args.split, args.limit)
     from utils.environment import environment_record
 
-    record = {"command": "python bench/bench_pointing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"command": "python -m bench.bench_pointing " + " ".join(argv if argv is not None else sys.argv[1:]),
               "split": args.split, "results": results, "seconds": round(time.perf_counter() - began, 1),
               "threads": 1, "environment": environment_record("cpu"),
               "load_average": [round(x, 2) for x in __import__("os").getloadavg()]}

@@ -1,6 +1,6 @@
 """Person-search speed on CPU: indexing a 10k-image gallery, query latency, time to the first answer, scaling.
 
-    python bench/bench_search.py [--images 10000] [--checkpoint CKPT] [--out bench/results/search_cpu]
+    python -m bench.bench_search [--images 10000] [--checkpoint CKPT] [--out bench/results/search_cpu]
 
 The gallery is the synthetic dataset's images (the first --images of a CUHK-PEDES-format set, 128x64 JPEGs),
 written once to --work. The model is --checkpoint, else the demo recipe's architecture (configs/demo.yaml:
@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from utils.checkpoint import atomic_save  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.errors import user_errors_as_one_line  # noqa: E402
+from utils.checkpoint import atomic_save
+from utils.config import load_config
+from utils.errors import user_errors_as_one_line
 
 QUERIES = [
     "a woman in a red coat and black pants with a black backpack",
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     gallery, captions = make_gallery(work, args.images)
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoint(work, captions)
     result = {"images": args.images, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "command": "python bench/bench_search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment_record("cpu"), "load_average_before": os.getloadavg()}
 
     retriever = Retriever.from_checkpoint(checkpoint, device="cpu", overrides=["data.num_workers=2"])

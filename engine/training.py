@@ -38,6 +38,7 @@ from utils import distributed as du
 from utils.amp import autocast
 from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporaries, restore_rng_state
 from utils.config import Config, ConfigError, save_config
+from utils.environment import environment_record
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import (batch_scaling_message, build_optimizer, build_scheduler, renew_hyperparameters,
@@ -464,6 +465,9 @@ def data_failure(run: Run, watchdog: StallWatchdog, exc: BaseException) -> UserE
 
 def run_epochs(run: Run) -> bool:
     """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
+    # What the steps that follow ran with (versions, thread counts): a fresh run's first record, a resume's at
+    # the step it resumes from.
+    run.writer.write("environment", run.state.global_step, environment_record(run.device))
     with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds,
                                               run.cfg.train.stall_stop_seconds) as watchdog:
         while run.state.epoch < run.cfg.train.epochs:
@@ -488,10 +492,23 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
         try:
             return run_steps(run, watchdog.batches(batches, unwrapped), steps, stop, watchdog)
         except Exception as exc:
+            if stopped_with_its_workers(run, stop, watchdog):
+                return True
             failure = data_failure(run, watchdog, exc)
             if failure is None:
                 raise
             raise failure from None
+
+
+def stopped_with_its_workers(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
+    """A SIGTERM/SIGINT sent to the whole process group also ends the loader workers, and the wait for a batch
+    can fail on their death before the loop sees its own stop flag: that is the requested stop, not a worker
+    failure. A single process saves last.pth (between steps, so the state is whole) and stops as asked."""
+    if not (stop.requested and watchdog.fetch_failed and run.world_size == 1):
+        return False
+    stop.agreed(run.device)  # logs the received signal once
+    save(run, ["last.pth"])
+    return True
 
 
 def run_steps(run: Run, batches: Iterator[dict], steps: int, stop: StopRequest, watchdog: StallWatchdog) -> bool:

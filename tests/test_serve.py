@@ -281,6 +281,7 @@ def test_an_exported_folder_carries_its_no_good_match_rule(exported_model, train
     assert page.search_text("zzzz qqqq", 3).message.startswith("**No good match.**")
 
 
+@pytest.mark.slow  # drives headless Chromium: 29 s with its set-up on 2 shared cores (load 10-12)
 def test_the_page_in_a_browser(browser, exported_model, trained_gallery, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

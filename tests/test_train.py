@@ -180,6 +180,7 @@ def test_non_finite_loss_names_the_loss(tmp_path, monkeypatch):
     assert issubclass(NonFiniteLossError, UserError)
 
 
+@pytest.mark.slow  # two spawned ranks under torchrun: 32 s on 2 shared cores (load 12)
 def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -203,6 +204,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     assert logs.count("never leaves warmup") == 1, logs[-3000:]
 
 
+@pytest.mark.slow  # an end-to-end pretraining of 48 steps: 14 s on 2 shared cores (load 12)
 def test_tiny_pretraining_lowers_all_three_losses(tmp_path):
     out = tmp_path / "pre"
     train_pretrain.main(["--output-dir", str(out)]
@@ -248,6 +250,7 @@ def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_p
         train_cuhkpedes.main(["--config", str(tmp_path / "nope.yaml")])
 
 
+@pytest.mark.slow  # spawns start.sh and a Python that imports torch: 13 s on 2 shared cores (load 12)
 def test_start_sh_picks_a_python_that_has_torch(tmp_path):
     # A python3 without torch earlier on PATH (a pyenv shim, the system one) must not be chosen.
     fake = tmp_path / "bin"
