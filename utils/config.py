@@ -53,6 +53,8 @@ CHOICES = {
     "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
     "eval.protocol": ("standard", "authors"),
     "eval.examples_pick": ("spread", "worst"),
+    "search.backend": ("auto", "exact", "faiss"),
+    "search.feature_dtype": ("float32", "float16"),
 }
 
 # Sizes and counts that must be at least this much (a zero batch, chunk or save interval has no meaning).
@@ -63,7 +65,9 @@ MINIMUM = {
     "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
     "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1,
     "data.eval_synthetic_num_ids": 1, "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3,
-    "text.mlm_max_masks": 0,
+    "text.mlm_max_masks": 0, "search.shard_images": 1, "search.exact_chunk_rows": 1, "search.faiss_min_images": 1,
+    "search.ivf_max_lists": 1, "search.pq_bytes": 1, "search.train_sample_images": 1, "search.nprobe": 1,
+    "search.ef_search": 1, "search.rescore_candidates": 1, "search.verify_max_mib": 0, "search.hnsw_max_images": 0,
 }
 # The same for keys where null means "the default rule".
 NULL_OR_MINIMUM = {"data.max_bad_images": 0}
