@@ -249,9 +249,9 @@ def write_shard(folder: Path, shard: Shard, features: np.ndarray) -> Shard:
     return shard
 
 
-def read_shard(meta_path: Path, model_digest: str, build_id: str) -> Shard | None:
-    """The shard described by ``meta_path``; None (after a warning) when its features are missing or truncated
-    (they are encoded again); GalleryError when it belongs to another model or another build."""
+def read_shard(meta_path: Path, model_digest: str, build_id: str, verify: bool = True) -> Shard | None:
+    """The shard described by ``meta_path``; None (after a warning) when its features are missing, truncated or
+    (``verify``) corrupt: they are encoded again; GalleryError when it belongs to another model or build."""
     obj = read_json(meta_path, "a gallery shard")
     if obj.get("format") != INDEX_FORMAT + "-shard":
         raise GalleryError(f"{meta_path}: not a gallery shard; move it out of {meta_path.parent}")
@@ -264,9 +264,13 @@ def read_shard(meta_path: Path, model_digest: str, build_id: str) -> Shard | Non
     shard = Shard(**{f.name: obj[f.name] for f in fields(Shard)})
     npy = meta_path.with_suffix(".npy")
     size = npy.stat().st_size if npy.is_file() else -1
+    problem = None
     if size != shard.bytes:
-        logger.warning("%s: features %s (%d bytes, expected %d); its %d images are encoded again", meta_path.name,
-                       "missing" if size < 0 else "truncated", max(size, 0), shard.bytes, len(shard.paths))
+        problem = f"features {'missing' if size < 0 else 'truncated'} ({max(size, 0)} bytes, expected {shard.bytes})"
+    elif verify and sha256_file(npy) != shard.sha256:
+        problem = "features do not match their sha256 (the file is corrupt)"
+    if problem:
+        logger.warning("%s: %s; its %d images are encoded again", npy, problem, len(shard.paths))
         meta_path.unlink()
         npy.unlink(missing_ok=True)
         return None
@@ -552,7 +556,8 @@ def build_gallery(folder: str | os.PathLike[str], paths: Sequence[str], encode: 
     manifest = None
     if dist_utils.is_main_process():
         shards = plan.kept + [s for s in (read_shard(folder / SHARD_DIR / f"{name}.json", model_digest,
-                                                     plan.build_id) for name, _, _ in plan.jobs) if s is not None]
+                                                     plan.build_id, False) for name, _, _ in plan.jobs)
+                              if s is not None]
         manifest = finalize(folder, shards, model_digest, plan.build_id, source)
         report_changes(folder, [[p, *st] for job in plan.jobs for p, st in zip(job[1], job[2])])
     manifest = dist_utils.broadcast_object(manifest)

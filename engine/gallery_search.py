@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,14 @@ def open_ann(gallery: Gallery) -> Any:
         raise GalleryError(f"{path}: not a readable faiss index ({str(exc).splitlines()[0]})") from None
 
 
+def as_float32(block: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of a (read-only, memory-mapped) block: a view for float32, torch's vectorised conversion
+    for float16 (several times faster than numpy's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only memory map: torch only reads it
+        return torch.from_numpy(block).float()
+
+
 def exact_search(gallery: Gallery, queries: torch.Tensor, k: int, chunk_rows: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` cosine scores and row indices [Q, k'] (k' = min(k, G)) of queries [Q, D] (float32, normalised)
@@ -149,14 +158,14 @@ def exact_search(gallery: Gallery, queries: torch.Tensor, k: int, chunk_rows: in
     k = min(k, len(gallery))
     best_scores = best_idx = None
     for start, block in gallery.chunks(chunk_rows):
-        scores = queries @ torch.from_numpy(np.array(block, dtype=np.float32)).t()  # [Q, rows]; a copy: memmaps are read-only
+        scores = queries @ as_float32(block).t()  # [Q, rows]
         top_scores, top_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)
         top_idx = top_idx + start
         if best_scores is None:
             best_scores, best_idx = top_scores, top_idx
         else:
             merged_scores = torch.cat([best_scores, top_scores], dim=1)
-            order = torch.topk(merged_scores, k, dim=1).indices
+            order = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1).indices
             best_scores = merged_scores.gather(1, order)
             best_idx = torch.cat([best_idx, top_idx], dim=1).gather(1, order)
     return best_scores, best_idx
