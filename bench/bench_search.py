@@ -232,6 +232,13 @@ def scale_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
     if args.scale_phase:
         return search_scale.phase_main(args.scale_phase)
+    if args.serve_check:
+        out = search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads())
+        out["command"] = "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.scale_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.scale_out).with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps(out))
+        return out
     command = "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
     return search_scale.run_scale([int(s) for s in args.sizes.split(",")], [int(d) for d in args.dims.split(",")],
                                   Path(args.work), Path(args.scale_out), args.threads or torch.get_num_threads(),
@@ -256,11 +263,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dims", default="768,128", help="scale mode: feature widths")
     parser.add_argument("--scale-out", default="bench/results/search_scale", help="scale mode: OUT.json, OUT.md")
     parser.add_argument("--scale-phase", nargs="+", default=None, help=argparse.SUPPRESS)  # one phase, internal
+    parser.add_argument("--serve-check", type=int, default=0, metavar="N",
+                        help="time serve.py from start to its first answer on an N-image index (scale mode's store)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
         set_faiss_threads(args.threads)
-    if args.scale or args.scale_phase:
+    if args.scale or args.scale_phase or args.serve_check:
         return scale_main(args, argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.retrieval import Retriever

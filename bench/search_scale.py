@@ -256,3 +256,65 @@ def phase_main(args: list[str]) -> dict:
         out = phase_query(work, size, dim, rest[0], rest[1])
     print(json.dumps(out))
     return out
+
+
+def serve_index(work: Path, size: int) -> tuple[Path, Path]:
+    """A demo-architecture checkpoint (random weights) and a ``size``-image index of its width whose rows point at
+    a few real synthetic pictures (thumbnails), with the faiss index the rules pick: what serve.py opens."""
+    from bench.bench_search import demo_checkpoint
+    from datasets.readers import load_annotations
+    from datasets.synthetic import make_synthetic
+    from engine.gallery_index import SearchSettings, open_gallery, write_features_index
+    from engine.gallery_search import build_ann
+    from engine.retrieval import Retriever
+
+    synth = work / "serve_synth"
+    if not (synth / "SYNTHETIC.json").is_file():
+        make_synthetic("cuhkpedes", synth, num_ids=40, seed=0)
+    checkpoint = demo_checkpoint(work, [r.caption for r in load_annotations("cuhkpedes", synth).train])
+    retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
+    folder = work / f"serve_n{size}"
+    if not (folder / "manifest.json").is_file():
+        pictures = sorted(str(p.resolve()) for p in (synth / "imgs").rglob("*.jpg"))
+        dim = int(retriever.cfg.model.embed_dim)
+        parts = ((paths and [pictures[i % len(pictures)] for i in range(len(paths))], feats)
+                 for paths, feats in generate(size, dim))
+        write_features_index(folder, parts, retriever.digest, "float16", source=f"synthetic {size} x {dim}")
+        build_ann(open_gallery(folder, 0), SearchSettings())
+    return checkpoint, folder
+
+
+def serve_check(work: Path, size: int, threads: int) -> dict:
+    """Seconds from starting ``python serve.py --gallery INDEX`` to the page's first answer (through its HTTP API)."""
+    import socket
+
+    from gradio_client import Client
+
+    checkpoint, folder = serve_index(work, size)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    load = os.getloadavg()
+    began = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--gallery", str(folder),
+                               "--port", str(port), "--device", "cpu"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        answer, listening = None, None
+        while answer is None and time.perf_counter() - began < 300 and server.poll() is None:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                listening = listening or time.perf_counter() - began
+                answer = client.predict("a woman in a red coat", 10, False, api_name="/on_text")
+            except Exception:  # not listening yet: the page is still starting
+                time.sleep(0.2)
+        answered = time.perf_counter() - began
+    finally:
+        server.terminate()
+        stderr = server.communicate(timeout=60)[1]
+    if answer is None:
+        raise SystemExit(f"serve.py gave no answer: {stderr[-2000:]}")
+    return {"num_gallery": size, "index": str(folder.name), "client_connected_s": listening,
+            "first_answer_s": answered, "load_average_before": load, "load_average_after": os.getloadavg(),
+            "answer_excerpt": str(answer)[:300]}
