@@ -60,10 +60,19 @@ def dataset(data_dir: Path, style: str, num_ids: int, data_seed: int) -> Path:
     return root
 
 
-def read_run(run_dir: Path) -> dict:
-    """Best val (by the run's selection metric) and test metrics of a finished run, and the CMPM losses logged in
-    its first epoch (is it still on the uniform-softmax plateau of bench/bench_collapse.py?)."""
+def records_since(run_dir: Path, since: float) -> list[dict]:
+    """The metrics.jsonl records the run started at ``since`` (time.time()) wrote: --overwrite already sets an
+    earlier run's file aside; the time keeps a record of any other run out of this one's numbers."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("time", 0) >= since]
+
+
+def read_run(run_dir: Path, since: float = 0.0) -> dict:
+    """Best val (by the run's selection metric) and test metrics of a finished run started at ``since``, and the
+    CMPM losses logged in its first epoch (is it still on the uniform-softmax plateau of bench/bench_collapse.py?)."""
+    records = records_since(run_dir, since)
+    if (run_dir / "metrics_test.json").stat().st_mtime < since:
+        raise SystemExit(f"{run_dir / 'metrics_test.json'} is older than the run that just finished")
     evals = [r for r in records if r.get("kind") == "eval"]
     first_epoch_cmpm = [round(r["cmpm_loss"], 2) for r in records
                         if r.get("kind") == "train" and r.get("epoch") == 0 and "cmpm_loss" in r]
@@ -98,8 +107,9 @@ def train_once(config: str, overrides: list[str], data_root: Path, seed: int, ru
     print("$", " ".join(command), flush=True)
     if dry_run:
         return None
+    started = time.time()
     seconds = run_child(command, run_dir.with_suffix(".out"))
-    return {**read_run(run_dir), "wall_s": round(seconds, 1)}
+    return {**read_run(run_dir, since=started), "wall_s": round(seconds, 1)}
 
 
 def zero_shot(checkpoint: Path, data_root: Path, out_dir: Path, rerank_top_k: int) -> dict:
@@ -140,9 +150,9 @@ def pretrain_once(config: str, overrides: list[str], runs_dir: Path, dry_run: bo
     print("$", " ".join(command), flush=True)
     if dry_run:
         return run_dir / "last.pth", {}
+    started = time.time()
     seconds = run_child(command, run_dir.with_suffix(".out"))
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if line.strip() and json.loads(line).get("kind") == "eval"]
+    evals = [r for r in records_since(run_dir, started) if r.get("kind") == "eval"]
     record = {"config": config, "overrides": overrides, "wall_s": round(seconds, 1), "machine": machine_state(),
               "zero_shot_val_curve": [[r["epoch"], round(r["t2i/R1"], 2)] for r in evals]}
     marker.write_text(json.dumps(record, indent=1))

@@ -77,6 +77,7 @@ def make_gallery(work: Path, count: int) -> tuple[Path, list[str]]:
 
 def demo_checkpoint(work: Path, captions: list[str]) -> Path:
     from datasets.tokenizer import build_tokenizer, tokenizer_vocab
+    from engine.checkpoints import checkpoint_dict
     from models.ivt import build_model
 
     path = work / "demo_random.pth"
@@ -84,10 +85,8 @@ def demo_checkpoint(work: Path, captions: list[str]) -> Path:
         cfg = load_config(REPO / "configs" / "demo.yaml", ["data.num_workers=0"])
         tokenizer = build_tokenizer(cfg.text, captions)
         torch.manual_seed(0)
-        atomic_save({"format": "ivt-retrieval-checkpoint", "format_version": 1,
-                     "model": build_model(cfg).state_dict(), "config": cfg.to_dict(),
-                     "tokenizer": {"vocab": tokenizer_vocab(tokenizer), "lowercase": True}, "epoch": 0, "step": 0},
-                    path)
+        atomic_save(checkpoint_dict(build_model(cfg).state_dict(), cfg.to_dict(),
+                                    {"vocab": tokenizer_vocab(tokenizer), "lowercase": True}, epoch=0, step=0), path)
     return path
 
 

@@ -18,6 +18,7 @@ from datasets.text_levels import pre_caption
 from datasets.train_data import TrainDataset
 from datasets.transforms import build_train_transform
 from utils import distributed as du
+from utils.task_plan import TaskPlan
 
 TrainSampler = IdentitySampler | ShardedShuffleSampler
 
@@ -56,7 +57,7 @@ def build_train_loader(
     transform = build_train_transform(cfg.input) if device_augment is None else None
     common = dict(seed=cfg.seed, lowercase=cfg.text.lowercase, max_bad_images=cfg.data.max_bad_images,
                   image_cache=training_image_cache(cfg, records, rank), device_augment=device_augment)
-    if cfg.task == "pretrain":
+    if not TaskPlan.from_config(cfg).identity_batches:  # pretraining: one view, sentence level, plain shuffle
         levels: tuple[str, ...] = ("sentence",)
         dataset = TrainDataset(
             records, transform, num_views=1, levels=levels,

@@ -247,7 +247,9 @@ def _build_records(
                 path, f"image '{entry.rel_path}' to keep id {seen[0]} given at record {seen[1]}",
                 index=entry.index, split=entry.split, field="id", got=entry.raw_id,
             )
-        kept = [k for k, c in enumerate(entry.captions) if c.strip()]
+        # A whitespace-only caption stays in the evaluation splits, as "": protocol authors keeps it as a query,
+        # as their loaders do, and protocol standard leaves it out (engine/evaluation.py); nothing trains on it.
+        kept = [k for k, c in enumerate(entry.captions) if c.strip() or (c and entry.split != "train")]
         if len(kept) < len(entry.captions) or not entry.captions:
             empty.append((entry.split, entry.index, entry.rel_path))
         for k in kept:
@@ -334,15 +336,17 @@ def _check_published_counts(splits: DatasetSplits) -> None:
 
 # ----------------------------------------------------------------------------------------------- public API
 
-def find_annotation_file(fmt: str, root: str | PathLike[str]) -> Path:
-    """The first of the format's distributed file names present in ``root``."""
+def find_annotation_file(fmt: str, root: str | PathLike[str], root_key: str = "data.root") -> Path:
+    """The first of the format's distributed file names present in ``root`` (the value of the key ``root_key``,
+    which the message names)."""
     spec = _spec(fmt)
     for name in spec.candidates:
         if (Path(root) / name).is_file():
             return Path(root) / name
+    other = ", or data.annotation_file=FILE" if root_key == "data.root" else ""
     raise AnnotationNotFoundError(
-        root, f"one of {list(spec.candidates)} in the {spec.title} root (set data.root=PATH to the dataset "
-        "folder, or data.annotation_file=FILE)",
+        root, f"one of {list(spec.candidates)} in the {spec.title} root (set {root_key}=PATH to the dataset "
+        f"folder{other})",
         got="none of them" if Path(root).is_dir() else "no such folder",
     )
 
@@ -355,18 +359,20 @@ def _spec(fmt: str) -> _FormatSpec:
 
 
 def load_annotations(
-    fmt: str, root: str | PathLike[str], annotation_file: str | PathLike[str] | None = None
+    fmt: str, root: str | PathLike[str], annotation_file: str | PathLike[str] | None = None,
+    root_key: str = "data.root",
 ) -> DatasetSplits:
     """Read one fine-tuning dataset into canonical records.
 
     ``fmt`` is "cuhkpedes", "icfg" or "rstp". Without ``annotation_file`` the distributed names are looked up
     in ``root``; an explicit file may be relative to ``root`` or absolute. Raw versus processed is decided by
     the JSON shape (a list versus an object of splits). Images are expected at ``<root>/imgs/<path>``.
+    ``root_key`` is the config key ``root`` came from, for the message when no annotation file is there.
     """
     spec = _spec(fmt)
     root = str(root)
     if annotation_file is None:
-        path = find_annotation_file(fmt, root)
+        path = find_annotation_file(fmt, root, root_key)
     else:
         path = Path(annotation_file) if os.path.isabs(annotation_file) else Path(root) / annotation_file
     data = read_json(path)

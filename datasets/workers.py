@@ -20,6 +20,8 @@ import atexit
 import contextlib
 import multiprocessing
 import multiprocessing.util  # registers multiprocessing's exit handler now, before ours
+import signal
+from pathlib import Path
 from typing import Any, Iterator
 
 from utils.errors import UserError
@@ -50,6 +52,30 @@ def shutdown_workers(iterator: Any) -> None:
         if worker.is_alive():
             worker.kill()
             worker.join(_JOIN_SECONDS)
+
+
+_PROC_STATES = {"T": "stopped (SIGSTOP, or a debugger)", "t": "stopped by a debugger",
+                "D": "blocked in an uninterruptible read (a hung disk or network filesystem)"}
+
+
+def worker_states(iterator: Any) -> list[tuple[int, int | None, str | None]]:
+    """(worker id, pid, trouble) for each worker process of a DataLoader iterator; trouble is None for a worker
+    that is alive and running, else what is wrong ("killed by SIGKILL", "stopped ...", "exited with status 3")."""
+    states = []
+    for number, worker in enumerate(getattr(iterator, "_workers", ())):
+        code, trouble = worker.exitcode, None
+        if code is not None and code < 0:
+            trouble = f"killed by {signal.Signals(-code).name}"
+        elif code is not None:
+            trouble = f"exited with status {code}"
+        else:
+            try:  # field 3 of /proc/<pid>/stat, after the parenthesised command name
+                state = Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = ""
+            trouble = _PROC_STATES.get(state)
+        states.append((number, worker.pid, trouble))
+    return states
 
 
 def _unwrapped(iterator: Iterator) -> Iterator:

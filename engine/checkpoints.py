@@ -1,8 +1,10 @@
 """What a run saves and loads: our self-describing checkpoints, the authors' ones, and weight initialisation.
 
-Our checkpoint holds the model state dict, the resolved config as a plain dict and the tokenizer (its vocabulary
-when it was learnt from the data), plus the optimizer, scheduler, scaler, epoch, global step, best metric and
-every rank's RNG states for exact resume. The authors' checkpoints are recognised and converted on the fly.
+This module says what our checkpoint holds: ``checkpoint_dict`` is the one constructor of its dict, used by every
+writer (training, the authors' conversion, the model-folder reader, the bench and the tests). A checkpoint holds
+the model state dict, the resolved config as a plain dict and the tokenizer (its vocabulary when it was learnt
+from the data), plus the optimizer, scheduler, scaler, epoch, global step, best metric and every rank's RNG
+states for exact resume. The authors' checkpoints are recognised and converted on the fly.
 """
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ import torch
 import torch.distributed as dist
 
 from datasets.tokenizer import build_tokenizer, tokenizer_from_vocab, tokenizer_vocab
-from engine.model_folder import folder_as_checkpoint
-from models.official import convert_official, is_official_checkpoint, load_official_into
+from engine.model_folder import TRAINING_FIELDS, read_model_folder
+from models.official import OFFICIAL_IMAGE_SIZE, convert_official, is_official_checkpoint, load_official_into
 from models.ivt import build_model
-from models.weights import adapt_grid_embeddings, load_bert_weights, load_vit_weights
+from models.weights import WeightsError, adapt_grid_embeddings, load_bert_weights, load_vit_weights
 from utils import distributed as du
 from utils.checkpoint import (FORMAT_NAME, FORMAT_VERSION, CheckpointError, atomic_save, atomic_write,
-                              capture_rng_state, describe_keys, load_file)
+                              UnsafePickleError, capture_rng_state, describe_keys, load_file)
 from utils.config import Config, config_from_dict, load_config
 from utils.environment import environment_record
 from utils.errors import UserError
@@ -101,6 +103,19 @@ def init_tokenizer(obj: Any, source: str, text_cfg: Config):
     return None
 
 
+# --------------------------------------------------------------------------------------------- format
+def checkpoint_dict(model_state: dict, config: dict, tokenizer: dict | None = None, **fields: Any) -> dict:
+    """The one constructor of our checkpoint dict: format tag and version, the model state dict, the config.
+
+    ``config`` is a plain (possibly partial) config dict; ``tokenizer`` a ``tokenizer_record`` (None: the one the
+    config names). ``fields`` are the optional entries: a training checkpoint's optimizer, scheduler, scaler,
+    epoch, step_in_epoch, step, best_metric, best_epoch, rng, world_size and environment; a conversion's
+    converted_from; a model folder's model_folder.
+    """
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": model_state, "config": config,
+            "tokenizer": tokenizer, **fields}
+
+
 # ------------------------------------------------------------------------------------------- training
 def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg: Config, tokenizer) -> dict:
     """The checkpoint dict; a collective when distributed (every rank's RNG state is gathered)."""
@@ -111,15 +126,13 @@ def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg
         rng = gathered
     else:
         rng = [rng]
-    return {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "step": state.global_step,
-        "best_metric": state.best_metric, "best_epoch": state.best_epoch,
-        "config": cfg.to_dict(), "tokenizer": tokenizer_record(tokenizer, cfg.text), "rng": rng,
-        "world_size": du.get_world_size(), "environment": environment_record(),
-    }
+    return checkpoint_dict(
+        model.state_dict(), cfg.to_dict(), tokenizer_record(tokenizer, cfg.text),
+        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+        scaler=scaler.state_dict() if scaler is not None else None,
+        epoch=state.epoch, step_in_epoch=state.step_in_epoch, step=state.global_step,
+        best_metric=state.best_metric, best_epoch=state.best_epoch, rng=rng,
+        world_size=du.get_world_size(), environment=environment_record())
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -153,10 +166,10 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
 
 
 def selection_record(path: Path) -> dict | None:
-    """``best_epoch`` and ``best_metric`` stored in a checkpoint, read without loading its tensors (None if absent)."""
+    """``best_epoch`` and ``best_metric`` stored in a checkpoint, its tensors mapped, not loaded (None if absent)."""
     if not path.is_file():
         return None
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    obj = load_file(path, mmap=True)
     return {"best_epoch": obj["best_epoch"], "best_metric": obj["best_metric"]}
 
 
@@ -267,6 +280,10 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
                        device: str | torch.device = "cpu"):
     """Rebuild model, config and tokenizer from any supported checkpoint. Returns (model, cfg, tokenizer, info).
 
+    ``info``: the format ('ours' or 'official'), the checkpoint path and the training state (epoch, step, ...;
+    for ours also best_metric, best_epoch, world_size, the training environment and whether the vocabulary was
+    learnt).
+
     Ours: the config stored in the checkpoint, with ``--config``'s task, data and eval settings (a different
     dataset or batch size) and then ``overrides`` on top. The authors': the recipe ``config_path`` (default: base)
     with the architecture inferred from the tensors.
@@ -283,8 +300,9 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
         model = build_model(cfg)
         load_model_state(model, obj["model"], path)
         tokenizer = tokenizer_from_record(obj.get("tokenizer"), cfg.text)
-        info = {"format": "ours", "epoch": obj.get("epoch"), "step": obj.get("step"),
-                "step_in_epoch": obj.get("step_in_epoch")}
+        record = obj.get("tokenizer")
+        info = {"format": "ours", **{k: obj.get(k) for k in TRAINING_FIELDS}, "environment": obj.get("environment"),
+                "learnt_vocabulary": bool(record) and "vocab" in record}
     elif kind == "official":
         _, model_overrides = convert_official(obj)
         cfg = load_config(config_path).replace(model=model_overrides)
@@ -304,6 +322,14 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
 
 
 # -------------------------------------------------------------------------------------- model folders
+def folder_as_checkpoint(path: str | Path) -> dict:
+    """A model folder (python -m engine.export) as the dict one of our checkpoints holds, its files verified."""
+    folder = read_model_folder(path)
+    return checkpoint_dict(folder.state, folder.config, folder.tokenizer, epoch=folder.training.get("epoch"),
+                           step=folder.training.get("step"), step_in_epoch=folder.training.get("step_in_epoch"),
+                           model_folder=str(folder.path))
+
+
 def read_checkpoint_or_folder(path: str | Path) -> Any:
     """A checkpoint file's contents, or a model folder (python -m engine.export) read as one of our checkpoints.
 
@@ -311,3 +337,24 @@ def read_checkpoint_or_folder(path: str | Path) -> Any:
     loader above (load_for_inference, init_from_checkpoint) treats both alike.
     """
     return folder_as_checkpoint(path) if Path(path).is_dir() else load_file(path)
+
+
+# ---------------------------------------------------------------------------------- the authors' files
+def convert_file(src: str, dst: str, img_size: Sequence[int] | None = None, trust_pickle: bool = False
+                 ) -> dict[str, Any]:
+    """Convert the authors' checkpoint file ``src`` into our checkpoint format at ``dst`` (atomic write).
+
+    ``img_size``: the image size it was trained at (None: the authors' 384 x 128), from which the stride follows.
+    The file holds every tensor of the model its config describes (a fine-tuned ``temp`` included, as
+    ``temperature``), so our strict loaders accept it.
+    """
+    img_size = tuple(img_size or OFFICIAL_IMAGE_SIZE)
+    try:
+        obj = load_file(src, trust_pickle=trust_pickle)
+    except UnsafePickleError as exc:  # their legacy pickles may hold non-tensor objects
+        raise WeightsError(f"{exc}; if you trust the file, rerun with --trust-pickle") from None
+    state, overrides = convert_official(obj, img_size, keep_temperature=True)
+    config = {"model": overrides, "input": {"image_size": [int(img_size[0]), int(img_size[1])]}}
+    checkpoint = checkpoint_dict(state, config, converted_from=str(src))
+    atomic_save(checkpoint, dst)
+    return checkpoint

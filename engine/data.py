@@ -1,8 +1,6 @@
-"""A run's data: the training records, the evaluation splits and the tokenizer, for either task.
+"""A run's data: the training records, the evaluation splits and the tokenizer, as the task plan says.
 
-``task: retrieval`` trains and evaluates on one person-retrieval dataset (``data.format`` in ``data.root``).
-``task: pretrain`` trains on image-caption corpora (``data.pretrain_corpora``) and evaluates zero-shot on the
-retrieval dataset ``data.eval_format`` in ``data.eval_root``, when one is given.
+Which records train and which dataset evaluates is ``utils.task_plan.TaskPlan``'s answer for the config's task.
 """
 from __future__ import annotations
 
@@ -14,35 +12,59 @@ from datasets.readers import DatasetSplits, check_images, load_annotations, load
 from datasets.pixels import set_max_image_pixels
 from datasets.records import Record, SplitError
 from datasets.synthetic import make_synthetic
+from datasets.synthetic.identities import key_fields, split_sizes
 from datasets.tokenizer import (build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab,
                                 vocabulary_coverage)
 from engine.checkpoints import init_tokenizer, tokenizer_from_record
 from utils import distributed as du
-from utils.config import Config
+from utils.config import Config, ConfigError
+from utils.task_plan import TaskPlan
 
 logger = logging.getLogger(__name__)
 
 
-def synthesize_if_missing(cfg: Config) -> None:
+def synthesize_if_missing(cfg: Config, plan: TaskPlan | None = None) -> None:
     """Write the synthetic dataset into data.root when it is absent (rank 0 decides and writes; all wait); for
     pretraining also the zero-shot evaluation set into data.eval_root (``data.eval_synthetic_*``).
 
     Each is written next to its root and renamed into place, so an interrupted synthesis never leaves a
     half-written dataset that a later run would take for a real one.
     """
+    plan = plan or TaskPlan.from_config(cfg)
+    check_data_roots(cfg, plan)
     if not cfg.data.synthesize_if_missing:
         return
-    data = cfg.data
-    if cfg.task == "pretrain":
-        wanted = [(data.root, "pretrain", data.synthetic_style, data.synthetic_num_ids)]
-        if data.eval_root:
-            wanted.append((data.eval_root, data.eval_format, data.eval_synthetic_style, data.eval_synthetic_num_ids))
-    else:
-        wanted = [(data.root, data.format, data.synthetic_style, data.synthetic_num_ids)]
+    keys = ("data.synthetic_num_ids", "data.eval_synthetic_num_ids")
+    for (root, fmt, _, num_ids), key in zip(plan.synthetic_sets, keys):
+        if not (Path(root).is_dir() and any(Path(root).iterdir())):
+            check_synthetic_size(fmt, num_ids, key)
     if du.is_main_process():
-        for root, fmt, style, num_ids in wanted:
-            write_synthetic_once(Path(root), fmt, style, num_ids, data.synthetic_seed)
+        for root, fmt, style, num_ids in plan.synthetic_sets:
+            write_synthetic_once(Path(root), fmt, style, num_ids, cfg.data.synthetic_seed)
     du.barrier()
+
+
+def check_data_roots(cfg: Config, plan: TaskPlan) -> None:
+    """data.root and data.eval_root, where they are read, are folders (or absent, to be written): a file there is
+    named before anything is written next to it."""
+    data = cfg.data
+    keys = [] if plan.train_on_corpora and data.pretrain_corpora else ["root"]
+    keys += ["eval_root"] if plan.train_on_corpora and data.eval_root else []
+    for key in keys:
+        path = Path(data[key])
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"data.{key} {path} is a file, not a folder: set data.{key}=FOLDER to the dataset "
+                              "folder (or to a folder that does not exist yet, to write the synthetic set there)")
+
+
+def check_synthetic_size(fmt: str, num_ids: int, key: str) -> None:
+    """ConfigError naming ``key`` when the synthetic writer cannot draw ``num_ids`` identities in format ``fmt``."""
+    try:
+        split_sizes(fmt, num_ids)
+        key_fields(num_ids)
+    except ValueError as exc:
+        raise ConfigError(f"{key} {num_ids}: {exc} (each split of the synthetic {fmt} set needs one identity, and "
+                          "training needs enough identities for one batch)") from None
 
 
 def write_synthetic_once(root: Path, fmt: str, style: str, num_ids: int, seed: int) -> None:
@@ -67,24 +89,24 @@ def pretrain_corpora(cfg: Config) -> list[dict]:
     return corpora
 
 
-def load_eval_splits(cfg: Config) -> DatasetSplits | None:
+def load_eval_splits(cfg: Config, plan: TaskPlan | None = None) -> DatasetSplits | None:
     """The retrieval dataset that evaluates this task (None for pretraining without ``data.eval_root``)."""
-    if cfg.task == "pretrain":
-        return load_annotations(cfg.data.eval_format, cfg.data.eval_root) if cfg.data.eval_root else None
-    return load_annotations(cfg.data.format, cfg.data.root, cfg.data.annotation_file)
+    plan = plan or TaskPlan.from_config(cfg)
+    if plan.eval_root is None:
+        return None
+    root_key = "data.eval_root" if plan.train_on_corpora else "data.root"
+    return load_annotations(plan.eval_format, plan.eval_root, plan.eval_annotation_file, root_key=root_key)
 
 
-def load_data(cfg: Config) -> tuple[list[Record], DatasetSplits | None]:
+def load_data(cfg: Config, plan: TaskPlan | None = None) -> tuple[list[Record], DatasetSplits | None]:
     """(train records, eval splits or None), with every image checked on rank 0 before anything trains."""
+    plan = plan or TaskPlan.from_config(cfg)
     set_max_image_pixels(cfg.data.max_image_pixels)
-    synthesize_if_missing(cfg)
-    eval_splits = load_eval_splits(cfg)
-    if cfg.task == "pretrain":
-        train = load_pretrain_corpora(pretrain_corpora(cfg))
-    else:
-        train = eval_splits.train
+    synthesize_if_missing(cfg, plan)
+    eval_splits = load_eval_splits(cfg, plan)
+    train = load_pretrain_corpora(pretrain_corpora(cfg)) if plan.train_on_corpora else eval_splits.train
     if not train:
-        where = eval_splits.annotation_file if cfg.task != "pretrain" else "data.pretrain_corpora"
+        where = "data.pretrain_corpora" if plan.train_on_corpora else eval_splits.annotation_file
         raise SplitError(f"the train split of {where} is empty: nothing to train on (check the annotation file's "
                          "split field, or data.annotation_file)")
     mode = cfg.data.check_images

@@ -6,7 +6,10 @@ the standard average precision over queries that have a positive. Protocol ``aut
 authors' evaluation code so that their published numbers can be compared: the gallery is every second record
 of the annotation in file order (every record on ICFG-PEDES), AP is the trapezoidal variant, a query without
 a positive counts as zero, RSTPReid captions of more than 90 words are dropped before anything else and
-ICFG-PEDES captions of more than 90 words are cut, both counting words as the authors' loaders do.
+ICFG-PEDES captions of more than 90 words are cut, both counting words as the authors' loaders do; a caption is
+not truncated at ``text.max_text_len`` (their inference never truncates: only the position table,
+``model.max_text_positions``, bounds it) and a whitespace-only caption stays a query (their loaders keep it; the
+standard protocol leaves it out).
 Features are encoded once (batched, autocast on CUDA, each rank a contiguous shard, gathered back in order),
 ranked by cosine similarity, and, when the model has a fusion stack and ``eval.rerank_top_k > 0``, each
 query's top-k images are re-scored by the ITM head. Image-to-text metrics (images as queries, captions as
@@ -36,6 +39,7 @@ from utils.environment import environment_record
 from utils.errors import UserError
 from utils.distributed import get_world_size, is_main_process
 from utils.metrics import apply_rerank, format_metrics_table, retrieval_metrics, topk_indices
+from utils.task_plan import TaskPlan
 from utils.visualize import save_query_examples, write_examples_index
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ class EvalSets:
     protocol: str = "standard"
     dropped_captions: int = 0
     cut_captions: int = 0
+    blank_captions: int = 0  # whitespace-only captions: queries under ``authors``, left out under ``standard``
 
     @property
     def num_queries(self) -> int:
@@ -123,6 +128,9 @@ def build_eval_protocol(records: Sequence[Record], protocol: str = "standard",
     """
     if protocol not in PROTOCOLS:
         raise EvaluationError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    blank = sum(not r.caption.strip() for r in records)
+    if protocol == "standard":
+        records = [r for r in records if r.caption.strip()]
     if not records:
         raise EvaluationError("the evaluation split has no records")
     dropped = cut = 0
@@ -160,14 +168,24 @@ def build_eval_protocol(records: Sequence[Record], protocol: str = "standard",
         protocol=protocol,
         dropped_captions=dropped,
         cut_captions=cut,
+        blank_captions=blank,
     )
 
 
 def protocol_of(cfg: Any) -> tuple[str, str]:
     """(eval.protocol, the format of the evaluated dataset) of a config: data.format, or data.eval_format
     when pretraining evaluates zero-shot on another dataset."""
-    data_format = cfg.data.eval_format if cfg.task == "pretrain" else cfg.data.format
-    return str(cfg.eval.protocol), str(data_format)
+    return str(cfg.eval.protocol), TaskPlan.from_config(cfg).eval_format
+
+
+def query_token_limit(cfg: Any, protocol: str) -> int:
+    """The most token ids a query caption keeps: ``text.max_text_len``, except under protocol ``authors``.
+
+    The authors' inference pads to the longest caption and never truncates (a caption of 120 word pieces keeps
+    its 122 ids), so there only the position table bounds it: ``model.max_text_positions`` (512 in their BERT,
+    whose code fails beyond it; a longer caption is cut there and counted in the log).
+    """
+    return int(cfg.model.max_text_positions if protocol == "authors" else cfg.text.max_text_len)
 
 
 def metric_options(protocol: str) -> dict[str, str]:
@@ -301,7 +319,8 @@ def _rerank(model: torch.nn.Module, tokenizer: Any, sets: EvalSets, text_feats: 
     began = time.perf_counter()
     k = min(int(ev.rerank_top_k), sets.num_gallery)
     _, top_idx = topk_indices(text_feats, image_feats, k, chunk_size=chunk)
-    itm = rerank_scores(model, tokenizer, sets.texts, sets.image_paths, top_idx, transform, cfg.text.max_text_len,
+    itm = rerank_scores(model, tokenizer, sets.texts, sets.image_paths, top_idx, transform,
+                        query_token_limit(cfg, sets.protocol),
                         int(ev.rerank_batch_size), device, bool(ev.amp), int(cfg.data.num_workers))
     results["t2i_rerank"] = retrieval_metrics(
         text_feats, image_feats, sets.query_pids.to(device), sets.gallery_pids.to(device), chunk_size=chunk,
@@ -311,6 +330,22 @@ def _rerank(model: torch.nn.Module, tokenizer: Any, sets: EvalSets, text_feats: 
     results["rerank_top_k"] = k
     results["rerank_seconds"] = time.perf_counter() - began
     return (top_idx, itm), results["t2i_rerank"].pop("per_query", None)
+
+
+def log_caption_lengths(sets: EvalSets, tokenizer: Any, cfg: Any) -> int:
+    """Log what the protocol does with blank and long captions; returns the query token limit."""
+    limit = query_token_limit(cfg, sets.protocol)
+    if sets.blank_captions:
+        logger.info("protocol %s: %d whitespace-only caption(s) %s", sets.protocol, sets.blank_captions,
+                    "kept as queries, as the authors" if sets.protocol == "authors" else "left out of the queries")
+    if sets.protocol == "authors":
+        lengths = [len(ids) for ids in tokenizer(sets.texts)["input_ids"]]
+        longer = sum(n > cfg.text.max_text_len for n in lengths)
+        logger.info("protocol %s: captions are not truncated at text.max_text_len=%d (%d are longer; the longest "
+                    "has %d ids)%s", sets.protocol, cfg.text.max_text_len, longer, max(lengths),
+                    "" if max(lengths) <= limit else f"; {sum(n > limit for n in lengths)} exceed "
+                    f"model.max_text_positions={limit} and are cut there")
+    return limit
 
 
 def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer: Any, cfg: Any,
@@ -347,9 +382,10 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     if sets.cut_captions:
         logger.info("protocol %s: %d captions of more than %d words cut, as the authors", protocol,
                     sets.cut_captions, AUTHORS_CUT_WORDS[data_format])
+    token_limit = log_caption_lengths(sets, tokenizer, cfg)
     began = time.perf_counter()
     image_feats = encode_images(model, sets.image_paths, transform, ev.batch_size, device, amp, num_workers)
-    text_feats = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, ev.batch_size, device, amp)
+    text_feats = encode_texts(model, tokenizer, sets.texts, token_limit, ev.batch_size, device, amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     results: dict[str, Any] = {"split": split_name, "protocol": describe_protocol(sets, data_format),

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from utils import distributed as dist_utils
-from utils.checkpoint import DiskFullError, atomic_write, remove_orphan_temporaries
+from utils.checkpoint import CheckpointError, DiskFullError, atomic_write, load_file, remove_orphan_temporaries
 from utils.errors import UserError, user_errors_as_one_line
 
 logger = logging.getLogger(__name__)
@@ -342,9 +342,9 @@ def verify_files(folder: Path, manifest: dict) -> None:
 def open_legacy(file: Path) -> Gallery:
     """A version-2 index file (everything in one torch file, float32), checked against its sha256, in memory."""
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unpickling or zip error means the same thing here
-        raise GalleryError(f"{file}: cannot be read as a gallery index ({type(exc).__name__}: {exc})") from None
+        obj = load_file(file)
+    except CheckpointError as exc:  # a damaged, truncated or foreign file means the same thing here
+        raise GalleryError(f"cannot be read as a gallery index: {exc}") from None
     if not isinstance(obj, dict) or obj.get("format") != INDEX_FORMAT:
         raise GalleryError(f"{file}: not a gallery index (expected format={INDEX_FORMAT!r})")
     if "sha256" not in obj:

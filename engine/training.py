@@ -25,7 +25,8 @@ from tqdm import tqdm
 from datasets.batch_augment import augment_batch
 from datasets.build import build_train_loader, set_train_epoch
 from datasets.records import SplitError
-from datasets.workers import closing_workers
+from datasets.sampler import IdentitySampler, ShardedShuffleSampler
+from datasets.workers import closing_workers, worker_states
 from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
                                 load_model_state, read_checkpoint_or_folder, read_resume,
                                 save_checkpoint)
@@ -41,13 +42,26 @@ from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import (batch_scaling_message, build_optimizer, build_scheduler, renew_hyperparameters,
                          schedule_changes, set_schedule)
-from utils.run_lock import RunFolderLock
+from utils.run_lock import RunFolderLock, set_aside_previous_run
+from utils.task_plan import TaskPlan
 
 logger = logging.getLogger("engine")
 
 
 class NonFiniteLossError(UserError, RuntimeError):
     """A loss became NaN or infinite; the message names the loss and the steps."""
+
+
+class WorkerStalledError(UserError, RuntimeError):
+    """The training loop waited train.stall_stop_seconds for a batch: a loader worker (or the read it is in) hangs."""
+
+
+class WorkerDiedError(UserError, RuntimeError):
+    """A loader worker was killed (most often by the kernel's out-of-memory killer) or exited."""
+
+
+class StoppedDuringTest(Exception):
+    """A stop signal arrived during the final test; last.pth already holds the finished training."""
 
 
 @dataclass
@@ -73,6 +87,10 @@ class Run:
     selection: str | None = None  # the split that picks best.pth, None = the last epoch
     state: TrainState = field(default_factory=TrainState)
     writer: MetricsWriter | None = None
+    plan: TaskPlan = field(init=False)  # what the task means: records, evaluation, batches; resolved once
+
+    def __post_init__(self) -> None:
+        self.plan = TaskPlan.from_config(self.cfg)
 
     @property
     def world_size(self) -> int:
@@ -80,17 +98,18 @@ class Run:
 
 
 def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, resume_obj: dict | None = None,
-          init_from: str | None = None, eval_only: bool = False) -> dict:
+          init_from: str | None = None, eval_only: bool = False, set_aside_previous: bool = False) -> dict:
     """Run (or resume) the recipe in ``cfg``; returns the run summary (see :func:`summary`).
 
     ``resume`` is a checkpoint path (the CLI resolves "auto"); ``resume_obj`` is that checkpoint when the caller
-    has already loaded it, so a multi-GB file is not read twice.
+    has already loaded it, so a multi-GB file is not read twice. ``set_aside_previous`` (--overwrite) moves a
+    previous run's files into ``output_dir/replaced/<time>/`` once this run has taken the folder.
     """
     resume_path = Path(resume) if resume is not None else None
     device = set_up_process(cfg, output_dir)
     resume_obj = read_resume(resume_path, resume_obj)
     with RunFolderLock(output_dir) as lock:
-        run = prepare_run(cfg, output_dir, device, resume_obj, init_from, lock)
+        run = prepare_run(cfg, output_dir, device, resume_obj, init_from, lock, set_aside_previous)
         if eval_only:
             return summary(run, stopped=False, test=evaluate_split(run.model, run.eval_splits, cfg.eval.test_split,
                                                                    run.tokenizer, cfg, device, output_dir))
@@ -99,7 +118,11 @@ def train(cfg: Config, *, output_dir: Path, resume: str | Path | None = None, re
             restore_training(run, resume_obj, resume_path)
         try:
             stopped = run_epochs(run)
-            return summary(run, stopped, test=None if stopped else test_selected_model(run))
+            return summary(run, stopped, test=None if stopped else interruptible_test(run))
+        except StoppedDuringTest as exc:
+            logger.warning("received signal %d during the final test: stopped; last.pth holds the finished training, "
+                           "--resume auto runs the test", exc.args[0])
+            return summary(run, stopped=True, test=None)
         finally:
             run.writer.close()
 
@@ -123,14 +146,16 @@ def set_up_process(cfg: Config, output_dir: Path) -> torch.device:
 
 
 def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj: dict | None,
-                init_from: str | None, lock: RunFolderLock) -> Run:
+                init_from: str | None, lock: RunFolderLock, set_aside_previous: bool = False) -> Run:
     """Data, tokenizer and model (initialised or resumed); only then does the run directory take this run
     (rank 0 locks it first: a second process that would write there stops with one line)."""
+    plan = TaskPlan.from_config(cfg)
     batch, instances = cfg.train.batch_size_per_gpu, cfg.sampler.num_instances
-    if cfg.task == "retrieval" and batch % instances:  # the P x K sampler, built after the folder is taken
+    if plan.identity_batches and batch % instances:  # the P x K sampler, built after the folder is taken
         raise ConfigError(f"train.batch_size_per_gpu {batch} is not a multiple of sampler.num_instances {instances} "
                           "(each batch holds batch_size_per_gpu / num_instances identities)")
-    train_records, eval_splits = load_data(cfg)
+    train_records, eval_splits = load_data(cfg, plan)
+    check_one_batch(cfg, plan, train_records, du.get_world_size())
     init_source = None if resume_obj is not None else (init_from or cfg.model.init_from)
     init_obj = read_checkpoint_or_folder(init_source) if init_source else None  # read once: tokenizer and weights
     tokenizer = build_run_tokenizer(cfg, train_records, resume_obj,
@@ -142,11 +167,36 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
     # A run that fails before this point leaves an existing run directory as it was.
     if du.is_main_process():
         lock.acquire()
+        replaced = set_aside_previous_run(output_dir) if set_aside_previous else None
+        if replaced is not None:
+            logger.info("--overwrite: the previous run's files are now in %s (delete it when no longer needed)",
+                        replaced)
         remove_orphan_temporaries(output_dir)
         save_config(cfg, output_dir / "config.yaml")  # atomic, before log.txt: a full disk leaves no empty files
     setup_logging(output_dir, du.get_rank())
     save_run_tokenizer(cfg, tokenizer, output_dir)
     return new_run(cfg, output_dir, device, model, tokenizer, train_records, eval_splits)
+
+
+def check_one_batch(cfg: Config, plan: TaskPlan, records: list, world_size: int) -> None:
+    """ConfigError, before the run folder is touched, when the training records give no full optimizer step per
+    rank: the sampler the loader will use is built here once and asked."""
+    batch, accum = cfg.train.batch_size_per_gpu, cfg.train.grad_accum_steps
+    try:
+        if not plan.identity_batches:
+            sampler: Any = ShardedShuffleSampler(len(records), batch, cfg.seed, 0, world_size)
+        else:
+            sampler = IdentitySampler([r.pid for r in records], batch, cfg.sampler.num_instances, cfg.seed, 0,
+                                      world_size)
+        batches, problem = sampler.num_batches(), ""
+    except ValueError as exc:
+        batches, problem = 0, f" ({str(exc).split(': ', 1)[-1]})"
+    if batches < accum:
+        identities = "" if not plan.identity_batches else f", {len({r.pid for r in records})} identities"
+        raise ConfigError(f"the training data ({len(records)} records{identities}) gives {batches} batch(es) per "
+                          f"rank, fewer than one optimizer step{problem}: train.batch_size_per_gpu {batch} x "
+                          f"{world_size} process(es) x train.grad_accum_steps {accum}; lower "
+                          "train.batch_size_per_gpu or train.grad_accum_steps, or train on more data")
 
 
 def build_network(cfg: Config, device: torch.device, resume_obj: dict | None, init_from: str | None,
@@ -257,9 +307,12 @@ def restore_training(run: Run, obj: dict, path: Path | None) -> None:
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop saves last.pth at the next step boundary and exits."""
 
-    def __init__(self):
+    def __init__(self, interrupt: bool = False):
         self.requested = False
+        self.signum = 0
+        self.interrupt = interrupt  # raise StoppedDuringTest at once instead (the final test has no step boundary)
         self._previous = {}
+        self._announced = False
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -270,8 +323,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
-        logger.warning("received signal %d: saving last.pth at the next step and stopping", signum)
+        # No logging here: the signal may arrive inside a log handler's flush (a reentrant write loses the line);
+        # agreed() says it from the loop.
+        self.requested, self.signum = True, signum
+        if self.interrupt:
+            raise StoppedDuringTest(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -279,6 +335,9 @@ class StopRequest:
 
     def agreed(self, device) -> bool:
         """Whether any rank was asked to stop (a collective when distributed, so every rank agrees)."""
+        if self.requested and not self._announced:
+            self._announced = True
+            logger.warning("received signal %d: saving last.pth at the next step and stopping", self.signum)
         if not du.is_distributed():
             return self.requested
         flag = torch.tensor([float(self.requested)], device=device)
@@ -287,43 +346,121 @@ class StopRequest:
 
 
 class StallWatchdog(threading.Thread):
-    """Warns on every rank when no training step finished for ``seconds``: a stall shows in the log at once.
+    """Warns on every rank when no training step finished for ``seconds``: a stall shows in the log at once; ends
+    the run when the loop has waited ``stop_seconds`` for one batch (a loader worker stopped, or stuck in a read).
 
     A stalled rank (stopped process, hung filesystem) blocks the others in their next collective, silently until
-    ``train.dist_timeout_minutes`` ends the job; this thread makes the wait visible while it lasts.
+    ``train.dist_timeout_minutes`` ends the job; this thread makes the wait visible while it lasts. A stalled
+    loader worker blocks its own process's next batch for ever: after ``stop_seconds`` the thread sends the main
+    thread SIGALRM, whose handler raises WorkerStalledError there (only while it waits for a batch, so never
+    inside a step), and the loop saves last.pth and ends (see :func:`data_failure`).
     """
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, stop_seconds: float = 0.0):
         super().__init__(daemon=True, name="stall-watchdog")
-        self.seconds = seconds
+        self.seconds, self.stop_seconds = seconds, stop_seconds
         self.last_beat = time.monotonic()
         self.where = "starting"
+        self.loader: Any = None  # the DataLoader iterator being read: whose workers to look at
+        self.waiting_since: float | None = None  # set while the main thread waits for a batch
+        self.fetch_failed = False  # the last error came out of the wait for a batch (so between steps)
+        self.stalled: str | None = None
         self._done = threading.Event()
+        self._previous_alarm: Any = None
 
     def beat(self, where: str) -> None:
         self.last_beat, self.where = time.monotonic(), where
 
+    def batches(self, loader: Any, batches: Iterator[dict]) -> Iterator[dict]:
+        """``batches`` of the DataLoader iterator ``loader``, the waits for each one watched."""
+        self.loader = loader
+        while True:
+            self.waiting_since, self.fetch_failed = time.monotonic(), False
+            try:
+                item = next(batches)
+            except StopIteration:
+                return
+            except BaseException:
+                self.fetch_failed = True
+                raise
+            finally:
+                self.waiting_since = None
+            yield item
+
     def run(self) -> None:
         warned_at = None
-        while not self._done.wait(min(self.seconds / 4, 30.0)):
+        period = min(x for x in (self.seconds, self.stop_seconds, 120.0) if x > 0) / 4
+        while not self._done.wait(period):
             quiet = time.monotonic() - self.last_beat
-            if quiet >= self.seconds and warned_at != self.last_beat:
+            if self.seconds and quiet >= self.seconds and warned_at != self.last_beat:
                 warned_at = self.last_beat
                 logger.warning("rank %d: no progress for %.0f s (last: %s); another rank or the filesystem may be "
                                "stalled", du.get_rank(), quiet, self.where)
+            waited = time.monotonic() - (self.waiting_since or time.monotonic())
+            if self.stop_seconds and waited >= self.stop_seconds and self.stalled is None:
+                self.stalled = self.stall_message(waited)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+
+    def stall_message(self, waited: float) -> str:
+        states = worker_states(self.loader)
+        stuck = [f"worker {n} (pid {pid}) is {trouble}" for n, pid, trouble in states if trouble]
+        who = ("; ".join(stuck) if stuck else f"its {len(states)} loader workers run but deliver nothing" if states
+               else "the main process's own reads (data.num_workers 0) hang")
+        return (f"rank {du.get_rank()}: no batch for {waited:.0f} s (train.stall_stop_seconds "
+                f"{self.stop_seconds:g}; last progress: {self.where}): {who}")
+
+    def _alarm(self, signum: int, frame: Any) -> None:
+        if self.stalled is not None and self.waiting_since is not None:  # between steps: the state is whole
+            raise WorkerStalledError(self.stalled)
+        self.stalled = None  # the batch came just in time: watch the next wait afresh
 
     def __enter__(self) -> "StallWatchdog":
-        if self.seconds > 0:
+        if self.stop_seconds > 0:
+            try:
+                self._previous_alarm = signal.signal(signal.SIGALRM, self._alarm)
+            except ValueError:  # not the main thread: warn only
+                self.stop_seconds = 0.0
+        if self.seconds > 0 or self.stop_seconds > 0:
             self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._done.set()
+        if self._previous_alarm is not None:
+            if self.is_alive():  # no SIGALRM may come after its handler is gone (its default ends the process)
+                self.join(timeout=10.0)
+            signal.signal(signal.SIGALRM, self._previous_alarm)
+
+
+def data_failure(run: Run, watchdog: StallWatchdog, exc: BaseException) -> UserError | None:
+    """The one-line error for a training step that could not get its batch (a stalled or killed loader worker),
+    with last.pth saved first when the failure came between steps of a single process; None for other errors."""
+    if isinstance(exc, WorkerStalledError):
+        message = str(exc)
+    else:
+        died = [(n, pid, trouble) for n, pid, trouble in worker_states(watchdog.loader)
+                if trouble and (trouble.startswith("killed") or trouble.startswith("exited"))]
+        if not died:
+            return None
+        number, pid, trouble = died[0]
+        cause = (", most likely by the kernel's out-of-memory killer (see dmesg)" if "SIGKILL" in trouble else "")
+        message = (f"data loader worker {number} (pid {pid}) was {trouble}{cause}; use fewer workers "
+                   f"(data.num_workers {run.cfg.data.num_workers}) or less memory per worker (smaller "
+                   "train.batch_size_per_gpu, data.image_cache off), or give the job more memory")
+    saved = watchdog.fetch_failed and run.world_size == 1
+    if saved:
+        save(run, ["last.pth"])
+    state = run.state
+    where = (f"last.pth saved at epoch {state.epoch} step {state.step_in_epoch}" if saved
+             else "last.pth is the last periodic save")
+    kind = WorkerStalledError if isinstance(exc, WorkerStalledError) else WorkerDiedError
+    return kind(f"{message}; {where}: resume with --resume auto once the cause is fixed")
 
 
 def run_epochs(run: Run) -> bool:
     """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
-    with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds) as watchdog:
+    with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds,
+                                              run.cfg.train.stall_stop_seconds) as watchdog:
         while run.state.epoch < run.cfg.train.epochs:
             if train_one_epoch(run, stop, watchdog) or end_of_epoch(run, stop, watchdog):
                 return True
@@ -342,8 +479,14 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
     # (each item is a function of seed, epoch, index), so keep the global stream untouched for resume.
     with torch.random.fork_rng(devices=[]):
         batches = iter(run.loader)
-    with closing_workers(batches) as batches:  # workers stop with the epoch, whatever ends it
-        return run_steps(run, batches, steps, stop, watchdog)
+    with closing_workers(batches) as unwrapped:  # workers stop with the epoch, whatever ends it
+        try:
+            return run_steps(run, watchdog.batches(batches, unwrapped), steps, stop, watchdog)
+        except Exception as exc:
+            failure = data_failure(run, watchdog, exc)
+            if failure is None:
+                raise
+            raise failure from None
 
 
 def run_steps(run: Run, batches: Iterator[dict], steps: int, stop: StopRequest, watchdog: StallWatchdog) -> bool:
@@ -410,8 +553,7 @@ class LogWindow:
 
     def __init__(self, run: Run):
         self.run = run
-        self.images_per_step = run.cfg.train.batch_size_per_gpu * (
-            1 if run.cfg.task == "pretrain" else run.cfg.input.num_views)
+        self.images_per_step = run.cfg.train.batch_size_per_gpu * run.plan.views_per_record
         self._reset()
 
     def _reset(self) -> None:
@@ -493,6 +635,12 @@ def save(run: Run, names: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ final test
+def interruptible_test(run: Run) -> dict | None:
+    """:func:`test_selected_model`, where SIGTERM/SIGINT raise StoppedDuringTest at once (the run is saved)."""
+    with StopRequest(interrupt=True):
+        return test_selected_model(run)
+
+
 def test_selected_model(run: Run) -> dict | None:
     """Load best.pth and evaluate it on the test split (None when the split is empty)."""
     cfg, state = run.cfg, run.state

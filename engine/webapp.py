@@ -220,7 +220,7 @@ def match_threshold_of(provenance: dict) -> float | None:
 # ------------------------------------------------------------------------------------------ provenance
 def gather_provenance(retriever: Any, checkpoint: str, gallery: str, index_file: str | None) -> dict:
     """Where the model came from: checkpoint, format, training state, recipe, test metrics, and the gallery."""
-    from engine.export import find_metrics
+    from engine.exporting import find_metrics
     from engine.model_folder import CONFIG_FILE, is_model_folder
     from utils.checkpoint import model_epoch
 

@@ -2,10 +2,11 @@
 
 Fine-tuned checkpoints (212 keys) hold ``encoder_vl`` plus unused classifier/bottleneck/temp; pretraining
 checkpoints (377 keys) add ``encoder_fusion`` (6 BERT layers with cross-attention, tied MLM head) and ``itm``.
-The command line is ``python -m models.convert_official IN.pth OUT.pth``. A converted file holds every tensor of our model,
-so it loads strictly (``evaluate.py``, ``retrieve.py``, ``--init-from``): a fine-tuned ``temp``, unused by the
-authors' fine-tuning, is kept there as ``temperature``. Loading the authors' file directly (``load_official_into``)
-leaves ``temperature`` at its configured init instead; nothing at inference reads it.
+This module maps tensor names and writes no file: ``python -m engine.convert_official IN.pth OUT.pth`` writes the
+converted checkpoint. A converted file holds every tensor of our model, so it loads strictly (``evaluate.py``,
+``retrieve.py``, ``--init-from``): a fine-tuned ``temp``, unused by the authors' fine-tuning, is kept there as
+``temperature``. Loading the authors' file directly (``load_official_into``) leaves ``temperature`` at its
+configured init instead; nothing at inference reads it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import torch.nn as nn
 
 from models.encoder import grid_size
 from models.weights import WeightsError, adapt_grid_embeddings, infer_grid, strip_prefix, summarise_names
-from utils.checkpoint import FORMAT_NAME, FORMAT_VERSION, atomic_save
 
 _log = logging.getLogger(__name__)
 
@@ -178,32 +178,3 @@ def load_official_into(model: nn.Module, obj: object, img_size: Sequence[int] = 
     if result.missing_keys:
         _log.info("left at init: %s", ", ".join(result.missing_keys))
     return overrides
-
-
-def _torch_load(path: str, trust_pickle: bool) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as err:  # the legacy pickle may hold non-tensor objects that weights_only refuses
-        if trust_pickle:
-            raise
-        raise WeightsError(f"{path}: could not be read with weights_only=True ({err}); if you trust the file, "
-                         "rerun with --trust-pickle") from err
-
-
-def convert_file(src: str, dst: str, img_size: Sequence[int] = OFFICIAL_IMAGE_SIZE, trust_pickle: bool = False
-                 ) -> dict[str, Any]:
-    """Convert the authors' checkpoint file ``src`` into our checkpoint format at ``dst`` (atomic write).
-
-    The file holds every tensor of the model its config describes (a fine-tuned ``temp`` included, as
-    ``temperature``), so our strict loaders accept it.
-    """
-    state, overrides = convert_official(_torch_load(src, trust_pickle), img_size, keep_temperature=True)
-    checkpoint = {
-        "model": state,
-        "config": {"model": overrides, "input": {"image_size": [int(img_size[0]), int(img_size[1])]}},
-        "converted_from": str(src),
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-    }
-    atomic_save(checkpoint, dst)
-    return checkpoint

@@ -19,6 +19,7 @@ import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 
 from models.encoder import grid_size
+from utils.checkpoint import load_file
 from utils.errors import UserError
 
 _log = logging.getLogger(__name__)
@@ -202,10 +203,10 @@ def _read_vit_state(source: str, model: nn.Module) -> dict[str, torch.Tensor]:
         if suffix == ".npz":
             return _timm_npz_state(path, _encoder(model))
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return unwrap_state_dict(load_file(str(path)), source)
+            from safetensors.torch import load_file as load_safetensors
+            return unwrap_state_dict(load_safetensors(str(path)), source)
         if suffix in (".pth", ".pt", ".bin"):
-            return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), source)
+            return unwrap_state_dict(load_file(path), source)
         raise WeightsError(f"{source}: unsupported ViT weight file (expected .pth, .pt, .bin, .safetensors or .npz)")
     import timm
     if not timm.is_model(source):

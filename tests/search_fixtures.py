@@ -25,7 +25,7 @@ def synthetic_captions(synth_root: Path) -> list[str]:
 def make_checkpoint(path: Path, synth_root: Path, seed: int, extra: Sequence[str] = (), tokenizer=None) -> Path:
     """One of our checkpoints of a randomly initialised tiny model (``extra`` overrides on top of TINY)."""
     from datasets.tokenizer import build_tokenizer, tokenizer_vocab
-    from engine.checkpoints import tokenizer_record
+    from engine.checkpoints import checkpoint_dict, tokenizer_record
     from models.ivt import build_model
 
     cfg = load_config(None, TINY + list(extra))
@@ -34,8 +34,7 @@ def make_checkpoint(path: Path, synth_root: Path, seed: int, extra: Sequence[str
     torch.manual_seed(seed)
     record = ({"vocab": tokenizer_vocab(tokenizer), "lowercase": True} if cfg.text.tokenizer == "train"
               else tokenizer_record(tokenizer, cfg.text))
-    atomic_save({"format": "ivt-retrieval-checkpoint", "format_version": 1, "model": build_model(cfg).state_dict(),
-                 "config": cfg.to_dict(), "tokenizer": record, "epoch": 3, "step": 42}, path)
+    atomic_save(checkpoint_dict(build_model(cfg).state_dict(), cfg.to_dict(), record, epoch=3, step=42), path)
     return path
 
 

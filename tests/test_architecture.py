@@ -6,6 +6,8 @@
   (tests may: they test internals on purpose);
 - every entry point (a script or ``python -m`` module with a ``__main__`` block) runs inside
   ``user_errors_as_one_line()``, so a user mistake prints one line;
+- one owner per file format: ``torch.load`` is called in one place (``utils.checkpoint.load_file``, which checks
+  the zip checksums first), and ``models/`` maps tensors without writing any file;
 - no function longer than 80 lines anywhere in the tree, and pyflakes reports nothing.
 """
 from __future__ import annotations
@@ -181,6 +183,89 @@ def test_the_private_check_sees_both_spellings(tmp_path, monkeypatch):
     assert private_uses(module) == ["1: utils.errors._hidden", "3: utils.checkpoint._file_mode"]
 
 
+# ----------------------------------------------------------------------------------------- file formats
+THE_LOADER = "utils/checkpoint.py"
+WRITERS = {"save", "atomic_save", "atomic_write", "save_file", "save_pretrained", "write_text", "write_bytes",
+           "savez", "savez_compressed", "dump"}
+
+
+def calls(path: Path) -> list[ast.Call]:
+    return [n for n in ast.walk(syntax_tree(path)) if isinstance(n, ast.Call)]
+
+
+def call_name(node: ast.Call) -> str:
+    func = node.func
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+
+
+def torch_loads(path: Path) -> list[int]:
+    """Lines calling ``torch.load`` (any spelling ending in ``.load`` on a name bound to torch)."""
+    return [n.lineno for n in calls(path) if isinstance(n.func, ast.Attribute) and n.func.attr == "load"
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "torch"]
+
+
+def file_writes(path: Path) -> list[str]:
+    """Calls that write a file: a known writer (torch.save, atomic_save, safetensors' save_file, Path.write_text,
+    json.dump, ...) or ``open``/``Path.open`` with a mode that writes, as 'line: name'."""
+    found = []
+    for node in calls(path):
+        name = call_name(node)
+        positional = node.args[1:2] if isinstance(node.func, ast.Name) else node.args[:1]  # open(f, mode), p.open(mode)
+        modes = [a.value for a in positional + [k.value for k in node.keywords if k.arg == "mode"]
+                 if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if name in WRITERS or (name == "open" and any(set(m) & set("wax+") for m in modes)):
+            found.append(f"{node.lineno}: {name}")
+    return found
+
+
+def test_torch_load_is_called_only_by_the_one_loader():
+    offenders = {str(p.relative_to(ROOT)): torch_loads(p) for p in our_files()
+                 if str(p.relative_to(ROOT)) != THE_LOADER}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert len(torch_loads(ROOT / THE_LOADER)) == 1
+
+
+CHECKPOINT_OWNER = "engine/checkpoints.py"
+
+
+def checkpoint_literals(path: Path) -> list[int]:
+    """Lines of dict literals tagged as our checkpoint (``"format": FORMAT_NAME`` or its value spelt out)."""
+    found = []
+    for node in ast.walk(syntax_tree(path)):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if (isinstance(key, ast.Constant) and key.value == "format"
+                        and ((isinstance(value, ast.Name) and value.id == "FORMAT_NAME")
+                             or (isinstance(value, ast.Constant) and value.value == "ivt-retrieval-checkpoint"))):
+                    found.append(node.lineno)
+    return found
+
+
+def test_only_the_checkpoint_module_builds_our_checkpoint_dict():
+    offenders = {str(p.relative_to(ROOT)): checkpoint_literals(p) for p in our_files()
+                 if str(p.relative_to(ROOT)) != CHECKPOINT_OWNER}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert len(checkpoint_literals(ROOT / CHECKPOINT_OWNER)) == 1  # checkpoint_dict
+
+
+def test_models_write_no_file():
+    offenders = {str(p.relative_to(ROOT)): file_writes(p) for p in modules_of("models")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_format_checks_see_every_spelling(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import torch, json\nfrom pathlib import Path\ntorch.load('a')\nopen('a', 'wb')\n"
+                      "open('a')\nPath('a').open(mode='a')\ntorch.save({}, 'a')\njson.dump({}, f)\n"
+                      "Path('a').write_text('x')\nopen('a', 'rb')\n")
+    assert torch_loads(module) == [3]
+    literals = tmp_path / "d.py"  # another file: syntax trees are cached by path
+    literals.write_text("x = {'format': FORMAT_NAME}\ny = {\"format\": 'ivt-retrieval-checkpoint'}\n"
+                        "z = {'format': 'pt'}\n")
+    assert checkpoint_literals(literals) == [1, 2]
+    assert file_writes(module) == ["4: open", "6: open", "7: save", "8: dump", "9: write_text"]
+
+
 # ------------------------------------------------------------------------------------------ entry points
 def entry_points() -> list[Path]:
     """Scripts and ``python -m`` modules with a ``__main__`` block (the tests' own helpers aside)."""
@@ -232,7 +317,7 @@ def test_every_entry_point_runs_inside_the_user_error_handler():
     entries = entry_points()
     names = {str(p.relative_to(ROOT)) for p in entries}
     assert {"train_cuhkpedes.py", "evaluate.py", "retrieve.py", "serve.py", "engine/export.py", "datasets/check.py",
-            "models/convert_official.py", "bench/bench_train.py"} <= names
+            "engine/convert_official.py", "bench/bench_train.py"} <= names
     assert sorted(str(p.relative_to(ROOT)) for p in entries if not entry_handled(p)) == []
 
 

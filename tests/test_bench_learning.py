@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,8 @@ def test_the_pretrained_checkpoint_is_cached_by_config_digest(bench, tmp_path, m
         run_dir = Path(command[command.index("--output-dir") + 1])
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").write_text(json.dumps(
-            {"kind": "eval", "epoch": 0, "t2i/R1": 12.5, "t2i/mAP": 20.0, "score": 12.5}) + "\n")
+            {"kind": "eval", "step": 4, "time": time.time(), "epoch": 0, "t2i/R1": 12.5, "t2i/mAP": 20.0,
+             "score": 12.5}) + "\n")
         (run_dir / "last.pth").write_bytes(b"weights")
         children.append(command)
         return 42.0
@@ -126,3 +128,26 @@ def test_the_pretrained_checkpoint_is_cached_by_config_digest(bench, tmp_path, m
     (changed.parent / "PRETRAINED.json").unlink()
     bench.pretrain_once(config, ["train.epochs=3"], tmp_path, dry_run=False)
     assert len(children) == 3
+
+
+def test_pretrained_json_holds_the_finished_attempt_alone(bench, tmp_path, monkeypatch) -> None:
+    """A pretraining killed mid-way left its evaluations in metrics.jsonl; the attempt that finishes is the only
+    one PRETRAINED.json's curve comes from, even if its records land in the same file."""
+    config = str(ROOT / "configs" / "demo_pretrain.yaml")
+    run_dir = bench.pretrain_run_dir(config, ["train.epochs=2"], tmp_path)
+    run_dir.mkdir(parents=True)
+    killed = [{"kind": "eval", "step": 4 * e, "time": time.time() - 600 + e, "epoch": e, "t2i/R1": 5.0 + e}
+              for e in range(2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in killed))
+
+    def appending_child(command, log_path):  # as a run that kept the old file would write
+        with open(run_dir / "metrics.jsonl", "a") as handle:
+            for epoch in range(2):
+                handle.write(json.dumps({"kind": "eval", "step": 4 * epoch, "time": time.time(), "epoch": epoch,
+                                         "t2i/R1": 12.5 + epoch}) + "\n")
+        return 7.0
+
+    monkeypatch.setattr(bench, "run_child", appending_child)
+    _, record = bench.pretrain_once(config, ["train.epochs=2"], tmp_path, dry_run=False)
+    assert record["zero_shot_val_curve"] == [[0, 12.5], [1, 13.5]]
+    assert json.loads((run_dir / "PRETRAINED.json").read_text())["zero_shot_val_curve"] == [[0, 12.5], [1, 13.5]]

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoints import checkpoint_dict
 from models.ivt import build_model
 from tests.tiny import TINY_MODEL
 from utils.checkpoint import CheckpointError, atomic_save, capture_rng_state, load_file, restore_rng_state
@@ -28,8 +29,7 @@ def test_atomic_save_round_trip(tmp_path):
     cfg = load_config(None, TINY_MODEL + ["model.fusion_layers=1"])
     model = build_model(cfg)
     path = tmp_path / "ck.pth"
-    atomic_save({"format": "ivt-retrieval-checkpoint", "format_version": 1, "model": model.state_dict(),
-                 "config": cfg.to_dict()}, path)
+    atomic_save(checkpoint_dict(model.state_dict(), cfg.to_dict()), path)
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pth"]  # no temporary file left behind
     loaded = load_file(path)  # weights_only=True inside
     again = build_model(cfg)
@@ -55,6 +55,34 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
         load_file(bad)
     with pytest.raises(CheckpointError, match="not found"):
         load_file(tmp_path / "missing.pth")
+
+
+def test_the_one_loader_refuses_pickled_code_unless_trusted_and_checks_crcs_when_mapping(tmp_path):
+    from collections import OrderedDict
+
+    from utils.checkpoint import UnsafePickleError
+
+    code = tmp_path / "code.pth"
+    torch.save({"step": 3, "odd": _Custom()}, code)  # a class reference: loading it would run the file's code
+    with pytest.raises(UnsafePickleError, match="code.pth: holds objects other than tensors"):
+        load_file(code)
+    assert load_file(code, trust_pickle=True)["step"] == 3
+    with pytest.raises(CheckpointError) as garbage:
+        (tmp_path / "text.pth").write_text("not a checkpoint")
+        load_file(tmp_path / "text.pth")
+    assert not isinstance(garbage.value, UnsafePickleError)  # damaged, not unsafe: no --trust-pickle advice
+    mapped = tmp_path / "mapped.pth"
+    atomic_save(OrderedDict(w=torch.arange(4096.0)), mapped)
+    assert torch.equal(load_file(mapped, mmap=True)["w"], torch.arange(4096.0))
+    raw = bytearray(mapped.read_bytes())
+    raw[raw.find(torch.arange(4096.0).numpy().tobytes()[8:16]) + 1] ^= 0x01  # one bit of the tensor data
+    mapped.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_file(mapped, mmap=True)
+
+
+class _Custom:
+    pass
 
 
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):

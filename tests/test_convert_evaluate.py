@@ -1,5 +1,5 @@
 """Converting an authors' fine-tuned checkpoint, then evaluating the converted file, gives the same metrics as
-evaluating the authors' file directly (python -m models.convert_official, then evaluate.py)."""
+evaluating the authors' file directly (python -m engine.convert_official, then evaluate.py)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from utils.checkpoint import load_file
 import yaml
 
 AUTHORS_TEMP = 0.3125  # a value no model initialises to, so the test sees where the converted one came from
@@ -62,7 +64,7 @@ def authors_finetuned_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def test_converted_finetuned_checkpoint_evaluates_like_the_original(synth_root, bert_folder, tmp_path):
     import evaluate
-    from models.convert_official import main as convert_main
+    from engine.convert_official import main as convert_main
 
     original = tmp_path / "authors" / "checkpoint_best.pth"
     original.parent.mkdir()
@@ -70,7 +72,7 @@ def test_converted_finetuned_checkpoint_evaluates_like_the_original(synth_root, 
     converted = tmp_path / "converted" / "out.pth"
     convert_main([str(original), str(converted)])
 
-    saved = torch.load(converted, map_location="cpu", weights_only=True)
+    saved = load_file(converted)
     assert saved["model"]["temperature"].item() == AUTHORS_TEMP  # kept, so the file is complete
     assert torch.equal(saved["model"]["encoder.pos_embed"], state["module.encoder_vl.pos_embed"])
 

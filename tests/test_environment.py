@@ -12,6 +12,8 @@ import PIL
 import pytest
 import timm
 import torch
+
+from utils.checkpoint import load_file
 import torchvision
 import transformers
 
@@ -39,7 +41,7 @@ def test_record_names_versions_python_device_and_world_size():
 def test_record_is_loadable_from_a_weights_only_checkpoint(tmp_path):
     record = environment_record()
     torch.save({"environment": record}, tmp_path / "c.pth")
-    assert torch.load(tmp_path / "c.pth", weights_only=True)["environment"] == record
+    assert load_file(tmp_path / "c.pth")["environment"] == record
 
 
 def test_default_device_is_the_current_cuda_device_or_cpu():

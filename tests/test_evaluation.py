@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from datasets.records import Record
-from utils.checkpoint import atomic_save
+from utils.checkpoint import atomic_save, load_file
 from utils.config import load_config
+from engine.checkpoints import checkpoint_dict
 from engine.encoding import encode_images, encode_texts, rerank_scores
 from engine.evaluation import build_eval_protocol, chance_r1, evaluate_model
 from utils.metrics import retrieval_metrics
@@ -56,9 +57,8 @@ def tokenizer(splits):
 def save_ours(path: Path, model, cfg, tokenizer) -> Path:
     from datasets.tokenizer import tokenizer_vocab
 
-    atomic_save({"format": "ivt-retrieval-checkpoint", "format_version": 1, "model": model.state_dict(),
-                 "config": cfg.to_dict(), "tokenizer": {"vocab": tokenizer_vocab(tokenizer), "lowercase": True},
-                 "epoch": 0, "step": 0}, path)
+    atomic_save(checkpoint_dict(model.state_dict(), cfg.to_dict(),
+                                {"vocab": tokenizer_vocab(tokenizer), "lowercase": True}, epoch=0, step=0), path)
     return path
 
 
@@ -200,7 +200,7 @@ def test_authors_cut_icfg_captions_at_the_91st_processed_word():
     assert build_eval_protocol([long, short]).texts == [caption, "a woman"]  # standard: never cut
 
 
-def test_authors_protocol_metrics_by_hand(tmp_path, monkeypatch, synth_root):
+def test_authors_protocol_metrics_by_hand(tmp_path, monkeypatch, synth_root, tokenizer):
     """Three queries, a two-image gallery under the authors' protocol, features chosen so the rankings are:
     query 0 (person 1): c, a -> its positive a at rank 1; query 1 (person 9): its image b is record 1, which
     every-second-record skips, so no positive; query 2 (person 2): c, a -> positive c at rank 0."""
@@ -218,7 +218,7 @@ def test_authors_protocol_metrics_by_hand(tmp_path, monkeypatch, synth_root):
     monkeypatch.setattr(evaluation, "encode_texts",
                         lambda model, tok, texts, *a, **k: torch.tensor([text_feats[t] for t in texts]))
     cfg = tiny_cfg(synth_root, "eval.protocol=authors")
-    results = evaluate_model(tiny_model(cfg), records, None, cfg, "cpu", "test")
+    results = evaluate_model(tiny_model(cfg), records, tokenizer, cfg, "cpu", "test")
     # Trapezoidal AP, (1/n) sum_i (p_before_i + p_i) / 2 with p_i = i / (r_i + 1), p_before_i = (i - 1) / r_i
     # (1 at r_i = 0): query 0, i = 1 at r = 1: (0/1 + 1/2) / 2 = 1/4; query 1: 0 (no positive, counted);
     # query 2, i = 1 at r = 0: (1 + 1) / 2 = 1.  mAP = (1/4 + 0 + 1) / 3 = 5/12.
@@ -236,6 +236,61 @@ def test_authors_protocol_metrics_by_hand(tmp_path, monkeypatch, synth_root):
     assert standard["counts"]["gallery_images"] == 3 and standard["t2i"]["num_queries_without_positive"] == 0
     # rankings c, b, a / b, ... / c, ...: positives at ranks 2, 0, 0, so AP 1/3, 1, 1
     assert standard["t2i"]["mAP"] == pytest.approx(100 * (1 / 3 + 2) / 3)
+
+
+def test_authors_protocol_does_not_truncate_captions_at_max_text_len(tmp_path, monkeypatch, synth_root, tokenizer):
+    """120 word pieces give 122 ids under the authors' protocol (their inference never truncates), 100 under
+    the standard one (text.max_text_len=100); 600 give 512 under the authors' (model.max_text_positions)."""
+    import engine.evaluation as evaluation
+    from engine.encoding import tokenize
+
+    assert tokenizer.tokenize("a a") == ["a", "a"]  # one word piece per word
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"")  # existence is all the protocol checks; features are given below
+    records = [Record(str(image), " ".join(["a"] * 120), 1, 0), Record(str(image), " ".join(["a"] * 600), 1, 0)]
+    ids_per_caption = {}
+
+    def encode_texts_spy(model, tok, texts, limit, *args, **kwargs):
+        ids_per_caption[protocol] = tokenize(tok, texts, limit, "cpu")[1].sum(1).tolist()
+        return torch.ones(len(texts), 2)
+
+    monkeypatch.setattr(evaluation, "encode_images", lambda model, paths, *a, **k: torch.ones(len(paths), 2))
+    monkeypatch.setattr(evaluation, "encode_texts", encode_texts_spy)
+    for protocol in ("standard", "authors"):
+        cfg = tiny_cfg(synth_root, f"eval.protocol={protocol}")
+        assert (cfg.text.max_text_len, cfg.model.max_text_positions) == (100, 512)
+        evaluate_model(tiny_model(cfg), records, tokenizer, cfg, "cpu", "test")
+    assert ids_per_caption == {"standard": [100, 100], "authors": [122, 512]}
+    # the model takes the 122 ids: its feature differs from that of the caption cut at 100
+    cfg = tiny_cfg(synth_root)
+    model = tiny_model(cfg)
+    full, cut = (encode_texts(model, tokenizer, [records[0].caption], limit, 1, "cpu", amp=False)
+                 for limit in (evaluation.query_token_limit(tiny_cfg(synth_root, "eval.protocol=authors"), "authors"),
+                               evaluation.query_token_limit(cfg, "standard")))
+    assert (full - cut).abs().max() > 1e-4
+
+
+def test_a_whitespace_only_caption_stays_a_query_under_the_authors_protocol(tmp_path):
+    """10 test images with two captions each, one caption blank: 20 queries under the authors' protocol (their
+    loader keeps it), 19 under the standard one; every second record is still each image once."""
+    from datasets.readers import load_annotations
+    from datasets.synthetic import make_synthetic
+
+    root = make_synthetic("cuhkpedes", tmp_path / "cuhk", num_ids=20, seed=0)
+    data = json.loads((root / "reid_raw.json").read_text())
+    test = [entry for entry in data if entry["split"] == "test"]
+    assert len(test) == 10 and all(len(entry["captions"]) == 2 for entry in test)
+    test[0]["captions"][1] = "   "
+    (root / "reid_raw.json").write_text(json.dumps(data))
+    splits = load_annotations("cuhkpedes", root)
+    assert len(splits.test) == 20 and splits.test[1].caption == ""
+    assert all(r.caption.strip() for r in splits.train)  # nothing trains on a blank caption
+    standard = build_eval_protocol(splits.test)
+    authors = build_eval_protocol(splits.test, "authors", "cuhkpedes")
+    assert (standard.num_queries, authors.num_queries) == (19, 20)
+    assert (standard.blank_captions, authors.blank_captions) == (1, 1)
+    assert authors.texts[1] == "" and authors.query_image_ids.tolist() == [i // 2 for i in range(20)]
+    assert authors.image_paths == standard.image_paths and len(authors.image_paths) == 10
 
 
 # ------------------------------------------------------------------------------------------- encoding
@@ -524,7 +579,7 @@ def test_sharded_encoding_gathers_in_order(splits, synth_root, tokenizer, tmp_pa
     # 2 ranks over 9 images / 19 captions: uneven shards (5, 4) and (10, 9), so gathering must cut the padding
     mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(synth_root), tokenizer_vocab(tokenizer), str(out)),
              nprocs=2, join=True)
-    gathered = torch.load(out)
+    gathered = load_file(out)
     cfg = tiny_cfg(synth_root, "model.fusion_layers=1")
     model = tiny_model(cfg)
     sets = build_eval_protocol(splits.test)

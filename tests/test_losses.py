@@ -5,6 +5,8 @@ import tempfile
 
 import pytest
 import torch
+
+from utils.checkpoint import load_file
 import torch.nn.functional as F
 
 from models.losses import (
@@ -339,7 +341,7 @@ def test_gather_with_two_gloo_ranks():
 
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_gather_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        out = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+        out = [load_file(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
     expected = torch.tensor([[1.0] * 3, [1.0] * 3, [2.0] * 3, [2.0] * 3])
     for r in range(2):
         assert torch.equal(out[r]["gathered"], expected)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.checkpoints import init_tokenizer
-from utils.checkpoint import FORMAT_NAME, CheckpointError
+from engine.checkpoints import checkpoint_dict, init_tokenizer
+from utils.checkpoint import CheckpointError
 from utils.config import Config
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "coat", "##s", "man", "wear"]
@@ -16,7 +16,7 @@ def text_cfg(tokenizer: str) -> Config:
 
 
 def ours(record: dict | None) -> dict:
-    return {"format": FORMAT_NAME, "model": {}, "tokenizer": record}
+    return checkpoint_dict({}, {}, record)
 
 
 def test_a_learnt_vocabulary_comes_from_the_checkpoint_not_from_the_new_captions():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -187,12 +186,19 @@ return [...document.querySelectorAll('#results figure')].map((figure) => {
 """
 
 
+def _images_drawn(browser, selector: str) -> bool:
+    """Whether every image under ``selector`` has loaded and has a size (what the layout checks measure)."""
+    return browser.execute_script(
+        "const images = [...document.querySelectorAll(arguments[0])];"
+        "return images.length > 0 && images.every((i) => i.complete && i.naturalWidth > 0);", selector)
+
+
 def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_path) -> None:
     """After a search with results: labels under whole images, the why panel on a click (photographed), the "no
     good match" message for a nonsense query (which closes the panel), and no horizontal scrolling on a phone."""
     from selenium.webdriver.common.by import By
 
-    time.sleep(1.0)  # let the thumbnails finish drawing
+    wait.until(lambda _: _images_drawn(browser, "#results figure img"))
     # every label under its image, never over it; every image whole inside the results (no clipped heads)
     for geometry in browser.execute_script(GEOMETRY_JS):
         assert geometry["label_top"] >= geometry["img_bottom"] - 0.5, geometry
@@ -205,7 +211,7 @@ def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_
     why = browser.find_element(By.CSS_SELECTOR, "#why")
     assert why.find_element(By.CSS_SELECTOR, "img[alt='heatmap of result #1']").size["height"] > 50
     assert "Words that match most" in why.text and "green" in why.text
-    time.sleep(0.5)  # let the panel's images finish drawing
+    wait.until(lambda _: _images_drawn(browser, "#why img"))
     shot = tmp_path / "serve.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
@@ -217,7 +223,7 @@ def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_
     assert len(results()) == 8
     # at phone width the grid wraps: no horizontal scrolling
     browser.set_window_size(390, 844)
-    time.sleep(0.5)
+    wait.until(lambda _: browser.execute_script("return window.innerWidth <= 400"))
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
     browser.set_window_size(1400, 1150)
 

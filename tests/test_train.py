@@ -175,8 +175,8 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
            str(ROOT / "tests" / "ddp_worker.py"), str(out)] + tiny_overrides(tmp_path / "data", epochs=1, steps=2)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rank0 = torch.load(out / "rank0.pt", weights_only=True)
-    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    rank0 = load_file(out / "rank0.pt")
+    rank1 = load_file(out / "rank1.pt")
     assert rank0["step"] == rank1["step"] == 2
     for key in rank0["model"]:
         torch.testing.assert_close(rank0["model"][key], rank1["model"][key], rtol=0, atol=0, msg=key)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from models.convert_official import main
+from engine.convert_official import main
+from utils.checkpoint import load_file as load_checkpoint
 from models.official import convert_official, is_official_checkpoint, load_official_into
 from models.config import IVTConfig
 from models.ivt import IVT
@@ -369,7 +370,7 @@ def test_cli_converts_a_tiny_authors_checkpoint_atomically(tmp_path):
     src, dst = tmp_path / "checkpoint_best.pth", tmp_path / "out" / "converted.pth"
     torch.save(_export_official(source_model), src, _use_new_zipfile_serialization=False)
     main([str(src), str(dst), "--image-size", "64", "32"])
-    checkpoint = torch.load(dst, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(dst)
     assert checkpoint["format"] == "ivt-retrieval-checkpoint" and checkpoint["format_version"] == 1
     assert checkpoint["converted_from"] == str(src) and checkpoint["config"]["input"] == {"image_size": [64, 32]}
     model_cfg = checkpoint["config"]["model"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -67,6 +68,31 @@ def model_epoch(info: dict) -> int | None:
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         return None
     return epoch if info.get("step_in_epoch") else epoch - 1
+
+
+class OutputNotWritableError(UserError, PermissionError):
+    """A folder a command would write into cannot take files (a read-only mount, an immutable folder, permissions,
+    or a file where the folder should be); raised before the work whose results would be lost."""
+
+
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """OutputNotWritableError naming ``what`` (e.g. "--output-dir") when no file can be created in ``folder``, or,
+    while it does not exist yet, in the nearest existing folder above it, where it would be made. A real file is
+    created and removed: root ignores permission bits, a read-only mount or an immutable folder does not."""
+    folder = Path(folder).absolute()
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputNotWritableError(f"{what}: {probe} is a file, not a folder; remove it or choose another place")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-check.", suffix=TMP_SUFFIX, dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as exc:
+        where = "" if probe == folder else f" (where {folder} would be created)"
+        raise OutputNotWritableError(f"{what}: cannot write in {probe}{where}: {exc.strerror or exc}; choose a "
+                                     "writable folder") from None
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], expected_bytes: int | None = None) -> None:
@@ -150,15 +176,28 @@ def verify_zip_checksums(path: str | Path) -> None:
                               "(a bit flip or a partial copy); use another copy or an earlier checkpoint")
 
 
-def load_file(path: str | Path) -> Any:
-    """Load a checkpoint file safely (tensors and plain containers only), after checking its checksums."""
+class UnsafePickleError(CheckpointError):
+    """A file that holds objects other than tensors and plain containers: loading it would run pickled code."""
+
+
+def load_file(path: str | Path, *, trust_pickle: bool = False, mmap: bool = False) -> Any:
+    """Every ``torch.load`` of the project: a file's contents on the CPU, after checking its zip checksums.
+
+    Tensors and plain containers only (``weights_only``), unless ``trust_pickle`` (runs the file's pickled code:
+    only for a file the user vouches for); such a file refused raises UnsafePickleError. ``mmap`` maps the tensors
+    instead of reading them (a zip-format file only), for callers that read a few fields of a large file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     verify_zip_checksums(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, zip errors, unsupported globals: all mean "not usable"
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap or None)
+    except Exception as exc:  # zip errors, truncated files, unsupported globals: all mean "not usable"
+        if not trust_pickle and isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+            # a class or function reference: loading it would run the file's code, which needs the user's word
+            raise UnsafePickleError(f"{path}: holds objects other than tensors and plain containers, which are not "
+                                    f"loaded unless the file is trusted ({exc})") from None
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
 
 

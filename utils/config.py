@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -62,6 +63,7 @@ MINIMUM = {
     "train.epochs": 1, "train.batch_size_per_gpu": 1, "train.grad_accum_steps": 1, "train.log_every_steps": 1,
     "train.eval_every_epochs": 1, "train.save_every_epochs": 1, "train.max_steps_per_epoch": 0,
     "train.warmup_epochs": 0, "train.dist_timeout_minutes": 1, "train.stall_warning_seconds": 0,
+    "train.stall_stop_seconds": 0,
     "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
     "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1,
     "data.eval_synthetic_num_ids": 1, "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3,
@@ -73,6 +75,12 @@ MINIMUM = {
 NULL_OR_MINIMUM = {"data.max_bad_images": 0}
 # Learning rates and similar that must be strictly positive.
 POSITIVE = ("train.lr",)
+# Keys with a bounded range: (least, greatest or None, what the range means), checked finite and inside it.
+BOUNDED = {
+    "loss.itm_negative_hardness": (0.0, None, "the ITM negatives' sampling temperature over the ITC logits: 0 draws "
+                                   "them uniformly, 1 as the authors do, larger draws harder negatives; a negative "
+                                   "value would prefer the easiest ones"),
+}
 
 
 def _is_number(value: Any) -> bool:
@@ -92,6 +100,13 @@ def _check_ranges(data: dict, source: str) -> None:
                                                                and s > 0 for s in size)):
         raise ConfigError(f"{source}: key 'input.image_size' must be [height, width], two positive integers, "
                           f"got {size!r}")
+    for dotted, (least, greatest, meaning) in BOUNDED.items():
+        value = _lookup(data, dotted)
+        if (not _is_number(value) or not math.isfinite(value) or value < least
+                or (greatest is not None and value > greatest)):
+            span = f">= {least}" if greatest is None else f"in [{least}, {greatest}]"
+            raise ConfigError(f"{source}: key {dotted!r} must be a finite number {span} ({meaning}), got {value!r}")
+    _check_finite(data, source)
     for dotted in POSITIVE:
         value = _lookup(data, dotted)
         if not _is_number(value) or not value > 0:
@@ -99,6 +114,25 @@ def _check_ranges(data: dict, source: str) -> None:
     if data["text"]["max_text_len"] > data["model"]["max_text_positions"]:
         raise ConfigError(f"{source}: text.max_text_len {data['text']['max_text_len']} exceeds "
                           f"model.max_text_positions {data['model']['max_text_positions']}")
+
+
+def _check_finite(data: Mapping, source: str, prefix: str = "") -> None:
+    """No number of a config is NaN or infinite (YAML reads .nan and .inf; no key gives them a meaning)."""
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            _check_finite(value, source, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: key '{prefix}{key}' must be a finite number, got {value!r}")
+
+
+def _check_corpora(entries: Any, source: str) -> None:
+    """data.pretrain_corpora: a list of {annotation: FILE, image_root: FOLDER} objects (prepare_pretrain's corpora.json)."""
+    for number, entry in enumerate(entries):
+        if not (isinstance(entry, Mapping) and set(entry) == {"annotation", "image_root"}
+                and all(isinstance(v, str) and v for v in entry.values())):
+            raise ConfigError(f"{source}: key 'data.pretrain_corpora' entry {number} must be an object "
+                              "{annotation: JSON file of {image, caption}, image_root: image folder} (the corpora.json "
+                              f"python -m datasets.prepare_pretrain writes), got {entry!r}")
 
 
 # Keys a task never reads: a value other than the default there is a mistake the user should hear about.
@@ -139,6 +173,7 @@ def _check_values(data: dict, source: str) -> None:
         if text_level not in ("word", "phrase", "sentence"):
             raise ConfigError(f"{source}: text.levels entries must be word, phrase or sentence, got {text_level!r}")
     _check_ranges(data, source)
+    _check_corpora(data["data"]["pretrain_corpora"], source)
     reference = data["train"]["reference_batch_size"]
     if reference is not None and reference < 1:
         raise ConfigError(f"{source}: key 'train.reference_batch_size' must be >= 1 or null, got {reference!r}")

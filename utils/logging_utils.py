@@ -39,6 +39,18 @@ def _remove_our_handlers(root: logging.Logger) -> list[logging.Handler]:
     return ours
 
 
+_LEVEL_BEFORE: list[int] = []  # the root logger's level before the first setup_logging, for reset_logging
+
+
+def reset_logging() -> None:
+    """Undo :func:`setup_logging`: its handlers removed and closed, the root level as it was before the first call
+    (a process that runs several commands, such as a test session, starts each from the same logging state)."""
+    root = logging.getLogger()
+    _remove_our_handlers(root)
+    if _LEVEL_BEFORE:
+        root.setLevel(_LEVEL_BEFORE[0])
+
+
 def setup_logging(output_dir: str | Path | None, rank: int = 0) -> None:
     """Rank 0 logs INFO to stderr and ``output_dir/log.txt``; other ranks log warnings only.
 
@@ -47,6 +59,8 @@ def setup_logging(output_dir: str | Path | None, rank: int = 0) -> None:
     run has started for good.
     """
     root = logging.getLogger()
+    if not _LEVEL_BEFORE:
+        _LEVEL_BEFORE.append(root.level)
     early = [h for h in _remove_our_handlers(root) if isinstance(h, _EarlyRecords)]
     level = logging.INFO if rank == 0 else logging.WARNING
     root.setLevel(level)

@@ -18,6 +18,10 @@ from pathlib import Path
 from utils.errors import UserError
 
 LOCK_NAME = "run.lock"
+# What a run writes into its folder: what --overwrite sets aside (never deletes) before a new run starts there.
+RUN_OUTPUTS = ("config.yaml", "log.txt", "metrics.jsonl", "last.pth", "best.pth", "metrics_*.json", "tb", "tokenizer",
+               "examples*")
+REPLACED_DIR = "replaced"  # <run folder>/replaced/<UTC time>/ holds each set-aside run
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,23 @@ class RunFolderLock:
             pass
         self._fd = fd
 
+    def holder(self) -> str | None:
+        """Who holds the folder (the lock file's note) while a live process does; None when free or never taken.
+        Creates nothing."""
+        try:
+            fd = os.open(self.folder / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return " ".join(os.pread(fd, 1000, 0).decode(errors="replace").split()) or "another process"
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # also drops the shared lock just taken
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing the file releases the lock
@@ -66,3 +87,21 @@ class RunFolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def set_aside_previous_run(folder: str | Path) -> Path | None:
+    """Move a previous run's outputs (``RUN_OUTPUTS``) out of ``folder`` into ``folder/replaced/<UTC time>/``, so a
+    new run there starts every record file afresh and nothing of the old run is lost; returns that folder, or None
+    when there was nothing to move. Call it holding the folder's lock."""
+    folder = Path(folder)
+    found = sorted({path for pattern in RUN_OUTPUTS for path in folder.glob(pattern)})
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, number = folder / REPLACED_DIR / stamp, 1
+    while target.exists():
+        target, number = folder / REPLACED_DIR / f"{stamp}-{number}", number + 1
+    target.mkdir(parents=True)
+    for path in found:
+        path.rename(target / path.name)
+    return target

@@ -7,9 +7,25 @@ import logging
 from pathlib import Path
 
 import datasets.synthetic as package
-from datasets.synthetic.identities import FORMATS, STYLES
+from datasets.synthetic.identities import FORMATS, STYLES, key_fields, split_sizes
 from datasets.synthetic.writer import make_synthetic
-from utils.errors import user_errors_as_one_line
+from utils.errors import UserError, user_errors_as_one_line
+
+
+class SyntheticArgumentError(UserError, ValueError):
+    """An argument of ``python -m datasets.synthetic`` that cannot give a dataset; the message names it."""
+
+
+def check_arguments(fmt: str, out: Path, num_ids: int) -> None:
+    """Everything that would stop the writer, said before it draws a single image."""
+    if out.exists() and not out.is_dir():
+        raise SyntheticArgumentError(f"--out {out} is a file, not a folder: name a folder (it is created if absent)")
+    try:
+        split_sizes(fmt, num_ids)
+        key_fields(num_ids)
+    except ValueError as exc:
+        raise SyntheticArgumentError(f"--num-ids {num_ids}: {exc} (every split of the format needs an "
+                                     "identity)") from None
 
 
 @user_errors_as_one_line()
@@ -22,6 +38,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--style", default="classic", choices=STYLES,
                         help="how people are drawn and captioned (cctv is the held-out style)")
     args = parser.parse_args(argv)
+    check_arguments(args.format, Path(args.out), args.num_ids)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = make_synthetic(args.format, args.out, args.num_ids, args.seed, style=args.style)
     if args.format == "pretrain":

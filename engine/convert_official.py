@@ -1,8 +1,9 @@
-"""Convert an IVT checkpoint by the authors into this project's format (the conversion is models/official.py).
+"""Convert an IVT checkpoint by the authors into this project's format, once.
 
-    python -m models.convert_official IN.pth OUT.pth [--image-size H W] [--trust-pickle]
+    python -m engine.convert_official IN.pth OUT.pth [--image-size H W] [--trust-pickle]
 
 The converted file loads strictly wherever a checkpoint of ours does (evaluate.py, retrieve.py, ``--init-from``).
+The tensor names are mapped by ``models.official``; the file is written by ``engine.checkpoints.convert_file``.
 Only the standard library is imported before the arguments are parsed, so ``--help`` answers at once.
 """
 from __future__ import annotations
@@ -16,9 +17,8 @@ from utils.errors import user_errors_as_one_line
 _log = logging.getLogger(__name__)
 
 
-@user_errors_as_one_line()
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.convert_official",
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine.convert_official",
                                      description="Convert an IVT checkpoint by the authors into this project's format.")
     parser.add_argument("src", help="the authors' checkpoint (.pth)")
     parser.add_argument("dst", help="where to write the converted checkpoint")
@@ -27,11 +27,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         "the stride")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="load with weights_only=False (runs pickled code; only for files you trust)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from models.official import OFFICIAL_IMAGE_SIZE, convert_file
+    return parser.parse_args(argv)
 
-    checkpoint = convert_file(args.src, args.dst, args.image_size or OFFICIAL_IMAGE_SIZE, args.trust_pickle)
+
+@user_errors_as_one_line()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Imported after parsing: torch and the model take seconds to import, --help must not wait for them.
+    from engine.checkpoints import convert_file
+
+    checkpoint = convert_file(args.src, args.dst, args.image_size, args.trust_pickle)
     _log.info("wrote %s (%d tensors, config %s)", args.dst, len(checkpoint["model"]), checkpoint["config"])
 
 
