@@ -8,7 +8,7 @@ wiki's "Guidelines to choose an index"; n images of width d, budget B bytes (``s
 2. n <= ``search.hnsw_max_images`` and HNSW32 (4d + 256 bytes per vector) fits B: ``HNSW32`` (best recall per
    millisecond, but held in RAM and slow to build, so only for small galleries).
 3. the float32 vectors (4d bytes each) fit B: ``IVF<L>,Flat`` (memory-mapped lists, no quantization error);
-4. otherwise ``OPQ<m>,IVF<L>_HNSW32,PQ<m>`` with m = ``search.pq_bytes`` (lowered to a divisor of d, and
+4. otherwise ``OPQ<m>,IVF<L>_HNSW32,PQ<m>np`` with m = ``search.pq_bytes`` (lowered to a divisor of d, and
    until n x (m + 8) bytes fit B): 1/48 of the float32 size at d=768, m=64.
 
 L = 4 sqrt(n) rounded to a power of two, at most ``search.ivf_max_lists``; a coarse quantizer of 1024 lists
@@ -73,7 +73,8 @@ def choose_factory(count: int, dim: int, settings: SearchSettings) -> tuple[str,
     divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= settings.pq_bytes]
     for m in sorted(divisors, reverse=True):
         if count * (m + 8) <= budget:
-            return f"OPQ{m},{quantizer},PQ{m}", f"PQ{m}: {m + 8} bytes per vector fit search.memory_budget_gib"
+            # np: no polysemous training (minutes of annealing per sub-quantizer, for a filter search never uses)
+            return f"OPQ{m},{quantizer},PQ{m}np", f"PQ{m}: {m + 8} bytes per vector fit search.memory_budget_gib"
     raise GalleryError(f"{count} vectors do not fit search.memory_budget_gib={settings.memory_budget_gib} even "
                        "with 8 bytes each; raise the budget or set search.faiss_factory")
 

@@ -246,16 +246,17 @@ def test_the_index_type_rules():
     assert choose_factory(100_000, 768, s)[0] == "HNSW32"  # 100k x (3072 + 256) bytes = 0.33 GB <= 4 GiB
     assert ivf_lists(1_000_000, s) == 4096 and ivf_lists(300_000, s) == 2048  # 4 sqrt(n) to a power of two
     assert choose_factory(1_000_000, 768, s)[0] == "IVF4096_HNSW32,Flat"  # 2.9 GiB of float32 fit 4 GiB
-    assert choose_factory(10_000_000, 768, s)[0] == "OPQ64,IVF4096_HNSW32,PQ64"  # 29 GiB do not: 72 bytes each
+    assert choose_factory(10_000_000, 768, s)[0] == "OPQ64,IVF4096_HNSW32,PQ64np"  # 29 GiB do not: 72 bytes each
     assert choose_factory(300_000, 128, s)[0] == "IVF2048_HNSW32,Flat"
     # m divides d and n x (m + 8) fits: 10M x 58 bytes > 0.5 GiB, 10M x 33 bytes fit
-    assert choose_factory(10_000_000, 100, SearchSettings(memory_budget_gib=0.5))[0] == "OPQ25,IVF4096_HNSW32,PQ25"
+    assert choose_factory(10_000_000, 100, SearchSettings(memory_budget_gib=0.5))[0] == "OPQ25,IVF4096_HNSW32,PQ25np"
     assert choose_factory(10_000, 768, SearchSettings(faiss_factory="IVF8,Flat"))[0] == "IVF8,Flat"
     with pytest.raises(GalleryError, match="do not fit"):
         choose_factory(10_000_000, 768, SearchSettings(memory_budget_gib=0.01))
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF64,Flat", "IVF64_HNSW32,Flat", "OPQ8,IVF64,PQ8"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF64,Flat", "IVF64_HNSW32,Flat",
+                                     pytest.param("OPQ8,IVF64,PQ8np", marks=pytest.mark.slow)])  # OPQ: ~1 min
 def test_every_faiss_index_type_finds_the_exact_top_10(tmp_path, factory):
     pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
     from engine.gallery_search import build_ann
