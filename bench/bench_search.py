@@ -231,8 +231,9 @@ def scale_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
 
     if args.scale_phase:
         return search_scale.phase_main(args.scale_phase)
-    if args.serve_check:
-        out = search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads())
+    if args.serve_check or args.open_check:
+        out = search_scale.open_check(Path(args.open_check)) if args.open_check else \
+            search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads())
         out["command"] = "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
         Path(args.scale_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.scale_out).with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
@@ -262,13 +263,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dims", default="768,128", help="scale mode: feature widths")
     parser.add_argument("--scale-out", default="bench/results/search_scale", help="scale mode: OUT.json, OUT.md")
     parser.add_argument("--scale-phase", nargs="+", default=None, help=argparse.SUPPRESS)  # one phase, internal
+    parser.add_argument("--open-check", default=None, metavar="INDEX", help="time opening an index folder")
     parser.add_argument("--serve-check", type=int, default=0, metavar="N",
                         help="time serve.py from start to its first answer on an N-image index (scale mode's store)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
         set_faiss_threads(args.threads)
-    if args.scale or args.scale_phase or args.serve_check:
+    if args.scale or args.scale_phase or args.serve_check or args.open_check:
         return scale_main(args, argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.retrieval import Retriever

@@ -318,3 +318,18 @@ def serve_check(work: Path, size: int, threads: int) -> dict:
     return {"num_gallery": size, "index": str(folder.name), "client_connected_s": listening,
             "first_answer_s": answered, "load_average_before": load, "load_average_after": os.getloadavg(),
             "answer_excerpt": str(answer)[:300]}
+
+
+def open_check(folder: Path) -> dict:
+    """Seconds and peak RSS to open an index (imports apart) and read its last path: what a 10M index costs."""
+    began = time.perf_counter()
+    from engine.gallery_index import open_gallery
+
+    imported = time.perf_counter()
+    gallery = open_gallery(folder, verify_max_mib=0)
+    last = gallery.paths[len(gallery) - 1]
+    opened = time.perf_counter()
+    return {"index": folder.name, "count": len(gallery), "dim": gallery.dim, "dtype": str(gallery.arrays[0].dtype),
+            "shards": len(gallery.arrays), "import_s": imported - began, "open_s": opened - imported,
+            "last_path": last, "peak_rss_gib": peak_rss_gib(), "bytes_on_disk": gallery.bytes_on_disk(),
+            "load_average": os.getloadavg()}
