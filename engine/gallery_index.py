@@ -76,7 +76,7 @@ class SearchSettings:
     nprobe: int = 64
     ef_search: int = 128
     rescore_candidates: int = 200
-    verify_max_mib: int = 1024
+    verify_max_mib: int = 256
     seed: int = 0
 
     @classmethod
@@ -131,6 +131,12 @@ class PathList(Sequence[str]):
             return self._text[i]
         i = range(len(self))[i]
         return bytes(self._text[self._offsets[i]:self._offsets[i + 1] - 1]).decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        """All paths in order, decoded in one pass (a million in about a second, not one slice at a time)."""
+        if self._offsets is None:
+            return iter(self._text)
+        return iter(bytes(self._text).decode("utf-8").split("\n")[:len(self)])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
@@ -296,7 +302,7 @@ def is_index(path: str | os.PathLike[str]) -> bool:
     return (path.is_dir() and (path / MANIFEST).is_file()) or path.is_file()
 
 
-def open_gallery(path: str | os.PathLike[str], verify_max_mib: int = 1024) -> Gallery:
+def open_gallery(path: str | os.PathLike[str], verify_max_mib: int = 256) -> Gallery:
     """Open an index folder (memory-mapped) or a version-2 ``.pt`` file; GalleryError (one line) when unusable.
     Indexes up to ``verify_max_mib`` have every file checked against its sha256, larger ones only their sizes."""
     path = Path(path)
@@ -315,7 +321,8 @@ def open_gallery(path: str | os.PathLike[str], verify_max_mib: int = 1024) -> Ga
         if size != s["bytes"]:
             raise GalleryError(f"{path / SHARD_DIR / s['name']}.npy: {size} bytes, the manifest says {s['bytes']} "
                                "(truncated or replaced)")
-    if sum(s["bytes"] for s in manifest["shards"]) <= verify_max_mib * 2**20:
+    files = sum(s["bytes"] for s in manifest["shards"]) + (manifest.get("ann") or {}).get("bytes", 0)
+    if files <= verify_max_mib * 2**20:
         verify_files(path, manifest)
     text = np.load(path / PATHS_OFFSETS, mmap_mode="r")
     blob = np.memmap(path / PATHS_TEXT, dtype=np.uint8, mode="r") if text[-1] else np.zeros(0, np.uint8)
