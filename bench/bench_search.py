@@ -226,20 +226,32 @@ def set_faiss_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
 
 
+def one_off(args: argparse.Namespace) -> dict:
+    """--nprobe-sweep, --open-check or --serve-check: one measurement."""
+    from bench import search_scale
+
+    if args.nprobe_sweep:
+        return {"rows": search_scale.nprobe_sweep(Path(args.work), int(args.sizes), int(args.dims),
+                                                  [int(n) for n in args.nprobe_sweep.split(",")])}
+    if args.open_check:
+        return search_scale.open_check(Path(args.open_check))
+    return search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads())
+
+
 def scale_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     from bench import search_scale
+    from utils.environment import environment_record
 
     if args.scale_phase:
         return search_scale.phase_main(args.scale_phase)
-    if args.serve_check or args.open_check:
-        out = search_scale.open_check(Path(args.open_check)) if args.open_check else \
-            search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads())
-        out["command"] = "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.serve_check or args.open_check or args.nprobe_sweep:
+        out = {**one_off(args), "command": command, "environment": environment_record("cpu"),
+               "threads": args.threads or torch.get_num_threads()}
         Path(args.scale_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.scale_out).with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
         print(json.dumps(out))
         return out
-    command = "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
     return search_scale.run_scale([int(s) for s in args.sizes.split(",")], [int(d) for d in args.dims.split(",")],
                                   Path(args.work), Path(args.scale_out), args.threads or torch.get_num_threads(),
                                   {"memory_budget_gib": 4.0}, command)
@@ -263,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dims", default="768,128", help="scale mode: feature widths")
     parser.add_argument("--scale-out", default="bench/results/search_scale", help="scale mode: OUT.json, OUT.md")
     parser.add_argument("--scale-phase", nargs="+", default=None, help=argparse.SUPPRESS)  # one phase, internal
+    parser.add_argument("--nprobe-sweep", default=None, metavar="N1,N2,...",
+                        help="recall and latency per search.nprobe over the built --sizes x --dims index")
     parser.add_argument("--open-check", default=None, metavar="INDEX", help="time opening an index folder")
     parser.add_argument("--serve-check", type=int, default=0, metavar="N",
                         help="time serve.py from start to its first answer on an N-image index (scale mode's store)")
@@ -270,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
         set_faiss_threads(args.threads)
-    if args.scale or args.scale_phase or args.serve_check or args.open_check:
+    if args.scale or args.scale_phase or args.serve_check or args.open_check or args.nprobe_sweep:
         return scale_main(args, argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.retrieval import Retriever
