@@ -235,6 +235,8 @@ def one_off(args: argparse.Namespace) -> dict:
                                                   [int(n) for n in args.nprobe_sweep.split(",")])}
     if args.open_check:
         return search_scale.open_check(Path(args.open_check))
+    if args.serve_breakdown:
+        return search_scale.serve_breakdown(Path(args.work), args.serve_breakdown)
     return search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads())
 
 
@@ -245,7 +247,7 @@ def scale_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
     if args.scale_phase:
         return search_scale.phase_main(args.scale_phase)
     command = "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.serve_check or args.open_check or args.nprobe_sweep:
+    if args.serve_check or args.open_check or args.nprobe_sweep or args.serve_breakdown:
         out = {**one_off(args), "command": command, "environment": environment_record("cpu"),
                "threads": args.threads or torch.get_num_threads()}
         Path(args.scale_out).parent.mkdir(parents=True, exist_ok=True)
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale-phase", nargs="+", default=None, help=argparse.SUPPRESS)  # one phase, internal
     parser.add_argument("--nprobe-sweep", default=None, metavar="N1,N2,...",
                         help="recall and latency per search.nprobe over the built --sizes x --dims index")
+    parser.add_argument("--serve-breakdown", type=int, default=0, metavar="N",
+                        help="serve.py's start step by step on the --serve-check N-image index")
     parser.add_argument("--open-check", default=None, metavar="INDEX", help="time opening an index folder")
     parser.add_argument("--serve-check", type=int, default=0, metavar="N",
                         help="time serve.py from start to its first answer on an N-image index (scale mode's store)")
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
         set_faiss_threads(args.threads)
-    if args.scale or args.scale_phase or args.serve_check or args.open_check or args.nprobe_sweep:
+    if args.scale or args.scale_phase or args.serve_check or args.open_check or args.nprobe_sweep \
+            or args.serve_breakdown:
         return scale_main(args, argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.retrieval import Retriever

@@ -16,6 +16,7 @@ Results land after every size in OUT.json / OUT.md.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -356,3 +357,32 @@ def nprobe_sweep(work: Path, size: int, dim: int, values: list[int]) -> list[dic
                      "p50_ms": 1000 * statistics.median(single), "load_average": os.getloadavg()})
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def serve_breakdown(work: Path, size: int) -> dict:
+    """Where serve.py's start goes, step by step in one fresh process: imports, model, index, served files, first
+    and second search. Run it as the first thing a process does (the imports are timed)."""
+    steps, last = {}, time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        steps[name] = now - last
+        last = now
+
+    importlib.import_module("gradio")  # timed: serve.py imports it at start
+    step("import gradio")
+    from engine.retrieval import Retriever
+    from engine.webapp import served_files
+    step("import engine.retrieval + engine.webapp")
+    retriever = Retriever.from_checkpoint(work / "demo_random.pth", device="cpu")
+    step("load the model")
+    retriever.use_gallery(work / f"serve_n{size}")
+    step("open the index")
+    served_files(retriever.gallery.paths)
+    step("list the files the page may serve")
+    retriever.search("a woman in a red coat", k=10)
+    step("first search (opens the faiss index)")
+    retriever.search("a man in a black jacket", k=10)
+    step("second search")
+    return {"num_gallery": size, "steps_s": steps, "load_average": os.getloadavg(), "peak_rss_gib": peak_rss_gib()}
