@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 from typing import Any, Sequence
@@ -15,12 +16,16 @@ from datasets.collate import MlmSettings, TrainCollator
 from datasets.image_cache import open_or_build_image_cache
 from datasets.sampler import IdentitySampler, ShardedShuffleSampler
 from datasets.text_levels import pre_caption
-from datasets.train_data import TrainDataset
+from datasets.shards import ShardManifest, ShardStream, StreamSettings, delivered_batches
+from datasets.train_data import TrainDataset, build_item
 from datasets.transforms import build_train_transform
 from utils import distributed as du
+from utils.config import ConfigError
 from utils.task_plan import TaskPlan
 
-TrainSampler = IdentitySampler | ShardedShuffleSampler
+logger = logging.getLogger(__name__)
+
+TrainSampler = IdentitySampler | ShardedShuffleSampler | ShardStream
 
 
 def worker_init(worker_id: int) -> None:
@@ -51,6 +56,8 @@ def build_train_loader(
     """
     if not records:
         raise ValueError("build_train_loader: no training records")
+    if TaskPlan.from_config(cfg).train_on_corpora and cfg.data.get("pretrain_shards"):
+        return build_shard_loader(cfg, tokenizer, rank=rank, world_size=world_size)
     batch_size = cfg.train.batch_size_per_gpu
     # data.augment_on: device -> workers ship uint8 images and view parameters; the step augments on its device.
     device_augment = AugmentSpec.from_config(cfg.input) if cfg.data.get("augment_on", "cpu") == "device" else None
@@ -89,6 +96,42 @@ def build_train_loader(
     return loader, sampler, dataset
 
 
+def build_shard_loader(cfg: Any, tokenizer: BertTokenizerFast, *, rank: int = 0, world_size: int = 1
+                       ) -> tuple[DataLoader, ShardStream, ShardStream]:
+    """Pretraining from ``data.pretrain_shards``: a DataLoader over this rank's ShardStream (which is its own
+    sampler: ``set_train_epoch`` points it at an epoch and a resume position)."""
+    if cfg.data.get("image_cache"):
+        raise ConfigError("data.image_cache does not apply to data.pretrain_shards (the shards hold the images): "
+                          "unset one of them")
+    device_augment = AugmentSpec.from_config(cfg.input) if cfg.data.get("augment_on", "cpu") == "device" else None
+    transform = build_train_transform(cfg.input) if device_augment is None else None
+    make_item = functools.partial(
+        shard_item, seed=cfg.seed, transform=transform, lowercase=cfg.text.lowercase, device_augment=device_augment,
+        caption_fn=functools.partial(pre_caption, max_words=cfg.text.pretrain_max_words))
+    workers = cfg.data.num_workers
+    settings = StreamSettings(
+        batch_size=cfg.train.batch_size_per_gpu, seed=cfg.seed, rank=rank, world_size=world_size,
+        workers=max(1, workers), shuffle_buffer=cfg.data.shards_shuffle_buffer,
+        epoch_samples=cfg.data.shards_epoch_samples,
+        max_bad_images=cfg.data.max_bad_images if cfg.data.max_bad_images is not None else 10)
+    stream = ShardStream(ShardManifest.load(cfg.data.pretrain_shards), settings, make_item)
+    if workers > 0:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    mlm = MlmSettings.from_config(cfg.text) if cfg.loss.mlm_weight > 0 else None
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=workers,
+        pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()), persistent_workers=False,
+        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, ("sentence",), mlm),
+        worker_init_fn=worker_init if workers > 0 else None,
+    )
+    return loader, stream, stream
+
+
+def shard_item(image: Any, caption: str, index: int, epoch: int, **recipe: Any) -> dict:
+    """A pretraining item from a shard sample: one view, the sentence level, pid = the sample's index."""
+    return build_item(image, caption, None, index, index, epoch=epoch, num_views=1, levels=("sentence",), **recipe)
+
+
 def training_image_cache(cfg: Any, records: Sequence[Any], rank: int = 0):
     """The decoded-image cache of ``data.image_cache`` for ``records`` (None when unset).
 
@@ -107,8 +150,28 @@ def training_image_cache(cfg: Any, records: Sequence[Any], rank: int = 0):
     return cache
 
 
-def set_train_epoch(sampler: TrainSampler, dataset: TrainDataset, epoch: int, start_batch: int = 0) -> None:
+def set_train_epoch(sampler: TrainSampler, dataset: TrainDataset | ShardStream, epoch: int, start_batch: int = 0
+                    ) -> None:
     """Point sampler and dataset at ``epoch``; ``start_batch`` > 0 resumes after that many batches."""
     sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     sampler.set_start_batch(start_batch)
+    if isinstance(sampler, ShardStream):
+        log_shard_epoch(sampler, start_batch)
+
+
+def log_shard_epoch(stream: ShardStream, start_batch: int) -> None:
+    """What the epoch reads, and on a resume what each worker skips (or, when it cannot, how much is repeated)."""
+    settings = stream.settings
+    if settings.rank == 0:
+        logger.info("%s", stream.epoch_report())
+    if start_batch <= 0:
+        return
+    if stream.restart_epoch:
+        logger.warning("rank %d resumes epoch %d at batch %d with other ranks or workers than the interrupted run: "
+                       "the shard stream starts the epoch over, so %d sample(s) of this rank are seen twice",
+                       settings.rank, stream.epoch, start_batch, start_batch * settings.batch_size)
+    else:
+        skipped = delivered_batches(stream.worker_batches(settings.rank), start_batch)
+        logger.info("rank %d resumes epoch %d at batch %d: its workers skip %s batch(es) of their streams without "
+                    "decoding; 0 samples are seen twice", settings.rank, stream.epoch, start_batch, skipped)

@@ -159,7 +159,7 @@ def run_check(args: argparse.Namespace, out: TextIO) -> int:
     say(format_statistics(splits))
     failures: list[str] = []
 
-    records = splits.train + splits.val + splits.test
+    records = [*splits.train, *splits.val, *splits.test]
     mode = "exists" if args.no_decode else "full" if args.full_decode else "header"
     base = os.path.join(args.root, "imgs") if args.format != "pretrain" else None
     report = scan_images((r.image_path for r in records), mode, workers=args.workers, base=base)

@@ -1,12 +1,14 @@
-"""Convert the usual image-caption distributions to the common pretraining format.
+"""Convert the usual image-caption distributions and the person-centric corpora to the common pretraining format.
 
-Each corpus becomes ``<out>/<name>.json``, a list of ``{"image": path relative to its image root, "caption"}``.
+Each corpus becomes ``<out>/<name>.json``, a list of ``{"image": path relative to its image root, "caption"}``
+(person corpora add ``"identity"``, the owners' image key; see datasets/person_corpora.py for their layouts).
 Images that are not on disk are dropped and counted in the summary (never silently); ``<out>/corpora.json``
 holds the list to paste into a config's pretraining corpora.
 
     python -m datasets.prepare_pretrain --out data/pretrain \\
         --coco dataset_coco.json --coco-root data/coco --vg region_descriptions.json --vg-root data/vg \\
         --cc3m cc3m.tsv --cc3m-root data/cc3m --sbu sbu.tsv --sbu-root data/sbu
+    python -m datasets.prepare_pretrain --out data/pretrain --mals data/MALS/gene_attrs --mals-root data/MALS/images
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from datasets.person_corpora import PERSON_CORPORA, CorpusCounts
 from datasets.readers import read_json
 from datasets.records import DataFormatError, describe_value
+from utils.checkpoint import atomic_write
 from utils.errors import user_errors_as_one_line
 
 logger = logging.getLogger(__name__)
@@ -37,7 +41,8 @@ class CorpusReport:
     name: str
     read: int = 0  # captions read from the source
     empty: int = 0  # empty captions skipped
-    duplicates: int = 0  # repeated phrases of one VG image skipped
+    duplicates: int = 0  # repeated phrases of one VG image, repeated (image, caption) pairs of a person corpus
+    rejected: int = 0  # captions the owners' loader would not use (LUPerson-MLLM: an unfilled template)
     missing_images: int = 0  # unique images not found under the root
     dropped: int = 0  # captions dropped with those images
     written: int = 0
@@ -189,20 +194,36 @@ def drop_missing_images(items: list[dict], image_root: str | os.PathLike[str], r
 
 def format_summary(reports: Sequence[CorpusReport]) -> str:
     """A table of read, skipped, dropped and written captions per corpus."""
-    header = (f"{'corpus':<6} | {'read':>9} | {'empty':>6} | {'dup':>7} | {'no image':>8} | {'dropped':>8} | "
-              f"{'written':>9}")
+    header = (f"{'corpus':<13} | {'read':>9} | {'empty':>6} | {'dup':>7} | {'rejected':>8} | {'no image':>8} | "
+              f"{'dropped':>8} | {'written':>9}")
     lines = [header, "-" * len(header)]
     for r in reports:
-        lines.append(f"{r.name:<6} | {r.read:>9} | {r.empty:>6} | {r.duplicates:>7} | {r.missing_images:>8} | "
-                     f"{r.dropped:>8} | {r.written:>9}")
+        lines.append(f"{r.name:<13} | {r.read:>9} | {r.empty:>6} | {r.duplicates:>7} | {r.rejected:>8} | "
+                     f"{r.missing_images:>8} | {r.dropped:>8} | {r.written:>9}")
     return "\n".join(lines)
 
 
-def prepare_corpus(name: str, source: str, image_root: str, out_dir: str | os.PathLike[str]
+def convert_person_corpus(name: str, sources: Sequence[str], image_root: str, report: CorpusReport) -> list[dict]:
+    """One of datasets.person_corpora's corpora, its counts copied into ``report``."""
+    counts = CorpusCounts()
+    convert = PERSON_CORPORA[name][0]
+    items = convert(sources, image_root, counts) if name == "webperson" else convert(sources, counts)
+    report.read, report.empty, report.duplicates, report.rejected = (counts.read, counts.empty, counts.duplicates,
+                                                                     counts.rejected)
+    return items
+
+
+def prepare_corpus(name: str, source: str | Sequence[str], image_root: str, out_dir: str | os.PathLike[str]
                    ) -> tuple[dict, CorpusReport]:
-    """Convert, check images and write one corpus; returns its corpora-list entry and its report."""
+    """Convert, check images and write one corpus; returns its corpora-list entry and its report.
+
+    ``source``: the annotation file; for a person corpus (datasets.person_corpora) files or folders.
+    """
     report = CorpusReport(name)
-    if name == "coco":
+    if name in PERSON_CORPORA:
+        items = convert_person_corpus(name, [source] if isinstance(source, (str, os.PathLike)) else source,
+                                      image_root, report)
+    elif name == "coco":
         items = convert_coco(source, report)
     elif name == "vg":
         items = convert_vg(source, image_root, report)
@@ -212,8 +233,7 @@ def prepare_corpus(name: str, source: str, image_root: str, out_dir: str | os.Pa
     report.written = len(items)
     target = Path(out_dir) / f"{name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "w", encoding="utf-8") as handle:
-        json.dump(items, handle)
+    atomic_write(target, lambda handle: handle.write(json.dumps(items).encode("utf-8")))
     return {"annotation": str(target), "image_root": str(image_root)}, report
 
 
@@ -226,14 +246,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        ("sbu", "caption<TAB>image-file TSV or a {image, caption} JSON list")):
         parser.add_argument(f"--{name}", help=what)
         parser.add_argument(f"--{name}-root", help=f"folder the {name} image paths are relative to")
+    for name, (_, what) in PERSON_CORPORA.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", nargs="+", help=what)
+        parser.add_argument(f"--{name.replace('_', '-')}-root", help=f"folder the {name} image paths are relative to"
+                            + (" (the images are written there)" if name == "webperson" else ""))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    chosen = [name for name in ("coco", "vg", "cc3m", "sbu") if getattr(args, name)]
+    chosen = [name for name in ("coco", "vg", "cc3m", "sbu", *PERSON_CORPORA) if getattr(args, name)]
     if not chosen:
-        parser.error("give at least one corpus (--coco, --vg, --cc3m or --sbu)")
+        parser.error("give at least one corpus (--coco, --vg, --cc3m, --sbu, --"
+                     + ", --".join(name.replace("_", "-") for name in PERSON_CORPORA) + ")")
     for name in chosen:
         if not getattr(args, f"{name}_root"):
-            parser.error(f"--{name} needs --{name}-root")
+            flag = name.replace("_", "-")
+            parser.error(f"--{flag} needs --{flag}-root")
     corpora, reports = [], []
     with user_errors_as_one_line():
         for name in chosen:

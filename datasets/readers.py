@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from datasets.authors_text import authors_cut, authors_word_count
 from datasets.image_check import DEFAULT_MODE, ImageCheckReport, scan_images
+from datasets.record_store import RecordStore, iter_json_list
 from datasets.records import (
     SPLIT_NAMES,
     AnnotationNotFoundError,
@@ -391,33 +392,28 @@ def load_annotations(
     return splits
 
 
-def _join(root: str, image: str) -> str:
-    return image if os.path.isabs(image) else os.path.join(root, image)
-
-
-def load_pretrain_corpora(entries: list[dict], *, skipped_empty: list | None = None) -> list[Record]:
+def load_pretrain_corpora(entries: list[dict], *, skipped_empty: list | None = None) -> RecordStore:
     """Image-caption corpora for pretraining; pid = image_id = the running index over all records.
 
     Each entry is ``{"annotation": JSON list of {"image", "caption"}, "image_root": folder}``; relative image
     paths are joined to ``image_root``. A caption may also be a list of strings (one record each). Entries
     with an empty caption are skipped with a warning; ``skipped_empty``, when given, receives
-    (annotation file, index, image) for each of them.
+    (annotation file, index, image) for each of them. The records come back in a
+    :class:`~datasets.record_store.RecordStore` (flat arrays, shared by forked loader workers), and each file is
+    parsed one element at a time, so millions of records never exist as Python objects all at once.
     """
     where = "pretrain corpora list"
     if not isinstance(entries, list) or not entries:
         raise DataFormatError(where, "a non-empty list of {annotation, image_root} entries",
                               got=describe_value(entries))
-    records: list[Record] = []
+    store = RecordStore()
     for number, entry in enumerate(entries):
         entry = _as_object(entry, where, number, None)
         annotation = _get_str(entry, "annotation", where, number, None)
-        image_root = _get_str(entry, "image_root", where, number, None)
-        data = read_json(annotation)
-        if not isinstance(data, list):
-            raise DataFormatError(annotation, "a JSON list of {image, caption} objects", got=describe_value(data))
+        root = store.add_root(_get_str(entry, "image_root", where, number, None))
         empty: list[tuple[int, str]] = []
-        first = len(records)
-        for index, item in enumerate(data):
+        first = len(store)
+        for index, item in enumerate(iter_json_list(annotation, "a JSON list of {image, caption} objects")):
             item = _as_object(item, annotation, index, None)
             image = _get_str(item, "image", annotation, index, None)
             caption = item.get("caption")
@@ -428,17 +424,18 @@ def load_pretrain_corpora(entries: list[dict], *, skipped_empty: list | None = N
             kept = [c.strip() for c in captions if c.strip()]
             if len(kept) < len(captions) or not captions:
                 empty.append((index, image))
-            image_path = _join(image_root, image)
             for text in kept:
-                records.append(Record(image_path, text, len(records), len(records)))
+                store.add(root, image, text)
         if skipped_empty is not None:
             skipped_empty.extend((annotation, i, p) for i, p in empty)
         if empty:
             shown = ", ".join(f"[{i}] {p}" for i, p in empty[:_MAX_LISTED])
             logger.warning("%s: skipped empty captions in %d record(s); first: %s", annotation, len(empty), shown)
-        logger.info("pretrain corpus %s: %d captions", annotation, len(records) - first)
-    logger.info("pretrain corpora: %d captions from %d file(s)", len(records), len(entries))
-    return records
+        logger.info("pretrain corpus %s: %d captions", annotation, len(store) - first)
+    store.freeze()
+    logger.info("pretrain corpora: %d captions from %d file(s), %.1f MiB of record arrays", len(store), len(entries),
+                store.nbytes() / 2**20)
+    return store
 
 
 def check_images(

@@ -177,37 +177,49 @@ class TrainDataset(Dataset):
             return substitute, image
         raise first_error  # no record has a loadable image
 
-    def _views(self, image: Any, rng_seed: int) -> torch.Tensor:
-        # torchvision draws from torch's RNG, timm's RandomErasing from Python's `random`: seed both for
-        # this item only and leave the process-wide states as they were.
-        python_state = random.getstate()
-        try:
-            random.seed(rng_seed)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng_seed)
-                return torch.stack([self.transform(image) for _ in range(self.num_views)])
-        finally:
-            random.setstate(python_state)
-
     def __getitem__(self, index: int) -> dict:
         record, image = self._load_record(index)
-        rng_seed = item_seed(self.seed, self.epoch, index)
-        caption = record.caption if self.caption_fn is None else self.caption_fn(record.caption)
-        texts = make_levels(caption, record.phrases, self.levels, random.Random(rng_seed), self.lowercase)
-        if self.device_augment is not None:
-            views = {"image_uint8": as_uint8_hwc(image),
-                     "view_params": draw_view_params(self.device_augment, random.Random(f"views:{rng_seed}"),
-                                                     self.num_views)}
-        else:
-            views = {"images": self._views(image, rng_seed)}
-        return {
-            **views,
-            "texts": texts,
-            "caption": sentence_level(caption, self.lowercase),
-            "pid": int(record.pid),
-            "index": index,
-            "rng_seed": rng_seed,
-        }
+        return build_item(image, record.caption, record.phrases, record.pid, index, epoch=self.epoch, seed=self.seed,
+                          transform=self.transform, num_views=self.num_views, levels=self.levels,
+                          lowercase=self.lowercase, caption_fn=self.caption_fn, device_augment=self.device_augment)
+
+
+def augmented_views(transform: ImageTransform, image: Any, num_views: int, rng_seed: int) -> torch.Tensor:
+    """[num_views, 3, H, W]: ``image`` through ``transform`` num_views times, seeded by ``rng_seed`` alone."""
+    # torchvision draws from torch's RNG, timm's RandomErasing from Python's `random`: seed both for
+    # this item only and leave the process-wide states as they were.
+    python_state = random.getstate()
+    try:
+        random.seed(rng_seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng_seed)
+            return torch.stack([transform(image) for _ in range(num_views)])
+    finally:
+        random.setstate(python_state)
+
+
+def build_item(image: Any, caption: str, phrases: Sequence[str] | None, pid: int, index: int, *, epoch: int,
+               seed: int, transform: ImageTransform | None, num_views: int, levels: Sequence[str],
+               lowercase: bool = True, caption_fn: Callable[[str], str] | None = None,
+               device_augment: AugmentSpec | None = None) -> dict:
+    """One training item (see TrainDataset) from a decoded image and its caption: a pure function of
+    (seed, epoch, index) and its inputs, whether the image came from a file or from a shard."""
+    rng_seed = item_seed(seed, epoch, index)
+    caption = caption if caption_fn is None else caption_fn(caption)
+    texts = make_levels(caption, phrases, levels, random.Random(rng_seed), lowercase)
+    if device_augment is not None:
+        views = {"image_uint8": as_uint8_hwc(image),
+                 "view_params": draw_view_params(device_augment, random.Random(f"views:{rng_seed}"), num_views)}
+    else:
+        views = {"images": augmented_views(transform, image, num_views, rng_seed)}
+    return {
+        **views,
+        "texts": texts,
+        "caption": sentence_level(caption, lowercase),
+        "pid": int(pid),
+        "index": index,
+        "rng_seed": rng_seed,
+    }
 
 
 class EvalImageDataset(Dataset):

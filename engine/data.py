@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from datasets.readers import DatasetSplits, check_images, load_annotations, load_pretrain_corpora
+from datasets.shards import ShardManifest
 from datasets.pixels import set_max_image_pixels
 from datasets.records import Record, SplitError
 from datasets.synthetic import make_synthetic
@@ -89,6 +90,21 @@ def pretrain_corpora(cfg: Config) -> list[dict]:
     return corpora
 
 
+def pretrain_train_records(cfg: Config):
+    """The pretraining records: from the corpora, or with ``data.pretrain_shards`` the captions the shard writer
+    listed beside its shards (records.json; the images stay in the tars and are checked against the manifest)."""
+    if not cfg.data.pretrain_shards:
+        return load_pretrain_corpora(pretrain_corpora(cfg))
+    if cfg.data.pretrain_corpora:
+        raise ConfigError("data.pretrain_corpora and data.pretrain_shards are both set: the shards already hold "
+                          "their corpus; unset one of them")
+    manifest = ShardManifest.load(cfg.data.pretrain_shards)
+    if du.is_main_process():
+        manifest.verify_files()
+    return load_pretrain_corpora([{"annotation": str(manifest.folder / "records.json"),
+                                   "image_root": str(manifest.folder)}])
+
+
 def load_eval_splits(cfg: Config, plan: TaskPlan | None = None) -> DatasetSplits | None:
     """The retrieval dataset that evaluates this task (None for pretraining without ``data.eval_root``)."""
     plan = plan or TaskPlan.from_config(cfg)
@@ -104,14 +120,15 @@ def load_data(cfg: Config, plan: TaskPlan | None = None) -> tuple[list[Record], 
     set_max_image_pixels(cfg.data.max_image_pixels)
     synthesize_if_missing(cfg, plan)
     eval_splits = load_eval_splits(cfg, plan)
-    train = load_pretrain_corpora(pretrain_corpora(cfg)) if plan.train_on_corpora else eval_splits.train
+    train = pretrain_train_records(cfg) if plan.train_on_corpora else eval_splits.train
     if not train:
         where = "data.pretrain_corpora" if plan.train_on_corpora else eval_splits.annotation_file
         raise SplitError(f"the train split of {where} is empty: nothing to train on (check the annotation file's "
                          "split field, or data.annotation_file)")
     mode = cfg.data.check_images
     if mode != "none" and du.is_main_process():
-        check_images(train, decode=mode)
+        if not (plan.train_on_corpora and cfg.data.pretrain_shards):  # shard images: sizes checked above
+            check_images(train, decode=mode)
         if eval_splits is not None:
             # Training skips a bad image; an evaluation cannot (its numbers would change), and a JPEG with corrupt
             # scan data passes the header check: the evaluated splits, a few thousand images, are decoded fully.

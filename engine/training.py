@@ -294,6 +294,8 @@ def restore_training(run: Run, obj: dict, path: Path | None) -> None:
     if run.scaler is not None and obj.get("scaler"):
         run.scaler.load_state_dict(obj["scaler"])
     run.state = carry_best_over(TrainState.from_checkpoint(obj), path, run.output_dir)
+    if hasattr(run.sampler, "check_resume"):
+        run.sampler.check_resume(obj.get("shard_stream"))
     dropped = run.writer.keep_until(run.state.global_step)
     if dropped:
         logger.info("metrics.jsonl: dropped %d records after step %d, which this run redoes", dropped,
@@ -630,6 +632,8 @@ def save(run: Run, names: Sequence[str]) -> None:
     """Write the current state under each of ``names`` in the run directory (a collective)."""
     check_finite_weights(run.model)
     obj = checkpoint_state(run.model, run.optimizer, run.scheduler, run.scaler, run.state, run.cfg, run.tokenizer)
+    if hasattr(run.sampler, "position_record"):  # shards: which corpus the epoch position refers to
+        obj["shard_stream"] = run.sampler.position_record()
     for name in names:
         save_checkpoint(obj, run.output_dir / name)
 

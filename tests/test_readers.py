@@ -395,10 +395,10 @@ def test_prepare_pretrain_converters(tmp_path: Path) -> None:
     assert (cc.read, cc.empty, cc.missing_images, cc.written) == (4, 1, 1, 2)
     summary = prepare_pretrain.format_summary([coco, vg, cc]).splitlines()
     assert [cell.strip() for cell in summary[0].split("|")] == [
-        "corpus", "read", "empty", "dup", "no image", "dropped", "written"]
+        "corpus", "read", "empty", "dup", "rejected", "no image", "dropped", "written"]
     assert [[cell.strip() for cell in line.split("|")] for line in summary[2:]] == [
-        ["coco", "5", "1", "0", "1", "1", "3"], ["vg", "6", "1", "1", "1", "1", "3"],
-        ["cc3m", "4", "1", "0", "1", "1", "2"]]
+        ["coco", "5", "1", "0", "0", "1", "1", "3"], ["vg", "6", "1", "1", "0", "1", "1", "3"],
+        ["cc3m", "4", "1", "0", "0", "1", "1", "2"]]
 
 
 def test_prepare_pretrain_main_feeds_the_reader(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -67,7 +67,8 @@ MINIMUM = {
     "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
     "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1,
     "data.eval_synthetic_num_ids": 1, "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3,
-    "text.mlm_max_masks": 0, "search.shard_images": 1, "search.exact_chunk_rows": 1, "search.faiss_min_images": 1,
+    "text.mlm_max_masks": 0, "data.shards_shuffle_buffer": 1, "data.shards_epoch_samples": 0,
+    "search.shard_images": 1, "search.exact_chunk_rows": 1, "search.faiss_min_images": 1,
     "search.ivf_max_lists": 1, "search.pq_bytes": 1, "search.train_sample_images": 1, "search.nprobe": 1,
     "search.ef_search": 1, "search.rescore_candidates": 1, "search.verify_max_mib": 0, "search.hnsw_max_images": 0,
 }
@@ -137,7 +138,8 @@ def _check_corpora(entries: Any, source: str) -> None:
 
 # Keys a task never reads: a value other than the default there is a mistake the user should hear about.
 IGNORED_BY_TASK = {
-    "retrieval": ("data.pretrain_corpora", "data.eval_root", "data.eval_format", "data.eval_synthetic_style",
+    "retrieval": ("data.pretrain_corpora", "data.pretrain_shards", "data.shards_shuffle_buffer",
+                  "data.shards_epoch_samples", "data.eval_root", "data.eval_format", "data.eval_synthetic_style",
                   "data.eval_synthetic_num_ids", "text.pretrain_max_words"),
     "pretrain": ("data.format", "data.annotation_file", "input.num_views", "text.levels", "sampler.num_instances"),
 }
