@@ -139,12 +139,13 @@ def test_a_truncated_shard_is_refused_on_open_and_encoded_again_by_a_build(tmp_p
     paths = make_images(tmp_path / "imgs", [f"im{i}.jpg" for i in range(5)])
     build(tmp_path / "g", paths)
     shard = sorted((tmp_path / "g" / "shards").glob("*.npy"))[1]
+    lost = len(json.loads(shard.with_suffix(".json").read_text())["paths"])  # 3 or 2: names are hashes of paths
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(GalleryError, match="truncated"):
         open_gallery(tmp_path / "g")
     with caplog.at_level(logging.WARNING):
         _, encoded, _ = build(tmp_path / "g", paths)
-    assert encoded == 2 and "truncated" in caplog.text
+    assert encoded == lost and "truncated" in caplog.text
     assert torch.equal(open_gallery(tmp_path / "g").features, torch.stack([feature_of(p) for p in paths]))
 
 
