@@ -1,7 +1,7 @@
 """Why a from-scratch IVT sits on a plateau: how alike its features are in the first steps of training.
 
-    python bench/bench_collapse.py --steps 200                       # configs/demo.yaml, classic style
-    python bench/bench_collapse.py --style street model.feature_pool=mean
+    python -m bench.bench_collapse --steps 200                       # configs/demo.yaml, classic style
+    python -m bench.bench_collapse --style street model.feature_pool=mean
 
 Trains the config for --steps optimizer steps (the engine's own step, schedule and loader; one process,
 ``data.num_workers=0``) and every --every steps prints, for one fixed batch: the mean cosine similarity between
@@ -13,20 +13,19 @@ f (log(1/n) + log(sqrt(n f)))] with n = B V = B L and f = K V / n, i.e. 23.4 at 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.base import machine_line, machine_record
+from bench.bench_learning import dataset
+from engine import training
+from utils.config import load_config
+from utils.errors import user_errors_as_one_line
+from utils.optim import set_schedule
 
-from bench.bench_learning import dataset  # noqa: E402
-from engine import training  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.optim import set_schedule  # noqa: E402
-from utils.errors import user_errors_as_one_line  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mean_off_diagonal_cosine(features: torch.Tensor) -> float:
@@ -69,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     training.prepare_optimisation(run)
     batches = iter(run.loader)
     probe = next(iter(run.loader))
+    print(machine_line(machine_record(device)), flush=True)
     print(f"{args.config} {' '.join(args.overrides)} on {args.style}", flush=True)
     for step in range(args.steps + 1):
         if step % args.every == 0:

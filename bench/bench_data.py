@@ -1,6 +1,6 @@
 """Cost of each piece of the training data path, per item, on this machine (one CPU thread unless --threads).
 
-    python bench/bench_data.py --data-dir runs/e2e_cpu [--device cuda] [--records 28]
+    python -m bench.bench_data --data-dir runs/e2e_cpu [--device cuda] [--records 28]
 
 On images of bench/e2e_data.py's dataset (CUHK-PEDES's size range) at input.image_size (default the recipe's
 384x128): decoding a JPEG (PIL) vs reading the decoded image from the image cache; one view through the reference
@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets.batch_augment import AugmentSpec, as_uint8_hwc, augment_batch, draw_view_params, stack_images  # noqa: E402
-from datasets.image_cache import open_or_build_image_cache  # noqa: E402
-from datasets.readers import load_annotations  # noqa: E402
-from datasets.transforms import build_train_transform, load_image  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.errors import user_errors_as_one_line  # noqa: E402
+from bench.base import machine_line, machine_record
+from datasets.batch_augment import AugmentSpec, as_uint8_hwc, augment_batch, draw_view_params, stack_images
+from datasets.image_cache import open_or_build_image_cache
+from datasets.readers import load_annotations
+from datasets.transforms import build_train_transform, load_image
+from utils.config import load_config
+from utils.errors import user_errors_as_one_line
 
 
 def per_call_ms(fn, items, repeats: int = 1) -> float:
@@ -51,6 +49,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(machine_line(machine_record(args.device)), flush=True)
     cfg = load_config(None, args.set)
     paths = list(dict.fromkeys(r.image_path for r in load_annotations("cuhkpedes", args.data_dir).train))
     paths = paths[:args.images]

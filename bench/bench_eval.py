@@ -1,6 +1,6 @@
 """Evaluation speed and memory: ranking + R@k/mAP/mINP on random features with each test set's shape.
 
-    python bench/bench_eval.py [--device cpu|cuda] [--sizes cuhk,icfg,rstp] [--repeats 3]
+    python -m bench.bench_eval [--device cpu|cuda] [--sizes cuhk,icfg,rstp] [--repeats 3]
                                [--chunk-size N | --sweep 128,256,...]
 
 Features are random, L2-normalised, 768-d, with the test sets' pid structure (queries = captions, gallery =
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.metrics import default_chunk_size, format_metrics_table, retrieval_metrics  # noqa: E402
-from utils.errors import user_errors_as_one_line  # noqa: E402
+from bench.base import machine_line, machine_record
+from utils.errors import user_errors_as_one_line
+from utils.metrics import default_chunk_size, format_metrics_table, retrieval_metrics
 
 
 @dataclass(frozen=True)
@@ -177,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         parser.error(f"unknown --sizes {unknown}; choose from {list(SHAPES)}")
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__} on {hardware}; repeats={args.repeats}", flush=True)
+    print(machine_line(machine_record(device)) + f"; repeats={args.repeats}", flush=True)
 
     chunk = args.chunk_size
     if chunk is None:

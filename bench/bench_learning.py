@@ -1,12 +1,12 @@
 """Does a recipe learn pedestrians it was not designed on? Trains one config on every synthetic style and prints
 val/test R@1 and mAP per style with chance, wall time and the spread over seeds.
 
-    python bench/bench_learning.py                                   # configs/demo.yaml, 3 styles x 3 seeds
-    python bench/bench_learning.py --styles cctv --seeds 0 train.epochs=10     # one style, overrides
-    python bench/bench_learning.py --ablation --seeds 0              # faithful / re-rank / no BMM / no MLA
-    python bench/bench_learning.py --ablation no-bmm rerank --seeds 0  # some of them
-    python bench/bench_learning.py --dry-run                         # print the commands only
-    python bench/bench_learning.py --pretrain configs/demo_pretrain.yaml   # the pipeline: from scratch and from
+    python -m bench.bench_learning                                   # configs/demo.yaml, 3 styles x 3 seeds
+    python -m bench.bench_learning --styles cctv --seeds 0 train.epochs=10     # one style, overrides
+    python -m bench.bench_learning --ablation --seeds 0              # faithful / re-rank / no BMM / no MLA
+    python -m bench.bench_learning --ablation no-bmm rerank --seeds 0  # some of them
+    python -m bench.bench_learning --dry-run                         # print the commands only
+    python -m bench.bench_learning --pretrain configs/demo_pretrain.yaml   # the pipeline: from scratch and from
                                                                      # the miniature pretraining, every style
 
 The CPU-scale proxy for method research: a change to the objective that helps should help on every style, and
@@ -32,11 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.base import machine_line, machine_record
+from datasets.synthetic import HELD_OUT_STYLE, TARGET_STYLES, make_synthetic
+from utils.errors import user_errors_as_one_line
 
-from datasets.synthetic import HELD_OUT_STYLE, TARGET_STYLES, make_synthetic  # noqa: E402
-from utils.errors import user_errors_as_one_line  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MIN_IDS = 3  # one identity per split of the cuhkpedes layout
 
@@ -84,6 +84,9 @@ def read_run(run_dir: Path, since: float = 0.0) -> dict:
               "chance_R1": test["chance_R1"], "first_epoch_cmpm": first_epoch_cmpm}
     if "t2i_rerank" in test:  # a fusion recipe: the test split ranked by the ITM head too
         result.update(test_R1_rerank=test["t2i_rerank"]["R1"], test_mAP_rerank=test["t2i_rerank"]["mAP"])
+    if "t2i_blend" in test:  # and by the cosine + ITM blend at the weight chosen on val
+        result.update(test_R1_blend=test["t2i_blend"]["R1"], test_mAP_blend=test["t2i_blend"]["mAP"],
+                      blend_weight=test["rerank_blend"]["weight"], itm_pair_accuracy=test.get("itm_pair_accuracy"))
     return result
 
 
@@ -153,7 +156,7 @@ def pretrain_once(config: str, overrides: list[str], runs_dir: Path, dry_run: bo
     started = time.time()
     seconds = run_child(command, run_dir.with_suffix(".out"))
     evals = [r for r in records_since(run_dir, started) if r.get("kind") == "eval"]
-    record = {"config": config, "overrides": overrides, "wall_s": round(seconds, 1), "machine": machine_state(),
+    record = {"config": config, "overrides": overrides, "wall_s": round(seconds, 1), "machine": machine_record("cpu"),
               "zero_shot_val_curve": [[r["epoch"], round(r["t2i/R1"], 2)] for r in evals]}
     marker.write_text(json.dumps(record, indent=1))
     return run_dir / "last.pth", record
@@ -188,12 +191,6 @@ def vocabulary_report(root: Path, sizes: tuple[int, ...] = (1000,)) -> list[str]
     return lines
 
 
-def machine_state() -> str:
-    load = os.getloadavg()
-    return (f"{os.cpu_count()} CPUs (nproc), load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-
-
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -216,11 +213,12 @@ def table(rows: list[dict], label: str) -> str:
             f"{spread([r['val_mAP'] for r in runs])} | {spread([r['test_R1'] for r in runs])} | "
             f"{spread([r['test_mAP'] for r in runs])} | {runs[0]['chance_R1']:.2f} | "
             f"{statistics.mean(walls) / 60:.1f} min |")
-        if all("test_R1_rerank" in r for r in runs):
-            lines.append(
-                f"| {variant}, ITM re-ranked | {name} | {len(runs)} | | | "
-                f"{spread([r['test_R1_rerank'] for r in runs])} | {spread([r['test_mAP_rerank'] for r in runs])} | "
-                f"{runs[0]['chance_R1']:.2f} | |")
+        for key, label in (("rerank", "ITM re-ranked"), ("blend", "cosine + ITM blend")):
+            if all(f"test_R1_{key}" in r for r in runs):
+                lines.append(
+                    f"| {variant}, {label} | {name} | {len(runs)} | | | "
+                    f"{spread([r[f'test_R1_{key}'] for r in runs])} | {spread([r[f'test_mAP_{key}'] for r in runs])} | "
+                    f"{runs[0]['chance_R1']:.2f} | |")
     return "\n".join(lines)
 
 
@@ -318,7 +316,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         variants = {name: extra for key, (name, extra) in ABLATION.items() if key in (args.ablation or ABLATION)}
     data_dir, runs_dir = Path(args.data_dir), Path(args.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {machine_state()}", flush=True)
+    print(machine_line(machine_record("cpu")), flush=True)
     if args.vocabulary:
         for style in args.styles:
             print("\n".join(vocabulary_report(dataset(data_dir, style, args.num_ids, 0))), flush=True)
@@ -344,13 +342,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         continue
                     row = {"variant": variant, "init": init, "style": style, "seed": seed, "config": config,
                            "overrides": [*extra, *args.overrides], "num_ids": args.num_ids, **result,
-                           "machine": machine_state()}
+                           "machine": machine_record("cpu")}
                     if checkpoint is not None:
                         row["pretraining"] = {"run": checkpoint.parent.name, **pretraining}
                     rows.append(row)
                     emit(row, args.out)
     if rows:
-        print(f"\nmachine at the end: {machine_state()}\n")
+        print(f"\nat the end: {machine_line(machine_record('cpu'))}\n")
         print(table(rows, "variant"))
     return rows
 

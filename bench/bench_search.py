@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     gallery, captions = make_gallery(work, args.images)
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoint(work, captions)
     result = {"images": args.images, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-              "command": "python bench/bench_search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:]),
               "environment": environment_record("cpu"), "load_average_before": os.getloadavg()}
 
     retriever = Retriever.from_checkpoint(checkpoint, device="cpu", overrides=["data.num_workers=2"])

@@ -1,7 +1,7 @@
 """A synthetic CUHK-PEDES-shaped dataset for the end-to-end benchmark: the real dataset's counts and image sizes.
 
-    python bench/e2e_data.py --out runs/e2e_cuhk                       # the real counts (34,054 train images, ...)
-    python bench/e2e_data.py --out runs/e2e_small --train-images 300 --train-captions 600 --eval-images 40 \
+    python -m bench.e2e_data --out runs/e2e_cuhk                       # the real counts (34,054 train images, ...)
+    python -m bench.e2e_data --out runs/e2e_small --train-images 300 --train-captions 600 --eval-images 40 \
         --eval-captions 80 --train-ids 100 --eval-ids 20
 
 Counts default to CUHK-PEDES's published ones: train 11,003 identities, 34,054 images, 68,126 captions; val and
@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets.synthetic import key_fields, sample_identities, write_caption  # noqa: E402
-from utils.errors import user_errors_as_one_line  # noqa: E402
+from datasets.synthetic import key_fields, sample_identities, write_caption
+from utils.errors import user_errors_as_one_line
 
 CUHK_COUNTS = {"train_ids": 11003, "train_images": 34054, "train_captions": 68126,
                "eval_ids": 1000, "eval_images": 3076, "eval_captions": 6157}

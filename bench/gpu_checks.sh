@@ -9,8 +9,8 @@
 #      train JPEGs, 68,126 captions): CPU augmentation with data.num_workers workers, then device augmentation from
 #      the decoded-image cache; evaluation of the test split at full size; the projected 120-epoch time;
 #   3. the fastest setting that fits 12, 16, 24, 40 and 80 GB (torch.cuda.set_per_process_memory_fraction);
-#   4. ranking speed at the three test sets' sizes (bench/bench_eval.py, as before).
-# Writes console logs, JSON rows, env.txt and SUMMARY.md (python bench/summarize.py) into RESULTS.
+#   4. ranking speed at the three test sets' sizes (python -m bench.bench_eval, as before).
+# Writes console logs, JSON rows, env.txt and SUMMARY.md (python -m bench.summarize) into RESULTS.
 #   bash bench/gpu_checks.sh                      # RESULTS defaults to bench/results/gpu_<date>_<time>
 #   RESULTS=$OUT/gpu bash bench/gpu_checks.sh     # on the lent machine: $OUT comes back
 #   bash bench/gpu_checks.sh --cpu-smoke          # the same stages on CPU with tiny sizes: checks that it runs
@@ -61,33 +61,33 @@ stage "environment"
 } 2>&1 | tee "$RESULTS/env.txt"
 
 stage "1a. training step, eager variants: $VARIANTS_EAGER"
-timeout $T_EAGER $PY bench/bench_train.py $DEV $STEP --variants $VARIANTS_EAGER --json "$RESULTS/step_eager.json" \
+timeout $T_EAGER $PY -m bench.train_step $DEV $STEP --variants $VARIANTS_EAGER --json "$RESULTS/step_eager.json" \
     2>&1 | grep -vE "^(USDT|ERROR:.*gpuGetDeviceCount)" | tee "$RESULTS/step_eager.txt"
 
 if [[ -n "$VARIANTS_COMPILED" ]]; then
     stage "1b. training step, compiled variants: $VARIANTS_COMPILED"
-    timeout $T_COMPILED $PY bench/bench_train.py $DEV $STEP --warmup 8 --variants $VARIANTS_COMPILED \
+    timeout $T_COMPILED $PY -m bench.train_step $DEV $STEP --warmup 8 --variants $VARIANTS_COMPILED \
         --json "$RESULTS/step_compiled.json" 2>&1 | grep -vE "^(USDT|ERROR:.*gpuGetDeviceCount)" \
         | tee "$RESULTS/step_compiled.txt"
 fi
 
 stage "2. one epoch end to end with the loader, evaluation at full size, 120-epoch projection"
-timeout $T_DATA $PY bench/e2e_data.py --out "$DATA" $COUNTS --workers $WORKERS 2>&1 | tee "$RESULTS/e2e_data.txt"
-timeout $((T_E2E / 2)) $PY bench/bench_train.py $DEV $E2E $COUNTS --end-to-end --data-dir "$DATA" \
+timeout $T_DATA $PY -m bench.e2e_data --out "$DATA" $COUNTS --workers $WORKERS 2>&1 | tee "$RESULTS/e2e_data.txt"
+timeout $((T_E2E / 2)) $PY -m bench.train_epoch $DEV $E2E $COUNTS --data-dir "$DATA" \
     --set data.num_workers=$WORKERS --json "$RESULTS/e2e_cpu_augment.json" 2>&1 \
     | grep -vE "^(USDT|ERROR:.*gpuGetDeviceCount|INFO)" | tee "$RESULTS/e2e_cpu_augment.txt"
-timeout $((T_E2E / 2)) $PY bench/bench_train.py $DEV $E2E $COUNTS --end-to-end --data-dir "$DATA" \
+timeout $((T_E2E / 2)) $PY -m bench.train_epoch $DEV $E2E $COUNTS --data-dir "$DATA" \
     --set data.num_workers=$WORKERS --set data.augment_on=device --set "data.image_cache=$DATA.cache" \
     --json "$RESULTS/e2e_device_augment.json" 2>&1 | grep -vE "^(USDT|ERROR:.*gpuGetDeviceCount|INFO)" \
     | tee "$RESULTS/e2e_device_augment.txt"
 
 stage "3. memory budgets"
-timeout $T_MEM $PY bench/bench_train.py $DEV $MEM --memory-budgets 12,16,24,40,80 --json "$RESULTS/memory.json" \
+timeout $T_MEM $PY -m bench.train_memory $DEV $MEM --memory-budgets 12,16,24,40,80 --json "$RESULTS/memory.json" \
     2>&1 | grep -vE "^(USDT|ERROR:.*gpuGetDeviceCount)" | tee "$RESULTS/memory.txt"
 
 stage "4. ranking speed at the three test sets' sizes (random features)"
-timeout $T_RANK $PY bench/bench_eval.py $RANK 2>&1 | tee "$RESULTS/bench_eval.txt"
+timeout $T_RANK $PY -m bench.bench_eval $RANK 2>&1 | tee "$RESULTS/bench_eval.txt"
 
 stage "summary"
-$PY bench/summarize.py "$RESULTS" > /dev/null && echo "wrote $RESULTS/SUMMARY.md"
+$PY -m bench.summarize "$RESULTS" > /dev/null && echo "wrote $RESULTS/SUMMARY.md"
 echo "total $((SECONDS - START)) s" | tee -a "$RESULTS/stages.txt"

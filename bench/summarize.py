@@ -1,6 +1,6 @@
 """Collect the JSON files bench/gpu_checks.sh wrote into one SUMMARY.md (the tables the README quotes).
 
-    python bench/summarize.py bench/results/gpu_20270101_1200
+    python -m bench.summarize bench/results/gpu_20270101_1200
 """
 from __future__ import annotations
 

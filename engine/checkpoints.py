@@ -45,10 +45,14 @@ class TrainState:
     global_step: int = 0
     best_metric: float = float("-inf")
     best_epoch: int = -1
+    # the "no good match" threshold and blend weight of the latest evaluation on the selection split
+    # (engine.evaluation.calibration_record): each checkpoint carries those of the evaluation before it was saved
+    calibration: dict | None = None
 
     @classmethod
     def from_checkpoint(cls, obj: dict) -> "TrainState":
-        return cls(obj["epoch"], obj["step_in_epoch"], obj["step"], obj["best_metric"], obj["best_epoch"])
+        return cls(obj["epoch"], obj["step_in_epoch"], obj["step"], obj["best_metric"], obj["best_epoch"],
+                   obj.get("calibration"))
 
 
 def detect_format(obj: Any) -> str:
@@ -131,7 +135,7 @@ def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg
         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
         scaler=scaler.state_dict() if scaler is not None else None,
         epoch=state.epoch, step_in_epoch=state.step_in_epoch, step=state.global_step,
-        best_metric=state.best_metric, best_epoch=state.best_epoch, rng=rng,
+        best_metric=state.best_metric, best_epoch=state.best_epoch, calibration=state.calibration, rng=rng,
         world_size=du.get_world_size(), environment=environment_record())
 
 
@@ -302,7 +306,8 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
         tokenizer = tokenizer_from_record(obj.get("tokenizer"), cfg.text)
         record = obj.get("tokenizer")
         info = {"format": "ours", **{k: obj.get(k) for k in TRAINING_FIELDS}, "environment": obj.get("environment"),
-                "learnt_vocabulary": bool(record) and "vocab" in record}
+                "learnt_vocabulary": bool(record) and "vocab" in record,
+                "calibration": obj.get("calibration")}
     elif kind == "official":
         _, model_overrides = convert_official(obj)
         cfg = load_config(config_path).replace(model=model_overrides)
@@ -327,7 +332,7 @@ def folder_as_checkpoint(path: str | Path) -> dict:
     folder = read_model_folder(path)
     return checkpoint_dict(folder.state, folder.config, folder.tokenizer, epoch=folder.training.get("epoch"),
                            step=folder.training.get("step"), step_in_epoch=folder.training.get("step_in_epoch"),
-                           model_folder=str(folder.path))
+                           calibration=folder.training.get("calibration"), model_folder=str(folder.path))
 
 
 def read_checkpoint_or_folder(path: str | Path) -> Any:

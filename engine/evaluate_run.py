@@ -48,7 +48,7 @@ def evaluate_checkpoint(args: argparse.Namespace, metrics_path: Path, examples_d
             check_writable_folder(metrics_path.parent, f"the metrics file {metrics_path.name} (--output-dir)")
             if int(cfg.eval.save_examples) > 0:
                 check_writable_folder(examples_dir, "the example pictures' folder (--save-examples)")
-            results = evaluate_model(model, records, tokenizer, cfg, device, args.split)
+            results = evaluate_model(model, records, tokenizer, cfg, device, args.split, info.get("calibration"))
             results["epoch"] = epoch
             write_metrics_json(metrics_path, results, args.checkpoint, cfg)
             if du.is_main_process():

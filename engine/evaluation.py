@@ -33,6 +33,7 @@ from datasets.authors_text import authors_word_count
 from datasets.pixels import set_max_image_pixels
 from datasets.records import MissingImagesError, Record
 from datasets.transforms import build_test_transform
+from engine.calibration import (blend_grid, calibrate_no_match, choose_blend_weight, itm_pair_accuracy)
 from engine.encoding import encode_images, encode_texts, rerank_scores
 from utils.checkpoint import atomic_write
 from utils.environment import environment_record
@@ -310,18 +311,52 @@ def _examples(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: t
     }
 
 
+def _blend(sets: EvalSets, text_feats: torch.Tensor, image_feats: torch.Tensor, top_idx: torch.Tensor,
+           top_cosine: torch.Tensor, itm: torch.Tensor, ev: Any, options: dict, carried: dict | None,
+           results: dict) -> None:
+    """The cosine + w * ITM blend (engine.calibration): "t2i_blend" at the weight of ``eval.rerank_blend_weight``,
+    else the one carried with the model, else the best of the grid on this split; "rerank_blend" records the
+    weight, where it came from and the grid; "itm_pair_accuracy" what the head is worth inside the top k."""
+    device = text_feats.device
+    query_pids, gallery_pids = sets.query_pids.to(device), sets.gallery_pids.to(device)
+    grid = blend_grid(text_feats, image_feats, query_pids, gallery_pids, top_idx, itm,
+                      sorted({0.0, *map(float, ev.rerank_blend_weights)}), int(ev.chunk_size), options)
+    if ev.rerank_blend_weight is not None:
+        weight, source = float(ev.rerank_blend_weight), "eval.rerank_blend_weight"
+    elif carried and carried.get("rerank_blend_weight") is not None:
+        weight, source = float(carried["rerank_blend_weight"]), f"carried with the model (chosen on {carried.get('split')})"
+    else:
+        weight, source = choose_blend_weight(grid, str(ev.selection_metric)), f"chosen on {results['split']}"
+    if weight not in grid:
+        grid.update(blend_grid(text_feats, image_feats, query_pids, gallery_pids, top_idx, itm, [weight],
+                               int(ev.chunk_size), options))
+    results["t2i_blend"] = grid[weight]
+    results["rerank_blend"] = {"weight": weight, "source": source, "selection_metric": str(ev.selection_metric),
+                               "grid": {str(w): {m: grid[w][m] for m in ("R1", "mAP")} for w in sorted(grid)}}
+    results["itm_pair_accuracy"] = itm_pair_accuracy(gallery_pids[top_idx.to(device)], query_pids,
+                                                     top_cosine, itm)
+    acc = results["itm_pair_accuracy"]
+    if acc.get("pairs"):
+        logger.info("ITM head inside the cosine top %d on %s: orders %.1f%% of (right, wrong) image pairs right "
+                    "(cosine %.1f%%; %d pairs, %d queries); blend weight %g (%s)", top_idx.shape[1],
+                    results["split"], acc["itm"], acc["cosine"], acc["pairs"], acc["queries"], weight, source)
+
+
 def _rerank(model: torch.nn.Module, tokenizer: Any, sets: EvalSets, text_feats: torch.Tensor,
             image_feats: torch.Tensor, cfg: Any, transform: Callable, device: torch.device, per_query: bool,
-            options: dict, results: dict) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
-    """ITM re-ranking of each query's top ``eval.rerank_top_k``: adds "t2i_rerank", "rerank_top_k" and
-    "rerank_seconds" to ``results``; returns ((top-k indices [Q,k], ITM scores [Q,k]), per-query ranks or None)."""
+            options: dict, results: dict, carried: dict | None = None
+            ) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+    """ITM re-ranking of each query's top ``eval.rerank_top_k``: adds "t2i_rerank" (the ITM order, replacing
+    the cosine inside the top k), the blend (see _blend), "rerank_top_k" and "rerank_seconds" to ``results``;
+    returns ((top-k indices [Q,k], ITM scores [Q,k]), per-query ranks of the replacement or None)."""
     ev, chunk = cfg.eval, int(cfg.eval.chunk_size)
     began = time.perf_counter()
     k = min(int(ev.rerank_top_k), sets.num_gallery)
-    _, top_idx = topk_indices(text_feats, image_feats, k, chunk_size=chunk)
+    top_cosine, top_idx = topk_indices(text_feats, image_feats, k, chunk_size=chunk)
     itm = rerank_scores(model, tokenizer, sets.texts, sets.image_paths, top_idx, transform,
                         query_token_limit(cfg, sets.protocol),
                         int(ev.rerank_batch_size), device, bool(ev.amp), int(cfg.data.num_workers))
+    _blend(sets, text_feats, image_feats, top_idx, top_cosine, itm, ev, options, carried, results)
     results["t2i_rerank"] = retrieval_metrics(
         text_feats, image_feats, sets.query_pids.to(device), sets.gallery_pids.to(device), chunk_size=chunk,
         per_query=per_query,
@@ -349,12 +384,15 @@ def log_caption_lengths(sets: EvalSets, tokenizer: Any, cfg: Any) -> int:
 
 
 def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer: Any, cfg: Any,
-                   device: torch.device | str, split_name: str) -> dict:
+                   device: torch.device | str, split_name: str, calibration: dict | None = None) -> dict:
     """Evaluate ``model`` on one split's records; every rank calls it and gets the same results.
 
-    Returns {"split", "protocol" (see describe_protocol), "t2i", "i2t", "t2i_rerank" (only when re-ranking),
-    "chance_R1", "counts", "encode_seconds", "rerank_seconds" (when re-ranking), "examples" (when
-    eval.save_examples > 0)}; metric dicts are those of ``retrieval_metrics`` (percentages). Logs one table
+    Returns {"split", "protocol" (see describe_protocol), "t2i", "i2t", "t2i_rerank" and "t2i_blend" (only when
+    re-ranking), "chance_R1", "counts", "no_match", "calibration", "encode_seconds", "rerank_seconds" (when
+    re-ranking), "examples" (when eval.save_examples > 0)}; metric dicts are those of ``retrieval_metrics``
+    (percentages). ``calibration``: the one carried with the model (a checkpoint's "calibration", measured on
+    val): its "no good match" threshold and blend weight are applied and measured here instead of chosen here;
+    results["calibration"] is what this evaluation used or chose (what a checkpoint carries). Logs one table
     per direction.
     """
     device = torch.device(device)
@@ -401,19 +439,34 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     results["i2t"] = retrieval_metrics(image_feats, text_feats, gallery_pids, query_pids, chunk_size=chunk, **options)
     results["chance_R1"] = chance_r1(query_pids, gallery_pids)
     results["match_threshold"] = match_threshold(text_feats, image_feats, query_pids, gallery_pids, chunk)
+    results["no_match"] = calibrate_no_match(
+        lambda texts: encode_texts(model, tokenizer, texts, token_limit, ev.batch_size, device, amp),
+        sets.texts, text_feats, image_feats, query_pids, gallery_pids, chunk, ev,
+        (calibration or {}).get("no_match"))
     results["counts"] = {"queries": sets.num_queries, "gallery_images": sets.num_gallery,
                          "identities": int(torch.unique(sets.query_pids).numel())}
 
     rerank = None
     if rerank_k > 0:
         rerank, per_query = _rerank(model, tokenizer, sets, text_feats, image_feats, cfg, transform, device,
-                                    want_examples, options, results)
+                                    want_examples, options, results, calibration)
+    results["calibration"] = calibration_record(results, calibration)
     if want_examples:
         results["examples"] = _examples(text_feats, image_feats, query_pids, gallery_pids, per_query,
                                         int(ev.save_examples), str(ev.examples_pick), rerank)
     model.train(was_training)
     log_results(results)
     return results
+
+
+def calibration_record(results: dict, carried: dict | None) -> dict:
+    """What a checkpoint carries from this evaluation: the "no good match" rule and the blend weight, and the
+    split they were chosen on (the carried record unchanged when the evaluation applied one)."""
+    if carried:
+        return carried
+    rule = {k: results["no_match"][k] for k in ("rule", "thresholds", "quantile", "calibrated_on")}
+    weight = results.get("rerank_blend", {}).get("weight")
+    return {"split": results["split"], "no_match": rule, "rerank_blend_weight": weight}
 
 
 def log_results(results: dict) -> None:
@@ -428,9 +481,20 @@ def log_results(results: dict) -> None:
     tables = [("t2i", f"text-to-image on {split} ({sizes}; chance R@1 {results['chance_R1']:.3f}%)")]
     if "t2i_rerank" in results:
         tables.append(("t2i_rerank", f"text-to-image on {split}, ITM re-ranking of the top {results['rerank_top_k']}"))
+    if "t2i_blend" in results:
+        tables.append(("t2i_blend", f"text-to-image on {split}, cosine + {results['rerank_blend']['weight']:g} x ITM "
+                                    f"in the top {results['rerank_top_k']}"))
     tables.append(("i2t", f"image-to-text on {split} ({sizes})"))
     for key, title in tables:
         logger.info("\n%s", format_metrics_table({m: results[key][m] for m in shown}, title))
+    no_match = results.get("no_match", {})
+    rates = no_match.get("short_queries", {})
+    if no_match.get("thresholds") and rates.get("right_top1_flagged") is not None:
+        below = " or ".join(f"{k} below {v['values'][0]:.3f} ({v['words'][0]:g} words) to {v['values'][1]:.3f} "
+                            f"({v['words'][1]:g} words)" for k, v in no_match["thresholds"].items())
+        logger.info("no good match (%s) on %s, first clauses as queries: %.1f%% of right best answers flagged, "
+                    "%s%% of queries about an absent person not flagged", below, split, rates["right_top1_flagged"],
+                    "-" if rates.get("absent_not_flagged") is None else f"{rates['absent_not_flagged']:.1f}")
 
 
 def _json_ready(value: Any) -> Any:
@@ -506,22 +570,25 @@ def save_examples(out_dir: str | Path, results: dict, records: Sequence[Record],
 
 # ----------------------------------------------------------------------------------- inside training
 def evaluate_split(model: torch.nn.Module, splits: Any, split_name: str, tokenizer: Any, cfg: Any,
-                   device: torch.device, output_dir: Path | None, checkpoint: str | None = None) -> dict | None:
-    """Evaluate one split of ``splits`` (None when it is empty); writes metrics_<split>.json into ``output_dir``."""
+                   device: torch.device, output_dir: Path | None, checkpoint: str | None = None,
+                   calibration: dict | None = None) -> dict | None:
+    """Evaluate one split of ``splits`` (None when it is empty); writes metrics_<split>.json into ``output_dir``.
+    ``calibration``: see evaluate_model."""
     records = getattr(splits, split_name, None) if splits is not None else None
     if not records:
         return None
     # Evaluation must not move the training RNG streams, or resumed runs would diverge from uninterrupted ones.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        results = evaluate_model(model, records, tokenizer, cfg, device, split_name)
+        results = evaluate_model(model, records, tokenizer, cfg, device, split_name, calibration)
     if output_dir is not None and is_main_process():
         write_metrics_json(output_dir / f"metrics_{split_name}.json", results, checkpoint, cfg)
     return results
 
 
 def selection_score(results: dict, metric: str) -> float:
-    """The model-selection number of ``eval.selection_metric`` (re-ranked when re-ranking ran)."""
-    t2i = results["t2i_rerank"] if "t2i_rerank" in results else results["t2i"]
+    """The model-selection number of ``eval.selection_metric`` (of the blend when re-ranking ran: the ranking a
+    re-ranking model serves)."""
+    t2i = next(results[k] for k in ("t2i_blend", "t2i_rerank", "t2i") if k in results)
     if metric == "R1+mAP":
         return 0.5 * (t2i["R1"] + t2i["mAP"])
     return t2i[metric]

@@ -7,11 +7,19 @@ shows (used by the web page, retrieve.py's sheets and evaluate.py --save-example
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
-from models.explain import explain_match
+from models.explain import baseline_tokens, explain_match
+
+# Words that carry no description of a person: never listed as a reason for a match, whatever their share.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those and or but with without of in on at to from by for over under into onto near
+is are was were be been being has have had having does do did wears wearing worn wore carries carrying holds
+holding dressed who which while also too very just some any one he she they his her their its him them it
+person pedestrian people someone looks look appears seems walking standing
+""".split())
 
 
 @dataclass
@@ -29,6 +37,8 @@ class Explanation:
     special_share: float
     method: str
     exact: bool
+    baseline_score: Optional[float] = None  # the baseline's score when contrastive (the shares add up to the gap)
+    baseline: str = ""  # what the baseline is, for the page ("the gallery's average picture")
 
     def image_total(self) -> float:
         """The image side's shares summed (equal to ``score`` when ``exact``)."""
@@ -39,15 +49,20 @@ class Explanation:
         return sum(s for _, s in self.words) + self.special_share
 
     def top_words(self, n: int = 3) -> list[str]:
-        """The ``n`` words with the largest positive shares, largest first."""
-        ranked = sorted((w for w in self.words if w[1] > 0), key=lambda w: -w[1])
+        """The ``n`` descriptive words with the largest positive shares, largest first (FUNCTION_WORDS never)."""
+        ranked = sorted((w for w in self.words if w[1] > 0 and w[0].lower() not in FUNCTION_WORDS),
+                        key=lambda w: -w[1])
         return [w for w, _ in ranked[:n]]
 
     def summary(self) -> str:
         """One line: the score, how it splits on each side, and the words that match most."""
         how = "exactly" if self.exact else "by gradient x input (an attribution; the parts do not add up to it)"
         words = ", ".join(self.top_words()) or "none"
-        return (f"score {self.score:.3f}, split {how}: image regions {float(self.patch_map.sum()):+.3f} and the "
+        what = f"score {self.score:.3f}"
+        if self.baseline_score is not None:
+            what = (f"score {self.score:.3f} against {self.baseline_score:.3f} for {self.baseline}: the gap "
+                    f"{self.score - self.baseline_score:+.3f}")
+        return (f"{what}, split {how}: image regions {float(self.patch_map.sum()):+.3f} and the "
                 f"image's CLS token {self.cls_share:+.3f}; words {sum(s for _, s in self.words):+.3f} and "
                 f"[CLS]/[SEP] {self.special_share:+.3f}. Words that match most: {words}")
 
@@ -72,21 +87,53 @@ def _words(tokenizer: Any, text: str, shares: torch.Tensor, max_text_len: int
     return [(text[start:end], share) for start, end, share in words.values()], special
 
 
-def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, image_path: str) -> Explanation:
-    """The explanation of ``image_path``'s score for ``text`` (float32, no autocast, the test transform)."""
+def _pixels(cfg: Any, paths: Sequence[str], device: Any) -> torch.Tensor:
+    """The images at ``paths`` as the gallery saw them: [B, 3, H, W] (the test transform)."""
     from datasets.pixels import open_image
     from datasets.transforms import build_test_transform
+
+    transform = build_test_transform(cfg.input)
+    loaded = []
+    for path in paths:
+        with open_image(path) as opened:
+            loaded.append(transform(opened.convert("RGB")))
+    return torch.stack(loaded).to(device)
+
+
+def gallery_baseline(model: Any, cfg: Any, device: Any, paths: Sequence[str], limit: int = 128,
+                     batch_size: int = 32) -> Optional[torch.Tensor]:
+    """The contrastive baseline of a gallery (models.explain.baseline_tokens over at most ``limit`` of its images,
+    spread evenly): [N, D], or None for a model whose explanations are not contrastive (CLS pooling)."""
+    if model.config.feature_pool != "mean" or not paths:
+        return None
+    step = max(1, len(paths) // limit)
+    chosen = list(paths)[::step][:limit]
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [baseline_tokens(model, _pixels(cfg, chosen[i:i + batch_size], device)) * len(chosen[i:i + batch_size])
+                 for i in range(0, len(chosen), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.stack(parts).sum(0) / len(chosen)
+
+
+def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, image_path: str,
+                 baseline: Optional[torch.Tensor] = None, baseline_name: str = "the gallery's average picture"
+                 ) -> Explanation:
+    """The explanation of ``image_path``'s score for ``text`` (float32, no autocast, the test transform); with
+    ``baseline`` (gallery_baseline, or one image feature [D]) why it scores above that baseline."""
     from engine.encoding import tokenize
 
-    with open_image(image_path) as opened:
-        pixels = build_test_transform(cfg.input)(opened.convert("RGB"))[None].to(device)
+    pixels = _pixels(cfg, [image_path], device)
     ids, mask = tokenize(tokenizer, [text], cfg.text.max_text_len, device)
     was_training = model.training
     model.eval()
     try:
-        match = explain_match(model, pixels, ids, mask)
+        match = explain_match(model, pixels, ids, mask, baseline)
     finally:
         model.train(was_training)
     words, special = _words(tokenizer, text, match.text, int(cfg.text.max_text_len))
     return Explanation(str(image_path), text, match.score, match.patch_map(), float(match.image[0]), words, special,
-                       match.method, match.exact)
+                       match.method, match.exact, match.baseline_score,
+                       baseline_name if match.baseline_score is not None else "")

@@ -20,7 +20,8 @@ from utils.checkpoint import check_writable_folder, model_epoch
 logger = logging.getLogger(__name__)
 
 METRIC_SPLITS = ("test", "val")
-METRIC_KEYS = ("split", "t2i", "t2i_rerank", "rerank_top_k", "i2t", "chance_R1", "counts")
+METRIC_KEYS = ("split", "t2i", "t2i_rerank", "t2i_blend", "rerank_top_k", "rerank_blend", "itm_pair_accuracy",
+               "i2t", "chance_R1", "counts", "match_threshold", "no_match", "calibration")
 
 
 def find_metrics(checkpoint: Path, files: Sequence[str | os.PathLike[str]] = ()) -> dict[str, dict]:
@@ -68,6 +69,7 @@ def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
                           "(python -m engine.convert_official SRC DST.pth)")
     metrics = find_metrics(checkpoint, metrics_files)
     start_model_folder(out_dir, model.state_dict(), tokenizer, overwrite)
+    info = {**info, "calibration": carried_calibration(info, metrics)}
     meta = folder_record(cfg, tokenizer, info["learnt_vocabulary"], info, checkpoint, metrics)
     if onnx:
         meta["files"].update(export_onnx(model, cfg, out_dir))
@@ -76,11 +78,22 @@ def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
     return out_dir
 
 
+def carried_calibration(info: dict, metrics: dict[str, dict]) -> dict | None:
+    """The "no good match" threshold and blend weight the folder carries (engine.calibration): the checkpoint's
+    own (chosen on val during training), else those of an evaluation of it on val (``evaluate.py --split val``,
+    passed with ``--metrics``, for checkpoints trained before they were carried)."""
+    if info.get("calibration"):
+        return info["calibration"]
+    val = metrics.get("val", {}).get("calibration")
+    return val if isinstance(val, dict) and val.get("split") == "val" else None
+
+
 # ------------------------------------------------------------------------------------------ model card
 def _metrics_table(metrics: dict[str, dict]) -> str:
     rows = []
     for split, result in metrics.items():
         for key, label in (("t2i", "text-to-image"), ("t2i_rerank", "text-to-image, ITM re-ranked"),
+                           ("t2i_blend", "text-to-image, cosine + ITM blend"),
                            ("i2t", "image-to-text")):
             if key in result:
                 m = result[key]

@@ -153,7 +153,8 @@ def read_model_folder(path: str | os.PathLike[str]) -> FolderContents:
     else:
         record = {"name": str(path)}
         config["text"]["tokenizer"] = str(path)
-    return FolderContents(path, state, config, record, dict(meta.get("training", {})))
+    training = {**meta.get("training", {}), "calibration": meta.get("calibration")}  # engine.calibration's
+    return FolderContents(path, state, config, record, training)
 
 
 def read_vocabulary(path: Path) -> list[str]:
@@ -185,6 +186,7 @@ def folder_record(cfg: Config, tokenizer, learnt_vocabulary: bool, training: dic
         "config": cfg.to_dict(),
         "training": {k: training.get(k) for k in TRAINING_FIELDS},
         "metrics": metrics,
+        "calibration": training.get("calibration"),  # "no good match" threshold, blend weight (engine.calibration)
         "source_checkpoint": {"file": source.name, "sha256": sha256_of(source)},
         "training_environment": training.get("environment"),
         "export_environment": environment_record("cpu"),

@@ -38,6 +38,7 @@ from utils import distributed as du
 from utils.amp import autocast
 from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporaries, restore_rng_state
 from utils.config import Config, ConfigError, save_config
+from utils.environment import environment_record
 from utils.errors import UserError
 from utils.logging_utils import MetricsWriter, interactive, setup_logging
 from utils.optim import (batch_scaling_message, build_optimizer, build_scheduler, renew_hyperparameters,
@@ -461,6 +462,9 @@ def data_failure(run: Run, watchdog: StallWatchdog, exc: BaseException) -> UserE
 
 def run_epochs(run: Run) -> bool:
     """Train from ``run.state`` to the last epoch; True when a stop request ended the run early."""
+    # What the steps that follow ran with (versions, thread counts): a fresh run's first record, a resume's at
+    # the step it resumes from.
+    run.writer.write("environment", run.state.global_step, environment_record(run.device))
     with StopRequest() as stop, StallWatchdog(run.cfg.train.stall_warning_seconds,
                                               run.cfg.train.stall_stop_seconds) as watchdog:
         while run.state.epoch < run.cfg.train.epochs:
@@ -485,10 +489,23 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
         try:
             return run_steps(run, watchdog.batches(batches, unwrapped), steps, stop, watchdog)
         except Exception as exc:
+            if stopped_with_its_workers(run, stop, watchdog):
+                return True
             failure = data_failure(run, watchdog, exc)
             if failure is None:
                 raise
             raise failure from None
+
+
+def stopped_with_its_workers(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
+    """A SIGTERM/SIGINT sent to the whole process group also ends the loader workers, and the wait for a batch
+    can fail on their death before the loop sees its own stop flag: that is the requested stop, not a worker
+    failure. A single process saves last.pth (between steps, so the state is whole) and stops as asked."""
+    if not (stop.requested and watchdog.fetch_failed and run.world_size == 1):
+        return False
+    stop.agreed(run.device)  # logs the received signal once
+    save(run, ["last.pth"])
+    return True
 
 
 def run_steps(run: Run, batches: Iterator[dict], steps: int, stop: StopRequest, watchdog: StallWatchdog) -> bool:
@@ -504,6 +521,7 @@ def run_steps(run: Run, batches: Iterator[dict], steps: int, stop: StopRequest, 
                 # Progress in nominal steps, so the schedule ends with the last epoch whatever its length.
                 set_schedule(run.scheduler, cfg.train, epoch,
                              round((epoch + state.step_in_epoch / steps) * run.nominal_steps))
+            run.objective.set_progress(epoch + state.step_in_epoch / steps)  # the ITM hardness ramp
             window.add(optimizer_step(run, batches))
             watchdog.beat(f"epoch {epoch} step {state.step_in_epoch + 1}")
             state.step_in_epoch += 1
@@ -608,6 +626,7 @@ def end_of_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
         results = evaluate_split(run.model, run.eval_splits, run.selection, run.tokenizer, cfg, run.device,
                                  run.output_dir)
         score = selection_score(results, cfg.eval.selection_metric)
+        state.calibration = results.get("calibration")  # carried by the checkpoints saved below
         run.writer.write("eval", state.global_step, {"epoch": epoch, "split": run.selection, "score": score,
                                                      **metric_scalars(results)})
         if score > state.best_metric:
@@ -649,17 +668,19 @@ def test_selected_model(run: Run) -> dict | None:
     """Load best.pth and evaluate it on the test split (None when the split is empty)."""
     cfg, state = run.cfg, run.state
     best_path = run.output_dir / "best.pth"
+    calibration = None  # no selected checkpoint: the test split calibrates itself (and says so)
     if state.best_epoch >= 0:  # known on every rank (a file check would differ between nodes without a shared disk)
         best = load_file(best_path)
         if best["best_epoch"] != state.best_epoch:
             raise CheckpointError(f"{best_path} holds epoch {best['best_epoch']} but the run selected epoch "
                                   f"{state.best_epoch}; evaluate the file you want with evaluate.py")
         run.model.load_state_dict(best["model"])
+        calibration = best.get("calibration")
         logger.info("testing best.pth: epoch %d (%s %.2f)", state.best_epoch, cfg.eval.selection_metric,
                     state.best_metric)
     test_split = cfg.eval.test_split
     results = evaluate_split(run.model, run.eval_splits, test_split, run.tokenizer, cfg, run.device,
-                             run.output_dir, checkpoint=str(best_path))
+                             run.output_dir, checkpoint=str(best_path), calibration=calibration)
     if results is None and run.eval_splits is not None:
         raise SplitError(f"the {test_split!r} split of {run.eval_splits.annotation_file} is empty: nothing to test "
                          "(eval.test_split)")
@@ -675,7 +696,8 @@ def test_selected_model(run: Run) -> dict | None:
 
 def metric_scalars(results: dict) -> dict[str, float]:
     """Every metric of an evaluation as flat names (``t2i/R1``, ``t2i_rerank/mAP``, ``i2t/mINP``, ...)."""
-    return {f"{direction}/{name}": value for direction in ("t2i", "t2i_rerank", "i2t") if direction in results
+    return {f"{direction}/{name}": value for direction in ("t2i", "t2i_rerank", "t2i_blend", "i2t")
+            if direction in results
             for name, value in results[direction].items() if isinstance(value, (int, float))}
 
 

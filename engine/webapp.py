@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -52,6 +53,17 @@ element.addEventListener('click', (event) => {
   const box = document.querySelector('#why-index textarea, #why-index input');
   box.value = card.dataset.index;
   box.dispatchEvent(new Event('input', {bubbles: true}));
+  // on a phone the panel sits below the results, off-screen: bring it into view once its content arrives
+  const why = document.querySelector('#why');
+  const place = why.getBoundingClientRect();
+  if (place.top > window.innerHeight - 40 || place.bottom < 0) {
+    const observer = new MutationObserver(() => {
+      if (!why.querySelector('h3')) return;
+      observer.disconnect();
+      why.scrollIntoView({block: 'start'});
+    });
+    observer.observe(why, {childList: true, subtree: true, characterData: true});
+  }
 });
 """
 
@@ -120,10 +132,11 @@ def why_html(explanation: Any, rank: int) -> str:
         f'<span class="ivt-word" title="{share:+.4f}" style="background: rgba('
         f'{"230,30,30" if share >= 0 else "30,90,230"},{0.75 * abs(share) / scale:.2f})">{esc(word)}</span>'
         for word, share in explanation.words)
+    against = (f" above {explanation.baseline}" if explanation.baseline_score is not None else "")
     return (f"<h3>Why #{rank} matches</h3><div><img src=\"{plain}\" alt=\"result #{rank}\">"
             f"<img src=\"{heat}\" alt=\"heatmap of result #{rank}\"></div>"
-            f"<p>Red regions raise the score for the description, blue ones lower it; words are shaded the same "
-            f"way.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
+            f"<p>Red regions raise the score for the description{against}, blue ones lower it; words are shaded "
+            f"the same way.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
 
 
 def caption(hit: Any) -> str:
@@ -139,7 +152,14 @@ class SearchPage:
         self.retriever = retriever
         self.provenance = provenance
         self.default_k = max(1, min(int(default_k), MAX_TOP_K))
-        self.min_score = match_threshold_of(provenance) if min_score is None else float(min_score)
+        # the "no good match" rule: min_score (a cosine) when given, else the one carried with the model
+        # (engine.calibration, measured on val), else the cosine threshold of older exports' test metrics
+        self.no_match = (no_match_rule_of(getattr(retriever, "info", {}) or {}, provenance) if min_score is None
+                         else {"rule": "cosine", "thresholds": {"cosine": fixed_threshold(float(min_score))},
+                               "source": "the server's setting"})
+        cosine = (self.no_match or {}).get("thresholds", {}).get("cosine")
+        self.min_score = cosine["values"][-1] if cosine else None  # for a whole caption
+        self._baseline: tuple[Any, Any] | None = None  # (the gallery, its contrastive baseline), made on first use
 
     def _k(self, k: Any) -> int:
         try:
@@ -170,12 +190,24 @@ class SearchPage:
         if not text or not 0 <= index < len(items):
             return "<p>Click a result of a description to see why it matches.</p>"
         try:
-            return why_html(self.retriever.explain(text, items[index][0]), index + 1)
+            return why_html(self._explain(text, items[index][0]), index + 1)
         except UserError as exc:
             return f"<p><b>Cannot explain:</b> {html.escape(str(exc))}</p>"
         except Exception:  # a bug: full traceback in the server log, one line on the page
             logger.exception("explanation failed")
             return "<p><b>Internal error</b> while explaining; the server log has the details.</p>"
+
+    def _explain(self, text: str, path: str) -> Any:
+        """Why ``path`` ranks above the gallery's average picture for ``text`` (contrastive; the plain split of the
+        score for a model whose explanation is not contrastive)."""
+        from engine.explanation import explain_with, gallery_baseline
+        from engine.retrieval import open_query_image
+
+        r = self.retriever
+        open_query_image(path)  # a missing or undecodable file is a QueryError, as for a search
+        if self._baseline is None or self._baseline[0] is not r.gallery:
+            self._baseline = (r.gallery, gallery_baseline(r.model, r.cfg, r.device, r.gallery.paths))
+        return explain_with(r.model, r.tokenizer, r.cfg, r.device, text, path, self._baseline[1])
 
     def search_image(self, image: str | None, k: Any = None) -> Shown:
         if not image:
@@ -198,16 +230,58 @@ class SearchPage:
         ranked_by = "ITM re-ranking" if results and results[0].itm_score is not None else "cosine similarity"
         lines = [f"Top {len(results)} of {len(self.retriever.gallery)} images for {label}, ranked by {ranked_by}. "
                  "Scores are cosine similarities of the features (1 = same direction), not probabilities."]
-        best = max((r.score for r in results), default=None)
-        if text and best is not None and self.min_score is not None and best < self.min_score:
-            lines.insert(0, f"**No good match.** The best score, {best:.3f}, is below {self.min_score:.3f}: the score "
-                            "95% of the correctly answered test queries reach (its measured threshold). Nobody here "
-                            "looks much like the description; these are the closest images.")
+        flagged = self._no_good_match(text) if text and results else None
+        if flagged:
+            lines.insert(0, flagged)
         unknown = self.retriever.out_of_vocabulary(text) if text else []
         if unknown:
             lines.append(f"Not in the model's vocabulary (spelt letter by letter, so they count little): "
                          f"{html.escape(', '.join(unknown))}.")
         return Shown([(r.path, caption(r)) for r in results], "\n\n".join(lines))
+
+
+    def _no_good_match(self, text: str) -> str | None:
+        """The "no good match" message when the best image does not stand out enough or scores too low, else None."""
+        from engine.calibration import is_no_match, word_count
+
+        words = {w for w in re.findall(r"\w+", text.lower()) if len(w) > 1}
+        if words and words <= {w.lower() for w in self.retriever.out_of_vocabulary(text)}:
+            return ("**No good match.** The model knows none of the words of this description, so it cannot read "
+                    "it; these images are ranked by noise.")
+        rule = self.no_match
+        if not rule:
+            return None
+        scores = self.retriever.encode_query(text) @ self.retriever.gallery.features.t()  # [G]
+        no_match, stats, limits = is_no_match(scores, rule, word_count(text))
+        if not no_match:
+            return None
+        said = []
+        if stats.get("zscore", float("inf")) < limits.get("zscore", float("-inf")):
+            said.append(f"the best image stands out from the rest of this gallery by {stats['zscore']:.2f} standard "
+                        f"deviations, less than {limits['zscore']:.2f}")
+        if stats.get("cosine", float("inf")) < limits.get("cosine", float("-inf")):
+            said.append(f"the best score, {stats['cosine']:.3f}, is below {limits['cosine']:.3f}")
+        share = f"{1 - float(rule.get('quantile') or 0.05):.0%}"
+        return (f"**No good match.** {'; '.join(said).capitalize()}: marks {share} of the right answers reach "
+                f"({rule['source']}). Nobody here looks much like the description; these are the closest images.")
+
+
+def no_match_rule_of(info: dict, provenance: dict) -> dict | None:
+    """The model's "no good match" rule: the calibration its checkpoint or folder carries, else (older exports)
+    the cosine threshold of its test metrics; None when neither is known."""
+    carried = (info.get("calibration") or {}).get("no_match") or {}
+    if isinstance(carried.get("thresholds"), dict) and carried["thresholds"]:
+        return {**carried, "source": "measured on the validation split with short descriptions"}
+    legacy = match_threshold_of(provenance)
+    if legacy is None:
+        return None
+    return {"rule": "cosine", "thresholds": {"cosine": fixed_threshold(legacy)}, "quantile": 0.05,
+            "source": "measured on the test split with whole captions"}
+
+
+def fixed_threshold(value: float) -> dict:
+    """One threshold for queries of any length, in the form engine.calibration.threshold_at reads."""
+    return {"words": [0.0, 0.0], "values": [value, value]}
 
 
 def match_threshold_of(provenance: dict) -> float | None:

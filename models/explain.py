@@ -10,6 +10,14 @@ to s exactly (up to float rounding). The same holds for the words, with the role
 sum over tokens, so the shares are gradient x input (Simonyan et al. 2014; Shrikumar et al. 2017) on the
 tokens that enter the first transformer block: c_i = <ds/dx_i, x_i>. They point at the regions and words the
 score is most sensitive to, weighted by their size; they do not add up to s (``exact`` is False).
+
+Contrastive (``baseline``): why this image scores above a baseline image, s - <t, g> / |t|. The baseline is a
+token map b [N, D] (``baseline_tokens``: the mean over some images, e.g. the gallery, of each one's tokens
+divided by its feature's norm; g = mean_i b_i is then the mean of their unit features) or one feature g [D]
+(taken as the same b_i = g at every position). With mean pooling it splits exactly: image token i's share is
+<t, v_i / |v| - b_i> / (N |t|), each region measured against what the baseline images show at that place (so a
+patch like every other picture's there gets about 0, not a share of the whole score), and word j's share is
+<t_j, v / |v| - g> / (M |t|): the words whose direction this image has and the baseline lacks.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ class MatchExplanation:
     grid: tuple[int, int]
     method: str
     exact: bool
+    baseline_score: Optional[float] = None  # <t, b> / |t| when contrastive: the shares add up to score - this
 
     def patch_map(self) -> torch.Tensor:
         """The patch tokens' shares as a [rows, cols] map (the CLS token's share left out)."""
@@ -47,23 +56,48 @@ def _mean_pool_shares(tokens: torch.Tensor, mask: Optional[torch.Tensor], other:
 
 
 def explain_match(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,
-                  mask: Optional[torch.Tensor]) -> MatchExplanation:
+                  mask: Optional[torch.Tensor], baseline: Optional[torch.Tensor] = None) -> MatchExplanation:
     """One image [1, 3, H, W] and one tokenised caption (ids [1, T], mask [1, T]) -> their MatchExplanation.
 
+    baseline: [D] an image feature to explain against (normalised here), or None for the plain split of the
+    score; only the mean-pool decomposition is contrastive (gradient x input ignores it: its gradient is the same).
     Runs in float32 with the model in eval mode (no token dropping); the caller picks the device.
     """
-    if model.config.feature_pool == "mean":
-        with torch.no_grad():
-            image_tokens, image_feature = model.encode_image(image, bmm=False)
-            text_tokens, text_feature, text_mask = model.encode_text_with_mask(ids, mask, bmm=False)
-            t_unit, v_unit = F.normalize(text_feature.float(), dim=1)[0], F.normalize(image_feature.float(), dim=1)[0]
-            image_shares = _mean_pool_shares(image_tokens[0].float(), None, t_unit)
-            row_mask = None if text_mask is None else text_mask[0]
+    if model.config.feature_pool != "mean":
+        return _gradient_x_input(model, image, ids, mask)
+    with torch.no_grad():
+        image_tokens, image_feature = model.encode_image(image, bmm=False)
+        text_tokens, text_feature, text_mask = model.encode_text_with_mask(ids, mask, bmm=False)
+        t_unit, v_unit = F.normalize(text_feature.float(), dim=1)[0], F.normalize(image_feature.float(), dim=1)[0]
+        image_shares = _mean_pool_shares(image_tokens[0].float(), None, t_unit)
+        row_mask = None if text_mask is None else text_mask[0]
+        score, against, method = float(t_unit @ v_unit), None, "exact mean-pool decomposition"
+        if baseline is None:
             text_shares = _mean_pool_shares(text_tokens[0].float(), row_mask, v_unit)
-            score = float(t_unit @ v_unit)
-        return MatchExplanation(score, image_shares.cpu(), text_shares.cpu(), tuple(model.encoder.grid),
-                                "exact mean-pool decomposition", True)
-    return _gradient_x_input(model, image, ids, mask)
+        else:
+            tokens = image_tokens[0].float()
+            b = baseline.float().to(tokens.device)
+            b = b.expand_as(tokens) if b.dim() == 1 else b  # [N, D]
+            if b.shape != tokens.shape:
+                raise ValueError(f"explain_match: baseline must be [{tokens.shape[1]}] or {tuple(tokens.shape)}, "
+                                 f"got {tuple(baseline.shape)}")
+            g = b.mean(0)
+            against = float(t_unit @ g)
+            image_shares = (tokens / tokens.mean(0).norm() - b) @ t_unit / tokens.shape[0]
+            # <t, v/|v| - g> = s - <t, g>: the text side's decomposition with (v/|v| - g) as the other direction
+            text_shares = _mean_pool_shares(text_tokens[0].float(), row_mask, v_unit - g)
+            method = "exact contrastive mean-pool decomposition"
+    return MatchExplanation(score, image_shares.cpu(), text_shares.cpu(), tuple(model.encoder.grid), method, True,
+                            against)
+
+
+@torch.no_grad()
+def baseline_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The contrastive baseline of some images [B, 3, H, W]: the mean over them of each one's image tokens divided
+    by the norm of its (mean-pooled) feature, [N, D] float32; its token mean is the mean of their unit features."""
+    tokens, _ = model.encode_image(images, bmm=False)
+    tokens = tokens.float()
+    return (tokens / tokens.mean(1, keepdim=True).norm(dim=2, keepdim=True)).mean(0)
 
 
 def _gradient_x_input(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,

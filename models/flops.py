@@ -1,4 +1,4 @@
-"""Model FLOPs of the unified encoder: the count behind model-FLOPs utilisation (MFU) in bench/bench_train.py.
+"""Model FLOPs of the unified encoder: the count behind model-FLOPs utilisation (MFU) in bench/train_step.py.
 
 Counted: the matrix multiplies, 2 FLOPs per multiply-add. Per transformer block and per sequence of n tokens
 (width d, feed-forward hidden h = int(d * mlp_ratio)):

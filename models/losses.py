@@ -160,6 +160,9 @@ def sample_hard_negatives(
     text_pids: torch.Tensor | None,
     generator: torch.Generator | None = None,
     check: str = "host",
+    floor: float = HARD_NEGATIVE_WEIGHT_FLOOR,
+    top_k: int = 0,
+    never: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one hard negative per anchor, never one that shares the anchor's person id.
 
@@ -174,6 +177,13 @@ def sample_hard_negatives(
             sync per call) and raises ValueError naming the counts; "device" queues an asynchronous assert
             (``torch._assert_async``: no sync; on CUDA a failure is a device-side assert that ends the process,
             on CPU a RuntimeError); the draws are the same either way.
+        floor: added to every softmax weight (the authors 1e-4; APTM and MRA 1e-5): no allowed negative is
+            impossible, however dissimilar.
+        top_k: > 0 keeps only each anchor's ``top_k`` most similar allowed candidates (by ``sim_i2t``): the pairs a
+            re-ranking of the cosine top k will meet; 0 keeps every allowed candidate.
+        never: [B images, B texts] bool, pairs that are no true non-match although their ids differ (e.g. the
+            same caption written for two persons); excluded like same-id pairs, except in a row where they would
+            leave no candidate (that row keeps them rather than fail).
 
     Returns:
         neg_image_for_text: [B] long, for each text j the index of an image with a different pid.
@@ -220,12 +230,40 @@ def sample_hard_negatives(
             f"negative with a different person id in the batch; the sampler must put at least two identities in "
             f"each batch"
         )
-    sim = sim_i2t.float()
-    w_t2i = (sim.t().softmax(dim=1) + HARD_NEGATIVE_WEIGHT_FLOOR).masked_fill(same_i2t.t(), 0.0)  # [texts, images]
-    w_i2t = (sim.softmax(dim=1) + HARD_NEGATIVE_WEIGHT_FLOOR).masked_fill(same_i2t, 0.0)  # [images, texts]
+    w_t2i, w_i2t = _negative_weights(sim_i2t.float(), same_i2t, never, floor, top_k)
     neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image_for_text, neg_text_for_image
+
+
+def _negative_weights(sim: torch.Tensor, same_i2t: torch.Tensor, never: torch.Tensor | None, floor: float,
+                      top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling weights ([texts, images], [images, texts]) of sample_hard_negatives; sim [B images, B texts]."""
+    banned_i2t, banned_t2i = _banned_pairs(same_i2t, never)
+    w_t2i = (sim.t().softmax(dim=1) + floor).masked_fill(banned_t2i, 0.0)
+    w_i2t = (sim.softmax(dim=1) + floor).masked_fill(banned_i2t, 0.0)
+    if top_k > 0:
+        w_t2i = _keep_top_k(w_t2i, sim.t(), banned_t2i, top_k)
+        w_i2t = _keep_top_k(w_i2t, sim, banned_i2t, top_k)
+    return w_t2i, w_i2t
+
+
+def _banned_pairs(same_i2t: torch.Tensor, never: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([images, texts], [texts, images]) bool: pairs never drawn. ``never`` [B, B] joins the same-id pairs in
+    every row (of either direction) where it leaves at least one candidate."""
+    if never is None:
+        return same_i2t, same_i2t.t()
+    both = same_i2t | never.to(same_i2t.device)
+    rows = both.all(dim=1, keepdim=True)  # images left without a candidate keep the pairs of ``never``
+    cols = both.all(dim=0, keepdim=True)  # texts likewise
+    return torch.where(rows, same_i2t, both), torch.where(cols, same_i2t, both).t()
+
+
+def _keep_top_k(weights: torch.Tensor, sim: torch.Tensor, banned: torch.Tensor, k: int) -> torch.Tensor:
+    """weights [B, B] with every entry outside each row's k most similar allowed ones (by ``sim``) set to 0."""
+    ranked = sim.masked_fill(banned, float("-inf"))
+    kept = torch.zeros_like(banned).scatter_(1, ranked.topk(min(k, sim.shape[1]), dim=1).indices, True)
+    return weights.masked_fill(~kept, 0.0)
 
 
 def itm_targets(batch_size: int, device: torch.device | str) -> torch.Tensor:

@@ -14,8 +14,8 @@ from torch import nn
 
 from models.config import ModelConfigError
 from models.ivt import IVT
-from models.losses import (cmpm_loss, gather_with_grad, itc_loss, itm_loss, itm_targets, mlm_loss,
-                           sample_hard_negatives)
+from models.losses import (HARD_NEGATIVE_WEIGHT_FLOOR, cmpm_loss, gather_with_grad, itc_loss, itm_loss,
+                           itm_targets, mlm_loss, sample_hard_negatives)
 
 
 class RetrievalObjective(nn.Module):
@@ -29,6 +29,11 @@ class RetrievalObjective(nn.Module):
         self.gather = bool(loss_cfg["gather_features"])
         self.negative_check = str(loss_cfg.get("itm_negative_check", "host"))
         self.negative_hardness = float(loss_cfg.get("itm_negative_hardness", 1.0))
+        self.hardness_ramp_epochs = float(loss_cfg.get("itm_negative_hardness_ramp_epochs", 0.0))
+        self.negative_top_k = int(loss_cfg.get("itm_negative_top_k", 0))
+        self.negative_floor = float(loss_cfg.get("itm_negative_floor", HARD_NEGATIVE_WEIGHT_FLOOR))
+        self.exclude_same_caption = bool(loss_cfg.get("itm_exclude_same_caption", False))
+        self.epochs_done = 0.0  # training progress in epochs (set_progress), for the hardness ramp
         needs_fusion = self.weights["itm"] > 0 or self.weights["mlm"] > 0
         if needs_fusion and not model.has_fusion:
             raise ModelConfigError("loss.itm_weight/loss.mlm_weight > 0 need a fusion stack: set model.fusion_layers > 0")
@@ -44,6 +49,18 @@ class RetrievalObjective(nn.Module):
             self.model.itm_head.requires_grad_(self.weights["itm"] > 0)
             self.model.mlm_head.requires_grad_(self.weights["mlm"] > 0)
             self.model.fusion.requires_grad_(self.weights["itm"] > 0 or self.weights["mlm"] > 0)
+
+    def set_progress(self, epochs_done: float) -> None:
+        """Where training stands (epochs, fractional): the ITM hardness ramp reads it."""
+        self.epochs_done = float(epochs_done)
+
+    def hardness(self) -> float:
+        """The ITM negatives' hardness now: ``loss.itm_negative_hardness``, reached linearly from 0 (uniform) over
+        ``loss.itm_negative_hardness_ramp_epochs`` when that is > 0 (a curriculum: a fusion stack from random
+        weights learns on uniform negatives and stays at chance on the hardest ones)."""
+        if self.hardness_ramp_epochs <= 0:
+            return self.negative_hardness
+        return self.negative_hardness * min(1.0, self.epochs_done / self.hardness_ramp_epochs)
 
     def _maybe_gather(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(gather_with_grad(t) for t in tensors) if self.gather else tensors
@@ -78,7 +95,7 @@ class RetrievalObjective(nn.Module):
                 out["temperature"] = temperature.detach()
             if w["itm"] > 0:
                 out["itm_loss"] = w["itm"] * self._itm(view0_tokens, v, caption_tokens, t, caption_mask, pids,
-                                                      temperature)
+                                                      temperature, caption_ids)
             if w["mlm"] > 0:
                 masked_tokens, _ = model.encode_text(batch["mlm_ids"], caption_mask, bmm=False)
                 labels = batch["mlm_labels"]
@@ -87,20 +104,29 @@ class RetrievalObjective(nn.Module):
                 out["mlm_loss"] = w["mlm"] * mlm_loss(logits, labels[positions])
         return out
 
-    def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature) -> torch.Tensor:
+    def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature,
+             caption_ids=None) -> torch.Tensor:
         """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call.
 
         Negatives are drawn from the softmax of the ITC similarities (``image_feats``/``text_feats`` as ITC sees
         them), so the hardest non-matching pairs are the likeliest. ``loss.itm_negative_hardness`` scales those
         logits: 1 is the authors' sampling, 0 draws uniformly among the other identities (a fusion stack trained
-        from random weights stays at chance on the hardest pairs, but learns to ground words on random ones).
+        from random weights stays at chance on the hardest pairs, but learns to ground words on random ones);
+        see ``hardness`` for its ramp. ``loss.itm_negative_top_k`` keeps each anchor's k most similar candidates,
+        ``loss.itm_exclude_same_caption`` never draws a caption identical to the anchor's (caption_ids [B, T]).
         """
+        hardness = self.hardness()
         with torch.no_grad():
             sim_i2t = image_feats.float() @ text_feats.float().t() / temperature.float()
-            if self.negative_hardness != 1.0:
-                sim_i2t = sim_i2t * self.negative_hardness
-        neg_image_for_text, neg_text_for_image = sample_hard_negatives(sim_i2t, pids, pids,
-                                                                        check=self.negative_check)
+            if hardness != 1.0:
+                sim_i2t = sim_i2t * hardness
+            never = None
+            if self.exclude_same_caption and caption_ids is not None:  # [B images, B texts]: image i's own
+                # caption is text j, token for token
+                never = (caption_ids[:, None, :] == caption_ids[None, :, :]).all(dim=-1)
+        neg_image_for_text, neg_text_for_image = sample_hard_negatives(
+            sim_i2t, pids, pids, check=self.negative_check, floor=self.negative_floor, top_k=self.negative_top_k,
+            never=never)
         text_all = torch.cat([text_tokens, text_tokens, text_tokens[neg_text_for_image]])
         mask_all = torch.cat([text_mask, text_mask, text_mask[neg_text_for_image]])
         image_all = torch.cat([image_tokens, image_tokens[neg_image_for_text], image_tokens])

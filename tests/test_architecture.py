@@ -8,7 +8,8 @@
   ``user_errors_as_one_line()``, so a user mistake prints one line;
 - one owner per file format: ``torch.load`` is called in one place (``utils.checkpoint.load_file``, which checks
   the zip checksums first), and ``models/`` maps tensors without writing any file;
-- no function longer than 80 lines anywhere in the tree, and pyflakes reports nothing.
+- no function longer than 80 lines anywhere in the tree, and pyflakes reports nothing;
+- bench/ is a package run as ``python -m bench.<name>`` from the root: no module there edits ``sys.path``.
 """
 from __future__ import annotations
 
@@ -317,7 +318,8 @@ def test_every_entry_point_runs_inside_the_user_error_handler():
     entries = entry_points()
     names = {str(p.relative_to(ROOT)) for p in entries}
     assert {"train_cuhkpedes.py", "evaluate.py", "retrieve.py", "serve.py", "engine/export.py", "datasets/check.py",
-            "engine/convert_official.py", "bench/bench_train.py"} <= names
+            "engine/convert_official.py", "bench/train_step.py", "bench/train_epoch.py",
+            "bench/train_memory.py"} <= names
     assert sorted(str(p.relative_to(ROOT)) for p in entries if not entry_handled(p)) == []
 
 
@@ -359,3 +361,37 @@ def test_the_architecture_map_names_every_module():
             if path.name != "__init__.py" and f"`{named}" not in doc:
                 missing.append(str(path.relative_to(ROOT)))
     assert missing == []
+
+
+# ------------------------------------------------------------------------------------------------- bench
+def sys_path_edits(path: Path) -> list[str]:
+    """Lines of ``path`` that change ``sys.path`` (a call of one of its methods, or an assignment to it)."""
+    def is_sys_path(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys")
+
+    found = []
+    for node in ast.walk(syntax_tree(path)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_sys_path(node.func.value):
+            found.append(f"{node.lineno}: sys.path.{node.func.attr}")
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [f"{node.lineno}: sys.path =" for t in targets
+                      if is_sys_path(t) or (isinstance(t, ast.Subscript) and is_sys_path(t.value))]
+    return sorted(found, key=lambda line: int(line.split(":")[0]))
+
+
+def test_bench_runs_as_a_package_without_sys_path_edits():
+    assert (ROOT / "bench" / "__init__.py").is_file()
+    offenders = {str(p.relative_to(ROOT)): sys_path_edits(p) for p in modules_of("bench")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    late_imports = [str(p.relative_to(ROOT)) for p in modules_of("bench") if "noqa: E402" in p.read_text()]
+    assert late_imports == []
+
+
+def test_the_sys_path_check_sees_every_spelling(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import sys\nsys.path.insert(0, '.')\nsys.path.append('x')\nsys.path = []\n"
+                      "sys.path[:0] = ['y']\nsys.path += ['z']\nprint(sys.path)\n")
+    assert sys_path_edits(module) == ["2: sys.path.insert", "3: sys.path.append", "4: sys.path =", "5: sys.path =",
+                                      "6: sys.path ="]

@@ -1,15 +1,18 @@
-"""bench/bench_train.py on CPU at CI size: the step mode's FLOPs, FLOP/s and phase breakdown, the end-to-end and
-memory modes the GPU script runs, the summary it writes, and the script itself (syntax)."""
+"""The training benches on CPU at CI size (bench.train_step, bench.train_epoch, bench.train_memory): the step
+mode's FLOPs, FLOP/s and phase breakdown, the end-to-end and memory modes the GPU script runs, the summary it
+writes, the one machine record every bench writes, and the script itself (syntax)."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import bench_train, summarize
+from bench import base, summarize, train_epoch, train_memory, train_step
 from models.config import IVTConfig
 from models.flops import expected_step_flops
 from utils.config import load_config
@@ -21,7 +24,7 @@ MICRO = ["--device", "cpu", "--sizes", "tiny", "--batch", "4", "--steps", "1", "
 @pytest.fixture(autouse=True)
 def micro_size(monkeypatch):
     # The tiny bench size, smaller still: the test checks the plumbing, bench runs give the figures.
-    monkeypatch.setitem(bench_train.SIZES, "tiny", [
+    monkeypatch.setitem(base.SIZES, "tiny", [
         "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "input.image_size=[32,16]",
         "model.patch_size=8", "model.stride=8", "model.vocab_size=400", "model.max_text_positions=64",
         "text.max_text_len=48"])
@@ -29,7 +32,7 @@ def micro_size(monkeypatch):
 
 def test_step_mode_prints_flops_flop_rate_mfu_and_phases(tmp_path, capsys):
     out = tmp_path / "step.json"
-    rows = bench_train.main(MICRO + ["--profile-steps", "1", "--peak-tflops", "2.0", "--json", str(out),
+    rows = train_step.main(MICRO + ["--profile-steps", "1", "--peak-tflops", "2.0", "--json", str(out),
                                      "--variants", "baseline,pad16"])
     printed = capsys.readouterr().out
     for text in ("model FLOPs/step", "achieved", "TFLOP/s", "MFU", "phases ms/step", "forward", "backward",
@@ -37,9 +40,9 @@ def test_step_mode_prints_flops_flop_rate_mfu_and_phases(tmp_path, capsys):
         assert text in printed, text
     baseline, pad16 = rows
     # FLOPs: the mean of the formula over the bench's four batches, at their padded text lengths.
-    cfg = load_config(None, bench_train.SIZES["tiny"] + ["train.batch_size_per_gpu=4"])
+    cfg = load_config(None, base.SIZES["tiny"] + ["train.batch_size_per_gpu=4"])
     config = IVTConfig.from_config(cfg)
-    lengths = [bench_train.make_batch(cfg, 4, (8, 58), seed, False)["text_ids"].shape[1] for seed in range(4)]
+    lengths = [base.make_batch(cfg, 4, (8, 58), seed, False)["text_ids"].shape[1] for seed in range(4)]
     want = statistics.mean(expected_step_flops(config, 12, 12, n).train for n in lengths)
     assert baseline["TFLOP_per_step"] * 1e12 == pytest.approx(want)
     assert pad16["TFLOP_per_step"] > baseline["TFLOP_per_step"]  # padded texts cost more FLOPs
@@ -50,7 +53,23 @@ def test_step_mode_prints_flops_flop_rate_mfu_and_phases(tmp_path, capsys):
     assert phases["host_ms"]["forward"] > 0 and phases["host_ms"]["backward"] > 0
     assert phases["wall_ms"]["forward"] > 0
     assert all("_drop_tokens" in site for site in baseline["host_sync_sites"])
-    assert json.loads(out.read_text())["rows"][0]["variant"] == "baseline"
+    record = json.loads(out.read_text())
+    assert record["rows"][0]["variant"] == "baseline"
+    machine = record["machine"]  # --threads 1 is applied before the record states it
+    assert machine["torch_threads"] == 1 and machine["torch"] == torch.__version__ and machine["device"] == "cpu"
+    assert {"torch_interop_threads", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "git_commit", "loadavg"} <= set(machine)
+
+
+def test_one_machine_record_built_on_the_environment_record():
+    from utils.environment import environment_record
+
+    record, environment = base.machine_record("cpu"), environment_record("cpu")
+    assert {k: record[k] for k in environment} == environment
+    assert record["nproc"] == os.cpu_count() and len(record["loadavg"]) == 3
+    assert json.loads(json.dumps(record)) == record  # plain values: it goes into JSON files as it is
+    # No bench keeps a record of its own.
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        assert "def machine_state" not in path.read_text(), path.name
 
 
 def test_end_to_end_and_memory_modes_and_the_summary(tmp_path, capsys):
@@ -61,7 +80,7 @@ def test_end_to_end_and_memory_modes_and_the_summary(tmp_path, capsys):
     for name, extra in (("e2e_cpu_augment", []),
                         ("e2e_device_augment", ["--set", "data.augment_on=device",
                                                 "--set", f"data.image_cache={tmp_path / 'cache'}"])):
-        rows = bench_train.main(MICRO + counts + ["--end-to-end", "--data-dir", str(data), "--max-steps", "2",
+        rows = train_epoch.main(MICRO + counts + ["--data-dir", str(data), "--max-steps", "2",
                                                   "--data-workers", "0", "--set", "data.num_workers=0",
                                                   "--json", str(results / f"{name}.json")] + extra)
         r = rows[0]
@@ -69,7 +88,7 @@ def test_end_to_end_and_memory_modes_and_the_summary(tmp_path, capsys):
         assert r["epoch_s"] > 0 and r["projected_total_h"] > 0 and r["loader_alone_batches_per_s"] > 0
         assert r["eval"]["test"]["counts"]["queries"] == 8
     assert (tmp_path / "cache" / "index.json").is_file()
-    rows = bench_train.main(MICRO + ["--memory-budgets", "12", "--json", str(results / "memory.json")])
+    rows = train_memory.main(MICRO + ["--memory-budgets", "12", "--json", str(results / "memory.json")])
     assert [r["variant"] for r in rows[:-1]] == ["4x1", "4x1 ckpt", "2x2", "2x2 ckpt", "1x4 ckpt"]
     assert [r["exact"] for r in rows[:-1]] == [True, True, False, False, False]  # accumulation changes CMPM
     assert rows[-1] == {"memory_table": []}  # no memory cap on a CPU
@@ -82,20 +101,21 @@ def test_the_gpu_script_parses_and_names_every_stage():
     script = ROOT / "bench" / "gpu_checks.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
-    for stage in ("--variants", "--end-to-end", "--memory-budgets 12,16,24,40,80", "bench_eval.py", "--cpu-smoke",
-                  "summarize.py"):
+    for stage in ("-m bench.train_step", "--variants", "-m bench.train_epoch", "-m bench.e2e_data",
+                  "-m bench.train_memory", "--memory-budgets 12,16,24,40,80", "-m bench.bench_eval", "--cpu-smoke",
+                  "-m bench.summarize"):
         assert stage in text, stage
 
 
 def test_every_variant_is_a_setting_a_recipe_can_select():
     # A variant is config overrides only: an unknown key or value is a ConfigError here, as in a recipe.
-    assert set(bench_train.VARIANTS) >= {"baseline", "compile", "after"}
-    for name, overrides in bench_train.VARIANTS.items():
+    assert set(train_step.VARIANTS) >= {"baseline", "compile", "after"}
+    for name, overrides in train_step.VARIANTS.items():
         data = load_config(None, overrides).to_dict()
         for override in overrides:
             section, key = override.split("=")[0].split(".")
             assert str(data[section][key]).lower() == override.split("=")[1].lower(), (name, override)
-    assert load_config(None, bench_train.VARIANTS["compile"]).train.compile is True
+    assert load_config(None, train_step.VARIANTS["compile"]).train.compile is True
 
 
 def test_the_step_is_built_by_the_engine_phases(monkeypatch):
@@ -106,7 +126,7 @@ def test_the_step_is_built_by_the_engine_phases(monkeypatch):
         real = getattr(training, phase)
         monkeypatch.setattr(training, phase, lambda *a, _real=real, _name=phase, **k: called.append(_name)
                             or _real(*a, **k))
-    cfg = load_config(None, bench_train.SIZES["tiny"] + bench_train.NO_WEIGHTS)
-    run = bench_train.build_step(cfg, bench_train.torch.device("cpu"))
+    cfg = load_config(None, base.SIZES["tiny"] + base.NO_WEIGHTS)
+    run = base.build_step(cfg, base.torch.device("cpu"))
     assert called == ["build_network", "new_run", "set_train_module", "set_optimizer"]
     assert run.train_module is run.objective and run.optimizer is not None

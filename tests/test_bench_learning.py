@@ -1,8 +1,7 @@
-"""bench/bench_learning.py without training: its variants are valid configs, it reads a run's files right, and the
+"""bench.bench_learning without training: its variants are valid configs, it reads a run's files right, and the
 table shows the spread over seeds."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -16,10 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_learning", ROOT / "bench" / "bench_learning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import bench_learning
+
+    return bench_learning
 
 
 def test_every_ablation_variant_is_a_valid_config(bench) -> None:

@@ -1,4 +1,4 @@
-"""environment_record: library versions, Python, git commit and dirty flag, device and world size."""
+"""environment_record: library versions, Python, git commit and dirty flag, device, world size and thread counts."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,21 @@ def test_record_names_versions_python_device_and_world_size():
     assert record["cuda"] == torch.version.cuda
     assert json.loads(json.dumps(record)) == record  # plain values only
     assert all(type(v) in (str, int, bool, type(None)) for v in record.values()), record
+
+
+def test_record_states_the_thread_counts_as_they_are_now(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        record = environment_record("cpu")
+        assert record["torch_threads"] == 2 and record["torch_interop_threads"] == torch.get_num_interop_threads()
+        assert record["OMP_NUM_THREADS"] == "3" and record["MKL_NUM_THREADS"] is None  # as set; None when unset
+        torch.set_num_threads(1)
+        assert environment_record("cpu")["torch_threads"] == 1  # read when the record is made, not at import
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_record_is_loadable_from_a_weights_only_checkpoint(tmp_path):

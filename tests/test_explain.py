@@ -93,3 +93,40 @@ def test_retriever_explains_its_own_score_word_by_word(tmp_path):
     assert " ".join(w for w, _ in why.words).replace(" ,", ",").replace(" .", ".") == QUERY
     assert "split exactly" in why.summary() and why.top_words()
     assert Path(why.image_path) == Path(hit.path)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_contrastive_shares_add_up_to_the_gap_over_the_baseline(seed):
+    from models.explain import baseline_tokens
+
+    model, _ = _model("mean", seed)
+    image, ids, mask = _inputs(seed + 20)
+    others = torch.randn(5, 3, 32, 16, generator=torch.Generator().manual_seed(seed))
+    tokens = baseline_tokens(model, others)  # [N, D]
+    with torch.no_grad():
+        _, feats = model.encode_image(others, bmm=False)
+    mean_unit = F.normalize(feats.float(), dim=1).mean(0)
+    assert torch.allclose(tokens.mean(0), mean_unit, atol=1e-5)  # its token mean is the mean unit feature
+    plain = explain_match(model, image, ids, mask)
+    for baseline in (tokens, mean_unit):
+        got = explain_match(model, image, ids, mask, baseline)
+        with torch.no_grad():
+            _, t = model.encode_text(ids, mask, bmm=False)
+        against = float(F.normalize(t, dim=1)[0] @ mean_unit)
+        assert got.exact and got.method == "exact contrastive mean-pool decomposition"
+        assert got.score == pytest.approx(plain.score, abs=1e-6) and got.baseline_score == pytest.approx(against, abs=1e-5)
+        gap = got.score - got.baseline_score
+        assert abs(float(got.image.double().sum()) - gap) < 1e-5 and abs(float(got.text.double().sum()) - gap) < 1e-5
+        assert torch.equal(got.text[7:], torch.zeros(2))
+    # against itself an image has nothing to explain: every share is 0
+    itself = explain_match(model, image, ids, mask, baseline_tokens(model, image))
+    assert itself.image.abs().max() < 1e-5 and itself.text.abs().max() < 1e-5
+
+
+def test_function_words_are_never_reasons():
+    from engine.explanation import Explanation
+
+    words = [("A", 0.5), ("man", 0.05), ("with", 0.4), ("a", 0.3), ("blue", 0.2), ("coat", 0.1), ("and", 0.6),
+             ("red", -0.2)]
+    found = Explanation("x.jpg", "", 0.5, torch.zeros(2, 2), 0.0, words, 0.0, "m", True)
+    assert found.top_words(3) == ["blue", "coat", "man"]

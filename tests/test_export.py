@@ -279,6 +279,7 @@ def test_a_broken_folder_is_a_user_error(folder, tmp_path):
         load_for_inference(tmp_path)
 
 
+@pytest.mark.slow  # exports and runs two ONNX encoders: 20 s on 2 shared cores (load 10-12)
 def test_onnx_encoders_match_pytorch(checkpoint, synth_root, tmp_path, capfd, caplog):
     for module in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(module, reason=f"{module} is not installed (pip install -r requirements-onnx.txt)")
@@ -327,6 +328,7 @@ def retriever_image(path: str):
     return load_image(path)
 
 
+@pytest.mark.slow  # a spawned Python process: 17 s on 2 shared cores (load 10-12)
 def test_hubconf_loads_a_retriever_from_another_working_directory(folder, checkpoint, synth_root, tmp_path):
     gallery = tmp_path / "photos"
     copy_gallery(synth_root, gallery)

@@ -1,4 +1,4 @@
-"""The model-FLOP count behind bench/bench_train.py's MFU (models/flops.py), against a count by hand."""
+"""The model-FLOP count behind bench/train_step.py's MFU (models/flops.py), against a count by hand."""
 from __future__ import annotations
 
 import torch

@@ -336,6 +336,7 @@ def _gather_worker(rank: int, world: int, init_file: str, result_dir: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned gloo processes: 13 s on 2 shared cores (load 10)
 def test_gather_with_two_gloo_ranks():
     import torch.multiprocessing as mp
 

@@ -29,6 +29,18 @@ def test_ci_runs_the_readme_quick_start_commands_verbatim():
     assert "python3 -m venv" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_default_run_is_the_fast_tests_and_ci_runs_the_slow_ones_in_their_own_step():
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "pytest.ini")
+    assert '-m "not slow"' in ini["pytest"]["addopts"]
+    text = (ROOT / ".ci" / "run").read_text()
+    after_readme = text.split("# <<< readme-commands", 1)[1]
+    slow_steps = [line for line in after_readme.splitlines() if "pytest" in line and "-m slow" in line]
+    assert len(slow_steps) == 1 and "--durations=20" in slow_steps[0]
+
+
 def test_no_absolute_machine_paths_in_committed_files():
     import subprocess
 

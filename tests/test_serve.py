@@ -37,6 +37,27 @@ def synth_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def exported_model(synth_root, tmp_path_factory) -> Path:
+    """The fixture model through the real path by which a model folder gets its "no good match" rule: as a
+    checkpoint (without any calibration, as the fixture's own source), evaluated on val with evaluate.py, exported
+    with python -m engine.export and that val metrics file."""
+    import evaluate
+    from engine.export import main as export_main
+    from engine.checkpoints import folder_as_checkpoint
+    from utils.checkpoint import atomic_save
+
+    work = tmp_path_factory.mktemp("export")
+    obj = folder_as_checkpoint(TRAINED)
+    for key in ("model_folder", "calibration"):
+        obj.pop(key)
+    atomic_save(obj, work / "best.pth")
+    evaluate.main(["--checkpoint", str(work / "best.pth"), "--split", "val", "--device", "cpu", "--output-dir",
+                   str(work / "eval"), f"data.root={synth_root}", "data.num_workers=0"])
+    return export_main([str(work / "best.pth"), str(work / "search_model"), "--metrics",
+                        str(work / "eval" / "metrics_val.json")])
+
+
+@pytest.fixture(scope="module")
 def page(tmp_path_factory, synth_root) -> SearchPage:
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pth", synth_root, seed=0)
     retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
@@ -225,10 +246,43 @@ def _check_layout_why_and_no_match(browser, wait, search, results, message, tmp_
     browser.set_window_size(390, 844)
     wait.until(lambda _: browser.execute_script("return window.innerWidth <= 400"))
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    # and the explanation, below the results there, opens where the user is looking
+    search(QUERY, lambda: QUERY in message())
+    browser.execute_script("window.scrollTo(0, 0)")
+    browser.find_elements(By.CSS_SELECTOR, "#results figure")[0].click()
+    wait.until(lambda _: "Why #1 matches" in browser.find_element(By.CSS_SELECTOR, "#why").text)
+    panel_top = "return document.querySelector('#why').getBoundingClientRect().top"
+    wait.until(lambda _: -2 <= browser.execute_script(panel_top) < 844 / 2)  # it used to open ~1,450 px below
     browser.set_window_size(1400, 1150)
 
 
-def test_the_page_in_a_browser(browser, trained_gallery, tmp_path, monkeypatch):
+def test_an_exported_folder_carries_its_no_good_match_rule(exported_model, trained_gallery):
+    import json
+
+    from engine.calibration import first_clause
+
+    meta = json.loads((exported_model / "config.json").read_text())
+    rule = meta["calibration"]["no_match"]
+    assert meta["calibration"]["split"] == "val" and rule["rule"] == "cosine"
+    short_words, full_words = rule["thresholds"]["cosine"]["words"]
+    assert 3 <= short_words < full_words  # measured on first clauses and on whole captions
+    assert meta["metrics"]["val"]["no_match"]["thresholds"] == rule["thresholds"]
+    short = meta["metrics"]["val"]["no_match"]["short_queries"]
+    right = short["queries_answered_right"]  # the threshold is their 8% quantile: at most one more flagged
+    assert right > 0 and short["right_top1_flagged"] <= 100 * (rule["quantile"] + 1 / right)
+    source, _, train = trained_gallery
+    retriever = Retriever.from_pretrained(exported_model, device="cpu")
+    retriever.index(source)
+    page = SearchPage(retriever, provenance={})
+    assert page.no_match["thresholds"] == rule["thresholds"]
+    assert page.min_score == rule["thresholds"]["cosine"]["values"][1]
+    for text in (train[5].caption, first_clause(train[5].caption)):  # the whole caption and what a person types
+        assert "No good match" not in page.search_text(text, 3).message, text
+    assert page.search_text("zzzz qqqq", 3).message.startswith("**No good match.**")
+
+
+@pytest.mark.slow  # drives headless Chromium: 29 s with its set-up on 2 shared cores (load 10-12)
+def test_the_page_in_a_browser(browser, exported_model, trained_gallery, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
@@ -239,7 +293,7 @@ def test_the_page_in_a_browser(browser, trained_gallery, tmp_path, monkeypatch):
     source, pids, train = trained_gallery
     # run from a folder of its own with relative paths, as a user would: the page (and the screenshot) shows them
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(TRAINED, "search_model")
+    shutil.copytree(exported_model, "search_model")  # its "no good match" rule as engine.export carries it
     folder = Path(shutil.copytree(source, "my_photos"))
     app, url = serve.main(["--checkpoint", "search_model", "--gallery", "my_photos", "--port", str(_free_port()),
                            "--device", "cpu", "--top-k", "8"], block=False)

@@ -12,7 +12,7 @@ from models.ivt import IVT
 from models.losses import sample_hard_negatives
 from models.objectives import RetrievalObjective
 from utils.config import load_config
-from utils.host_sync import HostSyncCounter
+from bench.host_sync import HostSyncCounter
 from utils.optim import build_optimizer
 
 TINY = dict(img_size=(32, 16), patch_size=8, stride=8, embed_dim=32, depth=2, num_heads=2, vocab_size=60,

@@ -63,7 +63,7 @@ def test_byte_deterministic_for_a_seed(tmp_path: Path) -> None:
     first = _tree(make_synthetic("rstp", tmp_path / "a", num_ids=4, seed=7))
     second = _tree(make_synthetic("rstp", tmp_path / "b", num_ids=4, seed=7))
     other = _tree(make_synthetic("rstp", tmp_path / "c", num_ids=4, seed=8))
-    assert len(first) == 4 * 5 + 2 and first == second
+    assert len(first) == 4 * 5 * 2 + 3 and first == second  # pictures, their part maps, 3 JSON files
     assert first["data_captions.json"] != other["data_captions.json"]
     assert sum(first[name] != other.get(name) for name in first if name.endswith(".jpg")) > 0
 
@@ -143,3 +143,25 @@ def test_cli(tmp_path: Path) -> None:
     out = main(["--format", "icfg", "--out", str(tmp_path / "icfg"), "--num-ids", "3", "--seed", "1"])
     splits = load_annotations("icfg", out)
     assert (split_counts(splits.train)[0], split_counts(splits.test)[0]) == (2, 1)
+
+
+def test_part_maps_show_where_each_attribute_was_drawn(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from datasets.synthetic.drawing import PARTS
+    from datasets.synthetic.identities import COLOURS
+
+    root = make_synthetic("cuhkpedes", tmp_path / "parts", num_ids=6, seed=3)
+    described = json.loads((root / "parts.json").read_text())
+    assert described["parts"] == list(PARTS)
+    for name, words in described["images"].items():
+        image = np.asarray(Image.open(root / "imgs" / name).convert("RGB"), dtype=np.float64)
+        parts = np.asarray(Image.open(root / "parts" / f"{name}.png"))
+        assert parts.shape == image.shape[:2] and parts.max() < len(PARTS)
+        upper = parts == PARTS.index("upper")
+        assert upper.mean() > 0.02  # the garment every caption names is always in sight
+        # its pixels are far closer to the named colour than the rest of the picture is
+        named = np.array(COLOURS[words["upper"].split()[0]], dtype=np.float64)
+        inside = np.abs(image[upper] - named).mean()
+        outside = np.abs(image[~upper & (parts == 0)] - named).mean()
+        assert inside < outside, (name, inside, outside)

@@ -111,6 +111,11 @@ def test_pretrain_then_rerank_fine_tune(tmp_path):
     assert "t2i_rerank" in summary["test"] and "t2i" in summary["test"]
     again = evaluate.main(["--checkpoint", str(ft_out / "best.pth"), "--output-dir", str(tmp_path / "ev")])
     assert again["t2i_rerank"]["R1"] == pytest.approx(summary["test"]["t2i_rerank"]["R1"], abs=1e-6)
+    # best.pth carries the blend weight and "no good match" rule chosen on val; test and evaluate.py apply them
+    carried = load_file(ft_out / "best.pth")["calibration"]
+    assert carried["split"] == "val" and str(carried["rerank_blend_weight"]) in summary["test"]["rerank_blend"]["grid"]
+    assert summary["test"]["calibration"] == carried == again["calibration"]
+    assert again["t2i_blend"]["R1"] == pytest.approx(summary["test"]["t2i_blend"]["R1"], abs=1e-6)
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path, stop_after_steps):
@@ -168,6 +173,7 @@ def test_non_finite_loss_names_the_loss(tmp_path, monkeypatch):
     assert issubclass(NonFiniteLossError, UserError)
 
 
+@pytest.mark.slow  # two spawned ranks under torchrun: 32 s on 2 shared cores (load 12)
 def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -191,6 +197,7 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     assert logs.count("never leaves warmup") == 1, logs[-3000:]
 
 
+@pytest.mark.slow  # an end-to-end pretraining of 48 steps: 14 s on 2 shared cores (load 12)
 def test_tiny_pretraining_lowers_all_three_losses(tmp_path):
     out = tmp_path / "pre"
     train_pretrain.main(["--output-dir", str(out)]
@@ -236,6 +243,7 @@ def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_p
         train_cuhkpedes.main(["--config", str(tmp_path / "nope.yaml")])
 
 
+@pytest.mark.slow  # spawns start.sh and a Python that imports torch: 13 s on 2 shared cores (load 12)
 def test_start_sh_picks_a_python_that_has_torch(tmp_path):
     # A python3 without torch earlier on PATH (a pyenv shim, the system one) must not be chosen.
     fake = tmp_path / "bin"

@@ -54,6 +54,7 @@ CHOICES = {
     "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
     "eval.protocol": ("standard", "authors"),
     "eval.examples_pick": ("spread", "worst"),
+    "eval.no_match_rule": ("cosine", "zscore", "both"),
     "search.backend": ("auto", "exact", "faiss"),
     "search.feature_dtype": ("float32", "float16"),
 }

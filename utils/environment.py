@@ -1,4 +1,5 @@
-"""What a result was produced with: library versions, Python, the code's git commit, the device, the world size.
+"""What a result was produced with: library versions, Python, the code's git commit, the device, the world size
+and the thread counts (a CPU result moves with them: the order of a reduction's partial sums depends on the split).
 
 ``environment_record()`` returns a flat dict of plain values (str, int, bool, None), so it can go into a
 checkpoint (loadable with ``weights_only=True``) and into a metrics JSON file as it is. Nothing in it fails: a
@@ -7,6 +8,7 @@ library that is not installed, a copy of the code outside a git checkout, or a m
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -77,8 +79,22 @@ def device_name(device: str | torch.device | None = None) -> str:
     return device.type
 
 
+# Environment variables that set how many threads the math libraries start (unset: the library's own choice).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def thread_record() -> dict[str, Any]:
+    """torch's intra-op and inter-op thread counts now, and the thread variables as set (None when unset)."""
+    record: dict[str, Any] = {"torch_threads": int(torch.get_num_threads()),
+                              "torch_interop_threads": int(torch.get_num_interop_threads())}
+    for name in THREAD_VARIABLES:
+        record[name] = os.environ.get(name)
+    return record
+
+
 def environment_record(device: str | torch.device | None = None) -> dict[str, Any]:
-    """Versions, Python, git commit and dirty flag of this code, device name and world size, as plain values."""
+    """Versions, Python, git commit and dirty flag of this code, device name, world size and thread counts, as
+    plain values."""
     from utils.distributed import get_world_size
 
     record: dict[str, Any] = {"python": platform.python_version()}
@@ -88,4 +104,5 @@ def environment_record(device: str | torch.device | None = None) -> dict[str, An
     record["git_commit"], record["git_dirty"] = git_state(REPO_ROOT)
     record["device"] = device_name(device)
     record["world_size"] = int(get_world_size())
+    record.update(thread_record())
     return record

@@ -46,14 +46,18 @@ def render_image(who: Identity, rng: random.Random, noise_rng: np.random.Generat
 
 
 def picture(who: Identity, rng: random.Random, noise: np.random.Generator) -> Picture:
-    """The style interface: one encoded picture of ``who`` (always a JPEG at one quality)."""
-    image, view = _render(who, rng, noise)
-    return Picture(encode(image, "JPEG", _JPEG_QUALITY), ".jpg", view)
+    """The style interface: one encoded picture of ``who`` (always a JPEG at one quality), with its part map."""
+    image, view, parts = _render(who, rng, noise)
+    return Picture(encode(image, "JPEG", _JPEG_QUALITY), ".jpg", view, encode(parts, "PNG", 0))
 
 
-def _render(who: Identity, rng: random.Random, noise_rng: np.random.Generator) -> tuple[Image.Image, str]:
+def _render(who: Identity, rng: random.Random, noise_rng: np.random.Generator
+            ) -> tuple[Image.Image, str, Image.Image]:
+    """(picture, view, part map): the map ("L", the picture's size) holds the PARTS index each pixel shows."""
     width, height = IMAGE_WIDTH * _SUPERSAMPLE, IMAGE_HEIGHT * _SUPERSAMPLE
     canvas = Image.new("RGB", (width, height))
+    parts = Image.new("L", (width, height), 0)
+    labels = ImageDraw.Draw(parts)
     draw = ImageDraw.Draw(canvas)
     _background(draw, width, height, rng)
     view = rng.choice(VIEWS)
@@ -62,16 +66,19 @@ def _render(who: Identity, rng: random.Random, noise_rng: np.random.Generator) -
     head_room = 0.3 * person_h if who.umbrella_colour else 0.0
     top = head_room + rng.uniform(0.01, 0.99) * (height - person_h - head_room - 0.02 * height)
     cx = width / 2 + rng.uniform(-0.09, 0.09) * width
-    pen = Pen(draw, cx, top, person_h, mirror=view == "left")
+    pen = Pen(draw, cx, top, person_h, mirror=view == "left", labels=labels)
     draw_person(pen, who, "side" if view in ("left", "right") else view, rng)
     if rng.random() < 0.12:  # occluder: a pole, or something low in front of the legs
         if rng.random() < 0.5:
             x0 = rng.uniform(0, 0.9) * width
-            draw.rectangle((x0, 0, x0 + rng.uniform(0.06, 0.12) * width, height), fill=muted(rng, 40, 120))
+            box = (x0, 0, x0 + rng.uniform(0.06, 0.12) * width, height)
+            draw.rectangle(box, fill=muted(rng, 40, 120))
         else:
             y0 = height * rng.uniform(0.75, 0.88)
             x0 = rng.choice((-0.1, 0.5)) * width
-            draw.rectangle((x0, y0, x0 + 0.6 * width, height), fill=muted(rng))
+            box = (x0, y0, x0 + 0.6 * width, height)
+            draw.rectangle(box, fill=muted(rng))
+        labels.rectangle(box, fill=0)  # the occluder hides what it covers
     image = canvas.reduce(_SUPERSAMPLE)
     if rng.random() < 0.35:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
@@ -79,7 +86,9 @@ def _render(who: Identity, rng: random.Random, noise_rng: np.random.Generator) -
     spread, brightness = rng.uniform(0.8, 1.15), rng.uniform(0.82, 1.15)
     pixels = (pixels - pixels.mean()) * spread + pixels.mean()
     pixels = pixels * brightness + noise_rng.normal(0.0, rng.uniform(0.0, 4.0), pixels.shape)
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)), view
+    # each output pixel takes the part at the centre of its 2 x 2 block's lower-right pixel (no mixing of indices)
+    parts = parts.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.Resampling.NEAREST)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)), view, parts
 
 
 # ----------------------------------------------------------------------------------------------- captions

@@ -22,6 +22,7 @@ class Picture(NamedTuple):
     data: bytes
     suffix: str
     view: str
+    parts: bytes | None = None  # a PNG part map (PARTS indices, the picture's size), for styles that draw one
 
 
 def encode(image: Image.Image, fmt: str, quality: int) -> bytes:
@@ -67,23 +68,37 @@ def jitter(colour: tuple[int, int, int], rng: random.Random, amount: int = 12) -
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in colour)  # type: ignore[return-value]
 
 
+# The part of the figure each shape belongs to, as drawn into a part map beside the picture (0: not the person).
+PARTS = ("background", "body", "hair", "upper", "lower", "shoes", "bag", "hat", "glasses", "umbrella")
+
+
 class Pen:
-    """Draws in person units (height 1, x from the body axis, y down from the top of the head)."""
+    """Draws in person units (height 1, x from the body axis, y down from the top of the head).
+
+    ``labels``: a second drawing (mode "L") of the same size, or None. When given, every shape is drawn there too,
+    filled with the index in PARTS of ``pen.part``, in the same painter's order: the finished map says which part
+    each visible pixel shows. It reads no random number and leaves the picture as it would be without it.
+    """
 
     def __init__(self, draw: ImageDraw.ImageDraw, cx: float, top: float, height: float, mirror: bool,
-                 build: float = 1.0) -> None:
+                 build: float = 1.0, labels: ImageDraw.ImageDraw | None = None) -> None:
         self.draw, self.cx, self.top, self.h, self.sign = draw, cx, top, height, (-1.0 if mirror else 1.0)
         self.build = build  # horizontal stretch of the body (other styles draw broader or slimmer people)
+        self.labels, self.part = labels, "body"
 
     def xy(self, x: float, y: float) -> tuple[float, float]:
         return self.cx + self.sign * x * self.h * self.build, self.top + y * self.h
 
     def poly(self, points: Sequence[tuple[float, float]], fill: tuple[int, int, int]) -> None:
         self.draw.polygon([self.xy(x, y) for x, y in points], fill=fill)
+        if self.labels is not None:
+            self.labels.polygon([self.xy(x, y) for x, y in points], fill=PARTS.index(self.part))
 
     def ellipse(self, x: float, y: float, rx: float, ry: float, fill: tuple[int, int, int]) -> None:
         (x0, y0), (x1, y1) = self.xy(x - rx, y - ry), self.xy(x + rx, y + ry)
         self.draw.ellipse((min(x0, x1), y0, max(x0, x1), y1), fill=fill)
+        if self.labels is not None:
+            self.labels.ellipse((min(x0, x1), y0, max(x0, x1), y1), fill=PARTS.index(self.part))
 
     def rect(self, x0: float, y0: float, x1: float, y1: float, fill: tuple[int, int, int]) -> None:
         self.poly(((x0, y0), (x1, y0), (x1, y1), (x0, y1)), fill)
@@ -124,6 +139,7 @@ def draw_person(pen: Pen, who: Identity, view: str, rng: random.Random,
 
     # hair falling behind the shoulders is seen around the neck from the front
     if who.hair_length == "long" and not back:
+        pen.part = "hair"
         pen.poly(((-0.066, 0.06), (0.066, 0.06), (0.072 * wide, 0.27), (-0.072 * wide - (0.03 if side else 0), 0.27)),
                  hair)
 
@@ -133,20 +149,25 @@ def draw_person(pen: Pen, who: Identity, view: str, rng: random.Random,
     for sx, fx in ((-1, -stride), (1, stride)):
         hip = (sx * 0.06 * wide, 0.48)
         foot = (fx + (0 if side else sx * (0.055 + spread)), 0.94)
+        pen.part = "body"
         pen.limb(hip, foot, 0.1, 0.072, skin)
+        pen.part = "lower"
         # garments a little wider than the legs, so the lower colour covers many pixels even at 64 x 32
         if who.lower_type == "pants":
             pen.limb(hip, point_along(hip, foot, 0.96), 0.12, 0.09, lower)
         elif who.lower_type == "shorts":
             pen.limb(hip, point_along(hip, foot, 0.38), 0.125, 0.115, lower)
         toe = 0.02 if side else 0.0
+        pen.part = "shoes"
         pen.ellipse(foot[0] + toe, foot[1] + 0.012, 0.045 if side else 0.04, 0.022, shoes)
+    pen.part = "lower"
     if who.lower_type in ("pants", "shorts"):
         pen.rect(-0.115 * wide, 0.46, 0.115 * wide, 0.56, lower)
     elif who.lower_type == "skirt":
         pen.poly(((-0.11 * wide, 0.46), (0.11 * wide, 0.46), (0.175 * wide, 0.69), (-0.175 * wide, 0.69)), lower)
 
     # upper garment (a dress narrows at the waist, then flares)
+    pen.part = "upper"
     if who.upper_type == "dress":
         pen.poly(((-shoulder_w / 2, 0.15), (shoulder_w / 2, 0.15), (0.09 * wide, 0.36), (hem_w / 2, hem_y),
                   (-hem_w / 2, hem_y), (-0.09 * wide, 0.36)), upper)
@@ -166,8 +187,10 @@ def draw_person(pen: Pen, who: Identity, view: str, rng: random.Random,
         pen.poly(((-hem_w / 2, hem_y - 0.03), (hem_w / 2, hem_y - 0.03), (hem_w / 2, hem_y), (-hem_w / 2, hem_y)),
                  dark)
 
+    pen.part = "bag"
     _draw_bag(pen, who, view, behind=True, palette=palette)
     _draw_arms(pen, who, view, upper, skin, dark, rng, palette=palette)
+    pen.part = "bag"
     _draw_bag(pen, who, view, behind=False, palette=palette)
     _draw_head(pen, who, view, skin, hair, palette=palette)
 
@@ -205,21 +228,28 @@ def _draw_arms(pen: Pen, who: Identity, view: str, upper: tuple[int, int, int], 
         shoulder = (0.0 if side else sx * 0.11, 0.17)
         if who.umbrella_colour and number == 1:
             elbow, hand = (shoulder[0] + 0.03, 0.30), (0.075, 0.30)
+            pen.part = "upper" if sleeve > 0.5 else "body"
             pen.limb(shoulder, elbow, 0.058, 0.055, upper if sleeve > 0.5 else skin)
+            pen.part = "upper" if sleeve > 0.7 else "body"
             pen.limb(elbow, hand, 0.055, 0.05, upper if sleeve > 0.7 else skin)
+            pen.part = "body"
             pen.ellipse(hand[0], hand[1], 0.028, 0.028, skin)
             continue
         angle = math.radians(rng.uniform(-25, 25) if side else rng.uniform(2, 20))
         hand = (shoulder[0] + sx * 0.34 * math.sin(angle), shoulder[1] + 0.34 * math.cos(angle))
+        pen.part = "body"
         pen.limb(shoulder, hand, 0.058, 0.05, skin)
+        pen.part = "upper"
         if sleeve > 0:
             pen.limb(shoulder, point_along(shoulder, hand, sleeve), 0.066, 0.058, upper)
             if who.upper_type == "sweater":
                 cuff = point_along(shoulder, hand, sleeve)
                 pen.ellipse(cuff[0], cuff[1], 0.03, 0.03, dark)
+        pen.part = "body"
         pen.ellipse(hand[0], hand[1], 0.028, 0.028, skin)
         if who.bag == "handbag" and number == 1:
             bag = jitter(COLOURS[who.bag_colour], rng)  # type: ignore[index]
+            pen.part = "bag"
             pen.rect(hand[0] - 0.045, hand[1] + 0.015, hand[0] + 0.045, hand[1] + 0.09, bag)
 
 
@@ -254,28 +284,37 @@ def _draw_head(pen: Pen, who: Identity, view: str, skin: tuple[int, int, int],
     COLOURS = palette  # noqa: N806
     side, back = view == "side", view == "back"
     face_x = 0.012 if side else 0.0
+    pen.part = "body"
     pen.rect(-0.022, 0.11, 0.022, 0.16, skin)
+    pen.part = "hair"
     pen.ellipse(0.0, 0.055, 0.062, 0.06, hair)
+    pen.part = "body"
     if not back:
         pen.ellipse(face_x, 0.08, 0.05, 0.055, skin)
         eye = (0.03,) if side else (-0.02, 0.02)
         for x in eye:
             pen.ellipse(x, 0.072, 0.007, 0.006, (40, 30, 30))
     if who.hair_length == "long" and back:
+        pen.part = "hair"
         pen.poly(((-0.066, 0.06), (0.066, 0.06), (0.075, 0.28), (-0.075, 0.28)), hair)
     if who.glasses and not back:
+        pen.part = "glasses"
         xs = (0.028,) if side else (-0.02, 0.02)
         for x in xs:
             pen.rect(x - 0.018, 0.062, x + 0.018, 0.082, (20, 20, 22))
     if who.hat_colour:
         hat = COLOURS[who.hat_colour]
+        pen.part = "hat"
         pen.ellipse(0.0, 0.025, 0.066, 0.035, hat)
         pen.rect(-0.08 + (0.02 if side else 0), 0.03, 0.08 + (0.03 if side else 0), 0.045, hat)
     if who.umbrella_colour:
         canopy = COLOURS[who.umbrella_colour]
+        pen.part = "umbrella"
         pen.rect(0.072, -0.02, 0.08, 0.3, (50, 50, 50))
         (x0, y0), (x1, y1) = pen.xy(0.076 - 0.27, -0.3), pen.xy(0.076 + 0.27, 0.2)
         pen.draw.pieslice((min(x0, x1), y0, max(x0, x1), y1), 180, 360, fill=canopy)
+        if pen.labels is not None:
+            pen.labels.pieslice((min(x0, x1), y0, max(x0, x1), y1), 180, 360, fill=PARTS.index("umbrella"))
 
 
 def person_layer(who: Identity, view: str, size: tuple[int, int], cx: float, top: float, person_h: float,

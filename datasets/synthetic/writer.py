@@ -29,10 +29,15 @@ import datasets.synthetic.classic as classic
 import datasets.synthetic.mixed as mixed
 import datasets.synthetic.street as street
 from datasets.synthetic.captions import tokens
+from datasets.synthetic.drawing import PARTS
 from datasets.synthetic.identities import (FORMATS, LAYOUT, ORIGINAL_STYLE, STYLES, Identity, key_fields,
                                            sample_identities, seed_tag)
 
 logger = logging.getLogger(__name__)
+
+# Part maps (styles that draw them: classic): one PNG per picture, each pixel the index in PARTS of what it shows,
+# under PARTS_DIR/<image path>.png; PARTS_FILE names the parts and each picture's attribute words.
+PARTS_DIR, PARTS_FILE = "parts", "parts.json"
 
 STYLE_TABLE: dict[str, ModuleType] = {"classic": classic, "street": street, "cctv": cctv, "mixed": mixed}
 if tuple(STYLE_TABLE) != STYLES:  # the names live in the config's CHOICES, which validates data.synthetic_style
@@ -57,15 +62,21 @@ def make_synthetic(fmt: str, out_dir: str | Path, num_ids: int = 100, seed: int 
     always = key_fields(num_ids)
     entries: list[dict] = []
     counts: dict[str, dict[str, int]] = {}
+    parts: dict[str, dict] = {}
     for split, raw_id, who in sample_identities(fmt, num_ids, seed, style=style):
         stats = counts.setdefault(split, {"ids": 0, "images": 0, "captions": 0})
         stats["ids"] += 1
-        for name, captions in _write_identity(fmt, style, out, seed, split, raw_id, who, always):
+        for name, captions, has_parts in _write_identity(fmt, style, out, seed, split, raw_id, who, always):
             stats["images"] += 1
             stats["captions"] += len(captions)
             entries.append(_entry(fmt, split, raw_id, name, captions))
+            if has_parts:
+                parts[name] = attribute_words(who)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / annotation_name, entries)
+    if parts:  # a style that draws part maps: where they are, what their values mean, what each image shows
+        _write_json(out / PARTS_FILE, {"parts": list(PARTS), "maps": f"{PARTS_DIR}/<image path>.png",
+                                       "images": parts})
     # the original style's marker predates styles: it names none
     named = {} if style == ORIGINAL_STYLE else {"style": style}
     _write_json(out / "SYNTHETIC.json", {"format": fmt, "seed": seed, "num_ids": num_ids, **named,
@@ -76,9 +87,24 @@ def make_synthetic(fmt: str, out_dir: str | Path, num_ids: int = 100, seed: int 
     return out
 
 
+def attribute_words(who: Identity) -> dict[str, str]:
+    """The words a one-attribute query uses for each part ``who`` wears or carries ("upper": "blue coat")."""
+    words = {"upper": f"{who.upper_colour} {who.upper_type}", "shoes": f"{who.shoes_colour} shoes"}
+    if who.lower_type:
+        words["lower"] = f"{who.lower_colour} {who.lower_type}"
+    if who.bag:
+        words["bag"] = f"{who.bag_colour} {who.bag}"
+    if who.hat_colour:
+        words["hat"] = f"{who.hat_colour} hat"
+    if who.umbrella_colour:
+        words["umbrella"] = f"{who.umbrella_colour} umbrella"
+    return words
+
+
 def _write_identity(fmt: str, style: str, out: Path, seed: int, split: str, raw_id: int, who: Identity,
-                    always: tuple[str, ...]) -> list[tuple[str, list[str]]]:
-    """Write the pictures of one identity; (image path relative to the image root, its captions) for each."""
+                    always: tuple[str, ...]) -> list[tuple[str, list[str], bool]]:
+    """Write the pictures of one identity (and their part maps, for a style that draws them under PARTS_DIR);
+    (image path relative to the image root, its captions, whether a part map was written) for each."""
     _, (low, high), per_image, _ = LAYOUT[fmt]
     module = STYLE_TABLE[style]
     image_root = out if fmt == "pretrain" else out / "imgs"
@@ -93,12 +119,16 @@ def _write_identity(fmt: str, style: str, out: Path, seed: int, split: str, raw_
         path = image_root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(picture.data)
+        if picture.parts is not None:
+            map_path = out / PARTS_DIR / f"{name}.png"
+            map_path.parent.mkdir(parents=True, exist_ok=True)
+            map_path.write_bytes(picture.parts)
         captions: list[str] = []
         while len(captions) < per_image:
             caption = module.caption(who, picture.view, rng, always)
             if caption not in captions or len(captions) >= 8:
                 captions.append(caption)
-        written.append((name, captions))
+        written.append((name, captions, picture.parts is not None))
     return written
 
 

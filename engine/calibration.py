@@ -1,0 +1,246 @@
+"""What a ranking can be trusted with, measured on a split and carried with the model.
+
+- "No good match": a query's best image is flagged when it does not stand out from the rest of the gallery.
+  Statistic ``cosine``: the best cosine itself; ``zscore``: the best score's distance from the mean of the
+  query's scores over the gallery, in standard deviations (whether the best image stands out). Rule ``cosine``
+  (``eval.no_match_rule``) tests the first, ``zscore`` the second, ``both`` flags when either is low. A threshold
+  is the quantile of its statistic over the split's queries whose best image is the right person
+  (``eval.no_match_quantile``, shared evenly by the rule's statistics), measured twice: on what people type (the
+  first clause of each caption, "a man in a green shirt") and on the whole annotator's captions; a query's
+  threshold is read between the two by its number of words, since scores grow with the length of a description.
+  Both error rates are measured: right best answers flagged, and queries about a person removed from the gallery
+  (every image of their id taken out) not flagged.
+- Re-ranking that never loses: the top k ordered by ``cosine + w * ITM`` (the ITM match logit rescaled to the
+  cosine's spread within each query's top k), ``w`` chosen on the split from a grid that contains 0 (the cosine
+  order itself), so on that split the blend is never below cosine ranking.
+- What the ITM head is worth where it acts: over each query's top k, the share of (right image, wrong image)
+  pairs that the ITM score orders correctly, beside the share the cosine orders correctly.
+
+The chosen threshold and weight travel in checkpoints (``calibration``) and model folders (config.json).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import torch
+
+from utils.metrics import apply_rerank, retrieval_metrics
+
+STATISTICS = ("zscore", "cosine")
+NO_MATCH_RULES = ("both", *STATISTICS)
+# A clause ends at punctuation or where a caption goes on with a new sentence part ("... shirt, and red shorts").
+_CLAUSE_END = re.compile(r"[,.;:!?]")
+
+
+def first_clause(caption: str, min_words: int = 3) -> str:
+    """The caption up to its first punctuation mark, taken further while that leaves fewer than ``min_words``
+    words ("A man." is no description): the short query a person would type."""
+    text = caption.strip()
+    for match in _CLAUSE_END.finditer(text):
+        head = text[: match.start()].strip()
+        if len(head.split()) >= min_words:
+            return head
+    return text.rstrip(",.;:!? ")
+
+
+def match_statistic(scores: torch.Tensor, keep: torch.Tensor | None = None, rule: str = "zscore") -> torch.Tensor:
+    """The "how clearly does the best image stand out" statistic [q] of scores [q, G] (cosines).
+
+    keep: [q, G] bool, the gallery entries each query is ranked against (None: all). zscore: (best - mean) / std
+    over the kept entries (std with Bessel's correction; 0 when fewer than two entries are kept); cosine: the
+    best kept score.
+    """
+    if rule not in STATISTICS:
+        raise ValueError(f"rule must be one of {STATISTICS}, got {rule!r}")
+    scores = scores.float()
+    if keep is None:
+        keep = torch.ones_like(scores, dtype=torch.bool)
+    best = scores.masked_fill(~keep, float("-inf")).amax(dim=1)
+    if rule == "cosine":
+        return best
+    count = keep.sum(dim=1).clamp(min=1)
+    mean = scores.masked_fill(~keep, 0.0).sum(dim=1) / count
+    var = ((scores - mean[:, None]) ** 2).masked_fill(~keep, 0.0).sum(dim=1) / (count - 1).clamp(min=1)
+    std = var.sqrt()
+    return torch.where(std > 0, (best - mean) / std.clamp(min=1e-12), torch.zeros_like(best))
+
+
+def no_match_measure(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
+                     gallery_pids: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
+    """Per query: each statistic (STATISTICS) over the whole gallery ("present_<name>"), whether the best image
+    is the right person ("right"), each statistic with every image of the query's person removed
+    ("absent_<name>") and whether the gallery held that person beside others ("has_positive").
+    text_feats [Q, D], image_feats [G, D], pids [Q] / [G]; every tensor returned is [Q], on the CPU."""
+    g = torch.nn.functional.normalize(image_feats.float(), dim=1)
+    gallery_pids = gallery_pids.to(g.device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, text_feats.shape[0], chunk_size):
+        q = torch.nn.functional.normalize(text_feats[start:start + chunk_size].float().to(g.device), dim=1)
+        scores = q @ g.t()  # [q, G]
+        same = gallery_pids[None, :] == query_pids[start:start + chunk_size].to(g.device)[:, None]
+        found = {"right": same.gather(1, scores.argmax(dim=1, keepdim=True))[:, 0],
+                 "has_positive": same.any(dim=1) & (~same).any(dim=1)}
+        for name in STATISTICS:
+            found[f"present_{name}"] = match_statistic(scores, None, name)
+            found[f"absent_{name}"] = match_statistic(scores, ~same, name)
+        for key, value in found.items():
+            parts.setdefault(key, []).append(value)
+    return {k: torch.cat(v).cpu() for k, v in parts.items()}
+
+
+def rule_statistics(rule: str) -> tuple[str, ...]:
+    """The statistics a rule tests: "both" flags a query when either is below its threshold."""
+    if rule not in NO_MATCH_RULES:
+        raise ValueError(f"the no-match rule must be one of {NO_MATCH_RULES}, got {rule!r}")
+    return STATISTICS if rule == "both" else (rule,)
+
+
+def word_count(text: str) -> int:
+    """The words of a query, as the thresholds count them."""
+    return len(text.split())
+
+
+def threshold_at(entry: dict, words: torch.Tensor) -> torch.Tensor:
+    """A threshold [Q] per query from its word count [Q]: linear between the (words, value) points measured on
+    short queries and on whole captions, constant beyond them (scores grow with the length of a description)."""
+    (w0, w1), (v0, v1) = entry["words"], entry["values"]
+    if w1 <= w0:
+        return torch.full(words.shape, float(v0))
+    t = ((words.float() - w0) / (w1 - w0)).clamp(0.0, 1.0)
+    return v0 + t * (v1 - v0)
+
+
+def no_match_thresholds(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], quantile: float,
+                        rule: str) -> dict[str, dict] | None:
+    """Each statistic's threshold: its quantile over the queries whose best image is right, at ``quantile`` split
+    evenly between the rule's statistics (so that at most about ``quantile`` of them are flagged), measured on the
+    short queries and on the whole captions, each at its median word count (see threshold_at). None without a
+    right answer in either set."""
+    if not (bool(short["right"].any()) and bool(full["right"].any())):
+        return None
+    share = quantile / len(rule_statistics(rule))
+    return {name: {"words": [float(short["words"].float().median()), float(full["words"].float().median())],
+                   "values": [float(torch.quantile(m[f"present_{name}"][m["right"]], share)) for m in (short, full)]}
+            for name in rule_statistics(rule)}
+
+
+def flagged(measured: dict[str, torch.Tensor], thresholds: dict[str, dict], where: str) -> torch.Tensor:
+    """[Q] bool: the queries a rule flags, from the statistics measured ``where`` ("present" or "absent")."""
+    out = torch.zeros_like(measured["right"])
+    for name, entry in thresholds.items():
+        out |= measured[f"{where}_{name}"] < threshold_at(entry, measured["words"])
+    return out
+
+
+def no_match_rates(measured: dict[str, torch.Tensor], thresholds: dict[str, dict] | None) -> dict[str, Any]:
+    """Both error rates of ``thresholds`` (percent): right best answers flagged; absent persons not flagged."""
+    right, absent = measured["right"], measured["has_positive"]
+    counts = {"queries_answered_right": int(right.sum()), "absent_queries": int(absent.sum())}
+    if not thresholds:
+        return counts
+    return {"right_top1_flagged": 100.0 * float(flagged(measured, thresholds, "present")[right].float().mean())
+            if right.any() else None,
+            "absent_not_flagged": 100.0 * float((~flagged(measured, thresholds, "absent"))[absent].float().mean())
+            if absent.any() else None, **counts}
+
+
+def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: Sequence[str],
+                       text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
+                       gallery_pids: torch.Tensor, chunk_size: int, ev: Any, carried: dict | None) -> dict:
+    """The "no good match" rule of ``eval`` (or the one ``carried`` with the model), measured on this split.
+
+    encode(texts) -> [n, D] features of the short queries (the first clause of each of ``texts``). Returns
+    {"rule", "thresholds", "quantile", "calibrated_on", "short_queries": rates, "full_captions": rates,
+    "every_rule": the rates each rule would have had, calibrated here}: rates on this split's first clauses
+    and whole captions.
+    """
+    shorts = [first_clause(t) for t in texts]
+    short = no_match_measure(encode(shorts), image_feats, query_pids, gallery_pids, chunk_size)
+    full = no_match_measure(text_feats, image_feats, query_pids, gallery_pids, chunk_size)
+    short["words"] = torch.tensor([word_count(t) for t in shorts])
+    full["words"] = torch.tensor([word_count(t) for t in texts])
+    quantile = float(ev.no_match_quantile)
+    every = {}
+    for rule in NO_MATCH_RULES:  # what each rule would give, for choosing the rule itself
+        thresholds = no_match_thresholds(short, full, quantile, rule)
+        every[rule] = {"thresholds": thresholds, "short_queries": no_match_rates(short, thresholds),
+                       "full_captions": no_match_rates(full, thresholds)}
+    if carried:
+        record = {k: carried.get(k) for k in ("rule", "thresholds", "quantile", "calibrated_on")}
+    else:
+        rule = str(ev.no_match_rule)
+        record = {"rule": rule, "thresholds": every[rule]["thresholds"], "quantile": quantile,
+                  "calibrated_on": "this split: the first clause of each caption and the whole captions"}
+    thresholds = record["thresholds"]
+    return {**record, "short_queries": no_match_rates(short, thresholds),
+            "full_captions": no_match_rates(full, thresholds), "every_rule": every}
+
+
+def is_no_match(scores: torch.Tensor, rule: dict, words: int) -> tuple[bool, dict[str, float], dict[str, float]]:
+    """(flagged, the statistics, their thresholds) of one query of ``words`` words, scores [G] over a gallery,
+    under a carried rule record."""
+    count = torch.tensor([words])
+    stats = {name: float(match_statistic(scores.reshape(1, -1), None, name)[0]) for name in rule["thresholds"]}
+    limits = {name: float(threshold_at(entry, count)[0]) for name, entry in rule["thresholds"].items()}
+    return any(stats[n] < limits[n] for n in stats), stats, limits
+
+
+# ------------------------------------------------------------------------------------------- blend
+def blend_scores(cosine: torch.Tensor, itm: torch.Tensor, weight: float) -> torch.Tensor:
+    """cosine + weight * ITM over each query's top k: cosine, itm [Q, k]. The ITM scores are rescaled to the
+    cosine's standard deviation within the row, so ``weight`` is the ITM's share in units of the cosine's own
+    spread (1: equal say), whatever the head's logit scale. weight 0 is the cosine order."""
+    cosine, itm = cosine.float(), itm.float()
+    if weight == 0 or itm.shape[1] < 2:
+        return cosine.clone()
+    scale = cosine.std(dim=1, keepdim=True) / itm.std(dim=1, keepdim=True).clamp(min=1e-12)
+    return cosine + weight * (itm - itm.mean(dim=1, keepdim=True)) * scale
+
+
+def blend_grid(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
+               gallery_pids: torch.Tensor, top_idx: torch.Tensor, itm: torch.Tensor, weights: Sequence[float],
+               chunk_size: int, options: dict) -> dict[float, dict]:
+    """retrieval_metrics of the blend at every weight of ``weights``; top_idx, itm [Q, k]."""
+    g = torch.nn.functional.normalize(image_feats.float(), dim=1)
+    q = torch.nn.functional.normalize(text_feats.float(), dim=1)
+    cosine = (q[:, None, :] * g[top_idx.to(g.device)]).sum(-1)  # [Q, k]
+    results = {}
+    for weight in weights:
+        blended = blend_scores(cosine, itm.to(cosine.device), float(weight))
+        results[float(weight)] = retrieval_metrics(
+            text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk_size,
+            score_fn=lambda sim, rows, b=blended: apply_rerank(sim, top_idx[rows.start:rows.stop],
+                                                               b[rows.start:rows.stop]), **options)
+    return results
+
+
+def choose_blend_weight(grid: dict[float, dict], metric: str) -> float:
+    """The weight with the best ``metric`` (R1, mAP or R1+mAP); ties go to the smallest weight (0 first)."""
+    def score(m: dict) -> float:
+        return 0.5 * (m["R1"] + m["mAP"]) if metric == "R1+mAP" else m[metric]
+
+    return min(grid, key=lambda w: (-score(grid[w]), w))
+
+
+def itm_pair_accuracy(cosine_order_pids: torch.Tensor, query_pids: torch.Tensor, cosine: torch.Tensor,
+                      itm: torch.Tensor) -> dict[str, Any]:
+    """How well each score orders the (right, wrong) image pairs inside each query's top k (percent).
+
+    cosine_order_pids: [Q, k] the person id of each top-k image; query_pids [Q]; cosine, itm: [Q, k]. A pair
+    counts for a score when the right image scores strictly higher (a tie counts half).
+    """
+    right = cosine_order_pids == query_pids[:, None].to(cosine_order_pids.device)  # [Q, k]
+    pairs = right[:, :, None] & ~right[:, None, :]  # [Q, k right, k wrong]
+    total = int(pairs.sum())
+    if not total:
+        return {"pairs": 0, "queries": 0}
+
+    def accuracy(s: torch.Tensor) -> float:
+        s = s.float().to(pairs.device)
+        diff = s[:, :, None] - s[:, None, :]
+        won = (diff > 0).float() + 0.5 * (diff == 0).float()
+        return 100.0 * float((won * pairs).sum()) / total
+
+    return {"itm": accuracy(itm), "cosine": accuracy(cosine), "pairs": total,
+            "queries": int(pairs.flatten(1).any(dim=1).sum())}

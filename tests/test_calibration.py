@@ -1,0 +1,150 @@
+"""What a ranking can be trusted with (engine.calibration) and the ITM negatives that make the head worth using:
+hand-checked statistics, the blend never below cosine where its weight was chosen, the sampler's new limits."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine.calibration import (blend_grid, blend_scores, choose_blend_weight, first_clause, flagged,
+                                is_no_match, itm_pair_accuracy, match_statistic, no_match_measure, no_match_rates,
+                                no_match_thresholds, threshold_at)
+from models.losses import sample_hard_negatives
+from utils.metrics import retrieval_metrics
+
+
+def test_first_clause_is_what_a_person_types():
+    assert first_clause("The man has on a green collared shirt, and red shorts.") == \
+        "The man has on a green collared shirt"
+    assert first_clause("A man. He wears a red coat, black pants.") == "A man. He wears a red coat"
+    assert first_clause("a woman in a blue coat") == "a woman in a blue coat"
+    assert first_clause("  red coat.  ") == "red coat"
+
+
+def test_match_statistic_by_hand():
+    scores = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    # row 0: mean 0.25, sample std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5, so (1 - 0.25) / 0.5 = 1.5
+    assert match_statistic(scores).tolist() == pytest.approx([1.5, 0.0])
+    assert match_statistic(scores, rule="cosine").tolist() == pytest.approx([1.0, 0.5])
+    keep = torch.tensor([[False, True, True, True], [True, True, False, False]])
+    assert match_statistic(scores, keep).tolist() == pytest.approx([0.0, 0.0])  # no spread left: 0
+    assert match_statistic(scores, keep, "cosine").tolist() == pytest.approx([0.0, 0.5])
+    with pytest.raises(ValueError, match="zscore"):
+        match_statistic(scores, rule="both")
+
+
+def test_no_match_rates_by_hand():
+    # 2-d features: person 0 and person 1 each have one image; queries 0 and 1 point at their person, query 2
+    # (person 1) points between both, query 3 (person 0) points the wrong way
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    gallery_pids = torch.tensor([0, 1, 2])
+    texts = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.6, 0.8], [-1.0, 0.2]])
+    query_pids = torch.tensor([0, 1, 1, 0])
+    measured = no_match_measure(texts, images, query_pids, gallery_pids, chunk_size=3)
+    measured["words"] = torch.tensor([4, 4, 4, 4])
+    assert measured["right"].tolist() == [True, True, True, False]
+    assert measured["has_positive"].tolist() == [True, True, True, True]
+    q = torch.nn.functional.normalize(texts, dim=1)
+    cosine = q @ images.t()
+    assert measured["present_cosine"].tolist() == pytest.approx(cosine.max(dim=1).values.tolist())
+    # absent: query 0 without image 0 has cosines [0.0995, -0.995]: best 0.0995
+    assert float(measured["absent_cosine"][0]) == pytest.approx(0.1 / math.sqrt(1.01), abs=1e-4)
+    # long captions score higher: the same queries, counted as 12 words, 0.1 higher
+    longer = {**measured, "present_cosine": measured["present_cosine"] + 0.1, "words": torch.full((4,), 12)}
+    thresholds = no_match_thresholds(measured, longer, 0.0, "cosine")  # the lowest right answers: 0.8 and 0.9
+    assert thresholds["cosine"]["words"] == [4.0, 12.0]
+    assert thresholds["cosine"]["values"] == pytest.approx([0.8, 0.9])
+    assert threshold_at(thresholds["cosine"], torch.tensor([2, 4, 8, 12, 40])).tolist() == \
+        pytest.approx([0.8, 0.8, 0.85, 0.9, 0.9])
+    fixed = {"cosine": {"words": [4.0, 12.0], "values": [0.79, 0.79]}}
+    rates = no_match_rates(measured, fixed)
+    assert rates["right_top1_flagged"] == 0.0 and rates["queries_answered_right"] == 3
+    # absent best cosines: q0 0.0995, q1 0.0995, q2 0.6 (its person 1 removed, image 0 left), q3 0.98 (image 2)
+    assert rates["absent_not_flagged"] == 25.0
+    assert no_match_rates(measured, {"cosine": {"words": [4.0, 4.0], "values": [0.5, 0.5]}})["absent_not_flagged"] == 50.0
+    both = no_match_thresholds(measured, longer, 0.5, "both")
+    assert set(both) == {"zscore", "cosine"}
+    assert flagged(measured, {"cosine": {"words": [0, 0], "values": [0.9, 0.9]},
+                              "zscore": {"words": [0, 0], "values": [-10.0, -10.0]}}, "present").tolist() == \
+        [False, False, True, False]
+    no, stats, limits = is_no_match(cosine[2], {"thresholds": thresholds}, 8)
+    assert no and stats["cosine"] == pytest.approx(0.8) and limits["cosine"] == pytest.approx(0.85)
+
+
+def test_the_blend_at_weight_zero_is_the_cosine_ranking_and_never_loses_where_chosen():
+    torch.manual_seed(0)
+    texts, images = torch.randn(40, 8), torch.randn(30, 8)
+    query_pids, gallery_pids = torch.randint(0, 10, (40,)), torch.arange(30) % 10
+    cosine = torch.nn.functional.normalize(texts, dim=1) @ torch.nn.functional.normalize(images, dim=1).t()
+    top_cos, top_idx = cosine.topk(6, dim=1)
+    itm = torch.randn(40, 6) * 3 + 5
+    assert torch.equal(blend_scores(top_cos, itm, 0.0), top_cos)
+    # the ITM scores are rescaled to the cosine's spread: a huge logit scale changes nothing
+    assert torch.allclose(blend_scores(top_cos, itm, 1.0), blend_scores(top_cos, itm * 100 - 7, 1.0), atol=1e-5)
+    options = {"ap_formula": "standard", "without_positive": "exclude"}
+    grid = blend_grid(texts, images, query_pids, gallery_pids, top_idx, itm, [0.0, 0.5, 2.0, 100.0], 7, options)
+    plain = retrieval_metrics(texts, images, query_pids, gallery_pids, chunk_size=7, **options)
+    assert grid[0.0]["R1"] == pytest.approx(plain["R1"]) and grid[0.0]["mAP"] == pytest.approx(plain["mAP"])
+    for metric in ("R1", "mAP", "R1+mAP"):
+        chosen = choose_blend_weight(grid, metric)
+        value = (lambda m: 0.5 * (m["R1"] + m["mAP"]) if metric == "R1+mAP" else m[metric])
+        assert value(grid[chosen]) >= value(plain) - 1e-9
+    tied = {0.0: {"R1": 10.0, "mAP": 5.0}, 1.0: {"R1": 10.0, "mAP": 5.0}}
+    assert choose_blend_weight(tied, "R1") == 0.0  # ties go to the cosine order
+
+
+def test_itm_pair_accuracy_by_hand():
+    pids = torch.tensor([[7, 3, 7], [2, 2, 2]])  # query 1 has no wrong image in its top k: no pair
+    query_pids = torch.tensor([7, 2])
+    cosine = torch.tensor([[0.9, 0.8, 0.1], [0.5, 0.4, 0.3]])
+    itm = torch.tensor([[1.0, 2.0, 2.0], [0.0, 0.0, 0.0]])
+    acc = itm_pair_accuracy(pids, query_pids, cosine, itm)
+    # pairs (right, wrong): (0, 1), (2, 1); cosine orders (0, 1) right and (2, 1) wrong; ITM (0, 1) wrong, (2, 1) tied
+    assert acc == {"itm": 25.0, "cosine": 50.0, "pairs": 2, "queries": 1}
+
+
+def test_negatives_from_the_top_k_never_false_and_floored():
+    pids = torch.tensor([0, 1, 2, 3])
+    sim = torch.tensor([[9.0, 5.0, 1.0, 0.0], [5.0, 9.0, 0.0, 1.0], [1.0, 0.0, 9.0, 5.0], [0.0, 1.0, 5.0, 9.0]])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # top 1: always each anchor's most similar other person
+        neg_img, neg_txt = sample_hard_negatives(sim, pids, pids, generator=g, top_k=1)
+        assert neg_img.tolist() == [1, 0, 3, 2] and neg_txt.tolist() == [1, 0, 3, 2]
+    never = torch.zeros(4, 4, dtype=torch.bool)
+    never[0, 1] = never[1, 0] = True  # persons 0 and 1 have the same caption: no true non-match
+    for _ in range(20):
+        neg_img, neg_txt = sample_hard_negatives(sim, pids, pids, generator=g, top_k=1, never=never)
+        assert neg_img[:2].tolist() == [2, 3] and neg_txt[:2].tolist() == [2, 3]
+    everything = ~torch.eye(4, dtype=torch.bool)  # a row left with nothing keeps what ``never`` removed
+    neg_img, _ = sample_hard_negatives(sim, pids, pids, generator=g, never=everything)
+    assert (neg_img != torch.arange(4)).all()
+    # the floor: with uniform-zero softmax mass far away, a higher floor draws the far negatives more often
+    far = torch.tensor([[0.0, 30.0, -30.0], [30.0, 0.0, -30.0], [-30.0, -30.0, 0.0]])
+    counts = {}
+    for floor in (1e-5, 1e-1):
+        g = torch.Generator().manual_seed(1)
+        drawn = [int(sample_hard_negatives(far, torch.arange(3), torch.arange(3), generator=g, floor=floor)[1][0])
+                 for _ in range(300)]
+        counts[floor] = drawn.count(2)
+    assert counts[1e-5] == 0 and counts[1e-1] > 0
+
+
+def test_the_itm_hardness_ramp():
+    from models.ivt import build_model
+    from models.objectives import RetrievalObjective
+    from utils.config import load_config
+
+    cfg = load_config(None, ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.fusion_layers=1",
+                             "loss.itm_weight=1.0", "loss.itm_negative_hardness=0.8",
+                             "loss.itm_negative_hardness_ramp_epochs=4.0", "model.vit_weights=null",
+                             "model.bert_weights=null"])
+    objective = RetrievalObjective(build_model(cfg), cfg.loss)
+    seen = []
+    for epochs in (0.0, 1.0, 2.0, 4.0, 9.0):
+        objective.set_progress(epochs)
+        seen.append(objective.hardness())
+    assert seen == pytest.approx([0.0, 0.2, 0.4, 0.8, 0.8])
+    steady_cfg = cfg.replace(["loss.itm_negative_hardness_ramp_epochs=0"])
+    steady = RetrievalObjective(build_model(steady_cfg), steady_cfg.loss)
+    assert steady.hardness() == 0.8
