@@ -237,7 +237,8 @@ def one_off(args: argparse.Namespace) -> dict:
         return search_scale.open_check(Path(args.open_check))
     if args.serve_breakdown:
         return search_scale.serve_breakdown(Path(args.work), args.serve_breakdown)
-    return search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads())
+    return search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads(),
+                                    demo_checkpoint)
 
 
 def scale_main(args: argparse.Namespace, argv: list[str] | None) -> dict:

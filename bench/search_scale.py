@@ -259,10 +259,10 @@ def phase_main(args: list[str]) -> dict:
     return out
 
 
-def serve_index(work: Path, size: int) -> tuple[Path, Path]:
-    """A demo-architecture checkpoint (random weights) and a ``size``-image index of its width whose rows point at
-    a few real synthetic pictures (thumbnails), with the faiss index the rules pick: what serve.py opens."""
-    from bench.bench_search import demo_checkpoint
+def serve_index(work: Path, size: int, demo_checkpoint) -> tuple[Path, Path]:
+    """A demo-architecture checkpoint (random weights, by ``demo_checkpoint(work, captions)``) and a ``size``-image
+    index of its width whose rows point at a few real synthetic pictures (thumbnails), with the faiss index the
+    rules pick: what serve.py opens."""
     from datasets.readers import load_annotations
     from datasets.synthetic import make_synthetic
     from engine.gallery_index import SearchSettings, open_gallery, write_features_index
@@ -285,13 +285,13 @@ def serve_index(work: Path, size: int) -> tuple[Path, Path]:
     return checkpoint, folder
 
 
-def serve_check(work: Path, size: int, threads: int) -> dict:
+def serve_check(work: Path, size: int, threads: int, demo_checkpoint) -> dict:
     """Seconds from starting ``python serve.py --gallery INDEX`` to the page's first answer (through its HTTP API)."""
     import socket
 
     from gradio_client import Client
 
-    checkpoint, folder = serve_index(work, size)
+    checkpoint, folder = serve_index(work, size, demo_checkpoint)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
