@@ -99,11 +99,7 @@ def run_search(args: argparse.Namespace) -> list[dict]:
     """Load the model and the gallery, answer every query of ``args`` (retrieve.py's options); one record a query."""
     texts = list(args.query) + (read_queries_file(args.queries_file) if args.queries_file else [])
     retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
-    gallery = Path(args.gallery)
-    if gallery.is_file():
-        retriever.load_index(gallery)
-    else:
-        retriever.index(gallery, index_file=args.index_file, strict=args.strict, progress=True)
+    retriever.use_gallery(args.gallery, index_file=args.index_file, strict=args.strict, progress=True)
     out = Path(args.out)
     print("scores are cosine similarities of the query and image features (1 = identical direction), "
           "not probabilities")
