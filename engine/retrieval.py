@@ -171,6 +171,8 @@ class Retriever:
         self.transform = build_test_transform(cfg.input)
         set_max_image_pixels(int(cfg.data.max_image_pixels))  # galleries and queries alike
         self._reported_oov: set[str] = set()
+        # the training captions' words the checkpoint records (empty for older checkpoints: pieces-only flagging)
+        self.caption_words: frozenset[str] = frozenset(self.info.get("caption_words") or ())
         self._captions: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     @classmethod
@@ -339,10 +341,12 @@ class Retriever:
 
     # ----------------------------------------------------------------------------------- vocabulary
     def out_of_vocabulary(self, text: str) -> list[str]:
-        """Words of ``text`` the vocabulary does not know: [UNK], or split into single characters.
+        """Words of ``text`` the model never learnt: [UNK], split into single characters, or (when the checkpoint
+        records its training captions' words) absent from those captions.
 
-        A learnt demo vocabulary spells a word it never saw letter by letter; the model has seen such
-        sequences rarely, so the word barely counts. Words of one character are never reported.
+        A learnt demo vocabulary spells a word it never saw letter by letter; a WordPiece vocabulary cuts "poncho"
+        into known pieces, but a model whose captions never held the word learnt nothing about it. Either way the
+        word barely counts. Words of one character are never reported.
         """
         backend = self.tokenizer.backend_tokenizer
         normalized = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
@@ -355,6 +359,8 @@ class Retriever:
             pieces = self.tokenizer.tokenize(word)
             if unknown in pieces or (len(pieces) > 1 and all(len(p.removeprefix("##")) == 1 for p in pieces)):
                 found.append(word)
+            elif self.caption_words and word.lower() not in self.caption_words:
+                found.append(word)
         return found
 
     def _report_oov(self, texts: Sequence[str]) -> None:
@@ -366,7 +372,13 @@ class Retriever:
                     self._reported_oov.add(word)
                     new.append(word)
         if new:
-            logger.warning("out of vocabulary (spelt letter by letter, so they count little): %s", ", ".join(new))
+            logger.warning("out of vocabulary (%s, so they count little): %s", self.unknown_reason(), ", ".join(new))
+
+    def unknown_reason(self) -> str:
+        """Why out_of_vocabulary flags words, for a message."""
+        if self.caption_words:
+            return "never in the model's training captions or spelt letter by letter"
+        return "spelt letter by letter"
 
     # ------------------------------------------------------------------------------------------- search
     def _require_gallery(self) -> Gallery:

@@ -131,7 +131,8 @@ def search_all(retriever: Retriever, texts: Sequence[str], args: argparse.Namesp
         results = retriever.search_image(image, k=args.top_k)
         sheet = sheet_path(out, len(records) + 1 if several else None)
         print_results(f"the image {image}", results, size)
-        contact_sheet([r.path for r in results], [r.score for r in results], f"image query: {image}", sheet)
+        contact_sheet([r.path for r in results], [r.score for r in results], f"image query: {image}", sheet,
+                      query_image=image)
         records.append(record("image", str(image), results, sheet))
     for rec in records:
         print(f"contact sheet: {rec['sheet']}")

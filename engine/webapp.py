@@ -235,7 +235,8 @@ class SearchPage:
             lines.insert(0, flagged)
         unknown = self.retriever.out_of_vocabulary(text) if text else []
         if unknown:
-            lines.append(f"Not in the model's vocabulary (spelt letter by letter, so they count little): "
+            reason = self.retriever.unknown_reason()
+            lines.append(f"Not in the model's vocabulary ({reason}, so they count little): "
                          f"{html.escape(', '.join(unknown))}.")
         return Shown([(r.path, caption(r)) for r in results], "\n\n".join(lines))
 
