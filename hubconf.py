@@ -2,7 +2,7 @@
 
     import torch
     retriever = torch.hub.load("/path/to/ivt", "retriever", checkpoint="runs/cuhkpedes/best.pth", source="local")
-    retriever.index("my_photos/", index_file="my_photos.index.pt")
+    retriever.index("my_photos/", index_file="my_photos.index")
     for hit in retriever.search("a woman in a red coat with a black backpack", k=5):
         print(hit.rank, f"{hit.score:.3f}", hit.path)
 
@@ -43,10 +43,7 @@ def retriever(checkpoint: str, gallery: str | None = None, index_file: str | Non
 
     found = Retriever.from_checkpoint(checkpoint, device, config, list(overrides))
     if gallery is not None:
-        if Path(gallery).is_file():
-            found.load_index(gallery)
-        else:
-            found.index(gallery, index_file=index_file)
+        found.use_gallery(gallery, index_file=index_file)
     return found
 
 

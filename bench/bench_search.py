@@ -1,6 +1,7 @@
 """Person-search speed on CPU: indexing a 10k-image gallery, query latency, time to the first answer, scaling.
 
     python -m bench.bench_search [--images 10000] [--checkpoint CKPT] [--out bench/results/search_cpu]
+    python -m bench.bench_search --scale [--sizes 100000,1000000,10000000] [--dims 768,128]   (bench/search_scale.py)
 
 The gallery is the synthetic dataset's images (the first --images of a CUHK-PEDES-format set, 128x64 JPEGs),
 written once to --work. The model is --checkpoint, else the demo recipe's architecture (configs/demo.yaml:
@@ -29,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 from utils.checkpoint import atomic_save
 from utils.config import load_config
 from utils.errors import user_errors_as_one_line
+
+REPO = Path(__file__).resolve().parents[1]
 
 QUERIES = [
     "a woman in a red coat and black pants with a black backpack",
@@ -217,21 +218,80 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def set_faiss_threads(threads: int) -> None:
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(threads)
+
+
+def one_off(args: argparse.Namespace) -> dict:
+    """--nprobe-sweep, --open-check or --serve-check: one measurement."""
+    from bench import search_scale
+
+    if args.nprobe_sweep:
+        return {"rows": search_scale.nprobe_sweep(Path(args.work), int(args.sizes), int(args.dims),
+                                                  [int(n) for n in args.nprobe_sweep.split(",")])}
+    if args.open_check:
+        return search_scale.open_check(Path(args.open_check))
+    if args.serve_breakdown:
+        return search_scale.serve_breakdown(Path(args.work), args.serve_breakdown)
+    return search_scale.serve_check(Path(args.work), args.serve_check, args.threads or torch.get_num_threads(),
+                                    demo_checkpoint)
+
+
+def scale_main(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    from bench import search_scale
+    from utils.environment import environment_record
+
+    if args.scale_phase:
+        return search_scale.phase_main(args.scale_phase)
+    command = "python -m bench.bench_search " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.serve_check or args.open_check or args.nprobe_sweep or args.serve_breakdown:
+        out = {**one_off(args), "command": command, "environment": environment_record("cpu"),
+               "threads": args.threads or torch.get_num_threads()}
+        Path(args.scale_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.scale_out).with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps(out))
+        return out
+    return search_scale.run_scale([int(s) for s in args.sizes.split(",")], [int(d) for d in args.dims.split(",")],
+                                  Path(args.work), Path(args.scale_out), args.threads or torch.get_num_threads(),
+                                  {"memory_budget_gib": 4.0}, command)
+
+
 @user_errors_as_one_line()
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--checkpoint", default=None, help="default: the demo architecture with random weights")
-    parser.add_argument("--work", default="runs/bench_search", help="gallery, index and checkpoint go here")
+    parser.add_argument("--work", default="runs/bench_search", help="gallery, index and checkpoint (scale: the "
+                        "feature stores) go here")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "search_cpu"),
                         help="writes OUT.json and OUT.md")
     parser.add_argument("--runs", type=int, default=50, help="timed single queries (batches: runs / 10)")
     parser.add_argument("--base-sample", type=int, default=64, help="images indexed by the base-size model")
     parser.add_argument("--scaling", default="10000,100000,1000000", help="brute-force gallery sizes")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--scale", action="store_true", help="the scale mode: exact vs faiss at --sizes x --dims")
+    parser.add_argument("--sizes", default="100000,1000000,10000000", help="scale mode: gallery sizes")
+    parser.add_argument("--dims", default="768,128", help="scale mode: feature widths")
+    parser.add_argument("--scale-out", default="bench/results/search_scale", help="scale mode: OUT.json, OUT.md")
+    parser.add_argument("--scale-phase", nargs="+", default=None, help=argparse.SUPPRESS)  # one phase, internal
+    parser.add_argument("--nprobe-sweep", default=None, metavar="N1,N2,...",
+                        help="recall and latency per search.nprobe over the built --sizes x --dims index")
+    parser.add_argument("--serve-breakdown", type=int, default=0, metavar="N",
+                        help="serve.py's start step by step on the --serve-check N-image index")
+    parser.add_argument("--open-check", default=None, metavar="INDEX", help="time opening an index folder")
+    parser.add_argument("--serve-check", type=int, default=0, metavar="N",
+                        help="time serve.py from start to its first answer on an N-image index (scale mode's store)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+        set_faiss_threads(args.threads)
+    if args.scale or args.scale_phase or args.serve_check or args.open_check or args.nprobe_sweep \
+            or args.serve_breakdown:
+        return scale_main(args, argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from engine.retrieval import Retriever
     from utils.environment import environment_record

@@ -206,6 +206,20 @@ def vocabulary_coverage(tokenizer: BertTokenizerFast, captions: Sequence[str]) -
             f"{100 * split / total:.1f}% cut into pieces, {100 * unknown / total:.2f}% with [UNK]")
 
 
+def caption_word_list(captions: Iterable[str], min_count: int = 1, max_words: int = 0) -> list[str]:
+    """The lower-cased words (with a letter or digit) of ``captions``, sorted: what a model's training text held.
+
+    Words are split as BERT's pre-tokeniser splits them. Kept: words seen at least ``min_count`` times; with
+    ``max_words`` > 0, only the most frequent ``max_words`` of them (ties to the alphabetically first), so a
+    multi-million-caption corpus, whose long tail is mostly typos, gives a bounded list.
+    """
+    counts = _word_counts(captions, lowercase=True)
+    kept = [(word, n) for word, n in counts.items() if n >= min_count and any(c.isalnum() for c in word)]
+    if max_words > 0 and len(kept) > max_words:
+        kept = heapq.nsmallest(max_words, kept, key=lambda item: (-item[1], item[0]))
+    return sorted(word for word, _ in kept)
+
+
 def save_tokenizer(tokenizer: BertTokenizerFast, folder: str | os.PathLike[str]) -> Path:
     """Write the tokenizer files plus vocab.txt, so the folder also works as ``text.tokenizer=FOLDER``."""
     folder = Path(folder)

@@ -114,14 +114,17 @@ def checkpoint_dict(model_state: dict, config: dict, tokenizer: dict | None = No
     ``config`` is a plain (possibly partial) config dict; ``tokenizer`` a ``tokenizer_record`` (None: the one the
     config names). ``fields`` are the optional entries: a training checkpoint's optimizer, scheduler, scaler,
     epoch, step_in_epoch, step, best_metric, best_epoch, rng, world_size and environment; a conversion's
-    converted_from; a model folder's model_folder.
+    converted_from; a model folder's model_folder; ``caption_words``, the sorted lower-cased words of the training
+    captions (engine.data.run_caption_words), by which searches flag words the model never read (absent in older
+    checkpoints).
     """
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": model_state, "config": config,
             "tokenizer": tokenizer, **fields}
 
 
 # ------------------------------------------------------------------------------------------- training
-def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg: Config, tokenizer) -> dict:
+def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg: Config, tokenizer,
+                     caption_words: Sequence[str] | None = None) -> dict:
     """The checkpoint dict; a collective when distributed (every rank's RNG state is gathered)."""
     rng = capture_rng_state()
     if du.is_distributed():
@@ -136,7 +139,8 @@ def checkpoint_state(model, optimizer, scheduler, scaler, state: TrainState, cfg
         scaler=scaler.state_dict() if scaler is not None else None,
         epoch=state.epoch, step_in_epoch=state.step_in_epoch, step=state.global_step,
         best_metric=state.best_metric, best_epoch=state.best_epoch, calibration=state.calibration, rng=rng,
-        world_size=du.get_world_size(), environment=environment_record())
+        world_size=du.get_world_size(), environment=environment_record(),
+        **({"caption_words": list(caption_words)} if caption_words is not None else {}))
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:
@@ -307,7 +311,7 @@ def load_for_inference(path: str | Path, config_path: str | Path | None = None, 
         record = obj.get("tokenizer")
         info = {"format": "ours", **{k: obj.get(k) for k in TRAINING_FIELDS}, "environment": obj.get("environment"),
                 "learnt_vocabulary": bool(record) and "vocab" in record,
-                "calibration": obj.get("calibration")}
+                "calibration": obj.get("calibration"), "caption_words": obj.get("caption_words")}
     elif kind == "official":
         _, model_overrides = convert_official(obj)
         cfg = load_config(config_path).replace(model=model_overrides)
@@ -332,7 +336,8 @@ def folder_as_checkpoint(path: str | Path) -> dict:
     folder = read_model_folder(path)
     return checkpoint_dict(folder.state, folder.config, folder.tokenizer, epoch=folder.training.get("epoch"),
                            step=folder.training.get("step"), step_in_epoch=folder.training.get("step_in_epoch"),
-                           calibration=folder.training.get("calibration"), model_folder=str(folder.path))
+                           calibration=folder.training.get("calibration"), model_folder=str(folder.path),
+                           **({"caption_words": folder.caption_words} if folder.caption_words is not None else {}))
 
 
 def read_checkpoint_or_folder(path: str | Path) -> Any:

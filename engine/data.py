@@ -14,8 +14,8 @@ from datasets.pixels import set_max_image_pixels
 from datasets.records import Record, SplitError
 from datasets.synthetic import make_synthetic
 from datasets.synthetic.identities import key_fields, split_sizes
-from datasets.tokenizer import (build_tokenizer, save_tokenizer, tokenizer_from_vocab, tokenizer_vocab,
-                                vocabulary_coverage)
+from datasets.tokenizer import (build_tokenizer, caption_word_list, save_tokenizer, tokenizer_from_vocab,
+                                tokenizer_vocab, vocabulary_coverage)
 from engine.checkpoints import init_tokenizer, tokenizer_from_record
 from utils import distributed as du
 from utils.config import Config, ConfigError
@@ -155,6 +155,21 @@ def build_run_tokenizer(cfg: Config, train_records, resume_obj: dict | None, ini
         vocab = du.broadcast_object(vocab)
         return tokenizer_from_vocab(vocab, cfg.text.lowercase)
     return build_tokenizer(cfg.text)
+
+
+def run_caption_words(cfg: Config, train_records, prior: dict | None) -> list[str] | None:
+    """The sorted lower-cased words of this run's training captions, joined with those ``prior`` (the checkpoint
+    resumed or initialised from) records, so a fine-tuned model also knows its pretraining's words. Computed on
+    rank 0 only (the rank that saves); None elsewhere. Each run's share is capped by text.caption_words_max."""
+    if not du.is_main_process():
+        return None
+    own = caption_word_list((r.caption for r in train_records), int(cfg.text.caption_words_min_count),
+                            int(cfg.text.caption_words_max))
+    earlier = (prior.get("caption_words") if isinstance(prior, dict) else None) or []  # authors' files: none
+    words = sorted(set(own).union(earlier))
+    logger.info("caption vocabulary: %d words (%d from this run's captions, %d carried from the checkpoint)",
+                len(words), len(own), len(earlier))
+    return words
 
 
 def save_run_tokenizer(cfg: Config, tokenizer, output_dir: Path) -> None:

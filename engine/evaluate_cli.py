@@ -20,6 +20,9 @@ def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespa
                              "in the checkpoint's folder)")
     parser.add_argument("--save-examples", type=int, default=None, metavar="N",
                         help="save PNGs of the top-10 results of N queries (overrides eval.save_examples)")
+    parser.add_argument("--save-features", action="store_true",
+                        help="also write the text and image features computed, with their captions, image paths and "
+                             "person ids, to features_<split>*.pt beside the metrics file")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.batch_size=128")
     return parser.parse_args(argv)

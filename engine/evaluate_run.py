@@ -12,11 +12,25 @@ from engine.data import load_eval_splits
 from engine.evaluation import EvaluationError, evaluate_model, save_examples, write_metrics_json
 from engine.explanation import explain_with
 from utils import distributed as du
-from utils.checkpoint import check_writable_folder, model_epoch
+from utils.checkpoint import atomic_save, check_writable_folder, model_epoch
 from utils.errors import user_errors_as_one_line
 from utils.logging_utils import setup_logging
 
 logger = logging.getLogger("evaluate")
+
+
+def features_path(metrics_path: Path) -> Path:
+    """features_<split>[_<checkpoint name>].pt beside metrics_<split>[_<checkpoint name>].json."""
+    return metrics_path.with_name("features" + metrics_path.stem.removeprefix("metrics") + ".pt")
+
+
+def save_features(path: Path, features: dict, args: argparse.Namespace, results: dict) -> None:
+    """Write engine.evaluation.feature_record's dict, with the checkpoint, split and epoch it came from
+    (atomically: torch.load reads it back, weights_only included)."""
+    atomic_save({"format": "ivt-eval-features", "checkpoint": str(args.checkpoint), "split": args.split,
+                 "epoch": results.get("epoch"), **features}, path)
+    logger.info("wrote %s (%d text and %d image features)", path, len(features["texts"]),
+                len(features["image_paths"]))
 
 
 def evaluate_checkpoint(args: argparse.Namespace, metrics_path: Path, examples_dir: Path) -> dict:
@@ -48,9 +62,13 @@ def evaluate_checkpoint(args: argparse.Namespace, metrics_path: Path, examples_d
             check_writable_folder(metrics_path.parent, f"the metrics file {metrics_path.name} (--output-dir)")
             if int(cfg.eval.save_examples) > 0:
                 check_writable_folder(examples_dir, "the example pictures' folder (--save-examples)")
-            results = evaluate_model(model, records, tokenizer, cfg, device, args.split, info.get("calibration"))
+            results = evaluate_model(model, records, tokenizer, cfg, device, args.split, info.get("calibration"),
+                                     keep_features=bool(getattr(args, "save_features", False)))
             results["epoch"] = epoch
+            features = results.pop("features", None)
             write_metrics_json(metrics_path, results, args.checkpoint, cfg)
+            if features is not None and du.is_main_process():
+                save_features(features_path(metrics_path), features, args, results)
             if du.is_main_process():
                 logger.info("wrote %s", metrics_path)
                 if "examples" in results:

@@ -384,7 +384,8 @@ def log_caption_lengths(sets: EvalSets, tokenizer: Any, cfg: Any) -> int:
 
 
 def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer: Any, cfg: Any,
-                   device: torch.device | str, split_name: str, calibration: dict | None = None) -> dict:
+                   device: torch.device | str, split_name: str, calibration: dict | None = None,
+                   keep_features: bool = False) -> dict:
     """Evaluate ``model`` on one split's records; every rank calls it and gets the same results.
 
     Returns {"split", "protocol" (see describe_protocol), "t2i", "i2t", "t2i_rerank" and "t2i_blend" (only when
@@ -393,7 +394,7 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     (percentages). ``calibration``: the one carried with the model (a checkpoint's "calibration", measured on
     val): its "no good match" threshold and blend weight are applied and measured here instead of chosen here;
     results["calibration"] is what this evaluation used or chose (what a checkpoint carries). Logs one table
-    per direction.
+    per direction. ``keep_features``: also results["features"], see :func:`feature_record`.
     """
     device = torch.device(device)
     protocol, data_format = protocol_of(cfg)
@@ -428,6 +429,8 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
         torch.cuda.synchronize(device)
     results: dict[str, Any] = {"split": split_name, "protocol": describe_protocol(sets, data_format),
                                "encode_seconds": time.perf_counter() - began}
+    if keep_features:
+        results["features"] = feature_record(sets, text_feats, image_feats)
 
     query_pids = sets.query_pids.to(device)
     gallery_pids = sets.gallery_pids.to(device)
@@ -457,6 +460,19 @@ def evaluate_model(model: torch.nn.Module, records: Sequence[Record], tokenizer:
     model.train(was_training)
     log_results(results)
     return results
+
+
+def feature_record(sets: EvalSets, text_feats: torch.Tensor, image_feats: torch.Tensor) -> dict:
+    """The features one evaluation computed, with what each row is: evaluate.py --save-features writes it.
+
+    texts [Q] (the query captions as encoded), text_features [Q, D], query_pids [Q], query_image_ids [Q];
+    image_paths [G], image_features [G, D], gallery_pids [G], gallery_image_ids [G]; the features float32 on the
+    CPU as engine.encoding returns them (before L2 normalisation), rows in the protocol's order.
+    """
+    return {"protocol": sets.protocol, "texts": list(sets.texts), "text_features": text_feats.detach().float().cpu(),
+            "query_pids": sets.query_pids.cpu(), "query_image_ids": sets.query_image_ids.cpu(),
+            "image_paths": list(sets.image_paths), "image_features": image_feats.detach().float().cpu(),
+            "gallery_pids": sets.gallery_pids.cpu(), "gallery_image_ids": sets.gallery_image_ids.cpu()}
 
 
 def calibration_record(results: dict, carried: dict | None) -> dict:

@@ -68,7 +68,7 @@ def export_model_folder(checkpoint: str | os.PathLike[str], out_dir: str | os.Pa
         raise ExportError(f"{checkpoint}: not one of our checkpoints; an authors' checkpoint is converted first "
                           "(python -m engine.convert_official SRC DST.pth)")
     metrics = find_metrics(checkpoint, metrics_files)
-    start_model_folder(out_dir, model.state_dict(), tokenizer, overwrite)
+    start_model_folder(out_dir, model.state_dict(), tokenizer, overwrite, info.get("caption_words"))
     info = {**info, "calibration": carried_calibration(info, metrics)}
     meta = folder_record(cfg, tokenizer, info["learnt_vocabulary"], info, checkpoint, metrics)
     if onnx:

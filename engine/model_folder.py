@@ -36,6 +36,7 @@ FOLDER_VERSION = 2  # 2: config.json records files_sha256
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
+CAPTION_WORDS_FILE = "caption_words.txt"  # the training captions' words, one a line (config.json: caption_words)
 UNREAD_SUFFIXES = (".onnx", ".log")  # folder files no loader of ours reads, so none verifies them
 TRAINING_FIELDS = ("epoch", "step_in_epoch", "step", "best_metric", "best_epoch", "world_size")
 
@@ -98,7 +99,7 @@ def check_folder_fields(config_file: Path, meta: dict) -> None:
             and all(c in "0123456789abcdef" for c in digest) for name, digest in sums.items())):
         raise CheckpointError(f"{config_file}: field 'files_sha256' must map file names to sha256 digests (64 hex "
                               f"digits), found {str(sums)[:80]!r}; export the folder again")
-    for field in ("tokenizer", "training"):
+    for field in ("tokenizer", "training", "caption_words"):
         if meta.get(field) is not None and not isinstance(meta[field], dict):
             raise CheckpointError(f"{config_file}: field {field!r} must be an object, found {meta[field]!r}; export "
                                   "the folder again")
@@ -126,6 +127,7 @@ class FolderContents:
     config: dict
     tokenizer: dict  # a tokenizer record as our checkpoints store it: {"vocab", "lowercase"} or {"name"}
     training: dict
+    caption_words: list[str] | None = None  # the training captions' words; None for folders exported without them
 
 
 def read_model_folder(path: str | os.PathLike[str]) -> FolderContents:
@@ -154,7 +156,19 @@ def read_model_folder(path: str | os.PathLike[str]) -> FolderContents:
         record = {"name": str(path)}
         config["text"]["tokenizer"] = str(path)
     training = {**meta.get("training", {}), "calibration": meta.get("calibration")}  # engine.calibration's
-    return FolderContents(path, state, config, record, training)
+    words = read_caption_words(path) if meta.get("caption_words") else None
+    return FolderContents(path, state, config, record, training, words)
+
+
+def read_caption_words(path: Path) -> list[str]:
+    words_file = path / CAPTION_WORDS_FILE
+    if not words_file.is_file():
+        raise CheckpointError(f"{path}: {CONFIG_FILE} records caption_words but {CAPTION_WORDS_FILE} is missing; "
+                              "copy or export the folder again")
+    try:
+        return words_file.read_text(encoding="utf-8").split("\n")[:-1]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{words_file}: cannot be read as UTF-8 text ({exc})") from None
 
 
 def read_vocabulary(path: Path) -> list[str]:
@@ -187,6 +201,8 @@ def folder_record(cfg: Config, tokenizer, learnt_vocabulary: bool, training: dic
         "training": {k: training.get(k) for k in TRAINING_FIELDS},
         "metrics": metrics,
         "calibration": training.get("calibration"),  # "no good match" threshold, blend weight (engine.calibration)
+        "caption_words": ({"file": CAPTION_WORDS_FILE, "count": len(training["caption_words"])}
+                          if training.get("caption_words") is not None else None),
         "source_checkpoint": {"file": source.name, "sha256": sha256_of(source)},
         "training_environment": training.get("environment"),
         "export_environment": environment_record("cpu"),
@@ -203,13 +219,19 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def start_model_folder(out_dir: Path, state: dict, tokenizer, overwrite: bool = False) -> None:
-    """Write the weights (safetensors, contiguous copies) and the tokenizer files into ``out_dir``."""
+def start_model_folder(out_dir: Path, state: dict, tokenizer, overwrite: bool = False,
+                       caption_words: list[str] | None = None) -> None:
+    """Write the weights (safetensors, contiguous copies), the tokenizer files and, when the checkpoint has them,
+    the training captions' words (CAPTION_WORDS_FILE) into ``out_dir``."""
     prepare_out_dir(out_dir, overwrite)
     weights = safetensors_bytes({k: v.detach().clone().contiguous() for k, v in state.items()},
                                 metadata={"format": "pt"})
     atomic_write(out_dir / WEIGHTS_FILE, lambda handle: handle.write(weights))
     save_tokenizer(tokenizer, out_dir)
+    if caption_words is not None:
+        write_text(out_dir / CAPTION_WORDS_FILE, "".join(word + "\n" for word in caption_words))
+    elif (out_dir / CAPTION_WORDS_FILE).is_file():  # an update from a checkpoint without them: none left stale
+        (out_dir / CAPTION_WORDS_FILE).unlink()
 
 
 def finish_model_folder(out_dir: Path, meta: dict, card: Callable[[dict], str]) -> None:

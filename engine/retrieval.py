@@ -1,7 +1,7 @@
 """Search a folder of your own images with a trained checkpoint or an exported model folder.
 
     retriever = Retriever.from_pretrained("runs/cuhkpedes/best.pth")      # or a folder from python -m engine.export
-    retriever.index("my_photos/", index_file="my_photos.index.pt")       # encodes once, reuses the file later
+    retriever.index("my_photos/", index_file="my_photos.index")          # encodes once; later only what changed
     retriever.search("a woman in a red coat with a black backpack", k=10)   # [SearchResult(path, score, rank)]
     retriever.search(["a man in a black jacket", "a girl in a pink dress"])  # one list per query, one matmul
     retriever.search_image("query.jpg", k=10)                              # image-to-image
@@ -11,10 +11,12 @@ Scores are cosine similarities of L2-normalised features (in [-1, 1], higher is 
 a fusion stack (``model.fusion_layers > 0``) ``rerank=True`` re-orders the top candidates by the ITM head; their
 ``itm_score`` is what evaluation ranks by (engine.encoding.itm_score: the "match" logit).
 
-The index file holds the image features, the image paths with their sizes and modification times, a digest of
-the model (checkpoint path, size and modification time, and the input settings) and a sha256 of all of these. It
-is reused only when all of them match, so a retrained checkpoint or a changed folder never serves stale features,
-and a corrupted file (a flipped byte) is refused with one line instead of ranking with altered features.
+The index (engine/gallery_index.py) is a folder of memory-mapped feature shards and a manifest with the image
+paths, their sizes and modification times, a digest of the model (checkpoint path, size and modification time,
+and the input settings) and the sha256 of every file. Indexing a folder again encodes only the images that are new
+or changed and drops removed ones; an index of another model is refused with one line (features of two models
+never mix), and so is a corrupted file. Search runs on the backend of ``search.*`` (engine/gallery_search.py):
+exact chunked brute force, or a faiss index whose candidates are re-scored exactly.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -35,22 +37,21 @@ from datasets.pixels import ImageTooLargeError, check_pixels, open_image, set_ma
 from datasets.transforms import build_test_transform, load_image
 from engine.checkpoints import load_for_inference
 from engine.encoding import encode_text_tokens, rerank_scores
+from engine.gallery_index import (INDEX_FORMAT, INDEX_VERSION, Gallery, GalleryError, SearchSettings, build_gallery,
+                                  file_signature, is_index, open_gallery)
+from engine.gallery_search import build_ann, search as search_gallery, wants_ann
+from utils import distributed as dist_utils
 from utils.amp import autocast
-from utils.checkpoint import CheckpointError, atomic_save, load_file
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT = "ivt-gallery-index"
-INDEX_VERSION = 2  # 2: the index records its sha256
+__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "GalleryError", "GalleryIndex", "Retriever", "SearchResult", "QueryError",
+           "file_signature", "list_images"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 LISTED_FAILURES = 5  # unreadable images named in the log / error message
 
 ImageInput = Union[str, os.PathLike, Image.Image]
-
-
-class GalleryError(UserError, ValueError):
-    """A gallery that cannot be indexed or an index file that cannot be used; the message says why."""
 
 
 class QueryError(UserError, ValueError):
@@ -86,34 +87,7 @@ class CaptionResult:
         return asdict(self)
 
 
-@dataclass
-class GalleryIndex:
-    """Encoded gallery: features [G, D] float32 (L2-normalised, CPU), one row per path in ``paths``.
-
-    ``skipped`` lists (path, reason) of the images that could not be read; ``signature`` identifies the
-    candidate files (path, size, mtime) the index was built from; ``model_digest`` the model that encoded them.
-    """
-
-    paths: list[str]
-    features: torch.Tensor
-    model_digest: str
-    signature: list[list[Any]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def index_checksum(content: dict) -> str:
-    """sha256 of what a gallery index holds: paths, features (their bytes, dtype and shape), model digest,
-    file signature and skipped images."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([content["paths"], content["model_digest"], [list(s) for s in content["signature"]],
-                              [list(s) for s in content["skipped"]]]).encode("utf-8"))
-    features = content["features"].detach().cpu().contiguous()
-    digest.update(f"{features.dtype} {tuple(features.shape)}".encode("utf-8"))
-    digest.update(features.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+GalleryIndex = Gallery  # the name the encoded gallery had before it moved to engine/gallery_index.py
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[str]:
@@ -125,18 +99,6 @@ def list_images(folder: str | os.PathLike[str]) -> list[str]:
     if not paths:
         raise GalleryError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
     return paths
-
-
-def file_signature(paths: Sequence[str]) -> list[list[Any]]:
-    """[path, size, mtime_ns] per path ([path, -1, -1] for a missing file): cheap change detection."""
-    out = []
-    for path in paths:
-        try:
-            stat = os.stat(path)
-            out.append([path, stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            out.append([path, -1, -1])
-    return out
 
 
 def model_digest(checkpoint: str | os.PathLike[str], input_cfg: Any) -> str:
@@ -203,10 +165,14 @@ class Retriever:
         self.device = device
         self.digest = digest
         self.info = dict(info or {})
-        self.gallery: GalleryIndex | None = None
+        self.gallery: Gallery | None = None
+        self.settings = SearchSettings.from_config(cfg)
+        self.last_encoded = 0  # images the last index() call encoded in this process
         self.transform = build_test_transform(cfg.input)
         set_max_image_pixels(int(cfg.data.max_image_pixels))  # galleries and queries alike
         self._reported_oov: set[str] = set()
+        # the training captions' words the checkpoint records (empty for older checkpoints: pieces-only flagging)
+        self.caption_words: frozenset[str] = frozenset(self.info.get("caption_words") or ())
         self._captions: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     @classmethod
@@ -233,13 +199,21 @@ class Retriever:
         return bool(getattr(self.model, "has_fusion", False))
 
     # ------------------------------------------------------------------------------------------ gallery
+    def use_gallery(self, gallery: str | os.PathLike[str], index_file: str | os.PathLike[str] | None = None,
+                    strict: bool = False, progress: bool = False) -> Gallery:
+        """``gallery`` is an index (a folder with a manifest, or a version-2 file): open it; else a folder of
+        images: index it (into ``index_file`` when given). What retrieve.py, serve.py and hubconf do."""
+        if is_index(gallery):
+            return self.load_index(gallery)
+        return self.index(gallery, index_file=index_file, strict=strict, progress=progress)
+
     def index(self, paths_or_dir: str | os.PathLike[str] | Sequence[str],
               index_file: str | os.PathLike[str] | None = None, strict: bool = False,
-              progress: bool = False) -> GalleryIndex:
-        """Encode a folder (or a list) of images, or reuse ``index_file`` when it matches; sets ``self.gallery``.
-
-        Unreadable images are skipped (counted and the first few named in the log) or, with ``strict``, raise
-        GalleryError. The index is written to ``index_file`` when given. ``progress`` shows a progress bar.
+              progress: bool = False) -> Gallery:
+        """Encode a folder (or a list) of images into ``index_file`` (an index folder: only new or changed images
+        are encoded, removed ones dropped; resumes a build that was killed), or in memory without it; sets
+        ``self.gallery``. Under torchrun the ranks share the encoding. Unreadable images are skipped (counted and
+        the first few named in the log) or, with ``strict``, raise GalleryError. ``progress``: a progress bar.
         """
         if isinstance(paths_or_dir, (str, os.PathLike)):
             paths = list_images(paths_or_dir)
@@ -247,71 +221,53 @@ class Retriever:
             paths = [str(p) for p in paths_or_dir]
             if not paths:
                 raise GalleryError("the gallery list is empty")
-        signature = file_signature(paths)
-        cached = self._read_cache(index_file)
-        if cached is not None:
-            if cached.model_digest == self.digest and cached.signature == signature:
-                if strict and cached.skipped:
-                    raise self._strict_error(cached.skipped)
-                logger.info("reusing the gallery index %s (%d images)", index_file, len(cached))
-                self._report_skipped(cached.skipped, len(paths))
-                self.gallery = cached
-                return cached
-            logger.info("gallery index %s is stale (%s); re-encoding", index_file,
-                        "another model" if cached.model_digest != self.digest else "the images changed")
-        features, kept, skipped = self._encode_images(paths, strict, progress)
-        if not kept:
-            raise GalleryError(f"none of the {len(paths)} gallery images could be read; first: "
-                               + "; ".join(f"{p} ({why})" for p, why in skipped[:LISTED_FAILURES]))
-        self._report_skipped(skipped, len(paths))
-        gallery = GalleryIndex(kept, features, self.digest, signature, skipped)
-        if index_file is not None:
-            content = {"paths": gallery.paths, "features": gallery.features, "model_digest": gallery.model_digest,
-                       "signature": gallery.signature, "skipped": [list(s) for s in gallery.skipped]}
-            atomic_save({"format": INDEX_FORMAT, "format_version": INDEX_VERSION, **content,
-                         "sha256": index_checksum(content)}, index_file)
-            logger.info("wrote the gallery index %s (%d images)", index_file, len(gallery))
-        self.gallery = gallery
+        if index_file is None:
+            features, kept, skipped = self._encode_images(paths, strict, progress)
+            self._check_kept(kept, skipped, len(paths))
+            self.gallery = Gallery.in_memory(kept, features, self.digest, file_signature(paths), skipped)
+            return self.gallery
+        if Path(index_file).is_file():
+            raise GalleryError(f"{index_file}: a version-2 index file; --index-file is now a folder: convert it "
+                               f"with `python -m engine.gallery_index convert {index_file} NEW` or choose a new name")
+        self.last_encoded = self._build(paths, Path(index_file), strict, progress, str(paths_or_dir)
+                                        if isinstance(paths_or_dir, (str, os.PathLike)) else "a list of images")
+        gallery = self.load_index(index_file)
+        if strict and gallery.skipped:
+            raise self._strict_error(gallery.skipped)
+        self._check_kept(list(gallery.paths[:1]), gallery.skipped, len(paths))
+        self._report_skipped(gallery.skipped, len(paths))
         return gallery
 
-    def load_index(self, file: str | os.PathLike[str]) -> GalleryIndex:
+    def _build(self, paths: list[str], folder: Path, strict: bool, progress: bool, source: str) -> int:
+        """Bring the index folder up to date (all ranks), and its faiss index when search.* asks for one."""
+        from tqdm import tqdm
+
+        with tqdm(desc="indexing the gallery", unit="img", disable=not (progress and dist_utils.is_main_process())
+                  ) as bar:
+            manifest, encoded = build_gallery(folder, paths, lambda chunk: self._encode_images(chunk, strict),
+                                              self.digest, self.settings.feature_dtype, self.settings.shard_images,
+                                              source, bar.update)
+        if dist_utils.is_main_process() and manifest["count"] and wants_ann(manifest["count"], self.settings):
+            gallery = open_gallery(folder, 0)
+            if not manifest.get("ann") or manifest["ann"].get("covers") != gallery.content_id:
+                build_ann(gallery, self.settings)
+        dist_utils.barrier()
+        logger.info("gallery index %s: %d images, %d encoded by this process", folder, manifest["count"], encoded)
+        return encoded
+
+    def load_index(self, file: str | os.PathLike[str]) -> Gallery:
         """Use a saved index as the gallery; GalleryError if another model (or input setting) built it."""
-        cached = self._read_index(file)
+        cached = open_gallery(file, self.settings.verify_max_mib)
         if cached.model_digest != self.digest:
             raise GalleryError(f"{file}: this index was built with another checkpoint or input settings; "
-                               "rebuild it by passing the image folder with --index-file")
+                               "rebuild it by passing the image folder with a new --index-file")
         self.gallery = cached
         return cached
 
-    def _read_cache(self, index_file: str | os.PathLike[str] | None) -> GalleryIndex | None:
-        """The index at ``index_file`` to reuse, or None: none there, or unusable (then it is rebuilt, saying why)."""
-        if index_file is None or not Path(index_file).is_file():
-            return None
-        try:
-            return self._read_index(index_file)
-        except GalleryError as exc:
-            logger.warning("%s; re-encoding the gallery", exc)
-            return None
-
-    @staticmethod
-    def _read_index(file: str | os.PathLike[str]) -> GalleryIndex:
-        try:
-            obj = load_file(file)
-        except CheckpointError as exc:  # a damaged, truncated or foreign file means the same thing here
-            raise GalleryError(f"cannot be read as a gallery index: {exc}") from None
-        if not isinstance(obj, dict) or obj.get("format") != INDEX_FORMAT:
-            raise GalleryError(f"{file}: not a gallery index (expected format={INDEX_FORMAT!r})")
-        if "sha256" not in obj:
-            raise GalleryError(f"{file}: an index written before indexes carried a checksum; rebuild it by passing "
-                               "the image folder with --index-file")
-        if index_checksum(obj) != obj["sha256"]:
-            raise GalleryError(f"{file}: the gallery index does not match its sha256 (the file is corrupt); "
-                               "rebuild it by passing the image folder with --index-file")
-        features = obj["features"]
-        if features.dim() != 2 or features.shape[0] != len(obj["paths"]):
-            raise GalleryError(f"{file}: features {tuple(features.shape)} do not match {len(obj['paths'])} paths")
-        return GalleryIndex(list(obj["paths"]), features, obj["model_digest"], [list(s) for s in obj["signature"]],
-                            [tuple(s) for s in obj["skipped"]])
+    def _check_kept(self, kept: Sequence[str], skipped: Sequence[tuple[str, str]], total: int) -> None:
+        if not kept:
+            raise GalleryError(f"none of the {total} gallery images could be read; first: "
+                               + "; ".join(f"{p} ({why})" for p, why in list(skipped)[:LISTED_FAILURES]))
 
     def _encode_images(self, paths: list[str], strict: bool, progress: bool = False
                        ) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
@@ -385,10 +341,12 @@ class Retriever:
 
     # ----------------------------------------------------------------------------------- vocabulary
     def out_of_vocabulary(self, text: str) -> list[str]:
-        """Words of ``text`` the vocabulary does not know: [UNK], or split into single characters.
+        """Words of ``text`` the model never learnt: [UNK], split into single characters, or (when the checkpoint
+        records its training captions' words) absent from those captions.
 
-        A learnt demo vocabulary spells a word it never saw letter by letter; the model has seen such
-        sequences rarely, so the word barely counts. Words of one character are never reported.
+        A learnt demo vocabulary spells a word it never saw letter by letter; a WordPiece vocabulary cuts "poncho"
+        into known pieces, but a model whose captions never held the word learnt nothing about it. Either way the
+        word barely counts. Words of one character are never reported.
         """
         backend = self.tokenizer.backend_tokenizer
         normalized = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
@@ -401,6 +359,8 @@ class Retriever:
             pieces = self.tokenizer.tokenize(word)
             if unknown in pieces or (len(pieces) > 1 and all(len(p.removeprefix("##")) == 1 for p in pieces)):
                 found.append(word)
+            elif self.caption_words and word.lower() not in self.caption_words:
+                found.append(word)
         return found
 
     def _report_oov(self, texts: Sequence[str]) -> None:
@@ -412,10 +372,16 @@ class Retriever:
                     self._reported_oov.add(word)
                     new.append(word)
         if new:
-            logger.warning("out of vocabulary (spelt letter by letter, so they count little): %s", ", ".join(new))
+            logger.warning("out of vocabulary (%s, so they count little): %s", self.unknown_reason(), ", ".join(new))
+
+    def unknown_reason(self) -> str:
+        """Why out_of_vocabulary flags words, for a message."""
+        if self.caption_words:
+            return "never in the model's training captions or spelt letter by letter"
+        return "spelt letter by letter"
 
     # ------------------------------------------------------------------------------------------- search
-    def _require_gallery(self) -> GalleryIndex:
+    def _require_gallery(self) -> Gallery:
         if self.gallery is None:
             raise GalleryError("no gallery: call index(folder) or load_index(file) first")
         return self.gallery
@@ -445,8 +411,7 @@ class Retriever:
         single = isinstance(query, str)
         texts = _check_texts([query] if single else list(query))
         depth = self._rerank_depth(k, rerank)
-        scores = self.encode_texts(texts) @ gallery.features.t()  # [Q, G]
-        top_scores, top_idx = torch.topk(scores, min(max(k, depth), len(gallery)), dim=1)
+        top_scores, top_idx = search_gallery(gallery, self.encode_texts(texts), max(k, depth), self.settings)
         itm = None
         if depth:
             itm = rerank_scores(self.model, self.tokenizer, texts, gallery.paths, top_idx, self.transform,
@@ -460,12 +425,11 @@ class Retriever:
         """The ``k`` gallery images most similar to a query image (path or PIL image), best first."""
         gallery = self._require_gallery()
         k = _check_k(k)
-        scores = self.encode_images([image])[0] @ gallery.features.t()
-        top_scores, top_idx = torch.topk(scores, min(k, len(gallery)))
-        return self._rows(gallery, top_idx, top_scores, None, k)
+        top_scores, top_idx = search_gallery(gallery, self.encode_images([image]), k, self.settings)
+        return self._rows(gallery, top_idx[0], top_scores[0], None, k)
 
     @staticmethod
-    def _rows(gallery: GalleryIndex, idx: torch.Tensor, scores: torch.Tensor, itm: torch.Tensor | None,
+    def _rows(gallery: Gallery, idx: torch.Tensor, scores: torch.Tensor, itm: torch.Tensor | None,
               k: int) -> list[SearchResult]:
         if itm is None:
             return [SearchResult(gallery.paths[i], float(s), rank)

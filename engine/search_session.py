@@ -99,11 +99,7 @@ def run_search(args: argparse.Namespace) -> list[dict]:
     """Load the model and the gallery, answer every query of ``args`` (retrieve.py's options); one record a query."""
     texts = list(args.query) + (read_queries_file(args.queries_file) if args.queries_file else [])
     retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
-    gallery = Path(args.gallery)
-    if gallery.is_file():
-        retriever.load_index(gallery)
-    else:
-        retriever.index(gallery, index_file=args.index_file, strict=args.strict, progress=True)
+    retriever.use_gallery(args.gallery, index_file=args.index_file, strict=args.strict, progress=True)
     out = Path(args.out)
     print("scores are cosine similarities of the query and image features (1 = identical direction), "
           "not probabilities")
@@ -135,7 +131,8 @@ def search_all(retriever: Retriever, texts: Sequence[str], args: argparse.Namesp
         results = retriever.search_image(image, k=args.top_k)
         sheet = sheet_path(out, len(records) + 1 if several else None)
         print_results(f"the image {image}", results, size)
-        contact_sheet([r.path for r in results], [r.score for r in results], f"image query: {image}", sheet)
+        contact_sheet([r.path for r in results], [r.score for r in results], f"image query: {image}", sheet,
+                      query_image=image)
         records.append(record("image", str(image), results, sheet))
     for rec in records:
         print(f"contact sheet: {rec['sheet']}")

@@ -30,7 +30,7 @@ from datasets.workers import closing_workers, worker_states
 from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
                                 load_model_state, read_checkpoint_or_folder, read_resume,
                                 save_checkpoint)
-from engine.data import build_run_tokenizer, load_data, save_run_tokenizer
+from engine.data import build_run_tokenizer, load_data, run_caption_words, save_run_tokenizer
 from engine.evaluation import evaluate_split, selection_score
 from models.ivt import build_model
 from models.objectives import RetrievalObjective
@@ -88,6 +88,7 @@ class Run:
     selection: str | None = None  # the split that picks best.pth, None = the last epoch
     state: TrainState = field(default_factory=TrainState)
     writer: MetricsWriter | None = None
+    caption_words: list[str] | None = None  # the training captions' words, saved in checkpoints (rank 0 only)
     plan: TaskPlan = field(init=False)  # what the task means: records, evaluation, batches; resolved once
 
     def __post_init__(self) -> None:
@@ -176,7 +177,9 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
         save_config(cfg, output_dir / "config.yaml")  # atomic, before log.txt: a full disk leaves no empty files
     setup_logging(output_dir, du.get_rank())
     save_run_tokenizer(cfg, tokenizer, output_dir)
-    return new_run(cfg, output_dir, device, model, tokenizer, train_records, eval_splits)
+    run = new_run(cfg, output_dir, device, model, tokenizer, train_records, eval_splits)
+    run.caption_words = run_caption_words(cfg, train_records, resume_obj if resume_obj is not None else init_obj)
+    return run
 
 
 def check_one_batch(cfg: Config, plan: TaskPlan, records: list, world_size: int) -> None:
@@ -650,7 +653,8 @@ def end_of_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
 def save(run: Run, names: Sequence[str]) -> None:
     """Write the current state under each of ``names`` in the run directory (a collective)."""
     check_finite_weights(run.model)
-    obj = checkpoint_state(run.model, run.optimizer, run.scheduler, run.scaler, run.state, run.cfg, run.tokenizer)
+    obj = checkpoint_state(run.model, run.optimizer, run.scheduler, run.scaler, run.state, run.cfg, run.tokenizer,
+                           run.caption_words)
     if hasattr(run.sampler, "position_record"):  # shards: which corpus the epoch position refers to
         obj["shard_stream"] = run.sampler.position_record()
     for name in names:

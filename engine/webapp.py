@@ -235,7 +235,8 @@ class SearchPage:
             lines.insert(0, flagged)
         unknown = self.retriever.out_of_vocabulary(text) if text else []
         if unknown:
-            lines.append(f"Not in the model's vocabulary (spelt letter by letter, so they count little): "
+            reason = self.retriever.unknown_reason()
+            lines.append(f"Not in the model's vocabulary ({reason}, so they count little): "
                          f"{html.escape(', '.join(unknown))}.")
         return Shown([(r.path, caption(r)) for r in results], "\n\n".join(lines))
 
@@ -405,7 +406,7 @@ def served_files(paths: Sequence[str]) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="A local web page to search a gallery by description or photo.")
     parser.add_argument("--checkpoint", required=True, help="our .pth checkpoint or a model folder (engine.export)")
-    parser.add_argument("--gallery", required=True, help="image folder, or an index file (.pt) made with --index-file")
+    parser.add_argument("--gallery", required=True, help="image folder, or an index made with --index-file")
     parser.add_argument("--index-file", default=None, help="cache the folder's features here and reuse them")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -434,10 +435,7 @@ def main(argv: Sequence[str] | None = None, block: bool = True):
         from engine.retrieval import Retriever
 
         retriever = Retriever.from_checkpoint(args.checkpoint, args.device, args.config, args.overrides)
-        if Path(args.gallery).is_file():
-            retriever.load_index(args.gallery)
-        else:
-            retriever.index(args.gallery, index_file=args.index_file, strict=args.strict, progress=True)
+        retriever.use_gallery(args.gallery, index_file=args.index_file, strict=args.strict, progress=True)
         page = SearchPage(retriever, gather_provenance(retriever, args.checkpoint, args.gallery, args.index_file),
                           args.top_k)
         app = build_app(page)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.checkpoint import CheckpointError, atomic_save, load_file
-
+from engine.gallery_index import open_gallery
 from engine.retrieval import CaptionResult, GalleryError, QueryError, Retriever, SearchResult
 from tests.search_fixtures import QUERY, make_checkpoint
 
@@ -57,16 +56,16 @@ def run(*argv: str):
 def test_retrieve_writes_index_and_sheet_then_reuses_the_index(checkpoint, gallery, tmp_path, monkeypatch, caplog):
     from datasets.transforms import build_test_transform, load_image
 
-    index_file, sheet = tmp_path / "photos.index.pt", tmp_path / "grid.png"
+    index_file, sheet = tmp_path / "photos.index", tmp_path / "grid.png"
     args = ["--checkpoint", str(checkpoint), "--gallery", str(gallery), "--query", QUERY, "--top-k", "3",
             "--out", str(sheet), "--index-file", str(index_file)]
     with caplog.at_level(logging.WARNING, logger="engine.retrieval"):
         first = run(*args)
     assert "skipped 1 unreadable image(s) of 6" in caplog.text and "broken.jpg" in caplog.text
-    assert index_file.is_file() and sheet.is_file()
-    saved = load_file(index_file)
-    assert sorted(Path(p).name for p in saved["paths"]) == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "p4.jpg"]
-    assert [Path(p).name for p, _ in saved["skipped"]] == ["broken.jpg"]
+    assert (index_file / "manifest.json").is_file() and sheet.is_file()
+    saved = open_gallery(index_file)
+    assert sorted(Path(p).name for p in saved.paths) == ["p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "p4.jpg"]
+    assert [Path(p).name for p, _ in saved.skipped] == ["broken.jpg"]
 
     # the scores are the cosine similarities of the query and each image, encoded one at a time
     retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
@@ -75,7 +74,7 @@ def test_retrieve_writes_index_and_sheet_then_reuses_the_index(checkpoint, galle
     with torch.no_grad():
         expected = {p: float(torch.nn.functional.normalize(
             retriever.model.encode_image(transform(load_image(p))[None], bmm=False)[1], dim=1)[0] @ query)
-            for p in saved["paths"]}
+            for p in saved.paths}
     best = sorted(expected, key=expected.get, reverse=True)[:3]
     assert [p for p, _ in first] == best
     for path, score in first:
@@ -97,47 +96,42 @@ def test_retrieve_writes_index_and_sheet_then_reuses_the_index(checkpoint, galle
 
 
 def test_index_from_another_checkpoint_is_refused(checkpoint, synth_root, gallery, tmp_path):
-    index_file = tmp_path / "idx.pt"
-    Retriever.from_checkpoint(checkpoint, device="cpu").index(gallery, index_file=index_file)
+    index_file = tmp_path / "idx.index"
+    built = Retriever.from_checkpoint(checkpoint, device="cpu").index(gallery, index_file=index_file)
     other = Retriever.from_checkpoint(_checkpoint(tmp_path / "other.pth", synth_root, seed=1), device="cpu")
     with pytest.raises(GalleryError, match="another checkpoint"):
         other.load_index(index_file)
-    # given the folder, the other model re-encodes and overwrites the stale file
-    gallery_index = other.index(gallery, index_file=index_file)
-    assert load_file(index_file)["model_digest"] == gallery_index.model_digest == other.digest
+    # given the folder, the other model refuses to add its features to this index: two models never mix
+    with pytest.raises(GalleryError, match="another model"):
+        other.index(gallery, index_file=index_file)
+    assert torch.equal(open_gallery(index_file).features, built.features)  # and the index is untouched
 
 
 def test_a_flipped_byte_in_an_index_is_refused_or_rebuilt(checkpoint, gallery, tmp_path, caplog):
     import retrieve
 
-    index_file = tmp_path / "g.index.pt"
+    index_file = tmp_path / "g.index"
     retriever = Retriever.from_checkpoint(checkpoint, device="cpu")
-    built = retriever.index(gallery, index_file=index_file)
-    tampered = load_file(index_file)  # rewritten whole, so its zip CRCs hold: the index's own sha256 catches it
-    tampered["features"][0, 0] = 1e31
-    atomic_save(tampered, tmp_path / "t.index.pt")
-    with pytest.raises(GalleryError, match="does not match its sha256"):
-        Retriever.from_checkpoint(checkpoint, device="cpu").load_index(tmp_path / "t.index.pt")
-    raw = bytearray(index_file.read_bytes())
-    at = bytes(raw).find(built.features[0].numpy().tobytes())  # the first feature row, stored as is
+    built = retriever.index(gallery, index_file=index_file).features  # a copy: the index itself is memory-mapped
+    shard = next((index_file / "shards").glob("*.npy"))
+    raw = bytearray(shard.read_bytes())
+    at = bytes(raw).find(built[0].numpy().tobytes())  # the first feature row, stored as is
     assert at > 0
     raw[at + 3] ^= 0x40  # an exponent bit of its first value: the score of that image would be off by far
-    index_file.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="checksum of 'archive/data/0' does not match"):
-        load_file(index_file)  # the one loader checks the zip CRCs, before the index's own sha256 is reached
-    with pytest.raises(GalleryError, match="g.index.pt: damaged"):
+    shard.write_bytes(bytes(raw))
+    assert abs(float(open_gallery(index_file, verify_max_mib=0).features[0, 0])) > 1e30  # it still opens as such
+    with pytest.raises(GalleryError, match="does not match its sha256"):
         Retriever.from_checkpoint(checkpoint, device="cpu").load_index(index_file)
     with pytest.raises(SystemExit) as info:
         retrieve.main(["--checkpoint", str(checkpoint), "--gallery", str(index_file), "--query", QUERY,
                        "--out", str(tmp_path / "s.png")])
-    assert str(info.value.code).startswith("error: ") and "g.index.pt" in str(info.value.code)
-    # given the folder as well, the index is rebuilt and the rebuilt file verifies
+    assert str(info.value.code).startswith("error: ") and "g.index" in str(info.value.code)
+    # given the folder as well, the corrupt shard is encoded again and the rebuilt index verifies
     with caplog.at_level(logging.WARNING):
         again = Retriever.from_checkpoint(checkpoint, device="cpu").index(gallery, index_file=index_file)
-    assert "re-encoding" in caplog.text
-    assert torch.equal(again.features, built.features)
-    assert torch.equal(Retriever.from_checkpoint(checkpoint, device="cpu").load_index(index_file).features,
-                       built.features)
+    assert "encoded again" in caplog.text
+    assert torch.equal(again.features, built)
+    assert torch.equal(Retriever.from_checkpoint(checkpoint, device="cpu").load_index(index_file).features, built)
 
 
 def test_bad_galleries_give_one_line_errors(checkpoint, gallery, tmp_path):

@@ -109,6 +109,13 @@ def test_pretrain_then_rerank_fine_tune(tmp_path):
     for key in fusion_keys:
         torch.testing.assert_close(fine_tuned[key], pretrained[key])
     assert "t2i_rerank" in summary["test"] and "t2i" in summary["test"]
+    # the fine-tuned model's known words: its pretraining's and its own captions'
+    from datasets.readers import load_annotations
+    from datasets.tokenizer import caption_word_list
+
+    words = {name: load_file(out / "last.pth")["caption_words"] for name, out in (("pre", pre_out), ("ft", ft_out))}
+    own = caption_word_list(r.caption for r in load_annotations("cuhkpedes", eval_root).train)
+    assert words["ft"] == sorted(set(words["pre"]) | set(own)) and len(words["ft"]) > len(own)
     again = evaluate.main(["--checkpoint", str(ft_out / "best.pth"), "--output-dir", str(tmp_path / "ev")])
     assert again["t2i_rerank"]["R1"] == pytest.approx(summary["test"]["t2i_rerank"]["R1"], abs=1e-6)
     # best.pth carries the blend weight and "no good match" rule chosen on val; test and evaluate.py apply them

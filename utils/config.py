@@ -55,6 +55,8 @@ CHOICES = {
     "eval.protocol": ("standard", "authors"),
     "eval.examples_pick": ("spread", "worst"),
     "eval.no_match_rule": ("cosine", "zscore", "both"),
+    "search.backend": ("auto", "exact", "faiss"),
+    "search.feature_dtype": ("float32", "float16"),
 }
 
 # Sizes and counts that must be at least this much (a zero batch, chunk or save interval has no meaning).
@@ -67,6 +69,9 @@ MINIMUM = {
     "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1,
     "data.eval_synthetic_num_ids": 1, "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3,
     "text.mlm_max_masks": 0, "data.shards_shuffle_buffer": 1, "data.shards_epoch_samples": 0,
+    "search.shard_images": 1, "search.exact_chunk_rows": 1, "search.faiss_min_images": 1,
+    "search.ivf_max_lists": 1, "search.pq_bytes": 1, "search.train_sample_images": 1, "search.nprobe": 1,
+    "search.ef_search": 1, "search.rescore_candidates": 1, "search.verify_max_mib": 0, "search.hnsw_max_images": 0,
 }
 # The same for keys where null means "the default rule".
 NULL_OR_MINIMUM = {"data.max_bad_images": 0}

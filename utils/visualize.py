@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 HIT_COLOUR = (34, 160, 60)
 MISS_COLOUR = (210, 40, 40)
 NEUTRAL_COLOUR = (120, 120, 120)
+QUERY_COLOUR = (40, 90, 200)     # the frame of an image query, drawn first on its sheet
 BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (20, 20, 20)
 
@@ -255,12 +256,13 @@ HEAT_LEGEND = ("under each image, why it matches: red regions raise its score fo
 
 
 def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: str, out_path: str | Path,
-                  explanations: Sequence | None = None) -> Path:
+                  explanations: Sequence | None = None, query_image: str | Path | None = None) -> Path:
     """Ranked images under ``title`` (wrapped), MAX_COLUMNS per row; returns ``out_path``.
 
     Under each thumbnail: its rank and score, then its file name (shortened in the middle to fit). With
     ``explanations`` (engine.explanation.Explanation per image), each image's heatmap is drawn under it and
-    its best-matching words under its name.
+    its best-matching words under its name. With ``query_image`` (an image query), the query comes first, top
+    left, in a blue frame captioned "query", so the sheet shows what was searched for beside what was found.
     """
     if len(paths) != len(scores):
         raise ValueError(f"{len(paths)} paths but {len(scores)} scores")
@@ -274,7 +276,13 @@ def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: s
         heats = [e.patch_map for e in explanations]
         for lines, explanation in zip(captions, explanations):
             lines.append(_elide(", ".join(explanation.top_words()), font, cell_width))
-    return _render_captioned(header, [str(p) for p in paths], captions, out_path, columns=MAX_COLUMNS, heats=heats)
+    paths = [str(p) for p in paths]
+    if query_image is not None:
+        paths.insert(0, str(query_image))
+        captions.insert(0, ["query", _elide(Path(str(query_image)).name, font, cell_width)])
+        heats = None if heats is None else [None] + heats
+    return _render_captioned(header, paths, captions, out_path, columns=MAX_COLUMNS, heats=heats,
+                             query_first=query_image is not None)
 
 
 def _frame_height(with_heat: bool) -> int:
@@ -290,9 +298,10 @@ def _paste_thumbnails(sheet: Image.Image, path: str, heat: torch.Tensor | None, 
 
 
 def _render_captioned(header: list[str], paths: Sequence[str], captions: Sequence[Sequence[str]],
-                      out_path: str | Path, columns: int, heats: Sequence[torch.Tensor | None] | None = None) -> Path:
+                      out_path: str | Path, columns: int, heats: Sequence[torch.Tensor | None] | None = None,
+                      query_first: bool = False) -> Path:
     """Header lines on top, then the thumbnails in rows of ``columns``, each with several caption lines (centred)
-    and, with ``heats``, its heatmap under it (see _render_ranked)."""
+    and, with ``heats``, its heatmap under it (see _render_ranked); ``query_first``: the first is the query."""
     font = _font(FONT_SIZE - 2)
     title_font = _font()
     line_h = _line_height(font)
@@ -314,7 +323,8 @@ def _render_captioned(header: list[str], paths: Sequence[str], captions: Sequenc
     for i, (path, cell_lines, heat) in enumerate(zip(paths, captions, heats)):
         x = GAP + (i % columns) * (cell_w + GAP)
         y = header_h + (i // columns) * (cell_h + GAP)
-        draw.rectangle([x, y, x + cell_w - 1, y + frame_h - 1], fill=NEUTRAL_COLOUR)
+        colour = QUERY_COLOUR if query_first and i == 0 else NEUTRAL_COLOUR
+        draw.rectangle([x, y, x + cell_w - 1, y + frame_h - 1], fill=colour)
         _paste_thumbnails(sheet, path, heat, x, y)
         for j, text in enumerate(cell_lines):
             text_x = x + max((cell_w - _text_width(font, text)) / 2, 0)

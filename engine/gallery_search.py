@@ -1,0 +1,242 @@
+"""Searching a gallery index: the exact backend (chunked brute force) and the faiss backend (an approximate index
+whose candidates are re-scored exactly from the stored features), and the rules that pick a faiss index type.
+
+Index type rules (``choose_factory``; ``search.faiss_factory`` overrides them), after autofaiss and the faiss
+wiki's "Guidelines to choose an index"; n images of width d, budget B bytes (``search.memory_budget_gib``):
+
+1. n < ``search.faiss_min_images``: ``Flat`` (every inner product; equal to the exact backend).
+2. n <= ``search.hnsw_max_images`` and HNSW32 (4d + 256 bytes per vector) fits B: ``HNSW32`` (best recall per
+   millisecond, but held in RAM and slow to build, so only for small galleries).
+3. the float32 vectors (4d bytes each) fit B: ``IVF<L>,Flat`` (memory-mapped lists, no quantization error);
+4. otherwise ``OPQ<m>,IVF<L>_HNSW32,PQ<m>np`` with m = ``search.pq_bytes`` (lowered to a divisor of d, and
+   until n x (m + 8) bytes fit B): 1/48 of the float32 size at d=768, m=64.
+
+L = 4 sqrt(n) rounded to a power of two, at most ``search.ivf_max_lists``; a coarse quantizer of 1024 lists
+or more is an HNSW graph (assignment in microseconds instead of L dot products). IVF indexes are written once
+and opened memory-mapped (faiss.IO_FLAG_MMAP): opening a 10M index reads a few MB.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.gallery_index import (ANN_FILE, Gallery, GalleryError, SearchSettings, sha256_file,
+                                  write_manifest_update)
+
+logger = logging.getLogger(__name__)
+
+ADD_CHUNK_ROWS = 65536  # vectors per faiss add call (bounds the float32 copy of a float16 store)
+
+
+def faiss_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise GalleryError("search.backend faiss needs the faiss package: pip install -r requirements-search.txt"
+                           ) from None
+    return faiss
+
+
+def ivf_lists(count: int, settings: SearchSettings) -> int:
+    """4 sqrt(count) rounded to a power of two, between 1 and ``search.ivf_max_lists`` (and <= count / 39,
+    so that k-means has the 39 points per centroid faiss asks for)."""
+    lists = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
+    return int(max(1, min(lists, settings.ivf_max_lists, count // 39 or 1)))
+
+
+def choose_factory(count: int, dim: int, settings: SearchSettings) -> tuple[str, str]:
+    """(faiss factory string, the rule that chose it) for ``count`` vectors of width ``dim``."""
+    if settings.faiss_factory:
+        return settings.faiss_factory, "search.faiss_factory"
+    budget = settings.memory_budget_gib * 2**30
+    if count < settings.faiss_min_images:
+        return "Flat", f"fewer than search.faiss_min_images={settings.faiss_min_images}"
+    if count <= settings.hnsw_max_images and count * (4 * dim + 256) <= budget:
+        return "HNSW32", f"<= search.hnsw_max_images={settings.hnsw_max_images} and HNSW32 fits the budget"
+    lists = ivf_lists(count, settings)
+    quantizer = f"IVF{lists}_HNSW32" if lists >= 1024 else f"IVF{lists}"
+    if count * 4 * dim <= budget:
+        return f"{quantizer},Flat", "the float32 vectors fit search.memory_budget_gib"
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= settings.pq_bytes]
+    for m in sorted(divisors, reverse=True):
+        if count * (m + 8) <= budget:
+            # np: no polysemous training (minutes of annealing per sub-quantizer, for a filter search never uses)
+            return f"OPQ{m},{quantizer},PQ{m}np", f"PQ{m}: {m + 8} bytes per vector fit search.memory_budget_gib"
+    raise GalleryError(f"{count} vectors do not fit search.memory_budget_gib={settings.memory_budget_gib} even "
+                       "with 8 bytes each; raise the budget or set search.faiss_factory")
+
+
+def _gallery_rows(gallery: Gallery, rows: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(gallery.rows(rows), dtype=np.float32)
+
+
+def build_ann(gallery: Gallery, settings: SearchSettings) -> dict:
+    """Train (on a uniform sample) and fill a faiss index over ``gallery``, write it beside the manifest
+    atomically, record it there; returns its manifest entry. Row i of the gallery is faiss id i."""
+    faiss = _import_faiss()
+    count, dim = len(gallery), gallery.dim
+    factory, rule = choose_factory(count, dim, settings)
+    logger.info("building the faiss index %s over %d vectors (%s)", factory, count, rule)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    sample = 0
+    if not index.is_trained:
+        rng = np.random.default_rng(settings.seed)
+        sample = min(count, settings.train_sample_images)
+        rows = np.sort(rng.choice(count, sample, replace=False)) if sample < count else np.arange(count)
+        faiss.seed = settings.seed
+        _set_training_seed(index, faiss, settings.seed)
+        index.train(_gallery_rows(gallery, rows))
+    for start in range(0, count, ADD_CHUNK_ROWS):
+        index.add(_gallery_rows(gallery, np.arange(start, min(count, start + ADD_CHUNK_ROWS))))
+    target = gallery.folder / ANN_FILE
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, target)
+    entry = {"file": ANN_FILE, "factory": factory, "rule": rule, "trained_on": sample, "count": count,
+             "bytes": target.stat().st_size, "sha256": sha256_file(target), "covers": gallery.content_id}
+    write_manifest_update(gallery.folder, {"ann": entry})
+    gallery.manifest["ann"] = entry
+    gallery.ann = None
+    return entry
+
+
+def _set_training_seed(index: Any, faiss: Any, seed: int) -> None:
+    """k-means of the IVF lists and the product quantizer draw from ``seed`` (reproducible builds)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+    except RuntimeError:  # not an IVF index
+        pass
+
+
+def open_ann(gallery: Gallery) -> Any:
+    """The gallery's faiss index (memory-mapped when it is an IVF), or None when it has none or a stale one."""
+    entry = gallery.manifest.get("ann")
+    if not entry:
+        return None
+    if entry.get("covers") != gallery.content_id:
+        logger.warning("%s: the faiss index was built for other contents; searching exactly until it is rebuilt "
+                       "(python -m engine.build_index ... rebuilds it)", gallery.folder)
+        return None
+    faiss = _import_faiss()
+    path = gallery.folder / entry["file"]
+    if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        raise GalleryError(f"{path}: missing or truncated faiss index (expected {entry['bytes']} bytes); rebuild "
+                           "it with python -m engine.build_index")
+    flags = faiss.IO_FLAG_MMAP if "IVF" in entry["factory"] else 0
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        raise GalleryError(f"{path}: not a readable faiss index ({str(exc).splitlines()[0]})") from None
+
+
+def as_float32(block: np.ndarray) -> torch.Tensor:
+    """A float32 tensor of a (read-only, memory-mapped) block: a view for float32, torch's vectorised conversion
+    for float16 (several times faster than numpy's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only memory map: torch only reads it
+        return torch.from_numpy(block).float()
+
+
+def exact_search(gallery: Gallery, queries: torch.Tensor, k: int, chunk_rows: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` cosine scores and row indices [Q, k'] (k' = min(k, G)) of queries [Q, D] (float32, normalised)
+    over the whole gallery, ``chunk_rows`` gallery rows per matrix product: memory stays bounded at any size.
+    With one chunk it is the plain ``queries @ features.T`` + top-k."""
+    k = min(k, len(gallery))
+    best_scores = best_idx = None
+    for start, block in gallery.chunks(chunk_rows):
+        scores = queries @ as_float32(block).t()  # [Q, rows]
+        top_scores, top_idx = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        top_idx = top_idx + start
+        if best_scores is None:
+            best_scores, best_idx = top_scores, top_idx
+        else:
+            merged_scores = torch.cat([best_scores, top_scores], dim=1)
+            order = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1).indices
+            best_scores = merged_scores.gather(1, order)
+            best_idx = torch.cat([best_idx, top_idx], dim=1).gather(1, order)
+    return best_scores, best_idx
+
+
+def set_search_depth(ann: Any, factory: str, candidates: int, settings: SearchSettings) -> None:
+    """nprobe / efSearch for ``candidates`` results per query: the configured values, raised in proportion when
+    more than ``search.rescore_candidates`` candidates are asked for (large k)."""
+    import faiss
+
+    scale = max(1, math.ceil(candidates / settings.rescore_candidates))
+    params = []
+    if "IVF" in factory:
+        ivf = faiss.extract_index_ivf(ann)
+        nprobe = min(ivf.nlist, settings.nprobe * scale)
+        params.append(f"nprobe={nprobe}")
+        if "_HNSW" in factory:
+            params.append(f"quantizer_efSearch={max(settings.ef_search, 2 * nprobe)}")
+    elif "HNSW" in factory:
+        params.append(f"efSearch={max(settings.ef_search, candidates)}")
+    if params:
+        faiss.ParameterSpace().set_index_parameters(ann, ",".join(params))
+
+
+def rescore(gallery: Gallery, queries: torch.Tensor, candidates: np.ndarray, k: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact cosine of each query [Q, D] with its candidate rows [Q, C] (-1: none), the best ``k`` of them."""
+    valid = candidates >= 0
+    flat = np.unique(candidates[valid])
+    rows = torch.from_numpy(_gallery_rows(gallery, flat))  # [U, D]
+    position = np.searchsorted(flat, np.where(valid, candidates, flat[0] if len(flat) else 0))
+    scores = torch.einsum("qd,qcd->qc", queries, rows[torch.from_numpy(position)])
+    scores = scores.masked_fill(~torch.from_numpy(valid), float("-inf"))
+    top_scores, order = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    return top_scores, torch.from_numpy(candidates).gather(1, order)
+
+
+def ann_search(gallery: Gallery, ann: Any, queries: torch.Tensor, k: int, settings: SearchSettings
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of the faiss candidates, re-scored exactly: every returned score is the true cosine."""
+    candidates = min(len(gallery), max(settings.rescore_candidates, 4 * k))
+    set_search_depth(ann, gallery.manifest["ann"]["factory"], candidates, settings)
+    _, found = ann.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), candidates)
+    return rescore(gallery, queries, found.astype(np.int64), min(k, len(gallery)))
+
+
+def search(gallery: Gallery, queries: torch.Tensor, k: int, settings: SearchSettings
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and row indices [Q, min(k, G)] of the best ``k`` gallery rows per query [Q, D], by the backend that
+    ``search.backend`` and the index select (exact when the index has no faiss index or backend is exact)."""
+    queries = queries.float().contiguous()
+    if settings.backend != "exact" and gallery.manifest.get("ann"):
+        if gallery.ann is None:
+            gallery.ann = open_ann(gallery) or False
+        if gallery.ann is not False:
+            return ann_search(gallery, gallery.ann, queries, k, settings)
+    elif settings.backend == "faiss" and gallery.folder is None:
+        logger.debug("an in-memory gallery has no faiss index; searching exactly")
+    return exact_search(gallery, queries, k, settings.exact_chunk_rows)
+
+
+def wants_ann(count: int, settings: SearchSettings) -> bool:
+    """Whether a build makes a faiss index: always for backend faiss, from faiss_min_images on for auto."""
+    if settings.backend == "faiss":
+        _import_faiss()
+        return True
+    return settings.backend == "auto" and count >= settings.faiss_min_images and faiss_available()
+
+
+def describe_ann(folder: Path, entry: dict | None) -> str:
+    if not entry:
+        return "exact (no faiss index)"
+    return f"faiss {entry['factory']} ({entry['bytes'] / 2**20:.1f} MiB, trained on {entry['trained_on']})"

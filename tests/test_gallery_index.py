@@ -1,0 +1,313 @@
+"""engine/gallery_index.py and engine/gallery_search.py: the index folder (memory-mapped shards, manifest, version 2
+files), resumable and incremental builds, bad input, exact search against the plain matrix product, and every
+faiss index type against exact search (faiss is optional: those tests skip without it)."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine import gallery_index as gi
+from engine.gallery_index import GalleryError, SearchSettings, build_gallery, open_gallery
+from engine.gallery_search import choose_factory, exact_search, ivf_lists, search
+
+DIM = 16
+
+
+def feature_of(path: str) -> torch.Tensor:
+    """A fixed unit feature per file name (what a model would compute from the image)."""
+    seed = int(hashlib.sha256(Path(path).name.encode()).hexdigest()[:8], 16)
+    return torch.nn.functional.normalize(torch.randn(DIM, generator=torch.Generator().manual_seed(seed)), dim=0)
+
+
+class FakeEncoder:
+    """encode(paths) as Retriever passes it to build_gallery: counts what it encodes; "bad*" files are unreadable."""
+
+    def __init__(self):
+        self.encoded: list[str] = []
+
+    def __call__(self, paths):
+        self.encoded.extend(paths)
+        kept = [p for p in paths if not Path(p).name.startswith("bad")]
+        skipped = [(p, "OSError: cannot decode") for p in paths if p not in kept]
+        return (torch.stack([feature_of(p) for p in kept]) if kept else torch.zeros(0, 0)), kept, skipped
+
+
+def make_images(folder: Path, names) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(name.encode())
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def build(folder: Path, paths, encoder=None, shard_images: int = 3, dtype: str = "float32"):
+    encoder = encoder or FakeEncoder()
+    manifest, encoded = build_gallery(folder, paths, encoder, "model-a", dtype, shard_images, source="test")
+    return manifest, encoded, encoder
+
+
+def test_a_build_writes_shards_and_opens_memory_mapped(tmp_path):
+    paths = make_images(tmp_path / "imgs", [f"im{i:02d}.jpg" for i in range(10)] + ["bad.jpg"])
+    manifest, encoded, _ = build(tmp_path / "g.index", paths)
+    assert encoded == 11 and manifest["count"] == 10 and len(manifest["shards"]) == 4  # 11 files in shards of 3
+    gallery = open_gallery(tmp_path / "g.index")
+    assert all(isinstance(a, np.memmap) for a in gallery.arrays)
+    assert list(gallery.paths) == [p for p in paths if "bad" not in p]  # sorted, one row per readable image
+    assert [Path(p).name for p, _ in gallery.skipped] == ["bad.jpg"]
+    expected = torch.stack([feature_of(p) for p in gallery.paths])
+    assert torch.equal(gallery.features, expected)
+    assert np.array_equal(gallery.rows(np.array([7, 0, 4])), expected[[7, 0, 4]].numpy())
+    info = gi.describe(tmp_path / "g.index")
+    assert (info["count"], info["dim"], info["backend"], info["model_digest"]) == (10, DIM, "exact", "model-a")
+    assert info["bytes_on_disk"] == sum(p.stat().st_size for p in (tmp_path / "g.index").rglob("*") if p.is_file())
+
+
+def test_float16_storage_halves_the_shards(tmp_path):
+    paths = make_images(tmp_path / "imgs", [f"im{i}.jpg" for i in range(6)])
+    build(tmp_path / "a", paths)
+    build(tmp_path / "b", paths, dtype="float16")
+    a, b = open_gallery(tmp_path / "a"), open_gallery(tmp_path / "b")
+    assert b.arrays[0].dtype == np.float16 and a.arrays[0].dtype == np.float32
+    assert (b.features - a.features).abs().max() < 1e-3  # float16 keeps 11 bits: |x| <= 1 is within 2^-11
+    assert sum(x.nbytes for x in b.arrays) * 2 == sum(x.nbytes for x in a.arrays)
+
+
+def test_resume_add_remove_and_change_encode_only_what_is_missing(tmp_path):
+    folder = tmp_path / "imgs"
+    paths = make_images(folder, [f"im{i:02d}.jpg" for i in range(9)])
+    build(tmp_path / "g", paths)
+    # a killed build: one shard's metadata never made it (its features alone are a leftover), another is gone
+    shards = sorted((tmp_path / "g" / "shards").glob("*.json"))
+    lost = json.loads(shards[0].read_text())["paths"] + json.loads(shards[1].read_text())["paths"]
+    shards[0].unlink()
+    shards[1].unlink()
+    shards[1].with_suffix(".npy").unlink()
+    _, encoded, encoder = build(tmp_path / "g", paths)
+    assert encoded == 6 and sorted(encoder.encoded) == sorted(lost)
+    assert not [p for p in (tmp_path / "g" / "shards").glob("*.npy") if not p.with_suffix(".json").is_file()]
+    _, encoded, _ = build(tmp_path / "g", paths)
+    assert encoded == 0  # nothing changed: nothing encoded
+    # two new images, one removed, one rewritten
+    new = make_images(folder, ["im20.jpg", "im21.jpg"])
+    Path(paths[4]).unlink()
+    Path(paths[7]).write_bytes(b"another picture")
+    now = sorted(str(p) for p in folder.iterdir())
+    manifest, encoded, encoder = build(tmp_path / "g", now)
+    assert sorted(encoder.encoded) == sorted([paths[7], *[p for p in new if "im2" in p]])
+    assert manifest["count"] == 10
+    gallery = open_gallery(tmp_path / "g")
+    assert sorted(gallery.paths) == now and paths[4] not in list(gallery.paths)
+    assert torch.equal(gallery.features, torch.stack([feature_of(p) for p in gallery.paths]))
+
+
+def test_shard_layout_does_not_depend_on_the_order_of_the_list(tmp_path):
+    paths = make_images(tmp_path / "imgs", [f"im{i}.jpg" for i in range(7)])
+    build(tmp_path / "a", paths)
+    build(tmp_path / "b", list(reversed(paths)))
+    a, b = open_gallery(tmp_path / "a"), open_gallery(tmp_path / "b")
+    assert list(a.paths) == list(b.paths) and torch.equal(a.features, b.features)
+    assert [s["name"] for s in a.manifest["shards"]] == [s["name"] for s in b.manifest["shards"]]
+
+
+def test_another_model_and_another_build_are_refused(tmp_path):
+    paths = make_images(tmp_path / "imgs", [f"im{i}.jpg" for i in range(4)])
+    build(tmp_path / "g", paths)
+    with pytest.raises(GalleryError, match="another model"):
+        build_gallery(tmp_path / "g", paths, FakeEncoder(), "model-b", "float32", 3)
+    build(tmp_path / "other", make_images(tmp_path / "more", ["x1.jpg"]))
+    stray = next((tmp_path / "other" / "shards").glob("*.json"))
+    for suffix in (".json", ".npy"):
+        (tmp_path / "g" / "shards" / stray.with_suffix(suffix).name).write_bytes(stray.with_suffix(suffix).read_bytes())
+    with pytest.raises(GalleryError, match="a shard of another build"):
+        build(tmp_path / "g", paths)
+    (tmp_path / "g" / "shards" / stray.name).unlink()  # the user moves it away: the build goes on
+    assert build(tmp_path / "g", paths)[1] == 0
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    with pytest.raises(GalleryError, match="not a gallery index folder"):
+        build(tmp_path / "notes", paths)
+    assert (tmp_path / "notes" / "a.txt").read_text() == "mine"
+
+
+def test_a_truncated_shard_is_refused_on_open_and_encoded_again_by_a_build(tmp_path, caplog):
+    paths = make_images(tmp_path / "imgs", [f"im{i}.jpg" for i in range(5)])
+    build(tmp_path / "g", paths)
+    shard = sorted((tmp_path / "g" / "shards").glob("*.npy"))[1]
+    lost = len(json.loads(shard.with_suffix(".json").read_text())["paths"])  # 3 or 2: names are hashes of paths
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(GalleryError, match="truncated"):
+        open_gallery(tmp_path / "g")
+    with caplog.at_level(logging.WARNING):
+        _, encoded, _ = build(tmp_path / "g", paths)
+    assert encoded == lost and "truncated" in caplog.text
+    assert torch.equal(open_gallery(tmp_path / "g").features, torch.stack([feature_of(p) for p in paths]))
+
+
+def test_a_full_disk_keeps_the_finished_shards(tmp_path, monkeypatch):
+    paths = make_images(tmp_path / "imgs", [f"im{i}.jpg" for i in range(9)])
+    real_save, calls = np.save, []
+
+    def save_until_full(handle, array, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(handle, array, **kwargs)
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    with pytest.raises(GalleryError, match=r"the 2 finished shard\(s\) .* are kept"):
+        build(tmp_path / "g", paths)
+    monkeypatch.setattr(np, "save", real_save)
+    assert len(list((tmp_path / "g" / "shards").glob("*.json"))) == 2
+    assert not list((tmp_path / "g" / "shards").glob("*.tmp"))
+    _, encoded, _ = build(tmp_path / "g", paths)
+    assert encoded == 3
+
+
+def test_a_folder_that_changes_during_the_build_is_reported(tmp_path, caplog):
+    paths = make_images(tmp_path / "imgs", [f"im{i}.jpg" for i in range(4)])
+
+    class Changing(FakeEncoder):
+        def __call__(self, chunk):
+            Path(paths[0]).write_bytes(b"edited while the build ran")
+            return super().__call__(chunk)
+
+    with caplog.at_level(logging.WARNING):
+        build(tmp_path / "g", paths, Changing())
+    assert "1 image(s) changed or disappeared" in caplog.text
+    _, encoded, encoder = build(tmp_path / "g", paths)
+    assert encoder.encoded == [paths[0]]  # the next run brings it up to date
+
+
+def test_a_version_2_file_opens_and_converts(tmp_path):
+    from utils.checkpoint import atomic_save
+
+    features = torch.nn.functional.normalize(torch.randn(3, DIM), dim=1)
+    content = {"paths": ["a.jpg", "b.jpg", "c.jpg"], "features": features, "model_digest": "m",
+               "signature": [["a.jpg", 1, 2]], "skipped": [["d.jpg", "broken"]]}
+    atomic_save({"format": gi.INDEX_FORMAT, "format_version": 2, **content, "sha256": gi.legacy_checksum(content)},
+                tmp_path / "old.index.pt")
+    old = open_gallery(tmp_path / "old.index.pt")
+    assert torch.equal(old.features, features) and list(old.paths) == content["paths"]
+    out = gi.main(["convert", str(tmp_path / "old.index.pt"), str(tmp_path / "new.index")])
+    assert out["count"] == 3
+    new = open_gallery(tmp_path / "new.index")
+    assert torch.equal(new.features, features) and list(new.paths) == content["paths"]
+    assert new.model_digest == "m" and [s[0] for s in new.skipped] == ["d.jpg"]
+    assert gi.main(["info", str(tmp_path / "new.index")])["count"] == 3
+    (tmp_path / "new.index" / "paths.txt").write_text("tampered\n" * 3)
+    with pytest.raises(SystemExit) as info:
+        gi.main(["verify", str(tmp_path / "new.index")])
+    assert str(info.value.code).startswith("error: ") and "paths.txt: does not match its sha256" in str(info.value.code)
+
+
+def test_settings_come_from_the_config():
+    from utils.config import load_config
+
+    cfg = load_config(None, ["search.nprobe=7", "search.faiss_factory=IVF16,Flat", "search.memory_budget_gib=2.5"])
+    settings = SearchSettings.from_config(cfg)
+    assert (settings.nprobe, settings.faiss_factory, settings.memory_budget_gib) == (7, "IVF16,Flat", 2.5)
+    assert SearchSettings.from_config(cfg).backend == cfg.search.backend == "auto"
+
+
+# ------------------------------------------------------------------------------------------------ search
+def gallery_of(tmp_path: Path, count: int, dim: int, seed: int = 0, parts: int = 3):
+    """``count`` clustered unit features (people of 5 images) in a ``parts``-shard index, and queries near them."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(count // 5 + 1, dim, generator=gen), dim=1)
+    feats = torch.nn.functional.normalize(centres.repeat_interleave(5, 0)[:count] + 0.05 * torch.randn(count, dim,
+                                                                                                       generator=gen), 1)
+    queries = torch.nn.functional.normalize(centres[:20] + 0.07 * torch.randn(20, dim, generator=gen), dim=1)
+    bounds = np.linspace(0, count, parts + 1).astype(int)
+    pieces = [([f"img{i:06d}" for i in range(a, b)], feats[a:b].numpy()) for a, b in zip(bounds, bounds[1:])]
+    gi.write_features_index(tmp_path / f"g{count}", iter(pieces), "m")
+    return open_gallery(tmp_path / f"g{count}"), feats, queries
+
+
+def test_exact_search_in_chunks_equals_the_matrix_product(tmp_path):
+    gallery, feats, queries = gallery_of(tmp_path, 10_000, 32)
+    reference = torch.topk(queries @ feats.t(), 10, dim=1)
+    for chunk in (10_000, 777):
+        scores, idx = exact_search(gallery, queries, 10, chunk)
+        assert torch.equal(idx, reference.indices)
+        assert torch.allclose(scores, reference.values, atol=1e-6, rtol=0)
+    scores, idx = exact_search(gallery, queries[:1], 20_000, 4096)  # k beyond the gallery: all of it, in order
+    assert idx.shape == (1, 10_000)
+    assert torch.allclose(scores, torch.sort(queries[:1] @ feats.t(), descending=True)[0], atol=1e-6, rtol=0)
+
+
+def test_the_index_type_rules():
+    s = SearchSettings()
+    assert choose_factory(5_000, 768, s)[0] == "Flat"
+    assert choose_factory(100_000, 768, s)[0] == "HNSW32"  # 100k x (3072 + 256) bytes = 0.33 GB <= 4 GiB
+    assert ivf_lists(1_000_000, s) == 4096 and ivf_lists(300_000, s) == 2048  # 4 sqrt(n) to a power of two
+    assert choose_factory(1_000_000, 768, s)[0] == "IVF4096_HNSW32,Flat"  # 2.9 GiB of float32 fit 4 GiB
+    assert choose_factory(10_000_000, 768, s)[0] == "OPQ64,IVF4096_HNSW32,PQ64np"  # 29 GiB do not: 72 bytes each
+    assert choose_factory(300_000, 128, s)[0] == "IVF2048_HNSW32,Flat"
+    # m divides d and n x (m + 8) fits: 10M x 58 bytes > 0.5 GiB, 10M x 33 bytes fit
+    assert choose_factory(10_000_000, 100, SearchSettings(memory_budget_gib=0.5))[0] == "OPQ25,IVF4096_HNSW32,PQ25np"
+    assert choose_factory(10_000, 768, SearchSettings(faiss_factory="IVF8,Flat"))[0] == "IVF8,Flat"
+    with pytest.raises(GalleryError, match="do not fit"):
+        choose_factory(10_000_000, 768, SearchSettings(memory_budget_gib=0.01))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF64,Flat", "IVF64_HNSW32,Flat",
+                                     pytest.param("OPQ8,IVF64,PQ8np", marks=pytest.mark.slow)])  # OPQ: ~1 min
+def test_every_faiss_index_type_finds_the_exact_top_10(tmp_path, factory):
+    pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
+    from engine.gallery_search import build_ann
+
+    gallery, feats, queries = gallery_of(tmp_path, 10_000, 32)
+    settings = SearchSettings(backend="faiss", faiss_factory=factory, train_sample_images=9_000, nprobe=16)
+    entry = build_ann(gallery, settings)
+    assert entry["factory"] == factory and entry["trained_on"] == (0 if factory in ("Flat", "HNSW32") else 9_000)
+    gallery = open_gallery(gallery.folder)
+    scores, idx = search(gallery, queries, 10, settings)
+    reference = torch.topk(queries @ feats.t(), 10, dim=1)
+    # the 5 images of the query's person (the exact top 5) are found; ranks 6-10 are near-ties of other people
+    found_person = np.mean([len(set(a.tolist()) & set(b[:5].tolist())) / 5 for a, b in zip(idx, reference.indices)])
+    assert found_person == 1.0
+    # every score is the exact cosine of the row it names (re-scored from the stored features)
+    assert torch.allclose(scores, (queries[:, None, :] * feats[idx]).sum(-1), atol=1e-6, rtol=0)
+    if factory == "Flat":
+        assert torch.equal(idx, reference.indices)
+    exact = search(gallery, queries, 10, SearchSettings(backend="exact"))
+    assert torch.equal(exact[1], reference.indices)
+
+
+def test_ivf_indexes_open_memory_mapped_and_stale_ones_are_not_used(tmp_path, caplog):
+    faiss = pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
+    from engine.gallery_search import build_ann, open_ann
+
+    gallery, _, queries = gallery_of(tmp_path, 10_000, 32)
+    build_ann(gallery, SearchSettings(faiss_factory="IVF32,Flat"))
+    ann = open_ann(open_gallery(gallery.folder))
+    assert ann.ntotal == 10_000 and faiss.extract_index_ivf(ann).nlist == 32
+    manifest = json.loads((gallery.folder / "manifest.json").read_text())
+    manifest["ann"]["covers"] = "something else"
+    (gallery.folder / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        stale = open_gallery(gallery.folder)
+        scores, idx = search(stale, queries, 5, SearchSettings())
+    assert "built for other contents" in caplog.text
+    assert torch.equal(idx, exact_search(stale, queries, 5, 1000)[1])
+
+
+def test_more_candidates_raise_nprobe_and_ef_search(tmp_path):
+    faiss = pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
+    from engine.gallery_search import set_search_depth
+
+    index = faiss.index_factory(8, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    settings = SearchSettings(nprobe=4, rescore_candidates=100, ef_search=50)
+    set_search_depth(index, "IVF64,Flat", 100, settings)
+    assert faiss.extract_index_ivf(index).nprobe == 4
+    set_search_depth(index, "IVF64,Flat", 250, settings)  # 3 x the candidates: 3 x the lists
+    assert faiss.extract_index_ivf(index).nprobe == 12
+    hnsw = faiss.index_factory(8, "HNSW32", faiss.METRIC_INNER_PRODUCT)
+    set_search_depth(hnsw, "HNSW32", 400, settings)
+    assert hnsw.hnsw.efSearch == 400
