@@ -363,8 +363,8 @@ def nprobe_sweep(work: Path, size: int, dim: int, values: list[int], expand_top:
 
 
 def serve_breakdown(work: Path, size: int) -> dict:
-    """Where serve.py's start goes, step by step in one fresh process: imports, model, index, served files, first
-    and second search. Run it as the first thing a process does (the imports are timed)."""
+    """Where serve.py's start goes, step by step in one fresh process: imports, model, index, first and second
+    search. Run it as the first thing a process does (the imports are timed)."""
     steps, last = {}, time.perf_counter()
 
     def step(name: str) -> None:
@@ -376,14 +376,12 @@ def serve_breakdown(work: Path, size: int) -> dict:
     importlib.import_module("gradio")  # timed: serve.py imports it at start
     step("import gradio")
     from engine.retrieval import Retriever
-    from engine.webapp import served_files
+    importlib.import_module("engine.webapp")
     step("import engine.retrieval + engine.webapp")
     retriever = Retriever.from_checkpoint(work / "demo_random.pth", device="cpu")
     step("load the model")
     retriever.use_gallery(work / f"serve_n{size}")
     step("open the index")
-    served_files(retriever.gallery.paths)
-    step("list the files the page may serve")
     retriever.search("a woman in a red coat", k=10)
     step("first search (opens the faiss index)")
     retriever.search("a man in a black jacket", k=10)
