@@ -232,7 +232,8 @@ def one_off(args: argparse.Namespace) -> dict:
 
     if args.nprobe_sweep:
         return {"rows": search_scale.nprobe_sweep(Path(args.work), int(args.sizes), int(args.dims),
-                                                  [int(n) for n in args.nprobe_sweep.split(",")])}
+                                                  [int(n) for n in args.nprobe_sweep.split(",")],
+                                                  args.expand_top, args.expand_nprobe)}
     if args.open_check:
         return search_scale.open_check(Path(args.open_check))
     if args.serve_breakdown:
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dims", default="768,128", help="scale mode: feature widths")
     parser.add_argument("--scale-out", default="bench/results/search_scale", help="scale mode: OUT.json, OUT.md")
     parser.add_argument("--scale-phase", nargs="+", default=None, help=argparse.SUPPRESS)  # one phase, internal
+    parser.add_argument("--expand-top", type=int, default=0, help="--nprobe-sweep: search.expand_top")
+    parser.add_argument("--expand-nprobe", type=int, default=16, help="--nprobe-sweep: search.expand_nprobe")
     parser.add_argument("--nprobe-sweep", default=None, metavar="N1,N2,...",
                         help="recall and latency per search.nprobe over the built --sizes x --dims index")
     parser.add_argument("--serve-breakdown", type=int, default=0, metavar="N",

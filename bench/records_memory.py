@@ -26,10 +26,10 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bench.base import machine_record, write_record
 from datasets.readers import load_pretrain_corpora
 from datasets.records import Record
 from datasets.sampler import ShardedShuffleSampler
-from utils.environment import environment_record
 from utils.errors import user_errors_as_one_line
 
 VOCABULARY = 20000
@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                             "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]})
         report = {"command": "python -m bench.records_memory " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "annotation_bytes": os.path.getsize(args.annotation), "machine": "2 CPU cores, no GPU, shared",
-                  "threads": 1, "environment": environment_record(), "results": results}
+                  "threads": 1, "environment": machine_record(), "results": results}
         if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            write_record(args.out, report)
         print(json.dumps(report, indent=2))
         return report
 

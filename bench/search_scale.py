@@ -336,8 +336,10 @@ def open_check(folder: Path) -> dict:
             "load_average": os.getloadavg()}
 
 
-def nprobe_sweep(work: Path, size: int, dim: int, values: list[int]) -> list[dict]:
-    """Recall@1/@10 against exact search and p50 per single query for each ``search.nprobe`` over a built index."""
+def nprobe_sweep(work: Path, size: int, dim: int, values: list[int], expand_top: int = 0,
+                 expand_nprobe: int = 16) -> list[dict]:
+    """Recall@1/@10 against exact search and p50 per single query for each ``search.nprobe`` over a built index
+    (``search.expand_top`` as given)."""
     from engine.gallery_index import SearchSettings, open_gallery
     from engine.gallery_search import search
 
@@ -347,21 +349,22 @@ def nprobe_sweep(work: Path, size: int, dim: int, values: list[int]) -> list[dic
     gallery = open_gallery(folder, verify_max_mib=0)
     rows = []
     for nprobe in values:
-        settings = SearchSettings(backend="faiss", nprobe=nprobe)
+        settings = SearchSettings(backend="faiss", nprobe=nprobe, expand_top=expand_top, expand_nprobe=expand_nprobe)
         found = torch.cat([search(gallery, queries[i:i + 64], 10, settings)[1] for i in range(0, len(queries), 64)])
         single = timed(lambda it=iter(range(10**9)): search(gallery, queries[next(it) % len(queries)][None], 10,
                                                             settings), 50)
         at1, at10 = recall(found, truth)
         rows.append({"num_gallery": size, "dim": dim, "index_type": gallery.manifest["ann"]["factory"],
-                     "nprobe": nprobe, "recall_at_1": at1, "recall_at_10": at10,
+                     "nprobe": nprobe, "expand_top": expand_top,
+                     "expand_nprobe": expand_nprobe, "recall_at_1": at1, "recall_at_10": at10,
                      "p50_ms": 1000 * statistics.median(single), "load_average": os.getloadavg()})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def serve_breakdown(work: Path, size: int) -> dict:
-    """Where serve.py's start goes, step by step in one fresh process: imports, model, index, served files, first
-    and second search. Run it as the first thing a process does (the imports are timed)."""
+    """Where serve.py's start goes, step by step in one fresh process: imports, model, index, first and second
+    search. Run it as the first thing a process does (the imports are timed)."""
     steps, last = {}, time.perf_counter()
 
     def step(name: str) -> None:
@@ -373,14 +376,12 @@ def serve_breakdown(work: Path, size: int) -> dict:
     importlib.import_module("gradio")  # timed: serve.py imports it at start
     step("import gradio")
     from engine.retrieval import Retriever
-    from engine.webapp import served_files
+    importlib.import_module("engine.webapp")
     step("import engine.retrieval + engine.webapp")
     retriever = Retriever.from_checkpoint(work / "demo_random.pth", device="cpu")
     step("load the model")
     retriever.use_gallery(work / f"serve_n{size}")
     step("open the index")
-    served_files(retriever.gallery.paths)
-    step("list the files the page may serve")
     retriever.search("a woman in a red coat", k=10)
     step("first search (opens the faiss index)")
     retriever.search("a man in a black jacket", k=10)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.base import machine_record, write_record
 from datasets.readers import load_pretrain_corpora
 from datasets.shards import ShardManifest, decode_sample, read_shard, write_shards
 from datasets.synthetic import make_synthetic
@@ -28,7 +29,6 @@ from datasets.transforms import build_train_transform, load_image
 from models.config import IVTConfig
 from models.flops import expected_step_flops
 from utils.config import load_config
-from utils.environment import environment_record
 from utils.errors import user_errors_as_one_line
 
 TEXT_TOKENS = 48  # a pretraining caption in word pieces (pretrain_max_words 50 words, most captions shorter)
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
             "shards": {"images": shard_n, "seconds": round(shard_s, 2),
                        "images_per_s_per_core": round(shard_n / shard_s, 1)},
             "rounds_seconds": [[round(r[0][1], 2), round(r[1][1], 2)] for r in rounds],
-            "flops": pair_flops(cfg), "environment": environment_record(),
+            "flops": pair_flops(cfg), "environment": machine_record(),
         }
         if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            write_record(args.out, report)
         print(json.dumps(report, indent=2))
         return report
 

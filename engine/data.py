@@ -13,7 +13,7 @@ from datasets.shards import ShardManifest
 from datasets.pixels import set_max_image_pixels
 from datasets.records import Record, SplitError
 from datasets.synthetic import make_synthetic
-from datasets.synthetic.identities import key_fields, split_sizes
+from datasets.synthetic.identities import check_num_ids
 from datasets.tokenizer import (build_tokenizer, caption_word_list, save_tokenizer, tokenizer_from_vocab,
                                 tokenizer_vocab, vocabulary_coverage)
 from engine.checkpoints import init_tokenizer, tokenizer_from_record
@@ -61,8 +61,7 @@ def check_data_roots(cfg: Config, plan: TaskPlan) -> None:
 def check_synthetic_size(fmt: str, num_ids: int, key: str) -> None:
     """ConfigError naming ``key`` when the synthetic writer cannot draw ``num_ids`` identities in format ``fmt``."""
     try:
-        split_sizes(fmt, num_ids)
-        key_fields(num_ids)
+        check_num_ids(fmt, num_ids)
     except ValueError as exc:
         raise ConfigError(f"{key} {num_ids}: {exc} (each split of the synthetic {fmt} set needs one identity, and "
                           "training needs enough identities for one batch)") from None

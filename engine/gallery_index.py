@@ -76,6 +76,8 @@ class SearchSettings:
     nprobe: int = 64
     ef_search: int = 128
     rescore_candidates: int = 200
+    expand_top: int = 0
+    expand_nprobe: int = 16
     verify_max_mib: int = 256
     seed: int = 0
 

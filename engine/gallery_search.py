@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,32 @@ def ann_search(gallery: Gallery, ann: Any, queries: torch.Tensor, k: int, settin
     candidates = min(len(gallery), max(settings.rescore_candidates, 4 * k))
     set_search_depth(ann, gallery.manifest["ann"]["factory"], candidates, settings)
     _, found = ann.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), candidates)
-    return rescore(gallery, queries, found.astype(np.int64), min(k, len(gallery)))
+    found = found.astype(np.int64)
+    if settings.expand_top > 0:
+        set_search_depth(ann, gallery.manifest["ann"]["factory"], candidates,
+                         replace(settings, nprobe=settings.expand_nprobe, ef_search=settings.expand_nprobe))
+        found = expand_candidates(gallery, ann, queries, found, candidates, settings.expand_top)
+    return rescore(gallery, queries, found, min(k, len(gallery)))
+
+
+def expand_candidates(gallery: Gallery, ann: Any, queries: torch.Tensor, found: np.ndarray, candidates: int,
+                      top: int) -> np.ndarray:
+    """Candidate rows [Q, C'] : the first pass's ``found`` [Q, C] plus, for each query, the approximate neighbours
+    of its ``top`` best images (by exact cosine), duplicates set to -1.
+
+    A caption is not where the images are: its features sit farther from its person's pictures than those
+    pictures sit from each other (the modality gap), so an index partitioned on image features misses some of
+    them at any affordable depth. A stored image feature is an in-distribution query: the images of the same person
+    lie around the first pass's best hits, and one more search from those finds them. The union is re-scored
+    with the caption, so the ranking stays the exact cosine."""
+    _, best = rescore(gallery, queries, found, top)  # [Q, top] gallery rows
+    best = best.numpy()
+    hops = _gallery_rows(gallery, np.where(best >= 0, best, 0).reshape(-1))  # [Q * top, D]
+    _, near = ann.search(hops, max(1, candidates // top))
+    near = np.where(np.repeat(best.reshape(-1, 1) >= 0, near.shape[1], axis=1), near, -1)
+    merged = np.sort(np.concatenate([found, near.reshape(len(found), -1)], axis=1), axis=1)
+    merged[:, 1:][merged[:, 1:] == merged[:, :-1]] = -1  # each row at most once
+    return merged
 
 
 def search(gallery: Gallery, queries: torch.Tensor, k: int, settings: SearchSettings

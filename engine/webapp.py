@@ -397,11 +397,6 @@ def build_app(page: SearchPage):
     return app
 
 
-def served_files(paths: Sequence[str]) -> list[str]:
-    """The files Gradio may serve: the indexed images themselves, not their folder (which may hold anything)."""
-    return [os.path.abspath(p) for p in paths]
-
-
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="A local web page to search a gallery by description or photo.")
@@ -441,7 +436,9 @@ def main(argv: Sequence[str] | None = None, block: bool = True):
         app = build_app(page)
         try:
             _, url, _ = app.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
-                                   allowed_paths=served_files(retriever.gallery.paths), share=False,
+                                   # no file of the gallery's folders is served: results travel inside the page
+                                   # as thumbnails, and listing millions of paths for Gradio took seconds
+                                   allowed_paths=[], share=False,
                                    max_file_size=MAX_UPLOAD,
                                    ssr_mode=False, quiet=not block, css=CSS, footer_links=[])
         except OSError as exc:  # the port is taken, or the address is not this machine's

@@ -180,7 +180,7 @@ def test_the_signal_handler_never_logs_so_a_flush_it_interrupts_loses_nothing(ca
 
 # ------------------------------------------------------------------------------------ read-only outputs
 def test_outputs_that_cannot_be_written_are_refused_before_the_evaluation_runs(tmp_path, read_only, monkeypatch):
-    import engine.evaluation
+    import engine.evaluate_run
     import evaluate
     from engine.export import main as export_main
 
@@ -191,7 +191,9 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_evaluation_runs(t
     def never(*args, **kwargs):
         raise AssertionError("the evaluation ran although its results could not be written")
 
-    monkeypatch.setattr(engine.evaluation, "evaluate_model", never)
+    # where evaluate.py's run looks the name up (patching engine.evaluation would leave evaluate_run, if first
+    # imported during this test, holding the stand-in for every later test)
+    monkeypatch.setattr(engine.evaluate_run, "evaluate_model", never)
     read_only(out)
     for extra in ([], ["--save-examples", "2"]):  # next to a checkpoint in a read-only folder
         with pytest.raises(SystemExit, match=f"^error: the metrics file metrics_test_best.json \\(--output-dir\\): "

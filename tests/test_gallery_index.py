@@ -311,3 +311,31 @@ def test_more_candidates_raise_nprobe_and_ef_search(tmp_path):
     hnsw = faiss.index_factory(8, "HNSW32", faiss.METRIC_INNER_PRODUCT)
     set_search_depth(hnsw, "HNSW32", 400, settings)
     assert hnsw.hnsw.efSearch == 400
+
+
+def test_a_second_hop_from_the_best_images_finds_more_of_the_exact_top_5(tmp_path):
+    """search.expand_top: captions far from tight clusters of images (a modality gap); one IVF list visited per
+    query misses part of each person, and searching again from the best images found recovers some of it."""
+    pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
+    from engine.gallery_search import build_ann
+
+    gen = torch.Generator().manual_seed(0)
+    count, dim = 10_000, 32
+    centres = torch.nn.functional.normalize(torch.randn(count // 5, dim, generator=gen), dim=1)
+    feats = torch.nn.functional.normalize(centres.repeat_interleave(5, 0) + 0.06 * torch.randn(count, dim,
+                                                                                                generator=gen), 1)
+    queries = torch.nn.functional.normalize(centres[:100] + 0.12 * torch.randn(100, dim, generator=gen), 1)
+    gi.write_features_index(tmp_path / "g", iter([([f"i{i}" for i in range(count)], feats.numpy())]), "m")
+    build_ann(open_gallery(tmp_path / "g"), SearchSettings(faiss_factory="IVF256,Flat", train_sample_images=count))
+    gallery = open_gallery(tmp_path / "g")
+    reference = torch.topk(queries @ feats.t(), 5, dim=1).indices
+
+    def recall(settings: SearchSettings) -> float:
+        scores, idx = search(gallery, queries, 5, settings)
+        assert all(len(set(row.tolist())) == 5 for row in idx)  # the union holds each image once
+        assert torch.allclose(scores, (queries[:, None, :] * feats[idx]).sum(-1), atol=1e-6, rtol=0)
+        return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 5 for a, b in zip(idx, reference)]))
+
+    one_list = SearchSettings(backend="faiss", nprobe=1, rescore_candidates=20)
+    assert recall(one_list) == pytest.approx(0.728)
+    assert recall(SearchSettings(**{**one_list.__dict__, "expand_top": 2, "expand_nprobe": 4})) == pytest.approx(0.778)

@@ -71,7 +71,8 @@ MINIMUM = {
     "text.mlm_max_masks": 0, "data.shards_shuffle_buffer": 1, "data.shards_epoch_samples": 0,
     "search.shard_images": 1, "search.exact_chunk_rows": 1, "search.faiss_min_images": 1,
     "search.ivf_max_lists": 1, "search.pq_bytes": 1, "search.train_sample_images": 1, "search.nprobe": 1,
-    "search.ef_search": 1, "search.rescore_candidates": 1, "search.verify_max_mib": 0, "search.hnsw_max_images": 0,
+    "search.ef_search": 1, "search.rescore_candidates": 1, "search.expand_top": 0, "search.expand_nprobe": 1, "search.verify_max_mib": 0,
+    "search.hnsw_max_images": 0,
 }
 # The same for keys where null means "the default rule".
 NULL_OR_MINIMUM = {"data.max_bad_images": 0}

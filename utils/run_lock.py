@@ -22,6 +22,9 @@ LOCK_NAME = "run.lock"
 RUN_OUTPUTS = ("config.yaml", "log.txt", "metrics.jsonl", "last.pth", "best.pth", "metrics_*.json", "tb", "tokenizer",
                "examples*")
 REPLACED_DIR = "replaced"  # <run folder>/replaced/<UTC time>/ holds each set-aside run
+# Loader workers are forked, so they share the lock's open file: after a kill -9 of the run they hold it until
+# they notice their parent is gone. While the process named in the lock file is dead, wait this long for them.
+ORPHAN_GRACE_SECONDS = 20.0
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class RunFolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_unless_live(fd, fcntl.LOCK_EX)
         except BlockingIOError:
             holder = " ".join(os.pread(fd, 1000, 0).decode(errors="replace").split()) or "another process"
             os.close(fd)
@@ -68,7 +71,7 @@ class RunFolderLock:
         except OSError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            lock_unless_live(fd, fcntl.LOCK_SH)
         except BlockingIOError:
             return " ".join(os.pread(fd, 1000, 0).decode(errors="replace").split()) or "another process"
         except OSError:
@@ -87,6 +90,36 @@ class RunFolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def holder_is_dead(note: str) -> bool:
+    """Whether the lock note ("pid N on HOST since ...") names a process of this host that no longer exists."""
+    words = note.split()
+    if len(words) < 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def lock_unless_live(fd: int, mode: int) -> None:
+    """flock ``mode`` without blocking; BlockingIOError when a live run holds it. When the process named in the lock
+    file is dead, its loader workers still hold the shared descriptor for a moment: wait for them to end (up to
+    ORPHAN_GRACE_SECONDS)."""
+    deadline = time.monotonic() + ORPHAN_GRACE_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            note = os.pread(fd, 1000, 0).decode(errors="replace")
+            if time.monotonic() > deadline or not holder_is_dead(note):
+                raise
+            time.sleep(0.2)
 
 
 def set_aside_previous_run(folder: str | Path) -> Path | None:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import datasets.synthetic as package
-from datasets.synthetic.identities import FORMATS, STYLES, key_fields, split_sizes
+from datasets.synthetic.identities import FORMATS, STYLES, check_num_ids
 from datasets.synthetic.writer import make_synthetic
 from utils.errors import UserError, user_errors_as_one_line
 
@@ -21,8 +21,7 @@ def check_arguments(fmt: str, out: Path, num_ids: int) -> None:
     if out.exists() and not out.is_dir():
         raise SyntheticArgumentError(f"--out {out} is a file, not a folder: name a folder (it is created if absent)")
     try:
-        split_sizes(fmt, num_ids)
-        key_fields(num_ids)
+        check_num_ids(fmt, num_ids)
     except ValueError as exc:
         raise SyntheticArgumentError(f"--num-ids {num_ids}: {exc} (every split of the format needs an "
                                      "identity)") from None

@@ -133,6 +133,13 @@ def split_sizes(fmt: str, num_ids: int) -> dict[str, int]:
     return {s: sizes[s] for s in shares}
 
 
+def check_num_ids(fmt: str, num_ids: int) -> None:
+    """ValueError saying why the writer cannot draw ``num_ids`` identities in format ``fmt`` (too few for its
+    splits, or more than the attributes keep distinct); nothing when it can."""
+    split_sizes(fmt, num_ids)
+    key_fields(num_ids)
+
+
 def sample_identities(fmt: str, num_ids: int, seed: int, style: str = "classic") -> list[tuple[str, int, Identity]]:
     """(split, raw id, identity) for each identity, raw ids 1..num_ids interleaved over the splits.
 
