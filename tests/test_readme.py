@@ -146,3 +146,34 @@ def test_every_command_of_the_readme_and_docs_parses(monkeypatch):
                 load_config(str(ROOT / config) if config else None, overrides)
             checked += 1
     assert checked >= 20
+
+
+def test_readme_stays_short():
+    """The README is the front page: what it is, install, quick start, results, links; detail lives in docs/."""
+    assert len(README.splitlines()) <= 260
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors for the headings of ``page``: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+            for title in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves():
+    """Moving a section between pages must not leave a link to a file or a heading that is gone."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "bench").rglob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    checked = sum(len(re.findall(r"\]\((?![a-z]+:)", p.read_text())) for p in pages)
+    assert checked >= 20 and not broken, broken
