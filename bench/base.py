@@ -140,6 +140,14 @@ def write_record(path: str | Path, payload: dict) -> None:
     atomic_write(path, lambda handle: handle.write(text))
 
 
+def report(payload: dict, out: str | Path | None) -> dict:
+    """Print a bench's record, write it to ``out`` when given, and return it."""
+    if out:
+        write_record(out, payload)
+    print(json.dumps(payload, indent=2, default=str))
+    return payload
+
+
 def text_lens(spec: str) -> tuple[int, int]:
     """"8,58" -> (8, 58): the fewest and most real tokens per text."""
     low, high = (int(x) for x in spec.split(","))

@@ -26,7 +26,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bench.base import machine_record, write_record
+from bench.base import machine_record, report
 from datasets.readers import load_pretrain_corpora
 from datasets.records import Record
 from datasets.sampler import ShardedShuffleSampler
@@ -176,13 +176,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             line = subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results.append({**json.loads(line), "load_avg_1_5_15_before": [round(x, 2) for x in load],
                             "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]})
-        report = {"command": "python -m bench.records_memory " + " ".join(argv if argv is not None else sys.argv[1:]),
+        result = {"command": "python -m bench.records_memory " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "annotation_bytes": os.path.getsize(args.annotation), "machine": "2 CPU cores, no GPU, shared",
                   "threads": 1, "environment": machine_record(), "results": results}
-        if args.out:
-            write_record(args.out, report)
-        print(json.dumps(report, indent=2))
-        return report
+        return report(result, args.out)
 
 
 if __name__ == "__main__":

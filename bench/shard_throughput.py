@@ -12,7 +12,6 @@ and two texts, and the fusion stack for ITM's three pairs and MLM's one), for th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.base import machine_record, write_record
+from bench.base import machine_record, report
 from datasets.readers import load_pretrain_corpora
 from datasets.shards import ShardManifest, decode_sample, read_shard, write_shards
 from datasets.synthetic import make_synthetic
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         # the faster of two alternating rounds of each: the machine is shared, the slower round measures others
         (loose_n, loose_s), (shard_n, shard_s) = min(r[0] for r in rounds), min(r[1] for r in rounds)
         tar_bytes = sum(s["bytes"] for s in manifest.shards)
-        report = {
+        result = {
             "command": "python -m bench.shard_throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": "2 CPU cores shared with other jobs, no GPU", "threads": 1,
             "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
@@ -107,10 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             "rounds_seconds": [[round(r[0][1], 2), round(r[1][1], 2)] for r in rounds],
             "flops": pair_flops(cfg), "environment": machine_record(),
         }
-        if args.out:
-            write_record(args.out, report)
-        print(json.dumps(report, indent=2))
-        return report
+        return report(result, args.out)
 
 
 if __name__ == "__main__":
