@@ -69,13 +69,13 @@ class SearchSettings:
     faiss_min_images: int = 10000
     faiss_factory: str = ""
     memory_budget_gib: float = 4.0
-    hnsw_max_images: int = 200000
+    scan_max_images: int = 20000000
     ivf_max_lists: int = 4096
-    pq_bytes: int = 64
+    pq_bytes: int = 48
     train_sample_images: int = 200000
     nprobe: int = 64
     ef_search: int = 128
-    rescore_candidates: int = 200
+    rescore_candidates: int = 1000
     expand_top: int = 0
     expand_nprobe: int = 16
     verify_max_mib: int = 256

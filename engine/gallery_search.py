@@ -1,22 +1,25 @@
 """Searching a gallery index: the exact backend (chunked brute force) and the faiss backend (an approximate index
 whose candidates are re-scored exactly from the stored features), and the rules that pick a faiss index type.
 
-Index type rules (``choose_factory``; ``search.faiss_factory`` overrides them), after autofaiss and the faiss
-wiki's "Guidelines to choose an index"; n images of width d, budget B bytes (``search.memory_budget_gib``):
+Index type rules (``choose_factory``; ``search.faiss_factory`` overrides them); n images of width d, budget B
+bytes (``search.memory_budget_gib``), m = 2 x ``search.pq_bytes`` 4-bit sub-quantizers (lowered to a divisor of d,
+and until the n x m / 2 bytes of codes fit B):
 
 1. n < ``search.faiss_min_images``: ``Flat`` (every inner product; equal to the exact backend).
-2. n <= ``search.hnsw_max_images`` and HNSW32 (4d + 256 bytes per vector) fits B: ``HNSW32`` (best recall per
-   millisecond, but held in RAM and slow to build, so only for small galleries).
-3. the float32 vectors (4d bytes each) fit B: ``IVF<L>,Flat`` (memory-mapped lists, no quantization error);
-4. otherwise ``OPQ<m>,IVF<L>_HNSW32,PQ<m>np`` with m = ``search.pq_bytes`` (lowered to a divisor of d, and
-   until n x (m + 8) bytes fit B): 1/48 of the float32 size at d=768, m=64.
+2. n <= ``search.scan_max_images``: ``PQ<m>x4fs``, every code scanned per query with faiss's SIMD fast-scan
+   (48 bytes a vector at d=768: 2 ms for 1M codes on one core), then the best ``search.rescore_candidates`` re-scored
+   exactly. No partition, so nothing is missed for lying in a list the query does not visit: a caption sits
+   farther from its person's images than they sit from each other (the modality gap), and an index partitioned or
+   linked on image features (IVF lists, HNSW graphs) must be searched far deeper than its defaults to find them.
+3. otherwise ``IVF<L>_HNSW32,PQ<m>x4fs``: the same codes in L lists, ``search.nprobe`` of them scanned per query.
 
 L = 4 sqrt(n) rounded to a power of two, at most ``search.ivf_max_lists``; a coarse quantizer of 1024 lists
-or more is an HNSW graph (assignment in microseconds instead of L dot products). IVF indexes are written once
-and opened memory-mapped (faiss.IO_FLAG_MMAP): opening a 10M index reads a few MB.
+or more is an HNSW graph (assignment in microseconds instead of L dot products). IVF indexes are opened
+memory-mapped (faiss.IO_FLAG_MMAP).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -58,26 +61,29 @@ def ivf_lists(count: int, settings: SearchSettings) -> int:
     return int(max(1, min(lists, settings.ivf_max_lists, count // 39 or 1)))
 
 
+def code_subquantizers(count: int, dim: int, settings: SearchSettings) -> int:
+    """4-bit sub-quantizers per vector: 2 x ``search.pq_bytes``, lowered to a divisor of ``dim`` (each covers
+    whole dimensions) and until ``count`` codes of m / 2 bytes fit ``search.memory_budget_gib``."""
+    budget = settings.memory_budget_gib * 2**30
+    for m in sorted((m for m in range(2, dim + 1, 2) if dim % m == 0 and m <= 2 * settings.pq_bytes), reverse=True):
+        if count * m / 2 <= budget:
+            return m
+    raise GalleryError(f"{count} vectors do not fit search.memory_budget_gib={settings.memory_budget_gib} even "
+                       "with 1 byte each; raise the budget or set search.faiss_factory")
+
+
 def choose_factory(count: int, dim: int, settings: SearchSettings) -> tuple[str, str]:
     """(faiss factory string, the rule that chose it) for ``count`` vectors of width ``dim``."""
     if settings.faiss_factory:
         return settings.faiss_factory, "search.faiss_factory"
-    budget = settings.memory_budget_gib * 2**30
     if count < settings.faiss_min_images:
         return "Flat", f"fewer than search.faiss_min_images={settings.faiss_min_images}"
-    if count <= settings.hnsw_max_images and count * (4 * dim + 256) <= budget:
-        return "HNSW32", f"<= search.hnsw_max_images={settings.hnsw_max_images} and HNSW32 fits the budget"
+    m = code_subquantizers(count, dim, settings)
+    if count <= settings.scan_max_images:
+        return f"PQ{m}x4fs", f"<= search.scan_max_images={settings.scan_max_images}: every {m // 2}-byte code scanned"
     lists = ivf_lists(count, settings)
     quantizer = f"IVF{lists}_HNSW32" if lists >= 1024 else f"IVF{lists}"
-    if count * 4 * dim <= budget:
-        return f"{quantizer},Flat", "the float32 vectors fit search.memory_budget_gib"
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0 and m <= settings.pq_bytes]
-    for m in sorted(divisors, reverse=True):
-        if count * (m + 8) <= budget:
-            # np: no polysemous training (minutes of annealing per sub-quantizer, for a filter search never uses)
-            return f"OPQ{m},{quantizer},PQ{m}np", f"PQ{m}: {m + 8} bytes per vector fit search.memory_budget_gib"
-    raise GalleryError(f"{count} vectors do not fit search.memory_budget_gib={settings.memory_budget_gib} even "
-                       "with 8 bytes each; raise the budget or set search.faiss_factory")
+    return f"{quantizer},PQ{m}x4fs", f"> search.scan_max_images={settings.scan_max_images}: {m // 2}-byte codes in lists"
 
 
 def _gallery_rows(gallery: Gallery, rows: np.ndarray) -> np.ndarray:
@@ -102,16 +108,57 @@ def build_ann(gallery: Gallery, settings: SearchSettings) -> dict:
         index.train(_gallery_rows(gallery, rows))
     for start in range(0, count, ADD_CHUNK_ROWS):
         index.add(_gallery_rows(gallery, np.arange(start, min(count, start + ADD_CHUNK_ROWS))))
+    return _write_ann(gallery, index, {"factory": factory, "rule": rule, "trained_on": sample})
+
+
+def _write_ann(gallery: Gallery, index: Any, entry: dict) -> dict:
+    """Write ``index`` beside the manifest atomically and record it there as covering every row of ``gallery``."""
+    faiss = _import_faiss()
     target = gallery.folder / ANN_FILE
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, target)
-    entry = {"file": ANN_FILE, "factory": factory, "rule": rule, "trained_on": sample, "count": count,
-             "bytes": target.stat().st_size, "sha256": sha256_file(target), "covers": gallery.content_id}
+    entry = {**entry, "file": ANN_FILE, "count": len(gallery), "bytes": target.stat().st_size,
+             "sha256": sha256_file(target), "covers": gallery.content_id,
+             "covers_shards": len(gallery.manifest.get("shards", []))}
     write_manifest_update(gallery.folder, {"ann": entry})
     gallery.manifest["ann"] = entry
     gallery.ann = None
     return entry
+
+
+def extend_ann(gallery: Gallery, settings: SearchSettings) -> dict | None:
+    """Add the rows a gallery gained at its end to its faiss index, without training it again; returns the new
+    manifest entry, or None when the index cannot be extended (no index yet, rows changed or removed before the
+    end, or the rules now pick another index type): then it is built anew.
+
+    A nightly update appends shards of new images and keeps the old ones in order, so the old rows keep their
+    faiss ids; the codebooks trained on a sample of the old gallery encode the new images (a rebuild, e.g.
+    after the gallery doubled, trains on a sample of all)."""
+    entry = gallery.manifest.get("ann")
+    shards = gallery.manifest.get("shards", [])
+    covered = (entry or {}).get("covers_shards")
+    if not entry or covered is None or covered > len(shards):
+        return None
+    prefix = hashlib.sha256("".join(s["sha256"] for s in shards[:covered]).encode()).hexdigest()[:16]
+    old_rows = sum(s["count"] for s in shards[:covered])
+    factory = choose_factory(len(gallery), gallery.dim, settings)[0]
+    if prefix != entry["covers"] or old_rows != entry["count"] or factory != entry["factory"]:
+        return None
+    faiss = _import_faiss()
+    path = gallery.folder / entry["file"]
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError:
+        return None
+    if index.ntotal != old_rows:
+        return None
+    for start in range(old_rows, len(gallery), ADD_CHUNK_ROWS):
+        index.add(_gallery_rows(gallery, np.arange(start, min(len(gallery), start + ADD_CHUNK_ROWS))))
+    logger.info("added %d new images to the faiss index %s (trained on %d of the first %d)", len(gallery) - old_rows,
+                entry["factory"], entry["trained_on"], entry.get("trained_of", old_rows))
+    keep = {key: entry[key] for key in ("factory", "rule", "trained_on") if key in entry}
+    return _write_ann(gallery, index, {**keep, "trained_of": entry.get("trained_of", old_rows)})
 
 
 def _set_training_seed(index: Any, faiss: Any, seed: int) -> None:

@@ -39,7 +39,7 @@ from engine.checkpoints import load_for_inference
 from engine.encoding import encode_text_tokens, rerank_scores
 from engine.gallery_index import (INDEX_FORMAT, INDEX_VERSION, Gallery, GalleryError, SearchSettings, build_gallery,
                                   file_signature, is_index, open_gallery)
-from engine.gallery_search import build_ann, search as search_gallery, wants_ann
+from engine.gallery_search import build_ann, extend_ann, search as search_gallery, wants_ann
 from utils import distributed as dist_utils
 from utils.amp import autocast
 from utils.errors import UserError
@@ -250,7 +250,7 @@ class Retriever:
         if dist_utils.is_main_process() and manifest["count"] and wants_ann(manifest["count"], self.settings):
             gallery = open_gallery(folder, 0)
             if not manifest.get("ann") or manifest["ann"].get("covers") != gallery.content_id:
-                build_ann(gallery, self.settings)
+                extend_ann(gallery, self.settings) or build_ann(gallery, self.settings)
         dist_utils.barrier()
         logger.info("gallery index %s: %d images, %d encoded by this process", folder, manifest["count"], encoded)
         return encoded

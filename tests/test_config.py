@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -150,3 +152,17 @@ def test_numbers_as_people_write_them_and_list_files(tmp_path, caplog):
 def test_sizes_and_rates_are_checked_at_load(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(None, [override])
+
+
+def test_a_checkpoint_config_with_a_retired_key_loads_and_says_so(tmp_path, caplog):
+    """Checkpoints written before search.hnsw_max_images was retired still load; a file naming it is an error."""
+    saved = load_config("configs/demo.yaml").to_dict()
+    saved["search"]["hnsw_max_images"] = 200000
+    with caplog.at_level("INFO", logger="utils.config"):
+        cfg = config_from_dict(saved, source="old.pth")
+    assert "old.pth: config key search.hnsw_max_images is retired" in caplog.text
+    assert cfg.search.scan_max_images == 20000000 and "hnsw_max_images" not in cfg.search.to_dict()
+    (tmp_path / "c.yaml").write_text("_base_: " + str(Path("configs/demo.yaml").resolve()) +
+                                     "\nsearch:\n  hnsw_max_images: 5\n")
+    with pytest.raises(ConfigError, match="unknown config key 'search.hnsw_max_images'"):
+        load_config(tmp_path / "c.yaml")

@@ -4,6 +4,7 @@ faiss index type against exact search (faiss is optional: those tests skip witho
 from __future__ import annotations
 
 import errno
+from dataclasses import replace
 import hashlib
 import json
 import logging
@@ -244,19 +245,20 @@ def test_exact_search_in_chunks_equals_the_matrix_product(tmp_path):
 def test_the_index_type_rules():
     s = SearchSettings()
     assert choose_factory(5_000, 768, s)[0] == "Flat"
-    assert choose_factory(100_000, 768, s)[0] == "HNSW32"  # 100k x (3072 + 256) bytes = 0.33 GB <= 4 GiB
+    assert choose_factory(100_000, 768, s)[0] == "PQ96x4fs"  # 2 x 48 sub-quantizers of 8 dims, 48 bytes a vector
+    assert choose_factory(10_000_000, 768, s)[0] == "PQ96x4fs"  # 0.45 GiB of codes, all scanned
     assert ivf_lists(1_000_000, s) == 4096 and ivf_lists(300_000, s) == 2048  # 4 sqrt(n) to a power of two
-    assert choose_factory(1_000_000, 768, s)[0] == "IVF4096_HNSW32,Flat"  # 2.9 GiB of float32 fit 4 GiB
-    assert choose_factory(10_000_000, 768, s)[0] == "OPQ64,IVF4096_HNSW32,PQ64np"  # 29 GiB do not: 72 bytes each
-    assert choose_factory(300_000, 128, s)[0] == "IVF2048_HNSW32,Flat"
-    # m divides d and n x (m + 8) fits: 10M x 58 bytes > 0.5 GiB, 10M x 33 bytes fit
-    assert choose_factory(10_000_000, 100, SearchSettings(memory_budget_gib=0.5))[0] == "OPQ25,IVF4096_HNSW32,PQ25np"
+    assert choose_factory(30_000_000, 768, s)[0] == "IVF4096_HNSW32,PQ96x4fs"  # beyond scan_max_images: lists
+    assert choose_factory(300_000, 768, SearchSettings(scan_max_images=100_000))[0] == "IVF2048_HNSW32,PQ96x4fs"
+    assert choose_factory(300_000, 128, s)[0] == "PQ64x4fs"  # 96 does not divide 128: 64 sub-quantizers
+    # m divides d and n x m / 2 bytes fit: 10M x 25 bytes > 0.1 GiB, 10M x 10 bytes fit
+    assert choose_factory(10_000_000, 100, SearchSettings(memory_budget_gib=0.1))[0] == "PQ20x4fs"
     assert choose_factory(10_000, 768, SearchSettings(faiss_factory="IVF8,Flat"))[0] == "IVF8,Flat"
     with pytest.raises(GalleryError, match="do not fit"):
-        choose_factory(10_000_000, 768, SearchSettings(memory_budget_gib=0.01))
+        choose_factory(10_000_000, 768, SearchSettings(memory_budget_gib=0.001))
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW32", "IVF64,Flat", "IVF64_HNSW32,Flat",
+@pytest.mark.parametrize("factory", ["Flat", "PQ16x4fs", "IVF64,PQ16x4fs", "HNSW32", "IVF64,Flat", "IVF64_HNSW32,Flat",
                                      pytest.param("OPQ8,IVF64,PQ8np", marks=pytest.mark.slow)])  # OPQ: ~1 min
 def test_every_faiss_index_type_finds_the_exact_top_10(tmp_path, factory):
     pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
@@ -339,3 +341,37 @@ def test_a_second_hop_from_the_best_images_finds_more_of_the_exact_top_5(tmp_pat
     one_list = SearchSettings(backend="faiss", nprobe=1, rescore_candidates=20)
     assert recall(one_list) == pytest.approx(0.728)
     assert recall(SearchSettings(**{**one_list.__dict__, "expand_top": 2, "expand_nprobe": 4})) == pytest.approx(0.778)
+
+
+def test_images_added_at_the_end_extend_the_faiss_index_without_training_it_again(tmp_path, caplog):
+    faiss = pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
+    from engine.gallery_search import build_ann, extend_ann, open_ann
+
+    _, feats, _ = gallery_of(tmp_path, 12_000, 32)
+    pieces = [([f"img{i:06d}" for i in range(a, a + 4000)], feats[a:a + 4000].numpy()) for a in (0, 4000, 8000)]
+    settings = SearchSettings(faiss_factory="PQ16x4fs", rescore_candidates=50)
+    gi.write_features_index(tmp_path / "g", iter(pieces[:2]), "m")
+    first = build_ann(open_gallery(tmp_path / "g"), settings)
+    old = open_ann(open_gallery(tmp_path / "g"))
+    codebook = faiss.vector_to_array(old.pq.centroids).copy()
+    gi.write_features_index(tmp_path / "g", iter(pieces), "m")  # a nightly update: 4,000 new images at the end
+    gallery = open_gallery(tmp_path / "g")
+    assert gallery.manifest["ann"]["covers"] != gallery.content_id  # stale until extended
+    with caplog.at_level(logging.INFO):
+        entry = extend_ann(gallery, settings)
+    assert "added 4000 new images to the faiss index PQ16x4fs (trained on 8000 of the first 8000)" in caplog.text
+    assert entry["count"] == 12_000 and entry["trained_on"] == first["trained_on"] == 8_000
+    assert entry["covers"] == gallery.content_id and entry["covers_shards"] == 3
+    gallery = open_gallery(tmp_path / "g")
+    ann = open_ann(gallery)
+    assert ann.ntotal == 12_000 and np.array_equal(faiss.vector_to_array(ann.pq.centroids), codebook)
+    # the new people are found: queries at the centres of people in the third shard find their 5 images
+    centres = feats[8000:8100].reshape(20, 5, -1).mean(1)
+    queries = torch.nn.functional.normalize(centres, dim=1)
+    _, idx = search(gallery, queries, 5, replace(settings, backend="faiss"))
+    assert all(set(row.tolist()) == set(range(8000 + 5 * q, 8005 + 5 * q)) for q, row in enumerate(idx))
+    # a removed shard before the end: the old faiss ids no longer hold, so it is not extended (built anew)
+    gi.write_features_index(tmp_path / "h", iter(pieces[:2]), "m")
+    build_ann(open_gallery(tmp_path / "h"), settings)
+    gi.write_features_index(tmp_path / "h", iter([pieces[0], pieces[2]]), "m")
+    assert extend_ann(open_gallery(tmp_path / "h"), settings) is None

@@ -72,8 +72,11 @@ MINIMUM = {
     "search.shard_images": 1, "search.exact_chunk_rows": 1, "search.faiss_min_images": 1,
     "search.ivf_max_lists": 1, "search.pq_bytes": 1, "search.train_sample_images": 1, "search.nprobe": 1,
     "search.ef_search": 1, "search.rescore_candidates": 1, "search.expand_top": 0, "search.expand_nprobe": 1, "search.verify_max_mib": 0,
-    "search.hnsw_max_images": 0,
+    "search.scan_max_images": 0,
 }
+# Keys that checkpoints of earlier versions may carry and today's schema dropped: a saved config rebuilt from a
+# checkpoint loses them with one log line (a YAML file or an override naming one is still an error).
+RETIRED = {"search.hnsw_max_images": "HNSW gave way to scanning every 4-bit code (search.scan_max_images)"}
 # The same for keys where null means "the default rule".
 NULL_OR_MINIMUM = {"data.max_bad_images": 0}
 # Learning rates and similar that must be strictly positive.
@@ -421,6 +424,12 @@ def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), sou
     """Rebuild a config saved in a checkpoint (a plain dict), checked against today's schema."""
     schema = _load_schema()
     merged = copy.deepcopy(schema)
+    data = copy.deepcopy(dict(data))
+    for dotted, why in RETIRED.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), Mapping) and key in data[section]:
+            data[section] = {k: v for k, v in data[section].items() if k != key}
+            logging.getLogger(__name__).info("%s: config key %s is retired and ignored (%s)", source, dotted, why)
     _merge_checked(merged, data, schema, source)
     _apply_overrides(merged, overrides, schema)
     _check_values(merged, source)
