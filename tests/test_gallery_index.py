@@ -375,3 +375,35 @@ def test_images_added_at_the_end_extend_the_faiss_index_without_training_it_agai
     build_ann(open_gallery(tmp_path / "h"), settings)
     gi.write_features_index(tmp_path / "h", iter([pieces[0], pieces[2]]), "m")
     assert extend_ann(open_gallery(tmp_path / "h"), settings) is None
+
+
+def _resident_mib() -> float:
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmRSS from /proc (Linux)")
+def test_searching_a_memory_mapped_store_does_not_keep_it_resident(tmp_path, monkeypatch):
+    """A 10M x 768 store is 15 GB: exact passes and candidate re-scoring must not leave it counted in the process's
+    resident memory (the page cache still holds it)."""
+    count, dim = 100_000, 512  # 205 MB of float32
+    feats = np.random.default_rng(0).standard_normal((count, dim)).astype(np.float32)
+    gi.write_features_index(tmp_path / "g", iter([([f"i{i}" for i in range(count)], feats)]), "m")
+    del feats
+    queries = torch.nn.functional.normalize(torch.randn(2, dim), dim=1)
+    rows = np.random.default_rng(1).choice(count, 20_000, replace=False)
+
+    def growth(read) -> float:
+        gallery = open_gallery(tmp_path / "g", verify_max_mib=0)  # a mapping of its own, dropped at return
+        before = _resident_mib()
+        read(gallery)
+        return _resident_mib() - before
+
+    def passes() -> tuple[float, float]:
+        return (growth(lambda gallery: exact_search(gallery, queries, 10, 16_384)),
+                growth(lambda gallery: gallery.rows(rows)))  # 20,000 x 2 KB rows copied out: 40 MB
+
+    exact_growth, rows_growth = passes()
+    assert exact_growth < 60 and rows_growth < 100
+    monkeypatch.setattr(gi, "advise", lambda *args: None)  # without the advice the whole store stays resident
+    exact_growth, rows_growth = passes()
+    assert exact_growth > 150 and rows_growth > 100
