@@ -233,7 +233,8 @@ def one_off(args: argparse.Namespace) -> dict:
     if args.nprobe_sweep:
         return {"rows": search_scale.nprobe_sweep(Path(args.work), int(args.sizes), int(args.dims),
                                                   [int(n) for n in args.nprobe_sweep.split(",")],
-                                                  args.expand_top, args.expand_nprobe)}
+                                                  args.expand_top, args.expand_nprobe,
+                                                  [int(n) for n in args.rescore_sweep.split(",")])}
     if args.open_check:
         return search_scale.open_check(Path(args.open_check))
     if args.serve_breakdown:
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale-phase", nargs="+", default=None, help=argparse.SUPPRESS)  # one phase, internal
     parser.add_argument("--expand-top", type=int, default=0, help="--nprobe-sweep: search.expand_top")
     parser.add_argument("--expand-nprobe", type=int, default=16, help="--nprobe-sweep: search.expand_nprobe")
+    parser.add_argument("--rescore-sweep", default="1000", metavar="R1,R2,...",
+                        help="--nprobe-sweep: each search.rescore_candidates value at each nprobe")
     parser.add_argument("--nprobe-sweep", default=None, metavar="N1,N2,...",
                         help="recall and latency per search.nprobe over the built --sizes x --dims index")
     parser.add_argument("--serve-breakdown", type=int, default=0, metavar="N",

@@ -337,9 +337,9 @@ def open_check(folder: Path) -> dict:
 
 
 def nprobe_sweep(work: Path, size: int, dim: int, values: list[int], expand_top: int = 0,
-                 expand_nprobe: int = 16) -> list[dict]:
-    """Recall@1/@10 against exact search and p50 per single query for each ``search.nprobe`` over a built index
-    (``search.expand_top`` as given)."""
+                 expand_nprobe: int = 16, rescore: list[int] = (1000,)) -> list[dict]:
+    """Recall@1/@10 against exact search and p50 per single query for each ``search.nprobe`` (no effect on an index
+    without lists) and ``search.rescore_candidates`` over a built index (``search.expand_top`` as given)."""
     from engine.gallery_index import SearchSettings, open_gallery
     from engine.gallery_search import search
 
@@ -349,16 +349,19 @@ def nprobe_sweep(work: Path, size: int, dim: int, values: list[int], expand_top:
     gallery = open_gallery(folder, verify_max_mib=0)
     rows = []
     for nprobe in values:
-        settings = SearchSettings(backend="faiss", nprobe=nprobe, expand_top=expand_top, expand_nprobe=expand_nprobe)
-        found = torch.cat([search(gallery, queries[i:i + 64], 10, settings)[1] for i in range(0, len(queries), 64)])
-        single = timed(lambda it=iter(range(10**9)): search(gallery, queries[next(it) % len(queries)][None], 10,
-                                                            settings), 50)
-        at1, at10 = recall(found, truth)
-        rows.append({"num_gallery": size, "dim": dim, "index_type": gallery.manifest["ann"]["factory"],
-                     "nprobe": nprobe, "expand_top": expand_top,
-                     "expand_nprobe": expand_nprobe, "recall_at_1": at1, "recall_at_10": at10,
-                     "p50_ms": 1000 * statistics.median(single), "load_average": os.getloadavg()})
-        print(json.dumps(rows[-1]), flush=True)
+        for candidates in rescore:
+            settings = SearchSettings(backend="faiss", nprobe=nprobe, expand_top=expand_top,
+                                      expand_nprobe=expand_nprobe, rescore_candidates=candidates)
+            found = torch.cat([search(gallery, queries[i:i + 64], 10, settings)[1]
+                               for i in range(0, len(queries), 64)])
+            single = timed(lambda it=iter(range(10**9)): search(gallery, queries[next(it) % len(queries)][None], 10,
+                                                                settings), 50)
+            at1, at10 = recall(found, truth)
+            rows.append({"num_gallery": size, "dim": dim, "index_type": gallery.manifest["ann"]["factory"],
+                         "nprobe": nprobe, "rescore_candidates": candidates, "expand_top": expand_top,
+                         "expand_nprobe": expand_nprobe, "recall_at_1": at1, "recall_at_10": at10,
+                         "p50_ms": 1000 * statistics.median(single), "load_average": os.getloadavg()})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -130,3 +130,29 @@ def test_the_step_is_built_by_the_engine_phases(monkeypatch):
     run = base.build_step(cfg, base.torch.device("cpu"))
     assert called == ["build_network", "new_run", "set_train_module", "set_optimizer"]
     assert run.train_module is run.objective and run.optimizer is not None
+
+
+@pytest.mark.slow  # four child processes (store, build, two query phases), ~30 s
+def test_the_search_scale_bench_reports_every_key_the_issue_names(tmp_path):
+    pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
+    import numpy as np
+
+    from bench import search_scale
+
+    result = search_scale.run_scale([20_000], [32], tmp_path / "work", tmp_path / "out", 1, {}, "test")
+    rows = {r["backend"]: r for r in result["rows"]}
+    keys = {"num_gallery", "dim", "backend", "index_type", "recall_at_1", "recall_at_10", "p50_ms", "p95_ms",
+            "batch64_ms_per_query", "peak_rss_gib", "bytes_on_disk", "build_s"}
+    assert set(rows) == {"exact", "faiss"} and all(keys <= set(r) for r in rows.values())
+    assert rows["faiss"]["index_type"] == "PQ32x4fs"  # 2 x 48 sub-quantizers, lowered to a divisor of 32
+    assert rows["exact"]["recall_at_10"] == 1.0 and rows["faiss"]["recall_at_10"] >= 0.95
+    assert json.loads((tmp_path / "out.json").read_text())["rows"][1]["num_gallery"] == 20_000
+    # the ground truth is the brute-force top 10 of the stored float16 features
+    folder = tmp_path / "work" / "n20000_d32"
+    truth = np.load(folder.parent / "n20000_d32_truth.npy")
+    from engine.gallery_index import open_gallery
+    feats = open_gallery(folder, 0).features
+    queries = torch.from_numpy(np.load(folder.parent / "n20000_d32_queries.npy"))
+    assert np.array_equal(truth, torch.topk(queries @ feats.t(), 10, dim=1).indices.numpy())
+    sweep = search_scale.nprobe_sweep(tmp_path / "work", 20_000, 32, [1], rescore=[10, 1000])
+    assert sweep[0]["recall_at_10"] <= sweep[1]["recall_at_10"] and sweep[1]["rescore_candidates"] == 1000
