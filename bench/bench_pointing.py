@@ -39,54 +39,132 @@ def query_for(part: str, words: str) -> str:
     return QUERY[part].format(words)
 
 
-def peak_hits(patch_map: torch.Tensor, parts: np.ndarray, code: int) -> tuple[bool, float, float]:
-    """(the peak patch's centre shows ``code``, chance: the share of patch centres that do, the part's area
-    share of the picture). patch_map [rows, cols]; parts [H, W] the picture's part map."""
-    rows, cols = patch_map.shape
+def cells(shape: tuple[int, int], parts: np.ndarray, code: int) -> dict[str, np.ndarray]:
+    """Which patches of a [rows, cols] grid stretched over the picture show part ``code`` (parts [H, W], the
+    picture's part map), by the two rules: "centre" (the patch's centre pixel shows it) and "overlap" (any of the
+    patch's pixels does). Each is a [rows, cols] bool array; a rule's chance is its mean (a peak drawn at random)."""
+    rows, cols = shape
     height, width = parts.shape
     ys = ((np.arange(rows) + 0.5) * height / rows).astype(int)
     xs = ((np.arange(cols) + 0.5) * width / cols).astype(int)
-    centres = parts[np.ix_(ys, xs)] == code  # [rows, cols]
+    on = parts == code
+    y_edges = np.round(np.arange(rows + 1) * height / rows).astype(int)
+    x_edges = np.round(np.arange(cols + 1) * width / cols).astype(int)
+    overlap = np.array([[on[y_edges[r]:y_edges[r + 1], x_edges[c]:x_edges[c + 1]].any() for c in range(cols)]
+                        for r in range(rows)])
+    return {"centre": on[np.ix_(ys, xs)], "overlap": overlap}
+
+
+def peak_hits(patch_map: torch.Tensor, parts: np.ndarray, code: int) -> dict[str, tuple[bool, float]]:
+    """Per rule of ``cells``: (the peak patch, the largest share, is on the part; chance: that rule's share of
+    patches on the part). patch_map [rows, cols]; parts [H, W] the picture's part map."""
     peak = int(torch.argmax(patch_map))
-    return bool(centres.reshape(-1)[peak]), float(centres.mean()), float((parts == code).mean())
+    return {rule: (bool(on.reshape(-1)[peak]), float(on.mean()))
+            for rule, on in cells(tuple(patch_map.shape), parts, code).items()}
 
 
-def play(checkpoint: str, data_root: Path, split: str, limit: int) -> dict:
-    """Hits and chance per part kind, for the plain and the contrastive heatmap."""
+def _maps(model, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, baseline, inputs: torch.Tensor,
+          text_mean: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+    """Every heatmap the game compares for one picture [1, 3, H, W] and one query: [rows, cols] each.
+
+    plain / contrastive: models.explain.explain_match without / with the gallery baseline (output tokens);
+    integrated-gradients: over the input patches from the gallery's mean input tokens (models.explain);
+    "+ text-centred": the same with the query's direction less the mean direction of the split's captions, so
+    what every description shares (a person, a figure) is left out and the named words remain."""
+    import torch.nn.functional as F
+
+    from models.explain import explain_match, integrated_gradients
+
+    grid = tuple(model.encoder.grid)
+    found = {"plain": explain_match(model, pixels, ids, mask).patch_map(),
+             "contrastive": explain_match(model, pixels, ids, mask, baseline).patch_map()}
+    with torch.no_grad():
+        _, text = model.encode_text(ids, mask, bmm=False)
+        tokens, image = model.encode_image(pixels, bmm=False)
+    t_unit = F.normalize(text.float(), dim=1)[0]
+    centred = t_unit - text_mean
+    out = tokens[0].float() / image[0].float().norm() - baseline  # [N, D]
+    found["contrastive + text-centred"] = (out @ centred)[1:].reshape(grid)
+    for name, direction in (("integrated-gradients", t_unit), ("integrated-gradients + text-centred", centred)):
+        found[name] = integrated_gradients(model, pixels, direction, inputs, steps)[1:].reshape(grid)
+    return found
+
+
+def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 16) -> dict:
+    """Hit rates and chance per part kind, rule and heatmap."""
     from PIL import Image
+
+    import torch.nn.functional as F
 
     from datasets.readers import load_annotations
     from datasets.synthetic.drawing import PARTS
     from datasets.synthetic.writer import PARTS_DIR, PARTS_FILE
     from engine.checkpoints import load_for_inference
-    from engine.explanation import explain_with, gallery_baseline
+    from engine.encoding import tokenize
+    from engine.explanation import gallery_baseline, pixels_of
+    from models.explain import entering_tokens
 
     model, cfg, tokenizer, _ = load_for_inference(checkpoint, None, [], "cpu")
+    model.eval()
     records = getattr(load_annotations("cuhkpedes", data_root), split)
     images = list(dict.fromkeys(r.image_path for r in records))[:limit or None]
     described = json.loads((data_root / PARTS_FILE).read_text())["images"]
     baseline = gallery_baseline(model, cfg, "cpu", images, limit=len(images))
+    with torch.no_grad():
+        inputs = torch.cat([entering_tokens(model, pixels_of(cfg, images[i:i + 64], "cpu"))
+                            for i in range(0, len(images), 64)]).mean(0)  # [N, D]
+        captions = [r.caption for r in records]
+        text_mean = torch.cat([F.normalize(model.encode_text(*tokenize(tokenizer, captions[i:i + 64],
+                                                                       cfg.text.max_text_len, "cpu"), bmm=False)[1]
+                                           .float(), dim=1) for i in range(0, len(captions), 64)]).mean(0)
     tally: dict[str, dict[str, list]] = {}
     for path in images:
         name = Path(path).relative_to(data_root / "imgs").as_posix()
         parts = np.asarray(Image.open(data_root / PARTS_DIR / f"{name}.png"))
+        pixels = pixels_of(cfg, [path], "cpu")
         for part, words in described[name].items():
             code = PARTS.index(part)
             if not (parts == code).any():
                 continue  # hidden in this picture (an occluder, the view)
-            text = query_for(part, words)
-            row = tally.setdefault(part, {"plain": [], "contrastive": [], "chance": [], "area": []})
-            for kind, against in (("plain", None), ("contrastive", baseline)):
-                hit, chance, area = peak_hits(explain_with(model, tokenizer, cfg, "cpu", text, path, against).patch_map,
-                                              parts, code)
-                row[kind].append(hit)
-            row["chance"].append(chance)
-            row["area"].append(area)
-    return {part: {"queries": len(row["chance"]), "plain_hit_rate": float(np.mean(row["plain"])),
-                   "contrastive_hit_rate": float(np.mean(row["contrastive"])),
-                   "chance": float(np.mean(row["chance"])), "area_share": float(np.mean(row["area"])),
-                   "contrastive_over_chance": float(np.mean(row["contrastive"]) / max(np.mean(row["chance"]), 1e-9))}
-            for part, row in sorted(tally.items())}
+            ids, mask = tokenize(tokenizer, [query_for(part, words)], cfg.text.max_text_len, "cpu")
+            row = tally.setdefault(part, {"area": []})
+            row["area"].append(float((parts == code).mean()))
+            for kind, patch_map in _maps(model, pixels, ids, mask, baseline, inputs, text_mean, steps).items():
+                for rule, (hit, chance) in peak_hits(patch_map, parts, code).items():
+                    row.setdefault(f"{rule}|{kind}", []).append(hit)
+                    if kind == "plain":  # the same for every heatmap
+                        row.setdefault(f"{rule}|chance", []).append(chance)
+    return {part: _summary(row) for part, row in sorted(tally.items())}
+
+
+def _summary(row: dict[str, list]) -> dict:
+    """One part's tallies -> queries, area share, and per rule its chance and each heatmap's hit rate."""
+    out: dict = {"queries": len(row["area"]), "area_share": float(np.mean(row["area"]))}
+    for key, values in row.items():
+        if "|" not in key:
+            continue
+        rule, kind = key.split("|")
+        chance = float(np.mean(row[f"{rule}|chance"]))
+        entry = out.setdefault(rule, {"chance": chance, "hit_rate": {}, "over_chance": {}})
+        if kind != "chance":
+            rate = float(np.mean(values))
+            entry["hit_rate"][kind] = rate
+            entry["over_chance"][kind] = rate / max(chance, 1e-9)
+    return out
+
+
+def table(results: dict) -> str:
+    """The results as a Markdown table: per part and rule, chance and each heatmap's hit rate (x chance)."""
+    kinds = list(next(iter(results.values()))["centre"]["hit_rate"])
+    lines = ["| part | queries | area share | rule | chance | " + " | ".join(kinds) + " |",
+             "|---|---|---|---|---|" + "---|" * len(kinds)]
+    for part, row in results.items():
+        for rule in ("centre", "overlap"):
+            entry = row[rule]
+            rates = " | ".join(f"{100 * entry['hit_rate'][k]:.1f}% ({entry['over_chance'][k]:.1f}x)" for k in kinds)
+            lines.append(f"| {part} | {row['queries']} | {100 * row['area_share']:.1f}% | {rule} | "
+                         f"{100 * entry['chance']:.1f}% | {rates} |")
+    return "\n".join(lines)
 
 
 @user_errors_as_one_line()
@@ -97,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                            "when missing: 400 identities, seed 0, the demo's)")
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--limit", type=int, default=0, help="at most this many pictures (0: all)")
+    parser.add_argument("--steps", type=int, default=16, help="integrated gradients: points on the path")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -106,14 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         make_synthetic("cuhkpedes", root, num_ids=400, seed=0, style="classic")
     began = time.perf_counter()
-    results = play(args.checkpoint, root, args.split, args.limit)
+    results = play(args.checkpoint, root, args.split, args.limit, args.steps)
     from utils.environment import environment_record
 
     record = {"command": "python -m bench.bench_pointing " + " ".join(argv if argv is not None else sys.argv[1:]),
               "split": args.split, "results": results, "seconds": round(time.perf_counter() - began, 1),
               "threads": 1, "environment": environment_record("cpu"),
               "load_average": [round(x, 2) for x in __import__("os").getloadavg()]}
-    print(json.dumps(record["results"], indent=1))
+    print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return record

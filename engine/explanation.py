@@ -87,7 +87,7 @@ def _words(tokenizer: Any, text: str, shares: torch.Tensor, max_text_len: int
     return [(text[start:end], share) for start, end, share in words.values()], special
 
 
-def _pixels(cfg: Any, paths: Sequence[str], device: Any) -> torch.Tensor:
+def pixels_of(cfg: Any, paths: Sequence[str], device: Any) -> torch.Tensor:
     """The images at ``paths`` as the gallery saw them: [B, 3, H, W] (the test transform)."""
     from datasets.pixels import open_image
     from datasets.transforms import build_test_transform
@@ -111,7 +111,7 @@ def gallery_baseline(model: Any, cfg: Any, device: Any, paths: Sequence[str], li
     was_training = model.training
     model.eval()
     try:
-        parts = [baseline_tokens(model, _pixels(cfg, chosen[i:i + batch_size], device)) * len(chosen[i:i + batch_size])
+        parts = [baseline_tokens(model, pixels_of(cfg, chosen[i:i + batch_size], device)) * len(chosen[i:i + batch_size])
                  for i in range(0, len(chosen), batch_size)]
     finally:
         model.train(was_training)
@@ -125,7 +125,7 @@ def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, i
     ``baseline`` (gallery_baseline, or one image feature [D]) why it scores above that baseline."""
     from engine.encoding import tokenize
 
-    pixels = _pixels(cfg, [image_path], device)
+    pixels = pixels_of(cfg, [image_path], device)
     ids, mask = tokenize(tokenizer, [text], cfg.text.max_text_len, device)
     was_training = model.training
     model.eval()

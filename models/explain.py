@@ -92,6 +92,45 @@ def explain_match(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor
 
 
 @torch.no_grad()
+def entering_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The image tokens entering the first transformer block (patch embeddings + positions; CLS first) of
+    images [B, 3, H, W]: [B, N, D] float32."""
+    seen: list[torch.Tensor] = []
+    handle = model.encoder.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        model.encode_image(images, bmm=False)
+    finally:
+        handle.remove()
+    return seen[0].float()
+
+
+def integrated_gradients(model: torch.nn.Module, image: torch.Tensor, direction: torch.Tensor,
+                         start: torch.Tensor, steps: int = 16) -> torch.Tensor:
+    """Integrated gradients (Sundararajan et al. 2017) of F(x) = <direction, v(x) / |v(x)|> over the image tokens
+    entering the first block, on the straight path from ``start`` [N, D] (e.g. the gallery's mean entering tokens)
+    to this image's [1, 3, H, W]: [N] shares, token i's the input difference x_i - start_i times the mean gradient
+    at ``steps`` midpoints of the path; they add up to F(x) - F(start) up to the Riemann sum's error. Each share
+    belongs to one input patch, not to an output token that attention has mixed with the others."""
+    x = entering_tokens(model, image)[0]  # [N, D]
+    start = start.float().to(x.device)
+    alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps  # [S]
+    path = (start + alphas[:, None, None] * (x - start)).requires_grad_(True)  # [S, N, D]
+
+    def replace(_module, args):
+        return (path.to(args[0].dtype), *args[1:])
+
+    handle = model.encoder.blocks[0].register_forward_pre_hook(replace)
+    try:
+        with torch.enable_grad():
+            _, feature = model.encode_image(image.expand(steps, -1, -1, -1), bmm=False)
+            (F.normalize(feature.float(), dim=1) @ direction.float().to(x.device)).sum().backward()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    return ((x - start) * path.grad.mean(0)).sum(-1).detach().cpu()
+
+
+@torch.no_grad()
 def baseline_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The contrastive baseline of some images [B, 3, H, W]: the mean over them of each one's image tokens divided
     by the norm of its (mean-pooled) feature, [N, D] float32; its token mean is the mean of their unit features."""
