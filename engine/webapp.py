@@ -135,8 +135,8 @@ def why_html(explanation: Any, rank: int) -> str:
     against = (f" above {explanation.baseline}" if explanation.baseline_score is not None else "")
     return (f"<h3>Why #{rank} matches</h3><div><img src=\"{plain}\" alt=\"result #{rank}\">"
             f"<img src=\"{heat}\" alt=\"heatmap of result #{rank}\"></div>"
-            f"<p>Red regions raise the score for the description{against}, blue ones lower it; words are shaded "
-            f"the same way.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
+            f"<p>Red regions raise the score for the description{against}, the deepest red the most; blue ones "
+            f"lower it. Words are shaded by their share.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
 
 
 def caption(hit: Any) -> str:
