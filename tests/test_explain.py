@@ -130,3 +130,48 @@ def test_function_words_are_never_reasons():
              ("red", -0.2)]
     found = Explanation("x.jpg", "", 0.5, torch.zeros(2, 2), 0.0, words, 0.0, "m", True)
     assert found.top_words(3) == ["blue", "coat", "man"]
+
+
+def test_integrated_gradients_add_up_to_the_score_gap_between_the_start_and_the_image():
+    from models.explain import entering_tokens, integrated_gradients
+
+    model, _ = _model("mean", 3)
+    image, ids, mask = _inputs(5)
+    others = torch.randn(4, 3, 32, 16, generator=torch.Generator().manual_seed(7))
+    start = entering_tokens(model, others).mean(0)  # [N, D]
+    with torch.no_grad():
+        _, t = model.encode_text(ids, mask, bmm=False)
+    direction = F.normalize(t.float(), dim=1)[0]
+
+    def score_from(entering: torch.Tensor) -> float:
+        handle = model.encoder.blocks[0].register_forward_pre_hook(lambda _m, args: (entering[None], *args[1:]))
+        try:
+            with torch.no_grad():
+                _, v = model.encode_image(image, bmm=False)
+        finally:
+            handle.remove()
+        return float(F.normalize(v.float(), dim=1)[0] @ direction)
+
+    gap = score_from(entering_tokens(model, image)[0]) - score_from(start)
+    shares = integrated_gradients(model, image, direction, start, steps=64)
+    assert shares.shape == (1 + 4 * 2,) and abs(gap) > 1e-3
+    assert float(shares.double().sum()) == pytest.approx(gap, rel=0.02, abs=1e-4)
+    # from the image itself nothing moves: every share is 0
+    assert integrated_gradients(model, image, direction, entering_tokens(model, image)[0], steps=4).abs().max() < 1e-6
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pointing_rules_count_patch_centres_and_patch_overlaps():
+    import numpy as np
+
+    from bench.bench_pointing import cells, peak_hits
+
+    parts = np.zeros((16, 8), dtype=np.uint8)  # a 4 x 2 grid of 4 x 4-pixel patches
+    parts[13:15, 1:3] = 5  # shoes over the centre pixel (14, 2) of the bottom-left patch
+    parts[5, 7] = 5  # one pixel in patch (1, 1), not its centre (6, 6)
+    found = cells((4, 2), parts, 5)
+    assert found["centre"].tolist() == [[False, False], [False, False], [False, False], [True, False]]
+    assert found["overlap"].tolist() == [[False, False], [False, True], [False, False], [True, False]]
+    heat = torch.zeros(4, 2)
+    heat[1, 1] = 1.0  # the peak on the patch with one pixel of the part
+    assert peak_hits(heat, parts, 5) == {"centre": (False, 0.125), "overlap": (True, 0.25)}
