@@ -64,13 +64,14 @@ def peak_hits(patch_map: torch.Tensor, parts: np.ndarray, code: int) -> dict[str
 
 
 def _maps(model, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, baseline, inputs: torch.Tensor,
-          text_mean: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+          text_mean: torch.Tensor, foils: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
     """Every heatmap the game compares for one picture [1, 3, H, W] and one query: [rows, cols] each.
 
     plain / contrastive: models.explain.explain_match without / with the gallery baseline (output tokens);
     integrated-gradients: over the input patches from the gallery's mean input tokens (models.explain);
     "+ text-centred": the same with the query's direction less the mean direction of the split's captions, so
-    what every description shares (a person, a figure) is left out and the named words remain."""
+    what every description shares (a person, a figure) is left out and the named words remain; "+ colour foils":
+    less the mean direction of the same query with each other colour (foils [D]): why this colour, not another."""
     import torch.nn.functional as F
 
     from models.explain import explain_match, integrated_gradients
@@ -85,7 +86,8 @@ def _maps(model, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, ba
     centred = t_unit - text_mean
     out = tokens[0].float() / image[0].float().norm() - baseline  # [N, D]
     found["contrastive + text-centred"] = (out @ centred)[1:].reshape(grid)
-    for name, direction in (("integrated-gradients", t_unit), ("integrated-gradients + text-centred", centred)):
+    for name, direction in (("integrated-gradients", t_unit), ("integrated-gradients + text-centred", centred),
+                            ("integrated-gradients + colour foils", t_unit - foils)):
         found[name] = integrated_gradients(model, pixels, direction, inputs, steps)[1:].reshape(grid)
     return found
 
@@ -117,6 +119,7 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 
         text_mean = torch.cat([F.normalize(model.encode_text(*tokenize(tokenizer, captions[i:i + 64],
                                                                        cfg.text.max_text_len, "cpu"), bmm=False)[1]
                                            .float(), dim=1) for i in range(0, len(captions), 64)]).mean(0)
+    colours = sorted({w.split()[0] for d in described.values() for w in d.values()})  # the captions' colour words
     tally: dict[str, dict[str, list]] = {}
     for path in images:
         name = Path(path).relative_to(data_root / "imgs").as_posix()
@@ -126,10 +129,13 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 
             code = PARTS.index(part)
             if not (parts == code).any():
                 continue  # hidden in this picture (an occluder, the view)
-            ids, mask = tokenize(tokenizer, [query_for(part, words)], cfg.text.max_text_len, "cpu")
-            row = tally.setdefault(part, {"area": []})
+            row = tally.setdefault(part, {"area": [], "colour_top1": [], "colours": [len(colours)]})
             row["area"].append(float((parts == code).mean()))
-            for kind, patch_map in _maps(model, pixels, ids, mask, baseline, inputs, text_mean, steps).items():
+            foils = [c for c in colours if c != words.split()[0]]
+            told, maps = _one_query(model, tokenizer, cfg, pixels, part, words, foils, (baseline, inputs, text_mean),
+                                    steps)
+            row["colour_top1"].append(told)
+            for kind, patch_map in maps.items():
                 for rule, (hit, chance) in peak_hits(patch_map, parts, code).items():
                     row.setdefault(f"{rule}|{kind}", []).append(hit)
                     if kind == "plain":  # the same for every heatmap
@@ -137,9 +143,33 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 
     return {part: _summary(row) for part, row in sorted(tally.items())}
 
 
+def _one_query(model, tokenizer, cfg, pixels: torch.Tensor, part: str, words: str, foils: list[str],
+               baselines: tuple, steps: int) -> tuple[bool, dict[str, torch.Tensor]]:
+    """The one-attribute query of ``part`` (``words``, colour first) on one picture [1, 3, H, W]: (does the model
+    score it above the same query with each colour of ``foils``, so that it tells this part's colour at all;
+    the heatmaps of _maps). baselines: (gallery baseline tokens, mean input tokens, mean caption direction)."""
+    import torch.nn.functional as F
+
+    from engine.encoding import tokenize
+
+    rest = words.split()[1:]
+    ids, mask = tokenize(tokenizer, [query_for(part, words)], cfg.text.max_text_len, "cpu")
+    with torch.no_grad():
+        others = tokenize(tokenizer, [query_for(part, " ".join([c] + rest)) for c in foils], cfg.text.max_text_len,
+                          "cpu")
+        foil_units = F.normalize(model.encode_text(*others, bmm=False)[1].float(), dim=1)  # [C, D]
+        query_unit = F.normalize(model.encode_text(ids, mask, bmm=False)[1].float(), dim=1)[0]
+        image_unit = F.normalize(model.encode_image(pixels, bmm=False)[1].float(), dim=1)[0]
+    told = bool(float(query_unit @ image_unit) > float((foil_units @ image_unit).max()))
+    baseline, inputs, text_mean = baselines
+    return told, _maps(model, pixels, ids, mask, baseline, inputs, text_mean, foil_units.mean(0), steps)
+
+
 def _summary(row: dict[str, list]) -> dict:
-    """One part's tallies -> queries, area share, and per rule its chance and each heatmap's hit rate."""
-    out: dict = {"queries": len(row["area"]), "area_share": float(np.mean(row["area"]))}
+    """One part's tallies -> queries, area share, how often the model ranks the query's colour first among the
+    captions' colours for this part (and that rate's chance), and per rule its chance and each heatmap's hit rate."""
+    out: dict = {"queries": len(row["area"]), "area_share": float(np.mean(row["area"])),
+                 "colour_top1": float(np.mean(row["colour_top1"])), "colour_chance": 1 / row["colours"][0]}
     for key, values in row.items():
         if "|" not in key:
             continue
@@ -156,13 +186,14 @@ def _summary(row: dict[str, list]) -> dict:
 def table(results: dict) -> str:
     """The results as a Markdown table: per part and rule, chance and each heatmap's hit rate (x chance)."""
     kinds = list(next(iter(results.values()))["centre"]["hit_rate"])
-    lines = ["| part | queries | area share | rule | chance | " + " | ".join(kinds) + " |",
-             "|---|---|---|---|---|" + "---|" * len(kinds)]
+    lines = ["| part | queries | area share | colour told (chance) | rule | chance | " + " | ".join(kinds) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(kinds)]
     for part, row in results.items():
         for rule in ("centre", "overlap"):
             entry = row[rule]
             rates = " | ".join(f"{100 * entry['hit_rate'][k]:.1f}% ({entry['over_chance'][k]:.1f}x)" for k in kinds)
-            lines.append(f"| {part} | {row['queries']} | {100 * row['area_share']:.1f}% | {rule} | "
+            lines.append(f"| {part} | {row['queries']} | {100 * row['area_share']:.1f}% | "
+                         f"{100 * row['colour_top1']:.1f}% ({100 * row['colour_chance']:.1f}%) | {rule} | "
                          f"{100 * entry['chance']:.1f}% | {rates} |")
     return "\n".join(lines)
 
