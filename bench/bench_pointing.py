@@ -6,10 +6,15 @@
 The classic synthetic style writes a part map beside every picture (which part each pixel shows: upper garment,
 lower garment, shoes, bag, hat, ...; ``parts.json`` names each picture's attribute words). For every picture of
 the split and every part it shows, a one-attribute query ("a person in a blue coat", "a person with a red
-backpack") is explained against the split's gallery; a hit is a heatmap peak (the patch with the largest share)
-whose centre pixel shows that part. Chance is the share of patch centres that show it (the hit rate of a peak
-drawn at random), per picture, averaged like the hits. Two heatmaps: the plain split of the score and the
-contrastive one (against the gallery's average picture, models/explain.py); the data set is written when missing.
+backpack") is explained against the split's gallery. The peak is the patch with the largest share; two rules,
+each counting hits and chance the same way: "centre", a hit when the peak patch's centre pixel shows the part,
+chance the share of patch centres that do; "overlap", a hit when any pixel of the peak patch shows it, chance the
+share of patches that do (the map's own resolution: a part thinner than a patch row, such as the shoes, seldom
+holds a centre). Chance is per picture, averaged like the hits. Heatmaps compared: the plain split of the score,
+the contrastive split of the output tokens, integrated gradients over the input patches (models/explain.py), two
+text-side baselines, and the one the web page shows ("served"). Per part it also reports how often the model
+scores the query above the same query in each other colour of the captions: a model that cannot tell a part's
+colour leaves no explanation anything to point at. The data set is written when missing.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUERY = {"upper": "a person in {}", "lower": "a person in {}", "shoes": "a person wearing {}",
          "bag": "a person with {}", "hat": "a person with {}", "umbrella": "a person holding {}"}
 PLURAL = ("shoes", "pants", "shorts")
+SERVED = "served: integrated-gradients + colour foils"  # the web page's map (engine.explanation.explain_with)
 
 
 def query_for(part: str, words: str) -> str:
@@ -63,36 +69,35 @@ def peak_hits(patch_map: torch.Tensor, parts: np.ndarray, code: int) -> dict[str
             for rule, on in cells(tuple(patch_map.shape), parts, code).items()}
 
 
-def _maps(model, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, baseline, inputs: torch.Tensor,
-          text_mean: torch.Tensor, foils: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+def _maps(model, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, baseline, text_mean: torch.Tensor,
+          steps: int) -> dict[str, torch.Tensor]:
     """Every heatmap the game compares for one picture [1, 3, H, W] and one query: [rows, cols] each.
 
     plain / contrastive: models.explain.explain_match without / with the gallery baseline (output tokens);
     integrated-gradients: over the input patches from the gallery's mean input tokens (models.explain);
     "+ text-centred": the same with the query's direction less the mean direction of the split's captions, so
-    what every description shares (a person, a figure) is left out and the named words remain; "+ colour foils":
-    less the mean direction of the same query with each other colour (foils [D]): why this colour, not another."""
+    what every description shares (a person, a figure) is left out and the named words remain. The map the web
+    page shows (integrated gradients against colour foils) is added by _one_query."""
     import torch.nn.functional as F
 
     from models.explain import explain_match, integrated_gradients
 
     grid = tuple(model.encoder.grid)
     found = {"plain": explain_match(model, pixels, ids, mask).patch_map(),
-             "contrastive": explain_match(model, pixels, ids, mask, baseline).patch_map()}
+             "contrastive": explain_match(model, pixels, ids, mask, baseline.tokens).patch_map()}
     with torch.no_grad():
         _, text = model.encode_text(ids, mask, bmm=False)
         tokens, image = model.encode_image(pixels, bmm=False)
     t_unit = F.normalize(text.float(), dim=1)[0]
     centred = t_unit - text_mean
-    out = tokens[0].float() / image[0].float().norm() - baseline  # [N, D]
+    out = tokens[0].float() / image[0].float().norm() - baseline.tokens  # [N, D]
     found["contrastive + text-centred"] = (out @ centred)[1:].reshape(grid)
-    for name, direction in (("integrated-gradients", t_unit), ("integrated-gradients + text-centred", centred),
-                            ("integrated-gradients + colour foils", t_unit - foils)):
-        found[name] = integrated_gradients(model, pixels, direction, inputs, steps)[1:].reshape(grid)
+    for name, direction in (("integrated-gradients", t_unit), ("integrated-gradients + text-centred", centred)):
+        found[name] = integrated_gradients(model, pixels, direction, baseline.inputs, steps)[1:].reshape(grid)
     return found
 
 
-def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 16) -> dict:
+def play(checkpoint: str, data_root: Path, split: str, limit: int) -> dict:
     """Hit rates and chance per part kind, rule and heatmap."""
     from PIL import Image
 
@@ -103,18 +108,16 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 
     from datasets.synthetic.writer import PARTS_DIR, PARTS_FILE
     from engine.checkpoints import load_for_inference
     from engine.encoding import tokenize
-    from engine.explanation import gallery_baseline, pixels_of
-    from models.explain import entering_tokens
+    from engine.explanation import gallery_baseline
 
     model, cfg, tokenizer, _ = load_for_inference(checkpoint, None, [], "cpu")
     model.eval()
+    steps = int(cfg.eval.explain_steps)  # integrated gradients: points on the path, as the web page
     records = getattr(load_annotations("cuhkpedes", data_root), split)
     images = list(dict.fromkeys(r.image_path for r in records))[:limit or None]
     described = json.loads((data_root / PARTS_FILE).read_text())["images"]
     baseline = gallery_baseline(model, cfg, "cpu", images, limit=len(images))
     with torch.no_grad():
-        inputs = torch.cat([entering_tokens(model, pixels_of(cfg, images[i:i + 64], "cpu"))
-                            for i in range(0, len(images), 64)]).mean(0)  # [N, D]
         captions = [r.caption for r in records]
         text_mean = torch.cat([F.normalize(model.encode_text(*tokenize(tokenizer, captions[i:i + 64],
                                                                        cfg.text.max_text_len, "cpu"), bmm=False)[1]
@@ -124,7 +127,6 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 
     for path in images:
         name = Path(path).relative_to(data_root / "imgs").as_posix()
         parts = np.asarray(Image.open(data_root / PARTS_DIR / f"{name}.png"))
-        pixels = pixels_of(cfg, [path], "cpu")
         for part, words in described[name].items():
             code = PARTS.index(part)
             if not (parts == code).any():
@@ -132,8 +134,7 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 
             row = tally.setdefault(part, {"area": [], "colour_top1": [], "colours": [len(colours)]})
             row["area"].append(float((parts == code).mean()))
             foils = [c for c in colours if c != words.split()[0]]
-            told, maps = _one_query(model, tokenizer, cfg, pixels, part, words, foils, (baseline, inputs, text_mean),
-                                    steps)
+            told, maps = _one_query(model, tokenizer, cfg, path, part, words, foils, (baseline, text_mean), steps)
             row["colour_top1"].append(told)
             for kind, patch_map in maps.items():
                 for rule, (hit, chance) in peak_hits(patch_map, parts, code).items():
@@ -143,14 +144,17 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int, steps: int = 
     return {part: _summary(row) for part, row in sorted(tally.items())}
 
 
-def _one_query(model, tokenizer, cfg, pixels: torch.Tensor, part: str, words: str, foils: list[str],
-               baselines: tuple, steps: int) -> tuple[bool, dict[str, torch.Tensor]]:
-    """The one-attribute query of ``part`` (``words``, colour first) on one picture [1, 3, H, W]: (does the model
+def _one_query(model, tokenizer, cfg, path: str, part: str, words: str, foils: list[str], baselines: tuple,
+               steps: int) -> tuple[bool, dict[str, torch.Tensor]]:
+    """The one-attribute query of ``part`` (``words``, colour first) on the picture at ``path``: (does the model
     score it above the same query with each colour of ``foils``, so that it tells this part's colour at all;
-    the heatmaps of _maps). baselines: (gallery baseline tokens, mean input tokens, mean caption direction)."""
+    the heatmaps of _maps and the web page's, "served"). baselines: (the gallery's, mean caption direction)."""
     import torch.nn.functional as F
 
     from engine.encoding import tokenize
+    from engine.explanation import explain_with, pixels_of
+
+    pixels = pixels_of(cfg, [path], "cpu")
 
     rest = words.split()[1:]
     ids, mask = tokenize(tokenizer, [query_for(part, words)], cfg.text.max_text_len, "cpu")
@@ -161,8 +165,10 @@ def _one_query(model, tokenizer, cfg, pixels: torch.Tensor, part: str, words: st
         query_unit = F.normalize(model.encode_text(ids, mask, bmm=False)[1].float(), dim=1)[0]
         image_unit = F.normalize(model.encode_image(pixels, bmm=False)[1].float(), dim=1)[0]
     told = bool(float(query_unit @ image_unit) > float((foil_units @ image_unit).max()))
-    baseline, inputs, text_mean = baselines
-    return told, _maps(model, pixels, ids, mask, baseline, inputs, text_mean, foil_units.mean(0), steps)
+    baseline, text_mean = baselines
+    maps = _maps(model, pixels, ids, mask, baseline, text_mean, steps)
+    maps[SERVED] = explain_with(model, tokenizer, cfg, "cpu", query_for(part, words), path, baseline).patch_map
+    return told, maps
 
 
 def _summary(row: dict[str, list]) -> dict:
@@ -206,7 +212,6 @@ def main(argv: list[str] | None = None) -> dict:
                                                            "when missing: 400 identities, seed 0, the demo's)")
     parser.add_argument("--split", default="val", choices=("val", "test"))
     parser.add_argument("--limit", type=int, default=0, help="at most this many pictures (0: all)")
-    parser.add_argument("--steps", type=int, default=16, help="integrated gradients: points on the path")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         make_synthetic("cuhkpedes", root, num_ids=400, seed=0, style="classic")
     began = time.perf_counter()
-    results = play(args.checkpoint, root, args.split, args.limit, args.steps)
+    results = play(args.checkpoint, root, args.split, args.limit)
     from utils.environment import environment_record
 
     record = {"command": "python -m bench.bench_pointing " + " ".join(argv if argv is not None else sys.argv[1:]),

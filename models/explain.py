@@ -41,6 +41,7 @@ class MatchExplanation:
     method: str
     exact: bool
     baseline_score: Optional[float] = None  # <t, b> / |t| when contrastive: the shares add up to score - this
+    image_method: str = ""  # how the image shares were found when not by ``method`` (explain_against_gallery)
 
     def patch_map(self) -> torch.Tensor:
         """The patch tokens' shares as a [rows, cols] map (the CLS token's share left out)."""
@@ -89,6 +90,41 @@ def explain_match(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor
             method = "exact contrastive mean-pool decomposition"
     return MatchExplanation(score, image_shares.cpu(), text_shares.cpu(), tuple(model.encoder.grid), method, True,
                             against)
+
+
+@dataclass
+class GalleryBaseline:
+    """What some images (a gallery) look like on average, to explain a match against: tokens [N, D] (baseline_tokens:
+    each image's output tokens over its feature's norm, averaged) and inputs [N, D] (entering_tokens, averaged)."""
+
+    tokens: torch.Tensor
+    inputs: torch.Tensor
+
+
+def explain_against_gallery(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,
+                            mask: Optional[torch.Tensor], baseline: GalleryBaseline, foils: Optional[torch.Tensor] = None,
+                            steps: int = 16) -> MatchExplanation:
+    """Why an image [1, 3, H, W] scores above a gallery's average for a caption (ids, mask [1, T]), for a
+    mean-pooling model. Words and score: explain_match against ``baseline.tokens`` (exact). Image regions:
+    integrated gradients over the input patches from the gallery's mean input (``baseline.inputs``), of the
+    score along the caption's unit feature t, or, with ``foils`` [D] (the mean unit feature of the same caption
+    with its colour words changed), along t - foils: why this person fits these colours better than the others.
+
+    The output tokens that explain_match splits over have been mixed by attention, so a patch's output token
+    reports what the whole picture shows as much as what lies under it; the gradients on the input patches
+    keep each share on the patch it came from. Measured with the pointing game (bench/bench_pointing.py).
+    """
+    match = explain_match(model, image, ids, mask, baseline.tokens)
+    with torch.no_grad():
+        _, text_feature = model.encode_text(ids, mask, bmm=False)
+    direction = F.normalize(text_feature.float(), dim=1)[0]
+    if foils is not None:
+        direction = direction - foils.float().to(direction.device)
+    match.image = integrated_gradients(model, image, direction, baseline.inputs, steps)
+    match.image_method = ("integrated gradients over the input patches from the gallery's average picture, of the "
+                          "score " + ("less its mean over the same words in other colours" if foils is not None
+                                      else "for the description"))
+    return match
 
 
 @torch.no_grad()

@@ -175,3 +175,53 @@ def test_pointing_rules_count_patch_centres_and_patch_overlaps():
     heat = torch.zeros(4, 2)
     heat[1, 1] = 1.0  # the peak on the patch with one pixel of the part
     assert peak_hits(heat, parts, 5) == {"centre": (False, 0.125), "overlap": (True, 0.25)}
+
+
+def test_colour_foils_swap_each_colour_word_for_every_other_colour():
+    from engine.explanation import COLOURS, colour_foils
+
+    foils = colour_foils("A man in a Red coat and grey pants.")
+    assert len(foils) == 2 * (len(COLOURS) - 1)
+    assert "A man in a black coat and grey pants." in foils and "A man in a Red coat and black pants." in foils
+    assert not any("gray pants" in f for f in foils)  # grey is gray: never its own foil
+    assert colour_foils("a man with a backpack") == [] and colour_foils("redcoat") == []
+
+
+def test_the_page_explanation_splits_words_exactly_and_regions_by_integrated_gradients_against_foils(tmp_path):
+    from datasets.synthetic import make_synthetic
+    from engine.checkpoints import load_for_inference
+    from engine.encoding import tokenize
+    from engine.explanation import colour_foils, explain_with, gallery_baseline, pixels_of
+    from models.explain import GalleryBaseline
+
+    root = make_synthetic("cuhkpedes", tmp_path / "synth", num_ids=6, seed=0)
+    checkpoint = make_checkpoint(tmp_path / "mean.pth", root, seed=1, extra=["model.feature_pool=mean",
+                                                                             "eval.explain_steps=64"])
+    model, cfg, tokenizer, _ = load_for_inference(checkpoint, None, [], "cpu")
+    paths = sorted(str(p) for p in (root / "imgs").rglob("*.jpg"))
+    baseline = gallery_baseline(model, cfg, "cpu", paths)
+    assert isinstance(baseline, GalleryBaseline) and baseline.inputs.shape == baseline.tokens.shape
+    text = "a woman in a red coat"
+    why = explain_with(model, tokenizer, cfg, "cpu", text, paths[0], baseline)
+    gap = why.score - why.baseline_score
+    assert abs(why.text_total() - gap) < 1e-5  # the words: exact, against the gallery's average feature
+    assert "integrated gradients" in why.summary() and "other colours" in why.summary()
+    # the regions add up to the score along t - mean(foils), from the gallery's mean input to this image's
+    with torch.no_grad():
+        t = F.normalize(model.encode_text(*tokenize(tokenizer, [text], cfg.text.max_text_len, "cpu"), bmm=False)[1].float(), dim=1)[0]
+        foils = F.normalize(model.encode_text(*tokenize(tokenizer, colour_foils(text), cfg.text.max_text_len, "cpu"), bmm=False)[1]
+                            .float(), dim=1).mean(0)
+    image = pixels_of(cfg, [paths[0]], "cpu")
+
+    def along(entering=None) -> float:
+        hook = None if entering is None else model.encoder.blocks[0].register_forward_pre_hook(
+            lambda _m, args: (entering[None], *args[1:]))
+        try:
+            with torch.no_grad():
+                _, v = model.encode_image(image, bmm=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return float(F.normalize(v.float(), dim=1)[0] @ (t - foils))
+
+    assert why.image_total() == pytest.approx(along() - along(baseline.inputs), rel=0.03, abs=1e-4)
