@@ -136,12 +136,24 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int) -> dict:
             foils = [c for c in colours if c != words.split()[0]]
             told, maps = _one_query(model, tokenizer, cfg, path, part, words, foils, (baseline, text_mean), steps)
             row["colour_top1"].append(told)
+            for kind in ("contrastive", SERVED):  # how much of the picture the page draws strongly red
+                for drawing, weights in drawn(maps[kind]).items():
+                    row.setdefault(f"drawn|{kind}|{drawing}", []).append(weights)
             for kind, patch_map in maps.items():
                 for rule, (hit, chance) in peak_hits(patch_map, parts, code).items():
                     row.setdefault(f"{rule}|{kind}", []).append(hit)
                     if kind == "plain":  # the same for every heatmap
                         row.setdefault(f"{rule}|chance", []).append(chance)
     return {part: _summary(row) for part, row in sorted(tally.items())}
+
+
+def drawn(patch_map: torch.Tensor) -> dict[str, float]:
+    """The share of patches drawn red at more than half the strongest red: as the page drew maps before
+    (share / largest |share|) and now (utils.visualize.heat_weights, min-max among the raising regions)."""
+    from utils.visualize import heat_weights
+
+    before = patch_map / patch_map.abs().max().clamp(min=1e-12)
+    return {"before": float((before >= 0.5).float().mean()), "now": float((heat_weights(patch_map) >= 0.5).float().mean())}
 
 
 def _one_query(model, tokenizer, cfg, path: str, part: str, words: str, foils: list[str], baselines: tuple,
@@ -177,6 +189,10 @@ def _summary(row: dict[str, list]) -> dict:
     out: dict = {"queries": len(row["area"]), "area_share": float(np.mean(row["area"])),
                  "colour_top1": float(np.mean(row["colour_top1"])), "colour_chance": 1 / row["colours"][0]}
     for key, values in row.items():
+        if key.startswith("drawn|"):
+            _, kind, drawing = key.split("|")
+            out.setdefault("red_above_half", {}).setdefault(kind, {})[drawing] = float(np.mean(values))
+            continue
         if "|" not in key:
             continue
         rule, kind = key.split("|")
@@ -201,6 +217,13 @@ def table(results: dict) -> str:
             lines.append(f"| {part} | {row['queries']} | {100 * row['area_share']:.1f}% | "
                          f"{100 * row['colour_top1']:.1f}% ({100 * row['colour_chance']:.1f}%) | {rule} | "
                          f"{100 * entry['chance']:.1f}% | {rates} |")
+    drawings = list(next(iter(results.values()))["red_above_half"])
+    lines += ["", "| part | " + " | ".join(f"{k}: patches drawn above half red, before / now" for k in drawings) + " |",
+              "|---|" + "---|" * len(drawings)]
+    for part, row in results.items():
+        shares = row["red_above_half"]
+        lines.append(f"| {part} | " + " | ".join(f"{100 * shares[k]['before']:.1f}% / {100 * shares[k]['now']:.1f}%"
+                                                 for k in drawings) + " |")
     return "\n".join(lines)
 
 
