@@ -9,8 +9,8 @@ captions ("a person in a red coat"): ``--query`` gives it, or the first picture 
 is taken whose upper garment, described that way, brings back as #1 a person wearing that garment whose
 contrastive heatmap peaks on a patch overlapping it (bench_pointing's overlap rule). The record says which
 query, how it was chosen, and how many candidates were tried before it: a picture picked for showing a hit, not
-a rate (the pointing game gives the rate). serve.py is started as the browser test starts it; the page is
-photographed after a click on result #1.
+a rate (the pointing game gives the rate). serve.py is started as the browser test starts it; the panel (and,
+with ``--page-out``, the whole window) is photographed after a click on result #1.
 """
 from __future__ import annotations
 
@@ -71,8 +71,10 @@ def choose(checkpoint: str, data_root: Path, gallery: Path, split: str, query: s
                     "peak on it")
 
 
-def photograph(checkpoint: str, gallery: Path, text: str, out: Path, width: int, height: int) -> None:
-    """serve.py on ``gallery``; in headless Chromium: type ``text``, search, click #1, photograph the page."""
+def photograph(checkpoint: str, gallery: Path, text: str, out: Path, width: int, height: int,
+               page_out: Path | None = None) -> None:
+    """serve.py on ``gallery``; in headless Chromium (pixels doubled, for a sharp picture): type ``text``, search,
+    click #1, photograph the "why this person" panel to ``out`` and the whole window to ``page_out``."""
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -92,7 +94,7 @@ def photograph(checkpoint: str, gallery: Path, text: str, out: Path, width: int,
                            "--device", "cpu", "--top-k", "8"], block=False)
     options = webdriver.ChromeOptions()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={width},{height}", "--lang=en-US"):
+                f"--window-size={width},{height}", "--lang=en-US", "--force-device-scale-factor=2"):
         options.add_argument(arg)
     options.binary_location = binary
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
@@ -109,7 +111,9 @@ def photograph(checkpoint: str, gallery: Path, text: str, out: Path, width: int,
                                               "(i) => i.complete && i.naturalWidth > 0)"))
         time.sleep(1)  # let the panel's layout settle before the picture
         out.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(out))
+        browser.find_element(By.CSS_SELECTOR, "#why").screenshot(str(out))
+        if page_out is not None:
+            browser.save_screenshot(str(page_out))
     finally:
         browser.quit()
         app.close()
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-root", required=True, help="a classic synthetic set with part maps")
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--query", default=None, help="the description (default: chosen as the module doc says)")
-    parser.add_argument("--out", default="docs/serve_why.png")
+    parser.add_argument("--out", default="docs/serve_why.png", help="the panel's picture (PNG)")
+    parser.add_argument("--page-out", default=None, help="also the whole window's picture (PNG)")
     parser.add_argument("--record", default=None, help="JSON file: the query, how it was chosen, the machine")
     parser.add_argument("--size", default="1400,1000", help="the browser window, width,height")
     args = parser.parse_args(argv)
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.copy(path, gallery / Path(path).name)
         chosen = choose(args.checkpoint, root, gallery, args.split, args.query)
         width, height = (int(v) for v in args.size.split(","))
-        photograph(args.checkpoint, gallery, chosen["query"], Path(args.out), width, height)
+        photograph(args.checkpoint, gallery, chosen["query"], Path(args.out), width, height,
+                   Path(args.page_out) if args.page_out else None)
     from utils.environment import environment_record
 
     record = {"command": "python -m bench.screenshot_panel " + " ".join(argv if argv is not None else sys.argv[1:]),
