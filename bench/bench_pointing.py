@@ -153,7 +153,8 @@ def drawn(patch_map: torch.Tensor) -> dict[str, float]:
     from utils.visualize import heat_weights
 
     before = patch_map / patch_map.abs().max().clamp(min=1e-12)
-    return {"before": float((before >= 0.5).float().mean()), "now": float((heat_weights(patch_map) >= 0.5).float().mean())}
+    now = heat_weights(patch_map)
+    return {"before": float((before >= 0.5).float().mean()), "now": float((now >= 0.5).float().mean())}
 
 
 def _one_query(model, tokenizer, cfg, path: str, part: str, words: str, foils: list[str], baselines: tuple,

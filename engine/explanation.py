@@ -44,6 +44,7 @@ class Explanation:
     baseline_score: Optional[float] = None  # the baseline's score when contrastive (the shares add up to the gap)
     baseline: str = ""  # what the baseline is, for the page ("the gallery's average picture")
     image_method: str = ""  # how the image shares were found when not as the words' (models.explain)
+    foils: int = 0  # how many descriptions in other colours the image map was contrasted with (colour_foils)
 
     def image_total(self) -> float:
         """The image side's shares summed (equal to ``score`` when ``exact``)."""
@@ -161,6 +162,7 @@ def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, i
     was_training = model.training
     model.eval()
     try:
+        foils = []
         if isinstance(baseline, GalleryBaseline):
             foils = colour_foils(text)
             foil = None
@@ -177,4 +179,4 @@ def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, i
     words, special = _words(tokenizer, text, match.text, int(cfg.text.max_text_len))
     return Explanation(str(image_path), text, match.score, match.patch_map(), float(match.image[0]), words, special,
                        match.method, match.exact, match.baseline_score,
-                       baseline_name if match.baseline_score is not None else "", match.image_method)
+                       baseline_name if match.baseline_score is not None else "", match.image_method, len(foils))

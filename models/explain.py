@@ -102,8 +102,8 @@ class GalleryBaseline:
 
 
 def explain_against_gallery(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,
-                            mask: Optional[torch.Tensor], baseline: GalleryBaseline, foils: Optional[torch.Tensor] = None,
-                            steps: int = 16) -> MatchExplanation:
+                            mask: Optional[torch.Tensor], baseline: GalleryBaseline,
+                            foils: Optional[torch.Tensor] = None, steps: int = 16) -> MatchExplanation:
     """Why an image [1, 3, H, W] scores above a gallery's average for a caption (ids, mask [1, T]), for a
     mean-pooling model. Words and score: explain_match against ``baseline.tokens`` (exact). Image regions:
     integrated gradients over the input patches from the gallery's mean input (``baseline.inputs``), of the

@@ -208,8 +208,9 @@ def test_the_page_explanation_splits_words_exactly_and_regions_by_integrated_gra
     assert "integrated gradients" in why.summary() and "other colours" in why.summary()
     # the regions add up to the score along t - mean(foils), from the gallery's mean input to this image's
     with torch.no_grad():
-        t = F.normalize(model.encode_text(*tokenize(tokenizer, [text], cfg.text.max_text_len, "cpu"), bmm=False)[1].float(), dim=1)[0]
-        foils = F.normalize(model.encode_text(*tokenize(tokenizer, colour_foils(text), cfg.text.max_text_len, "cpu"), bmm=False)[1]
+        length = cfg.text.max_text_len
+        t = F.normalize(model.encode_text(*tokenize(tokenizer, [text], length, "cpu"), bmm=False)[1].float(), dim=1)[0]
+        foils = F.normalize(model.encode_text(*tokenize(tokenizer, colour_foils(text), length, "cpu"), bmm=False)[1]
                             .float(), dim=1).mean(0)
     image = pixels_of(cfg, [paths[0]], "cpu")
 
@@ -225,3 +226,10 @@ def test_the_page_explanation_splits_words_exactly_and_regions_by_integrated_gra
         return float(F.normalize(v.float(), dim=1)[0] @ (t - foils))
 
     assert why.image_total() == pytest.approx(along() - along(baseline.inputs), rel=0.03, abs=1e-4)
+    # the page says what the map answers: the named colours against other colours, or (no colour named) the words
+    from engine.webapp import why_html
+
+    assert why.foils == len(colour_foils(text)) == 10
+    assert "rather than the same words in other colours" in why_html(why, 1)
+    plain = explain_with(model, tokenizer, cfg, "cpu", "a woman with a backpack", paths[0], baseline)
+    assert plain.foils == 0 and "Red regions raise the score for the description above" in why_html(plain, 1)
