@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from models.explain import GalleryBaseline, baseline_tokens, entering_tokens, explain_against_gallery, explain_match
+from models.explain import GalleryBaseline, explain_against_gallery, explain_match, gallery_of
 
 # Words that carry no description of a person: never listed as a reason for a match, whatever their share.
 FUNCTION_WORDS = frozenset("""
@@ -139,8 +139,9 @@ def gallery_baseline(model: Any, cfg: Any, device: Any, paths: Sequence[str], li
         with torch.no_grad():
             for i in range(0, len(chosen), batch_size):
                 pixels = pixels_of(cfg, chosen[i:i + batch_size], device)
-                tokens.append(baseline_tokens(model, pixels) * pixels.shape[0])
-                inputs.append(entering_tokens(model, pixels).sum(0))
+                part = gallery_of(model, pixels)
+                tokens.append(part.tokens * pixels.shape[0])
+                inputs.append(part.inputs * pixels.shape[0])
     finally:
         model.train(was_training)
     return GalleryBaseline(torch.stack(tokens).sum(0) / len(chosen), torch.stack(inputs).sum(0) / len(chosen))

@@ -170,9 +170,22 @@ def integrated_gradients(model: torch.nn.Module, image: torch.Tensor, direction:
 def baseline_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The contrastive baseline of some images [B, 3, H, W]: the mean over them of each one's image tokens divided
     by the norm of its (mean-pooled) feature, [N, D] float32; its token mean is the mean of their unit features."""
-    tokens, _ = model.encode_image(images, bmm=False)
+    return gallery_of(model, images).tokens
+
+
+@torch.no_grad()
+def gallery_of(model: torch.nn.Module, images: torch.Tensor) -> GalleryBaseline:
+    """The GalleryBaseline of some images [B, 3, H, W] from one forward pass: their baseline_tokens and the mean
+    of the tokens entering the first block (entering_tokens), each [N, D] float32."""
+    seen: list[torch.Tensor] = []
+    handle = model.encoder.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        tokens, _ = model.encode_image(images, bmm=False)
+    finally:
+        handle.remove()
     tokens = tokens.float()
-    return (tokens / tokens.mean(1, keepdim=True).norm(dim=2, keepdim=True)).mean(0)
+    return GalleryBaseline((tokens / tokens.mean(1, keepdim=True).norm(dim=2, keepdim=True)).mean(0),
+                           seen[0].float().mean(0))
 
 
 def _gradient_x_input(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,
