@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from models.explain import baseline_tokens, explain_match
+from models.explain import GalleryBaseline, explain_against_gallery, explain_match, gallery_of
 
 # Words that carry no description of a person: never listed as a reason for a match, whatever their share.
 FUNCTION_WORDS = frozenset("""
@@ -20,6 +20,10 @@ is are was were be been being has have had having does do did wears wearing worn
 holding dressed who which while also too very just some any one he she they his her their its him them it
 person pedestrian people someone looks look appears seems walking standing
 """.split())
+
+# The eleven basic colour terms of English (Berlin & Kay): a description's colour words are swapped for each of the
+# others to make its foils (colour_foils); "grey" is read as "gray" and never a foil of it.
+COLOURS = ("black", "white", "red", "green", "yellow", "blue", "brown", "purple", "pink", "orange", "gray")
 
 
 @dataclass
@@ -39,6 +43,8 @@ class Explanation:
     exact: bool
     baseline_score: Optional[float] = None  # the baseline's score when contrastive (the shares add up to the gap)
     baseline: str = ""  # what the baseline is, for the page ("the gallery's average picture")
+    image_method: str = ""  # how the image shares were found when not as the words' (models.explain)
+    foils: int = 0  # how many descriptions in other colours the image map was contrasted with (colour_foils)
 
     def image_total(self) -> float:
         """The image side's shares summed (equal to ``score`` when ``exact``)."""
@@ -62,9 +68,27 @@ class Explanation:
         if self.baseline_score is not None:
             what = (f"score {self.score:.3f} against {self.baseline_score:.3f} for {self.baseline}: the gap "
                     f"{self.score - self.baseline_score:+.3f}")
+        text = (f"words {sum(s for _, s in self.words):+.3f} and [CLS]/[SEP] {self.special_share:+.3f}. Words that "
+                f"match most: {words}")
+        if self.image_method:
+            return (f"{what}, split {how} over the words: {text}. Image regions {float(self.patch_map.sum()):+.3f} "
+                    f"and the image's CLS token {self.cls_share:+.3f} by {self.image_method}")
         return (f"{what}, split {how}: image regions {float(self.patch_map.sum()):+.3f} and the "
-                f"image's CLS token {self.cls_share:+.3f}; words {sum(s for _, s in self.words):+.3f} and "
-                f"[CLS]/[SEP] {self.special_share:+.3f}. Words that match most: {words}")
+                f"image's CLS token {self.cls_share:+.3f}; {text}")
+
+
+def colour_foils(text: str) -> list[str]:
+    """``text`` with each of its colour words (COLOURS) in turn replaced by each other colour: the descriptions it
+    is contrasted with ("a red coat" -> "a black coat", "a white coat", ...); [] without a colour word."""
+    import re
+
+    pieces = re.split(r"(\w+)", text)
+    foils = []
+    for i, piece in enumerate(pieces):
+        colour = "gray" if piece.lower() == "grey" else piece.lower()
+        if colour in COLOURS:
+            foils += ["".join(pieces[:i] + [other] + pieces[i + 1:]) for other in COLOURS if other != colour]
+    return foils
 
 
 def _words(tokenizer: Any, text: str, shares: torch.Tensor, max_text_len: int
@@ -87,7 +111,7 @@ def _words(tokenizer: Any, text: str, shares: torch.Tensor, max_text_len: int
     return [(text[start:end], share) for start, end, share in words.values()], special
 
 
-def _pixels(cfg: Any, paths: Sequence[str], device: Any) -> torch.Tensor:
+def pixels_of(cfg: Any, paths: Sequence[str], device: Any) -> torch.Tensor:
     """The images at ``paths`` as the gallery saw them: [B, 3, H, W] (the test transform)."""
     from datasets.pixels import open_image
     from datasets.transforms import build_test_transform
@@ -101,39 +125,59 @@ def _pixels(cfg: Any, paths: Sequence[str], device: Any) -> torch.Tensor:
 
 
 def gallery_baseline(model: Any, cfg: Any, device: Any, paths: Sequence[str], limit: int = 128,
-                     batch_size: int = 32) -> Optional[torch.Tensor]:
-    """The contrastive baseline of a gallery (models.explain.baseline_tokens over at most ``limit`` of its images,
-    spread evenly): [N, D], or None for a model whose explanations are not contrastive (CLS pooling)."""
+                     batch_size: int = 32) -> Optional[GalleryBaseline]:
+    """The contrastive baseline of a gallery (models.explain.GalleryBaseline over at most ``limit`` of its images,
+    spread evenly), or None for a model whose explanations are not contrastive (CLS pooling)."""
     if model.config.feature_pool != "mean" or not paths:
         return None
     step = max(1, len(paths) // limit)
     chosen = list(paths)[::step][:limit]
     was_training = model.training
     model.eval()
+    tokens, inputs = [], []
     try:
-        parts = [baseline_tokens(model, _pixels(cfg, chosen[i:i + batch_size], device)) * len(chosen[i:i + batch_size])
-                 for i in range(0, len(chosen), batch_size)]
+        with torch.no_grad():
+            for i in range(0, len(chosen), batch_size):
+                pixels = pixels_of(cfg, chosen[i:i + batch_size], device)
+                part = gallery_of(model, pixels)
+                tokens.append(part.tokens * pixels.shape[0])
+                inputs.append(part.inputs * pixels.shape[0])
     finally:
         model.train(was_training)
-    return torch.stack(parts).sum(0) / len(chosen)
+    return GalleryBaseline(torch.stack(tokens).sum(0) / len(chosen), torch.stack(inputs).sum(0) / len(chosen))
 
 
 def explain_with(model: Any, tokenizer: Any, cfg: Any, device: Any, text: str, image_path: str,
-                 baseline: Optional[torch.Tensor] = None, baseline_name: str = "the gallery's average picture"
+                 baseline: Optional[Any] = None, baseline_name: str = "the gallery's average picture"
                  ) -> Explanation:
     """The explanation of ``image_path``'s score for ``text`` (float32, no autocast, the test transform); with
-    ``baseline`` (gallery_baseline, or one image feature [D]) why it scores above that baseline."""
+    ``baseline`` why it scores above that baseline: a GalleryBaseline (gallery_baseline: the image regions by
+    integrated gradients against ``text``'s colour foils, models.explain.explain_against_gallery), or one image
+    feature [D] or token map [N, D] (models.explain.explain_match)."""
+    import torch.nn.functional as F
+
     from engine.encoding import tokenize
 
-    pixels = _pixels(cfg, [image_path], device)
+    pixels = pixels_of(cfg, [image_path], device)
     ids, mask = tokenize(tokenizer, [text], cfg.text.max_text_len, device)
     was_training = model.training
     model.eval()
     try:
-        match = explain_match(model, pixels, ids, mask, baseline)
+        foils = []
+        if isinstance(baseline, GalleryBaseline):
+            foils = colour_foils(text)
+            foil = None
+            if foils:
+                with torch.no_grad():
+                    _, features = model.encode_text(*tokenize(tokenizer, foils, cfg.text.max_text_len, device),
+                                                    bmm=False)
+                foil = F.normalize(features.float(), dim=1).mean(0)
+            match = explain_against_gallery(model, pixels, ids, mask, baseline, foil, int(cfg.eval.explain_steps))
+        else:
+            match = explain_match(model, pixels, ids, mask, baseline)
     finally:
         model.train(was_training)
     words, special = _words(tokenizer, text, match.text, int(cfg.text.max_text_len))
     return Explanation(str(image_path), text, match.score, match.patch_map(), float(match.image[0]), words, special,
                        match.method, match.exact, match.baseline_score,
-                       baseline_name if match.baseline_score is not None else "")
+                       baseline_name if match.baseline_score is not None else "", match.image_method, len(foils))

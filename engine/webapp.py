@@ -133,10 +133,15 @@ def why_html(explanation: Any, rank: int) -> str:
         f'{"230,30,30" if share >= 0 else "30,90,230"},{0.75 * abs(share) / scale:.2f})">{esc(word)}</span>'
         for word, share in explanation.words)
     against = (f" above {explanation.baseline}" if explanation.baseline_score is not None else "")
+    regions = (f"Red regions are where this picture fits the description's colours, rather than the same words "
+               f"in other colours, better than {explanation.baseline} does, the deepest red the most; blue ones "
+               f"where it fits them worse." if getattr(explanation, "foils", 0) else
+               f"Red regions raise the score for the description{against}, the deepest red the most; blue ones "
+               f"lower it.")
     return (f"<h3>Why #{rank} matches</h3><div><img src=\"{plain}\" alt=\"result #{rank}\">"
             f"<img src=\"{heat}\" alt=\"heatmap of result #{rank}\"></div>"
-            f"<p>Red regions raise the score for the description{against}, blue ones lower it; words are shaded "
-            f"the same way.</p><p class=\"ivt-words\">{words}</p><p>{esc(explanation.summary())}.</p>")
+            f"<p>{regions} Words are shaded by their share.</p><p class=\"ivt-words\">{words}</p>"
+            f"<p>{esc(explanation.summary())}.</p>")
 
 
 def caption(hit: Any) -> str:

@@ -41,6 +41,7 @@ class MatchExplanation:
     method: str
     exact: bool
     baseline_score: Optional[float] = None  # <t, b> / |t| when contrastive: the shares add up to score - this
+    image_method: str = ""  # how the image shares were found when not by ``method`` (explain_against_gallery)
 
     def patch_map(self) -> torch.Tensor:
         """The patch tokens' shares as a [rows, cols] map (the CLS token's share left out)."""
@@ -91,13 +92,100 @@ def explain_match(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor
                             against)
 
 
+@dataclass
+class GalleryBaseline:
+    """What some images (a gallery) look like on average, to explain a match against: tokens [N, D] (baseline_tokens:
+    each image's output tokens over its feature's norm, averaged) and inputs [N, D] (entering_tokens, averaged)."""
+
+    tokens: torch.Tensor
+    inputs: torch.Tensor
+
+
+def explain_against_gallery(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,
+                            mask: Optional[torch.Tensor], baseline: GalleryBaseline,
+                            foils: Optional[torch.Tensor] = None, steps: int = 16) -> MatchExplanation:
+    """Why an image [1, 3, H, W] scores above a gallery's average for a caption (ids, mask [1, T]), for a
+    mean-pooling model. Words and score: explain_match against ``baseline.tokens`` (exact). Image regions:
+    integrated gradients over the input patches from the gallery's mean input (``baseline.inputs``), of the
+    score along the caption's unit feature t, or, with ``foils`` [D] (the mean unit feature of the same caption
+    with its colour words changed), along t - foils: why this person fits these colours better than the others.
+
+    The output tokens that explain_match splits over have been mixed by attention, so a patch's output token
+    reports what the whole picture shows as much as what lies under it; the gradients on the input patches
+    keep each share on the patch it came from. Measured with the pointing game (bench/bench_pointing.py).
+    """
+    match = explain_match(model, image, ids, mask, baseline.tokens)
+    with torch.no_grad():
+        _, text_feature = model.encode_text(ids, mask, bmm=False)
+    direction = F.normalize(text_feature.float(), dim=1)[0]
+    if foils is not None:
+        direction = direction - foils.float().to(direction.device)
+    match.image = integrated_gradients(model, image, direction, baseline.inputs, steps)
+    match.image_method = ("integrated gradients over the input patches from the gallery's average picture, of the "
+                          "score " + ("less its mean over the same words in other colours" if foils is not None
+                                      else "for the description"))
+    return match
+
+
+@torch.no_grad()
+def entering_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The image tokens entering the first transformer block (patch embeddings + positions; CLS first) of
+    images [B, 3, H, W]: [B, N, D] float32."""
+    seen: list[torch.Tensor] = []
+    handle = model.encoder.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        model.encode_image(images, bmm=False)
+    finally:
+        handle.remove()
+    return seen[0].float()
+
+
+def integrated_gradients(model: torch.nn.Module, image: torch.Tensor, direction: torch.Tensor,
+                         start: torch.Tensor, steps: int = 16) -> torch.Tensor:
+    """Integrated gradients (Sundararajan et al. 2017) of F(x) = <direction, v(x) / |v(x)|> over the image tokens
+    entering the first block, on the straight path from ``start`` [N, D] (e.g. the gallery's mean entering tokens)
+    to this image's [1, 3, H, W]: [N] shares, token i's the input difference x_i - start_i times the mean gradient
+    at ``steps`` midpoints of the path; they add up to F(x) - F(start) up to the Riemann sum's error. Each share
+    belongs to one input patch, not to an output token that attention has mixed with the others."""
+    x = entering_tokens(model, image)[0]  # [N, D]
+    start = start.float().to(x.device)
+    alphas = (torch.arange(steps, dtype=x.dtype, device=x.device) + 0.5) / steps  # [S]
+    path = (start + alphas[:, None, None] * (x - start)).requires_grad_(True)  # [S, N, D]
+
+    def replace(_module, args):
+        return (path.to(args[0].dtype), *args[1:])
+
+    handle = model.encoder.blocks[0].register_forward_pre_hook(replace)
+    try:
+        with torch.enable_grad():
+            _, feature = model.encode_image(image.expand(steps, -1, -1, -1), bmm=False)
+            (F.normalize(feature.float(), dim=1) @ direction.float().to(x.device)).sum().backward()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    return ((x - start) * path.grad.mean(0)).sum(-1).detach().cpu()
+
+
 @torch.no_grad()
 def baseline_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The contrastive baseline of some images [B, 3, H, W]: the mean over them of each one's image tokens divided
     by the norm of its (mean-pooled) feature, [N, D] float32; its token mean is the mean of their unit features."""
-    tokens, _ = model.encode_image(images, bmm=False)
+    return gallery_of(model, images).tokens
+
+
+@torch.no_grad()
+def gallery_of(model: torch.nn.Module, images: torch.Tensor) -> GalleryBaseline:
+    """The GalleryBaseline of some images [B, 3, H, W] from one forward pass: their baseline_tokens and the mean
+    of the tokens entering the first block (entering_tokens), each [N, D] float32."""
+    seen: list[torch.Tensor] = []
+    handle = model.encoder.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        tokens, _ = model.encode_image(images, bmm=False)
+    finally:
+        handle.remove()
     tokens = tokens.float()
-    return (tokens / tokens.mean(1, keepdim=True).norm(dim=2, keepdim=True)).mean(0)
+    return GalleryBaseline((tokens / tokens.mean(1, keepdim=True).norm(dim=2, keepdim=True)).mean(0),
+                           seen[0].float().mean(0))
 
 
 def _gradient_x_input(model: torch.nn.Module, image: torch.Tensor, ids: torch.Tensor,

@@ -130,3 +130,106 @@ def test_function_words_are_never_reasons():
              ("red", -0.2)]
     found = Explanation("x.jpg", "", 0.5, torch.zeros(2, 2), 0.0, words, 0.0, "m", True)
     assert found.top_words(3) == ["blue", "coat", "man"]
+
+
+def test_integrated_gradients_add_up_to_the_score_gap_between_the_start_and_the_image():
+    from models.explain import entering_tokens, integrated_gradients
+
+    model, _ = _model("mean", 3)
+    image, ids, mask = _inputs(5)
+    others = torch.randn(4, 3, 32, 16, generator=torch.Generator().manual_seed(7))
+    start = entering_tokens(model, others).mean(0)  # [N, D]
+    with torch.no_grad():
+        _, t = model.encode_text(ids, mask, bmm=False)
+    direction = F.normalize(t.float(), dim=1)[0]
+
+    def score_from(entering: torch.Tensor) -> float:
+        handle = model.encoder.blocks[0].register_forward_pre_hook(lambda _m, args: (entering[None], *args[1:]))
+        try:
+            with torch.no_grad():
+                _, v = model.encode_image(image, bmm=False)
+        finally:
+            handle.remove()
+        return float(F.normalize(v.float(), dim=1)[0] @ direction)
+
+    gap = score_from(entering_tokens(model, image)[0]) - score_from(start)
+    shares = integrated_gradients(model, image, direction, start, steps=64)
+    assert shares.shape == (1 + 4 * 2,) and abs(gap) > 1e-3
+    assert float(shares.double().sum()) == pytest.approx(gap, rel=0.02, abs=1e-4)
+    # from the image itself nothing moves: every share is 0
+    assert integrated_gradients(model, image, direction, entering_tokens(model, image)[0], steps=4).abs().max() < 1e-6
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pointing_rules_count_patch_centres_and_patch_overlaps():
+    import numpy as np
+
+    from bench.bench_pointing import cells, peak_hits
+
+    parts = np.zeros((16, 8), dtype=np.uint8)  # a 4 x 2 grid of 4 x 4-pixel patches
+    parts[13:15, 1:3] = 5  # shoes over the centre pixel (14, 2) of the bottom-left patch
+    parts[5, 7] = 5  # one pixel in patch (1, 1), not its centre (6, 6)
+    found = cells((4, 2), parts, 5)
+    assert found["centre"].tolist() == [[False, False], [False, False], [False, False], [True, False]]
+    assert found["overlap"].tolist() == [[False, False], [False, True], [False, False], [True, False]]
+    heat = torch.zeros(4, 2)
+    heat[1, 1] = 1.0  # the peak on the patch with one pixel of the part
+    assert peak_hits(heat, parts, 5) == {"centre": (False, 0.125), "overlap": (True, 0.25)}
+
+
+def test_colour_foils_swap_each_colour_word_for_every_other_colour():
+    from engine.explanation import COLOURS, colour_foils
+
+    foils = colour_foils("A man in a Red coat and grey pants.")
+    assert len(foils) == 2 * (len(COLOURS) - 1)
+    assert "A man in a black coat and grey pants." in foils and "A man in a Red coat and black pants." in foils
+    assert not any("gray pants" in f for f in foils)  # grey is gray: never its own foil
+    assert colour_foils("a man with a backpack") == [] and colour_foils("redcoat") == []
+
+
+def test_the_page_explanation_splits_words_exactly_and_regions_by_integrated_gradients_against_foils(tmp_path):
+    from datasets.synthetic import make_synthetic
+    from engine.checkpoints import load_for_inference
+    from engine.encoding import tokenize
+    from engine.explanation import colour_foils, explain_with, gallery_baseline, pixels_of
+    from models.explain import GalleryBaseline
+
+    root = make_synthetic("cuhkpedes", tmp_path / "synth", num_ids=6, seed=0)
+    checkpoint = make_checkpoint(tmp_path / "mean.pth", root, seed=1, extra=["model.feature_pool=mean",
+                                                                             "eval.explain_steps=64"])
+    model, cfg, tokenizer, _ = load_for_inference(checkpoint, None, [], "cpu")
+    paths = sorted(str(p) for p in (root / "imgs").rglob("*.jpg"))
+    baseline = gallery_baseline(model, cfg, "cpu", paths)
+    assert isinstance(baseline, GalleryBaseline) and baseline.inputs.shape == baseline.tokens.shape
+    text = "a woman in a red coat"
+    why = explain_with(model, tokenizer, cfg, "cpu", text, paths[0], baseline)
+    gap = why.score - why.baseline_score
+    assert abs(why.text_total() - gap) < 1e-5  # the words: exact, against the gallery's average feature
+    assert "integrated gradients" in why.summary() and "other colours" in why.summary()
+    # the regions add up to the score along t - mean(foils), from the gallery's mean input to this image's
+    with torch.no_grad():
+        length = cfg.text.max_text_len
+        t = F.normalize(model.encode_text(*tokenize(tokenizer, [text], length, "cpu"), bmm=False)[1].float(), dim=1)[0]
+        foils = F.normalize(model.encode_text(*tokenize(tokenizer, colour_foils(text), length, "cpu"), bmm=False)[1]
+                            .float(), dim=1).mean(0)
+    image = pixels_of(cfg, [paths[0]], "cpu")
+
+    def along(entering=None) -> float:
+        hook = None if entering is None else model.encoder.blocks[0].register_forward_pre_hook(
+            lambda _m, args: (entering[None], *args[1:]))
+        try:
+            with torch.no_grad():
+                _, v = model.encode_image(image, bmm=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return float(F.normalize(v.float(), dim=1)[0] @ (t - foils))
+
+    assert why.image_total() == pytest.approx(along() - along(baseline.inputs), rel=0.03, abs=1e-4)
+    # the page says what the map answers: the named colours against other colours, or (no colour named) the words
+    from engine.webapp import why_html
+
+    assert why.foils == len(colour_foils(text)) == 10
+    assert "rather than the same words in other colours" in why_html(why, 1)
+    plain = explain_with(model, tokenizer, cfg, "cpu", "a woman with a backpack", paths[0], baseline)
+    assert plain.foils == 0 and "Red regions raise the score for the description above" in why_html(plain, 1)

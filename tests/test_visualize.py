@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -93,3 +94,33 @@ def test_heat_overlay_marks_raising_regions_red_and_lowering_ones_blue(tmp_path)
     plain = Image.open(contact_sheet([path], [0.5], "q", tmp_path / "plain.png"))
     explained = Image.open(contact_sheet([path], [0.5], "q", tmp_path / "why.png", [why]))
     assert explained.height > plain.height + 200
+
+
+def test_heat_overlay_shows_where_most_comes_from_when_every_region_raises_the_score():
+    """The demo model's contrastive maps raise the score everywhere (each patch 64-100% of the largest share):
+    drawn by |share| / max, the whole picture turns red. Min-max among the raising regions, a coat named in the
+    query (rows 2-3 of an 8 x 4 map, the largest shares) stands out and most of the picture stays unmarked."""
+    from utils.visualize import heat_overlay, heat_weights
+
+    shares = torch.full((8, 4), 0.64)
+    shares[1], shares[4:] = 0.70, torch.tensor([0.72, 0.75, 0.68, 0.66])  # the rest: 64-75% of the largest
+    shares[2:4, 1:3] = torch.tensor([[1.0, 0.97], [0.95, 0.92]])  # the coat
+    weights = heat_weights(shares)
+    assert float(weights.min()) == 0.0 and float(weights.max()) == 1.0
+    assert weights[1, 0] == pytest.approx(0.06 / 0.36) and weights[2, 1] == 1.0
+    grey = Image.new("RGB", (64, 128), (128, 128, 128))
+    shown = np.asarray(heat_overlay(grey, shares)).astype(float)
+    redness = shown[..., 0] - shown[..., 2]  # [H, W]; 0 on unmarked grey
+    strong = redness >= redness.max() / 2
+    assert strong.mean() < 0.2  # the coat's patches are 4 / 32 = 12.5% of the picture, blurred a little
+    assert strong[32:64, 16:48].mean() > 0.6  # the pixels of the coat's patches
+    assert redness[:16].max() < redness.max() / 4  # the head row, 64% like most: almost unmarked
+
+
+def test_heat_weights_draw_lowering_regions_by_their_size_against_the_largest_share():
+    from utils.visualize import heat_weights
+
+    weights = heat_weights(torch.tensor([[2.0, 1.0], [-0.5, -2.0]]))
+    assert weights.tolist() == [[1.0, 0.0], [-0.25, -1.0]]
+    assert torch.equal(heat_weights(torch.tensor([[0.3, 0.3]])), torch.ones(1, 2))  # one value: all of it
+    assert torch.equal(heat_weights(torch.zeros(2, 2)), torch.zeros(2, 2))

@@ -61,7 +61,7 @@ CHOICES = {
 
 # Sizes and counts that must be at least this much (a zero batch, chunk or save interval has no meaning).
 MINIMUM = {
-    "train.epochs": 1, "train.batch_size_per_gpu": 1, "train.grad_accum_steps": 1, "train.log_every_steps": 1,
+    "train.epochs": 1, "eval.explain_steps": 1, "train.batch_size_per_gpu": 1, "train.grad_accum_steps": 1, "train.log_every_steps": 1,
     "train.eval_every_epochs": 1, "train.save_every_epochs": 1, "train.max_steps_per_epoch": 0,
     "train.warmup_epochs": 0, "train.dist_timeout_minutes": 1, "train.stall_warning_seconds": 0,
     "train.stall_stop_seconds": 0,

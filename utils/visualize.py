@@ -67,17 +67,36 @@ LOWERS_COLOUR = (30, 90, 230)      # and regions that lower it
 HEAT_ALPHA = 0.65                  # opacity of the strongest region
 
 
-def heat_overlay(image: Image.Image, patch_map: torch.Tensor, alpha: float = HEAT_ALPHA) -> Image.Image:
-    """``image`` (RGB) with a patch map [rows, cols] of score shares drawn over it: red where a region raises the
-    score, blue where it lowers it, more opaque for larger shares (the largest |share| at ``alpha``).
-
-    The model sees the image stretched to its input size, so the grid is stretched over the whole image.
-    """
+def heat_weights(patch_map: torch.Tensor) -> torch.Tensor:
+    """How strongly each patch of a map [rows, cols] of score shares is drawn: [rows, cols] in [-1, 1], positive
+    red, negative blue. The regions that raise the score are min-max normalised among themselves (the one that
+    raises it most 1, the one that raises it least 0): a map whose every patch raises the score by 64-100% of the
+    largest share shows where the most comes from instead of a uniform red. The regions that lower it are drawn
+    by |share| / the largest |share| of either sign, so a faint negative stays faint."""
     heat = patch_map.detach().float().cpu()
     scale = float(heat.abs().max()) if heat.numel() else 0.0
     if scale == 0.0:
+        return torch.zeros_like(heat)
+    weights = torch.where(heat < 0, heat / scale, torch.zeros_like(heat))
+    raising = heat > 0
+    if raising.any():
+        low, high = float(heat[raising].min()), float(heat[raising].max())
+        span = (heat - low) / (high - low) if high > low else torch.ones_like(heat)
+        weights = torch.where(raising, span, weights)
+    return weights
+
+
+def heat_overlay(image: Image.Image, patch_map: torch.Tensor, alpha: float = HEAT_ALPHA) -> Image.Image:
+    """``image`` (RGB) with a patch map [rows, cols] of score shares drawn over it (heat_weights): red where a
+    region raises the score, deepest where it raises it most, blue where it lowers it (the strongest at
+    ``alpha``).
+
+    The model sees the image stretched to its input size, so the grid is stretched over the whole image.
+    """
+    weights = heat_weights(patch_map)
+    if not weights.abs().any():
         return image.convert("RGB")
-    grid = torch.nn.functional.interpolate((heat / scale)[None, None], size=(image.height, image.width),
+    grid = torch.nn.functional.interpolate(weights[None, None], size=(image.height, image.width),
                                            mode="bilinear", align_corners=False)[0, 0]
     base = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))  # [H, W, 3]
     colour = torch.where(grid[..., None] >= 0, torch.tensor(RAISES_COLOUR, dtype=torch.float32),
@@ -251,8 +270,8 @@ def write_examples_index(out_path: str | Path, title: str, summary: Sequence[tup
     return out_path
 
 
-HEAT_LEGEND = ("under each image, why it matches: red regions raise its score for the text, blue ones lower it "
-               "({method})")
+HEAT_LEGEND = ("under each image, why it matches: red regions raise its score for the text (the deepest red the "
+               "most), blue ones lower it ({method})")
 
 
 def contact_sheet(paths: Sequence[str | Path], scores: Sequence[float], title: str, out_path: str | Path,
