@@ -244,9 +244,9 @@ def rescore(gallery: Gallery, queries: torch.Tensor, candidates: np.ndarray, k: 
     """Exact cosine of each query [Q, D] with its candidate rows [Q, C] (-1: none), the best ``k`` of them."""
     valid = candidates >= 0
     flat = np.unique(candidates[valid])
-    rows = torch.from_numpy(_gallery_rows(gallery, flat))  # [U, D]
+    rows = as_float32(gallery.rows(flat))  # [U, D]
     position = np.searchsorted(flat, np.where(valid, candidates, flat[0] if len(flat) else 0))
-    scores = torch.einsum("qd,qcd->qc", queries, rows[torch.from_numpy(position)])
+    scores = (queries @ rows.t()).gather(1, torch.from_numpy(position))  # [Q, U] -> [Q, C]
     scores = scores.masked_fill(~torch.from_numpy(valid), float("-inf"))
     top_scores, order = torch.topk(scores, min(k, scores.shape[1]), dim=1)
     return top_scores, torch.from_numpy(candidates).gather(1, order)
