@@ -105,7 +105,11 @@ def build_ann(gallery: Gallery, settings: SearchSettings) -> dict:
         rows = np.sort(rng.choice(count, sample, replace=False)) if sample < count else np.arange(count)
         faiss.seed = settings.seed
         _set_training_seed(index, faiss, settings.seed)
+        on_gpus = _cluster_on_gpus(index, faiss)  # held until training ends: faiss keeps no reference of its own
         index.train(_gallery_rows(gallery, rows))
+        if on_gpus is not None:
+            faiss.extract_index_ivf(index).clustering_index = None
+            del on_gpus
     for start in range(0, count, ADD_CHUNK_ROWS):
         index.add(_gallery_rows(gallery, np.arange(start, min(count, start + ADD_CHUNK_ROWS))))
     return _write_ann(gallery, index, {"factory": factory, "rule": rule, "trained_on": sample})
@@ -168,6 +172,22 @@ def _set_training_seed(index: Any, faiss: Any, seed: int) -> None:
         ivf.cp.seed = seed
     except RuntimeError:  # not an IVF index
         pass
+
+
+def _cluster_on_gpus(index: Any, faiss: Any) -> Any:
+    """With faiss's GPU build and a GPU, the k-means of IVF lists runs there (as autofaiss does): the one step of a
+    build whose cost grows with lists x sample. Fast-scan codes have no GPU kernel, so search stays on the CPU."""
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if gpus < 1 or not hasattr(faiss, "index_cpu_to_all_gpus"):
+        return None
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # no lists to cluster
+        return None
+    on_gpus = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    ivf.clustering_index = on_gpus
+    logger.info("k-means of the %d IVF lists on %d GPU(s)", ivf.nlist, gpus)
+    return on_gpus
 
 
 def open_ann(gallery: Gallery) -> Any:

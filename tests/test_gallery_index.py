@@ -424,3 +424,23 @@ def test_rows_read_with_pread_equal_the_memory_map(tmp_path):
         handle.truncate(gallery.arrays[0].offset + 100 * 96)  # float32 rows of 24: 96 bytes
     with pytest.raises(GalleryError, match="read 0 of 96 bytes at row 2999"):
         gi.read_rows(gallery.arrays[0], np.array([5, 2999]))
+
+
+def test_ivf_lists_are_clustered_on_gpus_when_faiss_has_them(tmp_path, monkeypatch):
+    """No GPU here: faiss's GPU calls are replaced by CPU stand-ins that record being used."""
+    faiss = pytest.importorskip("faiss", reason="faiss is optional (pip install -r requirements-search.txt)")
+    from engine.gallery_search import build_ann, open_ann
+
+    used = []
+
+    def to_gpus(index):
+        used.append(index.d)
+        return index  # the CPU index itself: the build must go on exactly as on a GPU
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    gallery, feats, queries = gallery_of(tmp_path, 10_000, 32)
+    build_ann(gallery, SearchSettings(faiss_factory="IVF16,PQ16x4fs"))
+    assert used == [32] and open_ann(open_gallery(gallery.folder)).ntotal == 10_000
+    build_ann(gallery, SearchSettings(faiss_factory="PQ16x4fs"))  # no lists: nothing to cluster on a GPU
+    assert used == [32]
