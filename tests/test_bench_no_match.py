@@ -1,0 +1,56 @@
+"""bench/bench_no_match.py: which attributes a synthetic caption names, which absent-person queries are about
+nobody, and the per-subset rates (hand-made identities and scores)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench.bench_no_match import about_nobody, measure, named_attributes, rates_of
+from datasets.synthetic.identities import Identity
+
+ANNA = Identity(gender="woman", hair_length="long", hair_colour="brown", skin=0, upper_type="coat",
+                upper_colour="blue", pattern="plain", lower_type="skirt", lower_colour="red", shoes_colour="black",
+                bag="backpack", bag_colour="green", hat_colour=None, glasses=False, umbrella_colour=None)
+
+
+def test_named_attributes_reads_what_the_caption_says():
+    named = named_attributes("A woman wears a blue overcoat and a red short skirt. She has a green backpack on "
+                             "her back.", ANNA)
+    assert named == {"gender": "woman", "upper": ("coat", "blue"), "lower": ("skirt", "red"),
+                     "bag": ("backpack", "green")}
+    # a garment word of another type, or a colour on another garment, names nothing
+    assert named_attributes("The person has on a blue jacket, black shoes.", ANNA) == {"shoes": "black"}
+    assert named_attributes("The person is walking", ANNA) == {}
+    assert named_attributes("this lady with long brown hair", ANNA) == {"gender": "woman",
+                                                                        "hair": ("long", "brown")}
+
+
+def test_about_nobody_needs_every_named_attribute_of_someone_else():
+    twin_coat = replace(ANNA, lower_colour="gray")  # the same blue coat, other skirt
+    man = replace(ANNA, gender="man", upper_colour="orange")
+    people = {1: ANNA, 2: twin_coat, 3: man}
+    captions = ["A woman in a blue coat", "A woman in a blue coat and a red skirt", "The person is walking",
+                "A woman in a blue coat"]
+    # queries 1-3 are person 1's: person 2 shares the coat, not the skirt, and everyone fits "the person is
+    # walking"; query 4 is person 2's, whose coat person 1 wears too
+    nobody = about_nobody(captions, [1, 1, 1, 2], [1, 1, 2, 3], people)
+    assert nobody.tolist() == [False, True, False, False]
+    assert about_nobody(["A woman in a blue coat"], [2], [2, 3], people).tolist() == [True]  # person 1 gone
+
+
+def test_rates_split_absent_queries_by_whether_they_fit_someone():
+    # 4 queries, each the only query of its person; gallery: one image per person
+    texts = torch.eye(4)
+    images = torch.eye(4)
+    measured = measure(["a b"] * 4, texts, images, torch.arange(4), torch.arange(4))
+    assert measured["right"].tolist() == [True] * 4 and measured["words"].tolist() == [2] * 4
+    # absent: each query's best left is 0 (orthogonal); flagged below 0.5, all four
+    thresholds = {"cosine": {"words": [0.0, 0.0], "values": [0.5, 0.5]}}
+    nobody = torch.tensor([True, True, False, False])
+    rates = rates_of(measured, thresholds, nobody)
+    assert rates["right_top1_flagged"] == 0.0 and rates["absent_not_flagged"] == 0.0
+    assert rates["absent_queries_about_nobody"] == 2 and rates["absent_not_flagged_fits_someone"] == 0.0
+    assert measured["absent_gap@2"].tolist() == pytest.approx([0.0] * 4)
+    assert measured["present_gap@2"].tolist() == pytest.approx([1.0] * 4)
