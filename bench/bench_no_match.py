@@ -216,6 +216,28 @@ def encode_split(model, cfg, tokenizer, records, people, batch_size: int) -> dic
     return out
 
 
+def add_linear_combination(measured: dict[str, dict], names: Sequence[str]) -> None:
+    """Adds statistic "lda" to every measured dict: Fisher's linear discriminant of ``names`` between val's right
+    best answers (present) and val's absent queries (about nobody when known), fitted on val for short and whole
+    captions apart. A ceiling on what any linear rule of these statistics can do, not a carried rule."""
+    for kind in ("short", "full"):
+        val = measured["val"][kind]
+        nobody = val["about_nobody"] if val["about_nobody"] is not None else torch.ones_like(val["right"])
+
+        def features(m: dict, where: str) -> torch.Tensor:
+            return torch.stack([m[f"{where}_{n}"].float() for n in names], dim=1)  # [Q, S]
+
+        right, absent = features(val, "present")[val["right"]], features(val, "absent")[val["has_positive"] & nobody]
+        centre, scale = right.mean(dim=0), right.std(dim=0).clamp(min=1e-6)
+        right, absent = (right - centre) / scale, (absent - centre) / scale
+        within = torch.cov(right.t()) + torch.cov(absent.t()) + 1e-3 * torch.eye(len(names))
+        weights = torch.linalg.solve(within, right.mean(dim=0) - absent.mean(dim=0))
+        for split in measured:
+            m = measured[split][kind]
+            for where in ("present", "absent"):
+                m[f"{where}_lda"] = ((features(m, where) - centre) / scale) @ weights
+
+
 def compare(measured: dict[str, dict], quantile: float, limit: float) -> dict:
     """Every rule calibrated on val and applied to val and test; the chosen one: among those flagging at most
     ``limit`` % of val's right answers (short and whole), the fewest val absent queries left unflagged (about
@@ -223,8 +245,9 @@ def compare(measured: dict[str, dict], quantile: float, limit: float) -> dict:
     from engine.calibration import no_match_thresholds
 
     singles = [k.removeprefix("present_") for k in measured["val"]["short"] if k.startswith("present_")]
+    add_linear_combination(measured, singles)
     table = {}
-    for rule in rules_tried(singles):
+    for rule in rules_tried(singles) + [("lda",)]:
         thresholds = no_match_thresholds(measured["val"]["short"], measured["val"]["full"], quantile, "",
                                          statistics=rule)
         table["+".join(rule)] = {"thresholds": thresholds, **{

@@ -179,3 +179,27 @@ def test_a_carried_gap_rule_flags_with_its_own_rank():
     assert no and stats["gap"] == pytest.approx(0.05) and limits["gap"] == pytest.approx(0.1)
     no, stats, _ = is_no_match(scores, {**rule, "gap_rank": 4}, 5)  # 0.9 - 0.2 = 0.7
     assert not no and stats["gap"] == pytest.approx(0.7)
+
+
+def test_calibration_records_the_gap_rank_it_measured_with_and_a_carried_one_wins():
+    from types import SimpleNamespace
+
+    from engine.calibration import calibrate_no_match
+
+    # two persons, two images each; each query (a one-hot feature) meets its own two images at 1.0 and 0.6
+    images = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
+    gallery_pids = torch.tensor([0, 0, 1, 1])
+    texts, query_pids = torch.eye(2), torch.tensor([0, 1])
+    ev = SimpleNamespace(no_match_quantile=0.0, no_match_rule="gap", no_match_gap_rank=2)
+    found = calibrate_no_match(lambda t: texts, ["a b c", "d e f"], texts, images, query_pids, gallery_pids, 8, ev,
+                               None)
+    # present: best 1.0, second 0.8 (the other person's image): gap 0.2 for both queries
+    assert found["gap_rank"] == 2 and found["thresholds"]["gap"]["values"] == pytest.approx([0.2, 0.2])
+    ev.no_match_gap_rank = 4
+    # rank 4: 1.0 minus the lowest score, 0.0 (query 0 against image 2)
+    assert calibrate_no_match(lambda t: texts, ["a b c", "d e f"], texts, images, query_pids, gallery_pids, 8, ev,
+                              None)["thresholds"]["gap"]["values"] == pytest.approx([1.0, 1.0])
+    carried = {k: found[k] for k in ("rule", "thresholds", "quantile", "calibrated_on", "gap_rank")}
+    again = calibrate_no_match(lambda t: texts, ["a b c", "d e f"], texts, images, query_pids, gallery_pids, 8, ev,
+                               carried)
+    assert again["gap_rank"] == 2 and again["thresholds"] == found["thresholds"]
