@@ -2,10 +2,8 @@
 
 - "No good match": a query's best image is flagged when it does not stand out from the rest of the gallery.
   Statistic ``cosine``: the best cosine itself; ``zscore``: the best score's distance from the mean of the
-  query's scores over the gallery, in standard deviations; ``gap``: the best score minus the score ranked
-  ``eval.no_match_gap_rank`` (a rank past the few pictures one person has in a gallery: when the described person
-  is there, their pictures lead the rest by a margin). A rule (``eval.no_match_rule``) names one statistic or
-  several joined by "+" ("both" is "cosine+zscore"), and flags a query when any of them is low. A threshold
+  query's scores over the gallery, in standard deviations (whether the best image stands out). Rule ``cosine``
+  (``eval.no_match_rule``) tests the first, ``zscore`` the second, ``both`` flags when either is low. A threshold
   is the quantile of its statistic over the split's queries whose best image is the right person
   (``eval.no_match_quantile``, shared evenly by the rule's statistics), measured twice: on what people type (the
   first clause of each caption, "a man in a green shirt") and on the whole annotator's captions; a query's
@@ -29,15 +27,10 @@ import torch
 
 from utils.metrics import apply_rerank, retrieval_metrics
 
-STATISTICS = ("zscore", "cosine", "gap")
-# A rule's statistics; "both" is the name older checkpoints carry for cosine+zscore.
-RULE_STATISTICS = {"both": ("cosine", "zscore"), **{name: (name,) for name in STATISTICS},
-                   "cosine+gap": ("cosine", "gap"), "cosine+zscore": ("cosine", "zscore")}
-NO_MATCH_RULES = tuple(RULE_STATISTICS)
+STATISTICS = ("zscore", "cosine")
+NO_MATCH_RULES = ("both", *STATISTICS)
 # A clause ends at punctuation or where a caption goes on with a new sentence part ("... shirt, and red shorts").
 _CLAUSE_END = re.compile(r"[,.;:!?]")
-# What a checkpoint carries of a rule (engine.evaluation.calibration_record); gap_rank is absent from older ones.
-RULE_RECORD = ("rule", "thresholds", "quantile", "calibrated_on", "gap_rank")
 
 
 def first_clause(caption: str, min_words: int = 3) -> str:
@@ -51,40 +44,21 @@ def first_clause(caption: str, min_words: int = 3) -> str:
     return text.rstrip(",.;:!? ")
 
 
-_CLAUSE_SPLIT = re.compile(r"[,.;:!?]|\band\b|\bwith\b")
-
-
-def clauses(text: str, min_words: int = 2) -> list[str]:
-    """The parts of a description, each of which the right person must fit: split at punctuation and at "and" /
-    "with", parts of fewer than ``min_words`` words dropped; the whole text when nothing is left."""
-    parts = [p.strip() for p in _CLAUSE_SPLIT.split(text)]
-    kept = [p for p in parts if len(p.split()) >= min_words]
-    return kept or [text.strip() or text]
-
-
-def match_statistic(scores: torch.Tensor, keep: torch.Tensor | None = None, rule: str = "zscore",
-                    gap_rank: int = 8) -> torch.Tensor:
+def match_statistic(scores: torch.Tensor, keep: torch.Tensor | None = None, rule: str = "zscore") -> torch.Tensor:
     """The "how clearly does the best image stand out" statistic [q] of scores [q, G] (cosines).
 
     keep: [q, G] bool, the gallery entries each query is ranked against (None: all). zscore: (best - mean) / std
     over the kept entries (std with Bessel's correction; 0 when fewer than two entries are kept); cosine: the
-    best kept score; gap: the best kept score minus the ``gap_rank``-th best (1-based; the lowest kept one when
-    fewer are kept, so 0 with a single entry).
+    best kept score.
     """
     if rule not in STATISTICS:
         raise ValueError(f"rule must be one of {STATISTICS}, got {rule!r}")
-    if gap_rank < 2:
-        raise ValueError(f"gap_rank must be at least 2 (the best minus a lower-ranked score), got {gap_rank}")
     scores = scores.float()
     if keep is None:
         keep = torch.ones_like(scores, dtype=torch.bool)
     best = scores.masked_fill(~keep, float("-inf")).amax(dim=1)
     if rule == "cosine":
         return best
-    if rule == "gap":
-        top = scores.masked_fill(~keep, float("-inf")).topk(min(gap_rank, scores.shape[1]), dim=1).values
-        last = (keep.sum(dim=1).clamp(min=1, max=top.shape[1]) - 1)[:, None]  # the gap_rank-th, or the lowest kept
-        return best - top.gather(1, last)[:, 0]
     count = keep.sum(dim=1).clamp(min=1)
     mean = scores.masked_fill(~keep, 0.0).sum(dim=1) / count
     var = ((scores - mean[:, None]) ** 2).masked_fill(~keep, 0.0).sum(dim=1) / (count - 1).clamp(min=1)
@@ -93,7 +67,7 @@ def match_statistic(scores: torch.Tensor, keep: torch.Tensor | None = None, rule
 
 
 def no_match_measure(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
-                     gallery_pids: torch.Tensor, chunk_size: int, gap_rank: int = 8) -> dict[str, torch.Tensor]:
+                     gallery_pids: torch.Tensor, chunk_size: int) -> dict[str, torch.Tensor]:
     """Per query: each statistic (STATISTICS) over the whole gallery ("present_<name>"), whether the best image
     is the right person ("right"), each statistic with every image of the query's person removed
     ("absent_<name>") and whether the gallery held that person beside others ("has_positive").
@@ -108,18 +82,18 @@ def no_match_measure(text_feats: torch.Tensor, image_feats: torch.Tensor, query_
         found = {"right": same.gather(1, scores.argmax(dim=1, keepdim=True))[:, 0],
                  "has_positive": same.any(dim=1) & (~same).any(dim=1)}
         for name in STATISTICS:
-            found[f"present_{name}"] = match_statistic(scores, None, name, gap_rank)
-            found[f"absent_{name}"] = match_statistic(scores, ~same, name, gap_rank)
+            found[f"present_{name}"] = match_statistic(scores, None, name)
+            found[f"absent_{name}"] = match_statistic(scores, ~same, name)
         for key, value in found.items():
             parts.setdefault(key, []).append(value)
     return {k: torch.cat(v).cpu() for k, v in parts.items()}
 
 
 def rule_statistics(rule: str) -> tuple[str, ...]:
-    """The statistics a rule tests (a query is flagged when any of them is below its threshold)."""
-    if rule not in RULE_STATISTICS:
+    """The statistics a rule tests: "both" flags a query when either is below its threshold."""
+    if rule not in NO_MATCH_RULES:
         raise ValueError(f"the no-match rule must be one of {NO_MATCH_RULES}, got {rule!r}")
-    return RULE_STATISTICS[rule]
+    return STATISTICS if rule == "both" else (rule,)
 
 
 def word_count(text: str) -> int:
@@ -142,7 +116,7 @@ def no_match_thresholds(short: dict[str, torch.Tensor], full: dict[str, torch.Te
     """Each statistic's threshold: its quantile over the queries whose best image is right, at ``quantile`` split
     evenly between the rule's statistics (so that at most about ``quantile`` of them are flagged), measured on the
     short queries and on the whole captions, each at its median word count (see threshold_at). None without a
-    right answer in either set. ``statistics``: those to threshold instead of the rule's (any measured name)."""
+    right answer in either set. ``statistics``: any measured ones instead of the rule's (bench/bench_no_match.py)."""
     if not (bool(short["right"].any()) and bool(full["right"].any())):
         return None
     names = tuple(statistics) if statistics else rule_statistics(rule)
@@ -178,14 +152,13 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     """The "no good match" rule of ``eval`` (or the one ``carried`` with the model), measured on this split.
 
     encode(texts) -> [n, D] features of the short queries (the first clause of each of ``texts``). Returns
-    {"rule", "thresholds", "quantile", "calibrated_on", "gap_rank", "short_queries": rates, "full_captions": rates,
+    {"rule", "thresholds", "quantile", "calibrated_on", "short_queries": rates, "full_captions": rates,
     "every_rule": the rates each rule would have had, calibrated here}: rates on this split's first clauses
     and whole captions.
     """
-    gap_rank = int((carried or {}).get("gap_rank") or ev.no_match_gap_rank)
     shorts = [first_clause(t) for t in texts]
-    short = no_match_measure(encode(shorts), image_feats, query_pids, gallery_pids, chunk_size, gap_rank)
-    full = no_match_measure(text_feats, image_feats, query_pids, gallery_pids, chunk_size, gap_rank)
+    short = no_match_measure(encode(shorts), image_feats, query_pids, gallery_pids, chunk_size)
+    full = no_match_measure(text_feats, image_feats, query_pids, gallery_pids, chunk_size)
     short["words"] = torch.tensor([word_count(t) for t in shorts])
     full["words"] = torch.tensor([word_count(t) for t in texts])
     quantile = float(ev.no_match_quantile)
@@ -195,13 +168,11 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
         every[rule] = {"thresholds": thresholds, "short_queries": no_match_rates(short, thresholds),
                        "full_captions": no_match_rates(full, thresholds)}
     if carried:
-        record = {k: carried.get(k) for k in RULE_RECORD}
-        record["gap_rank"] = gap_rank
+        record = {k: carried.get(k) for k in ("rule", "thresholds", "quantile", "calibrated_on")}
     else:
         rule = str(ev.no_match_rule)
         record = {"rule": rule, "thresholds": every[rule]["thresholds"], "quantile": quantile,
-                  "calibrated_on": "this split: the first clause of each caption and the whole captions",
-                  "gap_rank": gap_rank}
+                  "calibrated_on": "this split: the first clause of each caption and the whole captions"}
     thresholds = record["thresholds"]
     return {**record, "short_queries": no_match_rates(short, thresholds),
             "full_captions": no_match_rates(full, thresholds), "every_rule": every}
@@ -211,9 +182,7 @@ def is_no_match(scores: torch.Tensor, rule: dict, words: int) -> tuple[bool, dic
     """(flagged, the statistics, their thresholds) of one query of ``words`` words, scores [G] over a gallery,
     under a carried rule record."""
     count = torch.tensor([words])
-    gap_rank = int(rule.get("gap_rank") or 8)
-    stats = {name: float(match_statistic(scores.reshape(1, -1), None, name, gap_rank)[0])
-             for name in rule["thresholds"]}
+    stats = {name: float(match_statistic(scores.reshape(1, -1), None, name)[0]) for name in rule["thresholds"]}
     limits = {name: float(threshold_at(entry, count)[0]) for name, entry in rule["thresholds"].items()}
     return any(stats[n] < limits[n] for n in stats), stats, limits
 

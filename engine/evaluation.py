@@ -33,8 +33,7 @@ from datasets.authors_text import authors_word_count
 from datasets.pixels import set_max_image_pixels
 from datasets.records import MissingImagesError, Record
 from datasets.transforms import build_test_transform
-from engine.calibration import (RULE_RECORD, blend_grid, calibrate_no_match, choose_blend_weight,
-                                itm_pair_accuracy)
+from engine.calibration import (blend_grid, calibrate_no_match, choose_blend_weight, itm_pair_accuracy)
 from engine.encoding import encode_images, encode_texts, rerank_scores
 from utils.checkpoint import atomic_write
 from utils.environment import environment_record
@@ -481,7 +480,7 @@ def calibration_record(results: dict, carried: dict | None) -> dict:
     split they were chosen on (the carried record unchanged when the evaluation applied one)."""
     if carried:
         return carried
-    rule = {k: results["no_match"][k] for k in RULE_RECORD}
+    rule = {k: results["no_match"][k] for k in ("rule", "thresholds", "quantile", "calibrated_on")}
     weight = results.get("rerank_blend", {}).get("weight")
     return {"split": results["split"], "no_match": rule, "rerank_blend_weight": weight}
 

@@ -262,9 +262,6 @@ class SearchPage:
                         f"deviations, less than {limits['zscore']:.2f}")
         if stats.get("cosine", float("inf")) < limits.get("cosine", float("-inf")):
             said.append(f"the best score, {stats['cosine']:.3f}, is below {limits['cosine']:.3f}")
-        if stats.get("gap", float("inf")) < limits.get("gap", float("-inf")):
-            said.append(f"the best score leads the image ranked {int(rule.get('gap_rank') or 8)} by {stats['gap']:.3f}, "
-                        f"less than {limits['gap']:.3f}")
         share = f"{1 - float(rule.get('quantile') or 0.05):.0%}"
         return (f"**No good match.** {'; '.join(said).capitalize()}: marks {share} of the right answers reach "
                 f"({rule['source']}). Nobody here looks much like the description; these are the closest images.")

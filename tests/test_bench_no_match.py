@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bench.bench_no_match import about_nobody, measure, named_attributes, rates_of
+from bench.bench_no_match import about_nobody, clauses, gap, measure, named_attributes, rates_of
 from datasets.synthetic.identities import Identity
 
 ANNA = Identity(gender="woman", hair_length="long", hair_colour="brown", skin=0, upper_type="coat",
@@ -54,3 +54,22 @@ def test_rates_split_absent_queries_by_whether_they_fit_someone():
     assert rates["absent_queries_about_nobody"] == 2 and rates["absent_not_flagged_fits_someone"] == 0.0
     assert measured["absent_gap@2"].tolist() == pytest.approx([0.0] * 4)
     assert measured["present_gap@2"].tolist() == pytest.approx([1.0] * 4)
+
+
+def test_gap_by_hand():
+    scores = torch.tensor([[0.9, 0.8, 0.5, 0.1], [0.3, 0.3, 0.3, 0.3]])
+    assert gap(scores, None, 2).tolist() == pytest.approx([0.1, 0.0])
+    assert gap(scores, None, 3).tolist() == pytest.approx([0.4, 0.0])
+    assert gap(scores, None, 8).tolist() == pytest.approx([0.8, 0.0])  # fewer than the rank: the lowest
+    keep = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    # row 0 keeps 0.8 and 0.5; row 1 keeps one score: no gap
+    assert gap(scores, keep, 2).tolist() == pytest.approx([0.3, 0.0])
+    assert gap(scores, keep, 16).tolist() == pytest.approx([0.3, 0.0])
+
+
+def test_clauses_are_the_parts_a_right_person_must_fit():
+    assert clauses("The person is walking, wearing a pink shirt, green shorts.") == \
+        ["The person is walking", "wearing a pink shirt", "green shorts"]
+    assert clauses("A man with long hair wears a blue coat and red shorts.") == \
+        ["A man", "long hair wears a blue coat", "red shorts"]
+    assert clauses("coat") == ["coat"]  # nothing of two words: the whole text

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.calibration import (blend_grid, blend_scores, choose_blend_weight, clauses, first_clause, flagged,
+from engine.calibration import (blend_grid, blend_scores, choose_blend_weight, first_clause, flagged,
                                 is_no_match, itm_pair_accuracy, match_statistic, no_match_measure, no_match_rates,
                                 no_match_thresholds, threshold_at)
 from models.losses import sample_hard_negatives
@@ -148,58 +148,3 @@ def test_the_itm_hardness_ramp():
     steady_cfg = cfg.replace(["loss.itm_negative_hardness_ramp_epochs=0"])
     steady = RetrievalObjective(build_model(steady_cfg), steady_cfg.loss)
     assert steady.hardness() == 0.8
-
-
-def test_gap_statistic_by_hand():
-    scores = torch.tensor([[0.9, 0.8, 0.5, 0.1], [0.3, 0.3, 0.3, 0.3]])
-    assert match_statistic(scores, rule="gap", gap_rank=2).tolist() == pytest.approx([0.1, 0.0])
-    assert match_statistic(scores, rule="gap", gap_rank=3).tolist() == pytest.approx([0.4, 0.0])
-    # fewer entries than the rank: the lowest kept one
-    assert match_statistic(scores, rule="gap", gap_rank=8).tolist() == pytest.approx([0.8, 0.0])
-    keep = torch.tensor([[False, True, True, False], [True, False, False, False]])
-    # row 0 keeps 0.8 and 0.5: 0.3 at any rank from 2; row 1 keeps one entry: no gap
-    assert match_statistic(scores, keep, "gap", 2).tolist() == pytest.approx([0.3, 0.0])
-    assert match_statistic(scores, keep, "gap", 16).tolist() == pytest.approx([0.3, 0.0])
-    with pytest.raises(ValueError, match="gap_rank"):
-        match_statistic(scores, rule="gap", gap_rank=1)
-
-
-def test_clauses_are_the_parts_a_right_person_must_fit():
-    assert clauses("The person is walking, wearing a pink shirt, green shorts.") == \
-        ["The person is walking", "wearing a pink shirt", "green shorts"]
-    assert clauses("A man with long hair wears a blue coat and red shorts.") == \
-        ["A man", "long hair wears a blue coat", "red shorts"]
-    assert clauses("coat") == ["coat"]  # nothing of two words: the whole text
-
-
-def test_a_carried_gap_rule_flags_with_its_own_rank():
-    scores = torch.tensor([0.9, 0.85, 0.8, 0.2, 0.1])
-    rule = {"rule": "gap", "gap_rank": 2, "thresholds": {"gap": {"words": [0.0, 0.0], "values": [0.1, 0.1]}}}
-    no, stats, limits = is_no_match(scores, rule, 5)  # 0.9 - 0.85 = 0.05 < 0.1
-    assert no and stats["gap"] == pytest.approx(0.05) and limits["gap"] == pytest.approx(0.1)
-    no, stats, _ = is_no_match(scores, {**rule, "gap_rank": 4}, 5)  # 0.9 - 0.2 = 0.7
-    assert not no and stats["gap"] == pytest.approx(0.7)
-
-
-def test_calibration_records_the_gap_rank_it_measured_with_and_a_carried_one_wins():
-    from types import SimpleNamespace
-
-    from engine.calibration import calibrate_no_match
-
-    # two persons, two images each; each query (a one-hot feature) meets its own two images at 1.0 and 0.6
-    images = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]])
-    gallery_pids = torch.tensor([0, 0, 1, 1])
-    texts, query_pids = torch.eye(2), torch.tensor([0, 1])
-    ev = SimpleNamespace(no_match_quantile=0.0, no_match_rule="gap", no_match_gap_rank=2)
-    found = calibrate_no_match(lambda t: texts, ["a b c", "d e f"], texts, images, query_pids, gallery_pids, 8, ev,
-                               None)
-    # present: best 1.0, second 0.8 (the other person's image): gap 0.2 for both queries
-    assert found["gap_rank"] == 2 and found["thresholds"]["gap"]["values"] == pytest.approx([0.2, 0.2])
-    ev.no_match_gap_rank = 4
-    # rank 4: 1.0 minus the lowest score, 0.0 (query 0 against image 2)
-    assert calibrate_no_match(lambda t: texts, ["a b c", "d e f"], texts, images, query_pids, gallery_pids, 8, ev,
-                              None)["thresholds"]["gap"]["values"] == pytest.approx([1.0, 1.0])
-    carried = {k: found[k] for k in ("rule", "thresholds", "quantile", "calibrated_on", "gap_rank")}
-    again = calibrate_no_match(lambda t: texts, ["a b c", "d e f"], texts, images, query_pids, gallery_pids, 8, ev,
-                               carried)
-    assert again["gap_rank"] == 2 and again["thresholds"] == found["thresholds"]

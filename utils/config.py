@@ -54,7 +54,7 @@ CHOICES = {
     "eval.selection_metric": ("R1", "mAP", "R1+mAP"),
     "eval.protocol": ("standard", "authors"),
     "eval.examples_pick": ("spread", "worst"),
-    "eval.no_match_rule": ("cosine", "zscore", "gap", "both", "cosine+gap", "cosine+zscore"),
+    "eval.no_match_rule": ("cosine", "zscore", "both"),
     "search.backend": ("auto", "exact", "faiss"),
     "search.feature_dtype": ("float32", "float16"),
 }
@@ -66,7 +66,7 @@ MINIMUM = {
     "train.warmup_epochs": 0, "train.dist_timeout_minutes": 1, "train.stall_warning_seconds": 0,
     "train.stall_stop_seconds": 0,
     "eval.batch_size": 1, "eval.chunk_size": 1, "eval.rerank_top_k": 0, "eval.rerank_batch_size": 1,
-    "eval.save_examples": 0, "eval.no_match_gap_rank": 2, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1,
+    "eval.save_examples": 0, "data.num_workers": 0, "data.max_image_pixels": 1, "data.synthetic_num_ids": 1,
     "data.eval_synthetic_num_ids": 1, "input.num_views": 1, "sampler.num_instances": 1, "text.max_text_len": 3,
     "text.mlm_max_masks": 0, "data.shards_shuffle_buffer": 1, "data.shards_epoch_samples": 0,
     "search.shard_images": 1, "search.exact_chunk_rows": 1, "search.faiss_min_images": 1,
