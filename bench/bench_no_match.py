@@ -24,6 +24,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -234,6 +235,8 @@ def encode_split(model, cfg, tokenizer, records, people, batch_size: int) -> dic
                             lambda t: encode_texts(model, tokenizer, t, limit, batch_size, "cpu", False))
         out[kind]["about_nobody"] = (None if people is None else
                                      about_nobody(texts, sets.query_pids.tolist(), sets.gallery_pids.tolist(), people))
+        out[kind]["fields_named"] = None if people is None else dict(sorted(Counter(
+            f for t, pid in zip(texts, sets.query_pids.tolist()) for f in named_attributes(t, people[pid])).items()))
     return out
 
 
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
     counts = {split: {kind: {"queries": int(m["right"].numel()), "right": int(m["right"].sum()),
                              "absent": int(m["has_positive"].sum()),
                              "about_nobody": None if m["about_nobody"] is None else
-                             int((m["about_nobody"] & m["has_positive"]).sum())}
+                             int((m["about_nobody"] & m["has_positive"]).sum()), "fields_named": m["fields_named"]}
                       for kind, m in both.items()} for split, both in measured.items()}
     payload = {"bench": "no_match", "command": " ".join(["python -m bench.bench_no_match", *(argv or sys.argv[1:])]),
                "checkpoint": args.checkpoint, "quantile": args.quantile, "attributes_known": people is not None,
