@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantile", type=float, default=0.08, help="the share of right answers a rule flags")
     parser.add_argument("--limit", type=float, default=10.0, help="at most this %% of right answers flagged")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--root-key", default="data.root", choices=("data.root", "data.eval_root"),
+                        help="the config key --data-root sets (data.eval_root for a pretraining checkpoint)")
     parser.add_argument("--out", default=None, help="the JSON record (a .md table beside it)")
     args = parser.parse_args(argv)
     from bench.base import machine_record, report
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     began = time.time()
     with user_errors_as_one_line():
-        model, cfg, tokenizer, _ = load_for_inference(args.checkpoint, None, [f"data.root={args.data_root}"], "cpu")
+        model, cfg, tokenizer, _ = load_for_inference(args.checkpoint, None, [f"{args.root_key}={args.data_root}"], "cpu")
         from engine.data import load_eval_splits
         splits = load_eval_splits(cfg)
     people = synthetic_people(args.data_root)
