@@ -112,17 +112,18 @@ def threshold_at(entry: dict, words: torch.Tensor) -> torch.Tensor:
 
 
 def no_match_thresholds(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], quantile: float,
-                        rule: str) -> dict[str, dict] | None:
+                        rule: str, statistics: Sequence[str] | None = None) -> dict[str, dict] | None:
     """Each statistic's threshold: its quantile over the queries whose best image is right, at ``quantile`` split
     evenly between the rule's statistics (so that at most about ``quantile`` of them are flagged), measured on the
     short queries and on the whole captions, each at its median word count (see threshold_at). None without a
-    right answer in either set."""
+    right answer in either set. ``statistics``: any measured ones instead of the rule's (bench/bench_no_match.py)."""
     if not (bool(short["right"].any()) and bool(full["right"].any())):
         return None
-    share = quantile / len(rule_statistics(rule))
+    names = tuple(statistics) if statistics else rule_statistics(rule)
+    share = quantile / len(names)
     return {name: {"words": [float(short["words"].float().median()), float(full["words"].float().median())],
                    "values": [float(torch.quantile(m[f"present_{name}"][m["right"]], share)) for m in (short, full)]}
-            for name in rule_statistics(rule)}
+            for name in names}
 
 
 def flagged(measured: dict[str, torch.Tensor], thresholds: dict[str, dict], where: str) -> torch.Tensor:

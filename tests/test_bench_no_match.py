@@ -1,0 +1,94 @@
+"""bench/bench_no_match.py: which attributes a synthetic caption names, which absent-person queries are about
+nobody, and the per-subset rates (hand-made identities and scores)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench.bench_no_match import about_nobody, clauses, gap, measure, named_attributes, rates_of
+from datasets.synthetic.identities import Identity
+
+ANNA = Identity(gender="woman", hair_length="long", hair_colour="brown", skin=0, upper_type="coat",
+                upper_colour="blue", pattern="plain", lower_type="skirt", lower_colour="red", shoes_colour="black",
+                bag="backpack", bag_colour="green", hat_colour=None, glasses=False, umbrella_colour=None)
+
+
+def test_named_attributes_reads_what_the_caption_says():
+    named = named_attributes("A woman wears a blue overcoat and a red short skirt. She has a green backpack on "
+                             "her back.", ANNA)
+    assert named == {"gender": "woman", "upper": ("coat", "blue"), "lower": ("skirt", "red"),
+                     "bag": ("backpack", "green")}
+    # a garment word of another type, or a colour on another garment, names nothing
+    assert named_attributes("The person has on a blue jacket, black shoes.", ANNA) == {"shoes": "black"}
+    assert named_attributes("The person is walking", ANNA) == {}
+    assert named_attributes("this lady with long brown hair", ANNA) == {"gender": "woman",
+                                                                        "hair": ("long", "brown")}
+
+
+def test_about_nobody_needs_every_named_attribute_of_someone_else():
+    twin_coat = replace(ANNA, lower_colour="gray")  # the same blue coat, other skirt
+    man = replace(ANNA, gender="man", upper_colour="orange")
+    people = {1: ANNA, 2: twin_coat, 3: man}
+    captions = ["A woman in a blue coat", "A woman in a blue coat and a red skirt", "The person is walking",
+                "A woman in a blue coat"]
+    # queries 1-3 are person 1's: person 2 shares the coat, not the skirt, and everyone fits "the person is
+    # walking"; query 4 is person 2's, whose coat person 1 wears too
+    nobody = about_nobody(captions, [1, 1, 1, 2], [1, 1, 2, 3], people)
+    assert nobody.tolist() == [False, True, False, False]
+    assert about_nobody(["A woman in a blue coat"], [2], [2, 3], people).tolist() == [True]  # person 1 gone
+
+
+def test_rates_split_absent_queries_by_whether_they_fit_someone():
+    # 4 queries, each the only query of its person; gallery: one image per person
+    texts = torch.eye(4)
+    images = torch.eye(4)
+    measured = measure(["a b"] * 4, texts, images, torch.arange(4), torch.arange(4))
+    assert measured["right"].tolist() == [True] * 4 and measured["words"].tolist() == [2] * 4
+    # absent: each query's best left is 0 (orthogonal); flagged below 0.5, all four
+    thresholds = {"cosine": {"words": [0.0, 0.0], "values": [0.5, 0.5]}}
+    nobody = torch.tensor([True, True, False, False])
+    rates = rates_of(measured, thresholds, nobody)
+    assert rates["right_top1_flagged"] == 0.0 and rates["absent_not_flagged"] == 0.0
+    assert rates["absent_queries_about_nobody"] == 2 and rates["absent_not_flagged_fits_someone"] == 0.0
+    assert measured["absent_gap@2"].tolist() == pytest.approx([0.0] * 4)
+    assert measured["present_gap@2"].tolist() == pytest.approx([1.0] * 4)
+
+
+def test_gap_by_hand():
+    scores = torch.tensor([[0.9, 0.8, 0.5, 0.1], [0.3, 0.3, 0.3, 0.3]])
+    assert gap(scores, None, 2).tolist() == pytest.approx([0.1, 0.0])
+    assert gap(scores, None, 3).tolist() == pytest.approx([0.4, 0.0])
+    assert gap(scores, None, 8).tolist() == pytest.approx([0.8, 0.0])  # fewer than the rank: the lowest
+    keep = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    # row 0 keeps 0.8 and 0.5; row 1 keeps one score: no gap
+    assert gap(scores, keep, 2).tolist() == pytest.approx([0.3, 0.0])
+    assert gap(scores, keep, 16).tolist() == pytest.approx([0.3, 0.0])
+
+
+def test_clauses_are_the_parts_a_right_person_must_fit():
+    assert clauses("The person is walking, wearing a pink shirt, green shorts.") == \
+        ["The person is walking", "wearing a pink shirt", "green shorts"]
+    assert clauses("A man with long hair wears a blue coat and red shorts.") == \
+        ["A man", "long hair wears a blue coat", "red shorts"]
+    assert clauses("coat") == ["coat"]  # nothing of two words: the whole text
+
+
+def test_fitted_ends_flag_the_share_of_each_set_as_read_per_query():
+    from engine.calibration import threshold_at
+
+    from bench.bench_no_match import fit_ends
+
+    # short queries of 2, 4 and 6 words (median 4) scoring 0.3, 0.4, 0.35; whole captions of 12 words at 0.9;
+    # share 0: no right answer may fall below its threshold. The short set's minimum, 0.3 at 4 words, reads
+    # 0.3 + (6 - 4) / (12 - 4) * (0.9 - 0.3) = 0.45 at 6 words, above that query's 0.35: the short end moves down
+    # until v0 + 0.25 * (0.9 - v0) = 0.35, v0 = 1/6
+    short = {"present_cosine": torch.tensor([0.3, 0.4, 0.35]), "right": torch.tensor([True] * 3),
+             "words": torch.tensor([2, 4, 6])}
+    full = {"present_cosine": torch.tensor([0.9, 0.9]), "right": torch.tensor([True] * 2),
+            "words": torch.tensor([12, 12])}
+    entry = fit_ends(short, full, "cosine", 0.0)["cosine"]
+    assert entry["words"] == [4.0, 12.0] and entry["values"] == pytest.approx([1 / 6, 0.9], abs=1e-5)
+    for m in (short, full):
+        assert bool((m["present_cosine"] >= threshold_at(entry, m["words"]) - 1e-5).all())  # nobody right flagged
