@@ -8,9 +8,10 @@ and until the n x m / 2 bytes of codes fit B):
 1. n < ``search.faiss_min_images``: ``Flat`` (every inner product; equal to the exact backend).
 2. n <= ``search.scan_max_images``: ``PQ<m>x4fs``, every code scanned per query with faiss's SIMD fast-scan
    (48 bytes a vector at d=768), then the best ``search.rescore_candidates`` re-scored exactly (a query over 1M
-   codes at d=768: 5.3 ms with 1000 candidates on this project's 2-core CPU, docs/scale.md). No partition, so nothing is missed for lying in a list the query does not visit: a caption sits
-   farther from its person's images than they sit from each other (the modality gap), and an index partitioned or
-   linked on image features (IVF lists, HNSW graphs) must be searched far deeper than its defaults to find them.
+   codes at d=768: 5.3 ms with 1000 candidates on this project's 2-core CPU, docs/scale.md). No partition, so
+   nothing is missed for lying in a list the query does not visit: a caption sits farther from its person's images
+   than they sit from each other (the modality gap), and an index partitioned or linked on image features (IVF
+   lists, HNSW graphs) must be searched far deeper than its defaults to find them.
 3. otherwise ``IVF<L>_HNSW32,PQ<m>x4fs``: the same codes in L lists, ``search.nprobe`` of them scanned per query.
 
 L = 4 sqrt(n) rounded to a power of two, at most ``search.ivf_max_lists``; a coarse quantizer of 1024 lists
