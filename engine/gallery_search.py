@@ -84,7 +84,8 @@ def choose_factory(count: int, dim: int, settings: SearchSettings) -> tuple[str,
         return f"PQ{m}x4fs", f"<= search.scan_max_images={settings.scan_max_images}: every {m // 2}-byte code scanned"
     lists = ivf_lists(count, settings)
     quantizer = f"IVF{lists}_HNSW32" if lists >= 1024 else f"IVF{lists}"
-    return f"{quantizer},PQ{m}x4fs", f"> search.scan_max_images={settings.scan_max_images}: {m // 2}-byte codes in lists"
+    return (f"{quantizer},PQ{m}x4fs",
+            f"> search.scan_max_images={settings.scan_max_images}: {m // 2}-byte codes in lists")
 
 
 def _gallery_rows(gallery: Gallery, rows: np.ndarray) -> np.ndarray:
