@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Quiet re-measurement (trainings paused with SIGSTOP): faiss query phases at 1M and 10M x 768, exact at 1M,
-# the rescore sweep at 1M, and the web page's start on the 1M index.
+# The latency figures of docs/scale.md again, on stores and indexes bench/search_checks.sh built: faiss query phases
+# at 1M and 10M x 768, exact at 1M, the re-scoring sweep at 1M, the web page's start on the 1M index (~1 minute).
+# Run it with nothing else on the machine (the committed run paused the machine's trainings with SIGSTOP by hand).
+#   bash bench/search_quiet_checks.sh            # RESULTS defaults to bench/results/search_<date>_quiet
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=2
-R=bench/results/search_20261205_quiet; W=${WORK:-runs/bench_search_scale}
+R=${RESULTS:-bench/results/search_$(date +%Y%m%d)_quiet}; W=${WORK:-runs/bench_search_scale}
 mkdir -p $R
 { echo "commit $(git rev-parse HEAD)"; uptime; } > $R/load_before.txt
 for size in 1000000 10000000; do

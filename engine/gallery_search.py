@@ -89,7 +89,8 @@ def choose_factory(count: int, dim: int, settings: SearchSettings) -> tuple[str,
 
 
 def _gallery_rows(gallery: Gallery, rows: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(gallery.rows(rows), dtype=np.float32)
+    """Rows [n, D] as the float32 array faiss takes (torch's float16 conversion: see as_float32)."""
+    return as_float32(gallery.rows(rows)).numpy()
 
 
 def build_ann(gallery: Gallery, settings: SearchSettings) -> dict:
