@@ -41,6 +41,7 @@ class IVTConfig:
     grad_checkpointing: bool = False
     text_pad_multiple: int = 0  # > 1: texts run the blocks padded to a multiple of this after BMM (fewer shapes)
     feature_pool: str = "cls"  # the retrieval feature: cls (the CLS token's output, IVT) | mean (of the real tokens)
+    itm_residual: bool = False  # the ITM match logit adds the pair's cosine / temperature: the head learns a correction
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models.config import IVTConfig
 from models.encoder import UnifiedEncoder
@@ -102,7 +103,25 @@ class IVT(nn.Module):
         """
         cls = self.fuse(text_tokens, text_mask, image_tokens, image_mask)[:, 0]
         with torch.autocast(device_type=cls.device.type, enabled=False):
-            return self.itm_head(cls.float())
+            logits = self.itm_head(cls.float())
+            if self.config.itm_residual:
+                logits = logits + self.cosine_prior(text_tokens, text_mask, image_tokens, image_mask)
+            return logits
+
+    @torch.no_grad()
+    def cosine_prior(self, text_tokens: torch.Tensor, text_mask: Optional[torch.Tensor], image_tokens: torch.Tensor,
+                     image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B,2] float32: (0, cosine / temperature) of each pair's global features, no gradient.
+
+        With ``model.itm_residual`` the ITM head's logits are added to it: the head is trained, and scores, on top
+        of the ranking it re-ranks, so its capacity goes to the pairs the cosine orders wrong instead of to
+        re-learning what the features already tell (the cosine of a top-k list's near-duplicates differs little;
+        a head from a small fusion stack orders fewer of those pairs right than the cosine does).
+        """
+        text = F.normalize(self.global_feature(text_tokens, text_mask).float(), dim=-1)
+        image = F.normalize(self.global_feature(image_tokens, image_mask).float(), dim=-1)
+        match = (text * image).sum(dim=-1) / self.temperature.float()
+        return torch.stack([torch.zeros_like(match), match], dim=1)
 
     def mlm_logits(self, text_tokens: torch.Tensor, text_mask: Optional[torch.Tensor], image_tokens: torch.Tensor,
                    image_mask: Optional[torch.Tensor] = None, *, positions: torch.Tensor) -> torch.Tensor:
