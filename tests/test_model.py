@@ -68,6 +68,29 @@ def test_forward_backward_shapes_and_finite_gradients():
     assert image_tokens.shape[-1] == 32 and torch.isfinite(image_tokens).all()
 
 
+def test_residual_itm_adds_the_pairs_cosine_over_temperature_without_gradient():
+    plain, residual = tiny().eval(), tiny(itm_residual=True).eval()
+    residual.load_state_dict(plain.state_dict())
+    images, ids = torch.randn(4, 3, 64, 32), torch.randint(1, 50, (4, 7))
+    mask = torch.ones(4, 7, dtype=torch.long)
+    mask[2, 5:] = 0
+    image_tokens, image_feat = residual.encode_image(images, bmm=False)
+    text_tokens, text_feat = residual.encode_text(ids, mask, bmm=False)
+    head = plain.itm_logits(text_tokens, mask, image_tokens)
+    cosine = torch.nn.functional.cosine_similarity(text_feat, image_feat, dim=-1)
+    expected = head + torch.stack([torch.zeros(4), cosine / residual.temperature], dim=1)
+    torch.testing.assert_close(residual.itm_logits(text_tokens, mask, image_tokens), expected)
+    # A residual head that has learnt nothing (zero output) scores pairs in the cosine's own order.
+    torch.nn.init.zeros_(residual.itm_head.weight)
+    torch.nn.init.zeros_(residual.itm_head.bias)
+    pairs = residual.itm_logits(text_tokens[[0, 0, 0, 0]], mask[[0, 0, 0, 0]], image_tokens)
+    margin = pairs[:, 1] - pairs[:, 0]
+    assert margin.argsort().tolist() == (text_feat[0] @ torch.nn.functional.normalize(image_feat, dim=-1).t()
+                                         ).argsort().tolist()
+    # The cosine is a fixed prior: the ITM loss trains the head only, never the features through it.
+    assert not residual.cosine_prior(text_tokens, mask, image_tokens).requires_grad
+
+
 def test_attention_matches_a_brute_force_reference_with_key_padding():
     torch.manual_seed(1)
     attn = Attention(16, 4)
