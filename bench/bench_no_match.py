@@ -117,15 +117,6 @@ def synthetic_people(data_root: Path) -> dict | None:
     return {raw: who for _, raw, who in sample_identities(marker["format"], marker["num_ids"], marker["seed"])}
 
 
-def _statistics(scores: torch.Tensor, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Every score statistic tried, [Q] each, of scores [Q, G] over the ``keep`` [Q, G] entries."""
-    from engine.calibration import match_statistic
-
-    found = {name: match_statistic(scores, keep, name) for name in ("cosine", "zscore")}
-    found.update({f"gap@{k}": gap(scores, keep, k) for k in GAP_RANKS})
-    return found
-
-
 def gap(scores: torch.Tensor, keep: torch.Tensor | None, rank: int) -> torch.Tensor:
     """[Q]: the best kept score minus the ``rank``-th best (1-based; the lowest kept one when fewer are kept).
     scores, keep: [Q, G]. A rank past the few pictures one person has: when the described person is there, their
@@ -150,20 +141,19 @@ def clauses(text: str, min_words: int = 2) -> list[str]:
 
 def measure(texts: list[str], text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
             gallery_pids: torch.Tensor, itm=None, encode=None) -> dict[str, torch.Tensor]:
-    """engine.calibration.no_match_measure's dict for every statistic tried (present_<name>, absent_<name>,
-    right, has_positive, words); itm(texts, best gallery index [Q]) -> [Q] adds the ITM head's log-odds."""
-    from engine.calibration import word_count
+    """engine.calibration.no_match_measure's dict (right, has_positive and the product's statistics, present_<name>
+    and absent_<name>) with every other statistic tried (the gaps; itm(texts, best gallery index [Q]) -> [Q] adds
+    the ITM head's log-odds, encode the clause statistics), the words of each query and its unit text feature."""
+    from engine.calibration import no_match_measure, word_count
 
+    out = no_match_measure(text_feats, image_feats, query_pids, gallery_pids, chunk_size=max(1, len(texts)))
     q = torch.nn.functional.normalize(text_feats.float(), dim=1)
     g = torch.nn.functional.normalize(image_feats.float(), dim=1)
     scores = q @ g.t()  # [Q, G]
     same = gallery_pids[None, :] == query_pids[:, None]
-    out = {"right": same.gather(1, scores.argmax(dim=1, keepdim=True))[:, 0], "text_feats": q,
-           "has_positive": same.any(dim=1) & (~same).any(dim=1),
-           "words": torch.tensor([word_count(t) for t in texts])}
+    out.update({"text_feats": q, "words": torch.tensor([word_count(t) for t in texts])})
     for where, keep in (("present", None), ("absent", ~same)):
-        for name, value in _statistics(scores, keep).items():
-            out[f"{where}_{name}"] = value
+        out.update({f"{where}_gap@{k}": gap(scores, keep, k) for k in GAP_RANKS})
         best = (scores if keep is None else scores.masked_fill(~keep, float("-inf"))).argmax(dim=1)
         if itm is not None:
             out[f"{where}_itm"] = itm(texts, best)
@@ -329,6 +319,7 @@ def compare(measured: dict[str, dict], quantile: float, limit: float) -> dict:
     from engine.calibration import no_match_thresholds
 
     singles = [k.removeprefix("present_") for k in measured["val"]["short"] if k.startswith("present_")]
+    singles.sort(key=lambda name: name != "cosine")  # the served rule first, as the tables name its pairs
     add_expected_score(measured)
     singles.append("residual")
     add_linear_combination(measured, singles)
