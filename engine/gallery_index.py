@@ -175,8 +175,7 @@ class Gallery:
     @property
     def content_id(self) -> str:
         """Identifies the rows (the shards' checksums, in order): a faiss index covers exactly one content id."""
-        shards = self.manifest.get("shards", [])
-        return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
+        return shards_content_id(self.manifest.get("shards", []))
 
     @property
     def features(self) -> torch.Tensor:
@@ -300,6 +299,11 @@ def open_shard(folder: Path, name: str, count: int, dim: int) -> np.ndarray:
     if array.shape != (count, dim):
         raise GalleryError(f"{path}: shape {array.shape}, the manifest says {(count, dim)}")
     return array
+
+
+def shards_content_id(shards: Sequence[dict]) -> str:
+    """The content id (see Gallery.content_id) of these manifest shard entries, in order."""
+    return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
 
 
 def read_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -20,7 +20,6 @@ memory-mapped (faiss.IO_FLAG_MMAP).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.gallery_index import (ANN_FILE, Gallery, GalleryError, SearchSettings, sha256_file,
+from engine.gallery_index import (ANN_FILE, Gallery, GalleryError, SearchSettings, sha256_file, shards_content_id,
                                   write_manifest_update)
 
 logger = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ def extend_ann(gallery: Gallery, settings: SearchSettings) -> dict | None:
     covered = (entry or {}).get("covers_shards")
     if not entry or covered is None or covered > len(shards):
         return None
-    prefix = hashlib.sha256("".join(s["sha256"] for s in shards[:covered]).encode()).hexdigest()[:16]
+    prefix = shards_content_id(shards[:covered])
     old_rows = sum(s["count"] for s in shards[:covered])
     factory = choose_factory(len(gallery), gallery.dim, settings)[0]
     if prefix != entry["covers"] or old_rows != entry["count"] or factory != entry["factory"]:
