@@ -37,6 +37,7 @@ from engine.gallery_index import (ANN_FILE, Gallery, GalleryError, SearchSetting
 logger = logging.getLogger(__name__)
 
 ADD_CHUNK_ROWS = 65536  # vectors per faiss add call (bounds the float32 copy of a float16 store)
+RESCORE_QUERY_BLOCK = 64  # queries re-scored together (bounds the [block, distinct candidates] score matrix)
 
 
 def faiss_available() -> bool:
@@ -263,7 +264,14 @@ def set_search_depth(ann: Any, factory: str, candidates: int, settings: SearchSe
 
 def rescore(gallery: Gallery, queries: torch.Tensor, candidates: np.ndarray, k: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact cosine of each query [Q, D] with its candidate rows [Q, C] (-1: none), the best ``k`` of them."""
+    """Exact cosine of each query [Q, D] with its candidate rows [Q, C] (-1: none), the best ``k`` of them.
+
+    Queries go RESCORE_QUERY_BLOCK at a time: each block's candidates are read once and scored as one matrix
+    product [block, U] over their U distinct rows, which for all Q at once would grow as Q x Q x C."""
+    if len(queries) > RESCORE_QUERY_BLOCK:
+        parts = [rescore(gallery, queries[i:i + RESCORE_QUERY_BLOCK], candidates[i:i + RESCORE_QUERY_BLOCK], k)
+                 for i in range(0, len(queries), RESCORE_QUERY_BLOCK)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     valid = candidates >= 0
     flat = np.unique(candidates[valid])
     rows = as_float32(gallery.rows(flat))  # [U, D]

@@ -444,3 +444,22 @@ def test_ivf_lists_are_clustered_on_gpus_when_faiss_has_them(tmp_path, monkeypat
     assert used == [32] and open_ann(open_gallery(gallery.folder)).ntotal == 10_000
     build_ann(gallery, SearchSettings(faiss_factory="PQ16x4fs"))  # no lists: nothing to cluster on a GPU
     assert used == [32]
+
+
+def test_rescoring_in_query_blocks_gives_the_exact_top_k_of_each_querys_candidates(monkeypatch):
+    from engine import gallery_search
+    from engine.gallery_index import Gallery
+
+    torch.manual_seed(3)
+    features = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
+    gallery = Gallery.in_memory([f"{i}.jpg" for i in range(50)], features, "digest")
+    queries = torch.nn.functional.normalize(torch.randn(7, 8), dim=1)
+    candidates = np.random.default_rng(0).integers(0, 50, (7, 6))
+    candidates[2, 3:] = -1  # fewer candidates than the width
+    monkeypatch.setattr(gallery_search, "RESCORE_QUERY_BLOCK", 3)  # blocks of 3, 3 and 1 queries
+    scores, rows = gallery_search.rescore(gallery, queries, candidates, 2)
+    for q in range(7):  # brute force: each query's own candidates, scored one by one
+        mine = [int(c) for c in candidates[q] if c >= 0]
+        exact = sorted(((float(queries[q] @ features[c]), c) for c in mine), reverse=True)[:2]
+        assert rows[q].tolist() == [c for _, c in exact]
+        assert scores[q].tolist() == pytest.approx([s for s, _ in exact], abs=1e-6)
