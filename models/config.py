@@ -42,6 +42,7 @@ class IVTConfig:
     text_pad_multiple: int = 0  # > 1: texts run the blocks padded to a multiple of this after BMM (fewer shapes)
     feature_pool: str = "cls"  # the retrieval feature: cls (the CLS token's output, IVT) | mean (of the real tokens)
     itm_residual: bool = False  # the ITM match logit adds the pair's cosine / temperature: the head learns a correction
+    itm_pool: str = "cls"  # what the ITM head reads of the fused text: cls (the fused CLS token, the authors') | mean
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
@@ -51,9 +52,10 @@ class IVTConfig:
             raise ModelConfigError(f"model.fusion_layers must be >= 0, got {self.fusion_layers}")
         if self.text_pad_multiple < 0:
             raise ModelConfigError(f"model.text_pad_multiple must be >= 0, got {self.text_pad_multiple}")
-        if self.feature_pool not in FEATURE_POOLS:
-            raise ModelConfigError(f"model.feature_pool must be one of {' | '.join(FEATURE_POOLS)}, got "
-                                   f"{self.feature_pool!r}")
+        for key in ("feature_pool", "itm_pool"):
+            if getattr(self, key) not in FEATURE_POOLS:
+                raise ModelConfigError(f"model.{key} must be one of {' | '.join(FEATURE_POOLS)}, got "
+                                       f"{getattr(self, key)!r}")
         if self.embed_dim % self.num_heads:
             raise ModelConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
                                    f"{self.num_heads}")

@@ -62,6 +62,11 @@ class IVT(nn.Module):
         """
         if self.config.feature_pool == "cls":
             return tokens[:, 0]
+        return self._mean_of_real(tokens, mask)
+
+    @staticmethod
+    def _mean_of_real(tokens: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """tokens [B,N,D], mask [B,N] (nonzero = real token) or None -> mean of the real tokens [B,D]."""
         if mask is None:
             return tokens.mean(dim=1)
         weights = mask.to(tokens.dtype)[..., None]  # [B,N,1]
@@ -96,14 +101,18 @@ class IVT(nn.Module):
 
     def itm_logits(self, text_tokens: torch.Tensor, text_mask: Optional[torch.Tensor], image_tokens: torch.Tensor,
                    image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Image-text matching logits [B,2] float32 (index 1 = match) from the fused CLS token.
+        """Image-text matching logits [B,2] float32 (index 1 = match) from the fused text tokens.
 
-        The 2-way projection runs in float32 even inside autocast: in bf16 the logits of different pairs tie
-        often, and re-ranking sorts by them.
+        ``model.itm_pool`` cls reads the fused CLS token (the authors'); mean averages the fused real tokens, so
+        that a word's own cross-attention to the image ("blue" looking for blue) counts without first being
+        gathered into CLS by the few self-attention layers of a small fusion stack. The 2-way projection runs
+        in float32 even inside autocast: in bf16 the logits of different pairs tie often, and re-ranking sorts
+        by them.
         """
-        cls = self.fuse(text_tokens, text_mask, image_tokens, image_mask)[:, 0]
-        with torch.autocast(device_type=cls.device.type, enabled=False):
-            logits = self.itm_head(cls.float())
+        fused = self.fuse(text_tokens, text_mask, image_tokens, image_mask)
+        pooled = fused[:, 0] if self.config.itm_pool == "cls" else self._mean_of_real(fused, text_mask)
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            logits = self.itm_head(pooled.float())
             if self.config.itm_residual:
                 logits = logits + self.cosine_prior(text_tokens, text_mask, image_tokens, image_mask)
             return logits
