@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from models.config import IVTConfig
+from models.config import IVTConfig, ModelConfigError
 from models.encoder import Attention, UnifiedEncoder, grid_size
 from models.fusion import FusionStack
 from models.ivt import IVT, build_model
@@ -89,6 +89,24 @@ def test_residual_itm_adds_the_pairs_cosine_over_temperature_without_gradient():
                                          ).argsort().tolist()
     # The cosine is a fixed prior: the ITM loss trains the head only, never the features through it.
     assert not residual.cosine_prior(text_tokens, mask, image_tokens).requires_grad
+
+
+def test_mean_itm_pool_reads_the_mean_of_the_fused_real_text_tokens():
+    model = tiny(itm_pool="mean").eval()
+    images, ids = torch.randn(3, 3, 64, 32), torch.randint(1, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    image_tokens, _ = model.encode_image(images, bmm=False)
+    text_tokens, _ = model.encode_text(ids, mask, bmm=False)
+    fused = model.fuse(text_tokens, mask, image_tokens)
+    by_hand = torch.stack([fused[0].mean(0), fused[1, :4].mean(0), fused[2].mean(0)])
+    torch.testing.assert_close(model.itm_logits(text_tokens, mask, image_tokens), model.itm_head(by_hand))
+    # cls reads token 0 only: the two pools differ on the same weights.
+    cls = tiny().eval()
+    cls.load_state_dict(model.state_dict())
+    torch.testing.assert_close(cls.itm_logits(text_tokens, mask, image_tokens), cls.itm_head(fused[:, 0]))
+    with pytest.raises(ModelConfigError, match="model.itm_pool must be one of cls | mean, got 'max'"):
+        IVTConfig(**{**TINY, "itm_pool": "max"})
 
 
 def test_attention_matches_a_brute_force_reference_with_key_padding():
