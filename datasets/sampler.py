@@ -65,9 +65,11 @@ class IdentitySampler(_EpochBatches):
 
     Per epoch each identity's records are shuffled (identities with fewer than K are drawn with replacement
     up to K), cut into chunks of K (a remainder below K is dropped), and batches take P chunks of distinct
-    identities at random until fewer than P identities have chunks left. Consecutive batches are grouped by
-    ``world_size``; rank r takes the r-th batch of each full group, so the global step sees P x K x world_size
-    records and every rank has the same number of batches.
+    identities until fewer than P identities have chunks left: P at random, or, after ``set_neighbours``, one
+    identity at random and the P - 1 nearest to it that still have chunks (a batch of look-alikes, whose
+    negatives are as hard as the top of a ranking: the graph sampling of Liao & Shao, CVPR 2022). Consecutive
+    batches are grouped by ``world_size``; rank r takes the r-th batch of each full group, so the global step
+    sees P x K x world_size records and every rank has the same number of batches.
     """
 
     def __init__(
@@ -90,18 +92,51 @@ class IdentitySampler(_EpochBatches):
         groups: dict[int, list[int]] = defaultdict(list)
         for index, pid in enumerate(pids):
             groups[int(pid)].append(index)
-        self._groups = [groups[pid] for pid in sorted(groups)]
+        self.identity_pids = sorted(groups)  # identity i of ``set_neighbours`` is the i-th smallest pid
+        self._groups = [groups[pid] for pid in self.identity_pids]
         if len(self._groups) < self.pids_per_batch:
             raise ValueError(
                 f"IdentitySampler: a batch needs {self.pids_per_batch} distinct identities "
                 f"(batch {batch_size} / K {num_instances}) but the data has only {len(self._groups)}"
             )
+        self._neighbours: np.ndarray | None = None
         self._cache: tuple[int, list[list[int]]] | None = None
         if self.num_batches() == 0:
             raise ValueError(
                 f"IdentitySampler: {len(pids)} records give no full group of {world_size} batch(es) "
                 f"of {batch_size}; lower train.batch_size_per_gpu or the number of processes"
             )
+
+    @property
+    def neighbours(self) -> np.ndarray | None:
+        return self._neighbours
+
+    def set_neighbours(self, neighbours: np.ndarray | None) -> None:
+        """neighbours [num identities, M] int: each identity's others, nearest first (see ``identity_pids``);
+        None: random batches. Takes effect from the next epoch's batches (the current epoch's are kept)."""
+        if neighbours is not None:
+            neighbours = np.asarray(neighbours)
+            if neighbours.ndim != 2 or neighbours.shape[0] != len(self._groups):
+                raise ValueError(f"IdentitySampler: neighbours must have one row per identity "
+                                 f"({len(self._groups)}), got shape {list(neighbours.shape)}")
+        self._neighbours = neighbours
+        self._cache = None
+
+    def _draw(self, rng: random.Random, available: list[int], chunks: list[list[list[int]]]) -> list[int]:
+        """The identities of the next batch (P distinct ones, each with a chunk left)."""
+        if self._neighbours is None:
+            return [available[j] for j in rng.sample(range(len(available)), self.pids_per_batch)]
+        anchor = available[rng.randrange(len(available))]
+        chosen = [anchor]
+        for other in self._neighbours[anchor].tolist():
+            if len(chosen) == self.pids_per_batch:
+                break
+            if chunks[other] and other not in chosen:
+                chosen.append(other)
+        if len(chosen) < self.pids_per_batch:  # the listed neighbours ran out: the rest at random
+            taken = set(chosen)
+            chosen += rng.sample([i for i in available if i not in taken], self.pids_per_batch - len(chosen))
+        return chosen
 
     def _global_batches(self) -> list[list[int]]:
         """All batches of the epoch (before sharding), cached for the current epoch."""
@@ -118,15 +153,17 @@ class IdentitySampler(_EpochBatches):
                 rng.shuffle(pool)
             chunks.append([pool[i : i + k] for i in range(0, len(pool) - len(pool) % k, k)])
         available = list(range(len(chunks)))
+        slot = {identity: j for j, identity in enumerate(available)}
         batches = []
         while len(available) >= self.pids_per_batch:
-            picks = rng.sample(range(len(available)), self.pids_per_batch)
-            batches.append([index for j in picks for index in chunks[available[j]].pop()])
+            picked = self._draw(rng, available, chunks)
+            batches.append([index for identity in picked for index in chunks[identity].pop()])
             # Swap-remove exhausted identities, highest slot first, so lower slots keep their meaning.
-            for j in sorted(picks, reverse=True):
-                if not chunks[available[j]]:
-                    available[j] = available[-1]
-                    available.pop()
+            for j in sorted((slot[i] for i in picked if not chunks[i]), reverse=True):
+                moved = available[-1]
+                available[j] = moved
+                slot[moved] = j
+                available.pop()
         self._cache = (self.epoch, batches)
         return batches
 

@@ -32,6 +32,7 @@ from engine.checkpoints import (TrainState, carry_best_over, check_finite_weight
                                 save_checkpoint)
 from engine.data import build_run_tokenizer, load_data, run_caption_words, save_run_tokenizer
 from engine.evaluation import evaluate_split, selection_score
+from engine.identity_neighbours import identity_neighbours
 from models.ivt import build_model
 from models.objectives import RetrievalObjective
 from utils import distributed as du
@@ -89,6 +90,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     writer: MetricsWriter | None = None
     caption_words: list[str] | None = None  # the training captions' words, saved in checkpoints (rank 0 only)
+    neighbours_epoch: int = -1  # the epoch the sampler's identity neighbours were computed for (-1: none)
     plan: TaskPlan = field(init=False)  # what the task means: records, evaluation, batches; resolved once
 
     def __post_init__(self) -> None:
@@ -300,6 +302,10 @@ def restore_training(run: Run, obj: dict, path: Path | None) -> None:
     run.state = carry_best_over(TrainState.from_checkpoint(obj), path, run.output_dir)
     if hasattr(run.sampler, "check_resume"):
         run.sampler.check_resume(obj.get("shard_stream"))
+    saved = obj.get("identity_neighbours")
+    if saved is not None and saved["epoch"] == run.state.epoch and run.cfg.sampler.neighbour_batches:
+        run.sampler.set_neighbours(saved["lists"].numpy())
+        run.neighbours_epoch = run.state.epoch
     dropped = run.writer.keep_until(run.state.global_step)
     if dropped:
         logger.info("metrics.jsonl: dropped %d records after step %d, which this run redoes", dropped,
@@ -480,6 +486,10 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
     """The optimizer steps of ``run.state.epoch`` from ``step_in_epoch`` on; True when stopped inside it."""
     cfg, state = run.cfg, run.state
     epoch, accum = state.epoch, cfg.train.grad_accum_steps
+    if run.plan.identity_batches and cfg.sampler.neighbour_batches and run.neighbours_epoch != epoch:
+        run.sampler.set_neighbours(identity_neighbours(run.model, run.train_records, run.sampler.identity_pids,
+                                                       run.tokenizer, cfg, run.device, run.sampler.pids_per_batch))
+        run.neighbours_epoch = epoch
     set_train_epoch(run.sampler, run.dataset, epoch, state.step_in_epoch * accum)
     steps = steps_in_epoch(run)
     run.objective.train()
@@ -657,6 +667,8 @@ def save(run: Run, names: Sequence[str]) -> None:
                            run.caption_words)
     if hasattr(run.sampler, "position_record"):  # shards: which corpus the epoch position refers to
         obj["shard_stream"] = run.sampler.position_record()
+    if getattr(run.sampler, "neighbours", None) is not None:  # a resume inside this epoch draws the same batches
+        obj["identity_neighbours"] = {"epoch": run.neighbours_epoch, "lists": torch.from_numpy(run.sampler.neighbours)}
     for name in names:
         save_checkpoint(obj, run.output_dir / name)
 

@@ -106,6 +106,32 @@ def test_dataloader_batches_match_sampler_chunks():
     assert got == batches(sampler, BATCH) and len(loader) == len(got)
 
 
+def test_neighbour_batches_take_an_anchor_and_its_nearest_identities_with_chunks_left():
+    import numpy as np
+
+    # identities on a line: each one's neighbours are the others by distance (ties: lower index first)
+    ids = len(COUNTS)
+    order = np.array([sorted((j for j in range(ids) if j != i), key=lambda j: (abs(i - j), j)) for i in range(ids)])
+    plain = IdentitySampler(PIDS, BATCH, K, seed=3)
+    sampler = IdentitySampler(PIDS, BATCH, K, seed=3)
+    sampler.set_neighbours(order[:, :5])  # 5 listed: later batches run out and fill at random
+    out = batches(sampler, BATCH)
+    # the same records per epoch as random batches (the same chunks, only grouped otherwise)
+    assert sorted(i for b in out for i in b) == sorted(i for b in batches(plain, BATCH) for i in b)
+    first = sorted({PIDS[i] for i in out[0]})
+    # the first batch: an anchor and its 3 nearest on the line, i.e. 4 identities spanning at most 3 neighbours
+    # on either side (every identity has a chunk left at the start)
+    assert len(first) == BATCH // K and max(first) - min(first) <= 3
+    spans = [max(p) - min(p) for p in ({PIDS[i] for i in b} for b in out)]
+    assert sum(span <= 6 for span in spans) > len(spans) // 2  # mostly near neighbours; random ones span ~15
+    random_spans = [max(p) - min(p) for p in ({PIDS[i] for i in b} for b in batches(plain, BATCH))]
+    assert sum(span <= 6 for span in random_spans) < len(random_spans) // 2
+    sampler.set_neighbours(None)
+    assert batches(sampler, BATCH) == batches(plain, BATCH)
+    with pytest.raises(ValueError, match="one row per identity"):
+        sampler.set_neighbours(order[:3])
+
+
 def test_identity_sampler_errors():
     with pytest.raises(ValueError, match="multiple of sampler.num_instances"):
         IdentitySampler(PIDS, 18, 4, seed=0)

@@ -125,9 +125,10 @@ def test_pretrain_then_rerank_fine_tune(tmp_path):
     assert again["t2i_blend"]["R1"] == pytest.approx(summary["test"]["t2i_blend"]["R1"], abs=1e-6)
 
 
-def test_stop_and_resume_equals_uninterrupted(tmp_path, stop_after_steps):
+@pytest.mark.parametrize("neighbour_batches", [False, True])
+def test_stop_and_resume_equals_uninterrupted(tmp_path, stop_after_steps, neighbour_batches):
     data = tmp_path / "data"
-    overrides = tiny_overrides(data, epochs=2, steps=3)
+    overrides = tiny_overrides(data, epochs=2, steps=3) + [f"sampler.neighbour_batches={neighbour_batches}"]
     full = tmp_path / "full"
     train_cuhkpedes.main(["--output-dir", str(full)] + overrides)
 
@@ -137,6 +138,11 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, stop_after_steps):
     assert summary["stopped"]
     stopped = load_file(parted / "last.pth")
     assert (stopped["epoch"], stopped["step_in_epoch"], stopped["step"]) == (1, 1, 4)
+    # the neighbours epoch 1 drew its batches from (the weights at its start) travel with the checkpoint
+    assert ("identity_neighbours" in stopped) == neighbour_batches
+    if neighbour_batches:
+        assert stopped["identity_neighbours"]["epoch"] == 1
+        assert "neighbour batches: the " in (parted / "log.txt").read_text()
     train_cuhkpedes.main(["--output-dir", str(parted), "--resume", "auto"] + overrides)
 
     a, b = load_file(full / "last.pth"), load_file(parted / "last.pth")
