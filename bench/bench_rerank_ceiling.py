@@ -13,9 +13,9 @@ shares every attribute the caption names. Reported per split:
 - ``wrong_first_fits``: queries whose wrong #1 fits the caption (a tie no re-ranker can break), and per attribute,
   how often the wrong #1 contradicts the caption on it (``wrong_first_contradicts``).
 - ``pairs_ordered``: the share of (right, wrong) image pairs of the top k each score orders right
-  (engine.calibration.itm_pair_accuracy): the cosine, the ITM margin, and with ``model.itm_residual`` the head's
-  own part (the margin minus cosine / temperature): above 50% it adds knowledge of its own, below 50% it mostly
-  undoes the cosine's spread.
+  (engine.calibration.itm_pair_accuracy): the cosine, the ITM match logit (what evaluation re-ranks by), and with
+  ``model.itm_residual`` the head's own part (the match logit minus cosine / temperature): above 50% it adds
+  knowledge of its own, below 50% it mostly undoes the cosine's spread.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def measure_split(model, cfg, tokenizer, records, people: dict, top_k: int, batc
     out = ceiling(texts, sets.query_pids, candidate_pids, fits, named, people)
     if getattr(model, "has_fusion", False):
         itm = rerank_scores(model, tokenizer, texts, sets.image_paths, top, transform, limit, batch_size, "cpu",
-                            False, 0, score="margin")
+                            False, 0)  # the match logit, as evaluation re-ranks
         scores = {"cosine": cosine, "itm": itm}
         if model.config.itm_residual:
             scores["itm_head_alone"] = itm - cosine / float(model.temperature)
