@@ -75,7 +75,8 @@ def build_train_loader(
         levels = tuple(cfg.text.levels)
         dataset = TrainDataset(records, transform, num_views=cfg.input.num_views, levels=levels, **common)
         sampler = IdentitySampler(
-            [r.pid for r in records], batch_size, cfg.sampler.num_instances, cfg.seed, rank, world_size
+            [r.pid for r in records], batch_size, cfg.sampler.num_instances, cfg.seed, rank, world_size,
+            neighbour_share=float(cfg.sampler.neighbour_share),
         )
     mlm = MlmSettings.from_config(cfg.text) if cfg.loss.mlm_weight > 0 else None
     workers = cfg.data.num_workers

@@ -66,8 +66,9 @@ class IdentitySampler(_EpochBatches):
     Per epoch each identity's records are shuffled (identities with fewer than K are drawn with replacement
     up to K), cut into chunks of K (a remainder below K is dropped), and batches take P chunks of distinct
     identities until fewer than P identities have chunks left: P at random, or, after ``set_neighbours``, one
-    identity at random and the P - 1 nearest to it that still have chunks (a batch of look-alikes, whose
-    negatives are as hard as the top of a ranking: the graph sampling of Liao & Shao, CVPR 2022). Consecutive
+    identity at random and the nearest to it that still have chunks (a batch of look-alikes, whose negatives are
+    as hard as the top of a ranking: the graph sampling of Liao & Shao, CVPR 2022): ``neighbour_share`` of the
+    other P - 1, rounded, the rest at random. Consecutive
     batches are grouped by ``world_size``; rank r takes the r-th batch of each full group, so the global step
     sees P x K x world_size records and every rank has the same number of batches.
     """
@@ -80,8 +81,11 @@ class IdentitySampler(_EpochBatches):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        neighbour_share: float = 1.0,
     ):
         super().__init__(batch_size, seed, rank, world_size)
+        if not 0.0 <= neighbour_share <= 1.0:
+            raise ValueError(f"IdentitySampler: sampler.neighbour_share must be in [0, 1], got {neighbour_share}")
         if num_instances < 1 or batch_size % num_instances != 0:
             raise ValueError(
                 f"IdentitySampler: train.batch_size_per_gpu ({batch_size}) must be a positive multiple of "
@@ -89,6 +93,8 @@ class IdentitySampler(_EpochBatches):
             )
         self.num_instances = num_instances
         self.pids_per_batch = batch_size // num_instances
+        # after set_neighbours: how many of a batch's other P - 1 identities are the anchor's nearest
+        self.nearest_per_batch = round(neighbour_share * (self.pids_per_batch - 1))
         groups: dict[int, list[int]] = defaultdict(list)
         for index, pid in enumerate(pids):
             groups[int(pid)].append(index)
@@ -129,11 +135,11 @@ class IdentitySampler(_EpochBatches):
         anchor = available[rng.randrange(len(available))]
         chosen = [anchor]
         for other in self._neighbours[anchor].tolist():
-            if len(chosen) == self.pids_per_batch:
+            if len(chosen) == 1 + self.nearest_per_batch:
                 break
             if chunks[other] and other not in chosen:
                 chosen.append(other)
-        if len(chosen) < self.pids_per_batch:  # the listed neighbours ran out: the rest at random
+        if len(chosen) < self.pids_per_batch:  # the rest at random (and where the listed neighbours ran out)
             taken = set(chosen)
             chosen += rng.sample([i for i in available if i not in taken], self.pids_per_batch - len(chosen))
         return chosen

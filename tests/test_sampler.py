@@ -132,6 +132,30 @@ def test_neighbour_batches_take_an_anchor_and_its_nearest_identities_with_chunks
         sampler.set_neighbours(order[:3])
 
 
+def test_neighbour_share_takes_that_share_of_the_others_from_the_nearest():
+    import numpy as np
+
+    # each identity's listed neighbours are the 2 identities after it (mod 24): a batch of P = 4 identities that
+    # holds an anchor and both hold 3 in a row
+    ids = len(COUNTS)
+    order = np.array([[(i + d) % ids for d in (1, 2)] for i in range(ids)])
+
+    def three_in_a_row(share, seed):  # per batch of the epoch
+        sampler = IdentitySampler(PIDS, BATCH, K, seed=seed, neighbour_share=share)
+        sampler.set_neighbours(order)
+        return [any((p + 1) % ids in pids and (p + 2) % ids in pids for p in pids)
+                for pids in ({PIDS[i] for i in b} for b in batches(sampler, BATCH))]
+
+    assert IdentitySampler(PIDS, BATCH, K, seed=0, neighbour_share=2 / 3).nearest_per_batch == 2
+    assert IdentitySampler(PIDS, BATCH, K, seed=0, neighbour_share=0.5).nearest_per_batch == 2  # round(1.5)
+    # share 2/3: anchor + its 2 nearest + 1 at random; the epoch's first batch finds both nearest unused
+    assert all(three_in_a_row(2 / 3, seed)[0] for seed in range(5))
+    # share 0: the anchor and 3 at random (3 in a row in 2 of 35 batches over 5 epochs)
+    assert sum(sum(three_in_a_row(0.0, seed)) for seed in range(5)) <= 3
+    with pytest.raises(ValueError, match="neighbour_share must be in"):
+        IdentitySampler(PIDS, BATCH, K, seed=0, neighbour_share=1.5)
+
+
 def test_identity_sampler_errors():
     with pytest.raises(ValueError, match="multiple of sampler.num_instances"):
         IdentitySampler(PIDS, 18, 4, seed=0)
