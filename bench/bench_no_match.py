@@ -380,25 +380,36 @@ def markdown(result: dict) -> str:
     return "\n".join(lines + auc)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --data-root, --batch-size and --root-key: what the synthetic-set benches load."""
     parser.add_argument("--checkpoint", required=True, help="a checkpoint or model folder")
     parser.add_argument("--data-root", required=True, type=Path, help="the synthetic set it was trained on")
-    parser.add_argument("--quantile", type=float, default=0.08, help="the share of right answers a rule flags")
-    parser.add_argument("--limit", type=float, default=10.0, help="at most this %% of right answers flagged")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--root-key", default="data.root", choices=("data.root", "data.eval_root"),
                         help="the config key --data-root sets (data.eval_root for a pretraining checkpoint)")
+
+
+def load_checkpoint(args: argparse.Namespace) -> tuple:
+    """(model, resolved config, tokenizer, evaluation splits) of ``args.checkpoint`` on ``args.data_root``, CPU."""
+    from engine.checkpoints import load_for_inference
+    from engine.data import load_eval_splits
+
+    model, cfg, tokenizer, _ = load_for_inference(args.checkpoint, None, [f"{args.root_key}={args.data_root}"], "cpu")
+    return model, cfg, tokenizer, load_eval_splits(cfg)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--quantile", type=float, default=0.08, help="the share of right answers a rule flags")
+    parser.add_argument("--limit", type=float, default=10.0, help="at most this %% of right answers flagged")
     parser.add_argument("--out", default=None, help="the JSON record (a .md table beside it)")
     args = parser.parse_args(argv)
     from bench.base import machine_record, report
-    from engine.checkpoints import load_for_inference
 
     began = time.time()
     with user_errors_as_one_line():
-        model, cfg, tokenizer, _ = load_for_inference(args.checkpoint, None, [f"{args.root_key}={args.data_root}"], "cpu")
-        from engine.data import load_eval_splits
-        splits = load_eval_splits(cfg)
+        model, cfg, tokenizer, splits = load_checkpoint(args)
     people = synthetic_people(args.data_root)
     with torch.inference_mode():
         measured = {split: encode_split(model, cfg, tokenizer, splits.split(split), people, args.batch_size)

@@ -23,11 +23,10 @@ import argparse
 import sys
 import time
 from collections import Counter
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
+from bench.bench_no_match import add_checkpoint_arguments
 from utils.errors import user_errors_as_one_line
 
 
@@ -90,19 +89,13 @@ def measure_split(model, cfg, tokenizer, records, people: dict, top_k: int, batc
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint or model folder")
-    parser.add_argument("--data-root", required=True, type=Path, help="the classic-style synthetic set it was trained on")
+    add_checkpoint_arguments(parser)  # --data-root: a classic-style synthetic set
     parser.add_argument("--top-k", type=int, default=16, help="the re-ranking depth")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=("val", "test"))
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--root-key", default="data.root", choices=("data.root", "data.eval_root"),
-                        help="the config key --data-root sets (data.eval_root for a pretraining checkpoint)")
     parser.add_argument("--out", default=None, help="the JSON record")
     args = parser.parse_args(argv)
     from bench.base import machine_record, report
-    from bench.bench_no_match import synthetic_people
-    from engine.checkpoints import load_for_inference
-    from engine.data import load_eval_splits
+    from bench.bench_no_match import load_checkpoint, synthetic_people
 
     began = time.time()
     with user_errors_as_one_line():
@@ -110,8 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         if people is None:
             raise SystemExit(f"{args.data_root}: not a classic-style synthetic set (SYNTHETIC.json with style "
                              f"classic): the attributes a caption names are read from classic captions only")
-        model, cfg, tokenizer, _ = load_for_inference(args.checkpoint, None, [f"{args.root_key}={args.data_root}"], "cpu")
-        splits = load_eval_splits(cfg)
+        model, cfg, tokenizer, splits = load_checkpoint(args)
     with torch.inference_mode():
         measured = {split: measure_split(model, cfg, tokenizer, splits.split(split), people, args.top_k,
                                          args.batch_size) for split in args.splits}

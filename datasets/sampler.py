@@ -67,10 +67,10 @@ class IdentitySampler(_EpochBatches):
     up to K), cut into chunks of K (a remainder below K is dropped), and batches take P chunks of distinct
     identities until fewer than P identities have chunks left: P at random, or, after ``set_neighbours``, one
     identity at random and the nearest to it that still have chunks (a batch of look-alikes, whose negatives are
-    as hard as the top of a ranking: the graph sampling of Liao & Shao, CVPR 2022): ``neighbour_share`` of the
-    other P - 1, rounded, the rest at random. Consecutive
-    batches are grouped by ``world_size``; rank r takes the r-th batch of each full group, so the global step
-    sees P x K x world_size records and every rank has the same number of batches.
+    as hard as the top of a ranking: the graph sampling of Liao & Shao, CVPR 2022) for ``neighbour_share`` of the
+    other P - 1, rounded, the rest at random. Consecutive batches are grouped by ``world_size``; rank r takes the
+    r-th batch of each full group, so the global step sees P x K x world_size records and every rank has the same
+    number of batches.
     """
 
     def __init__(

@@ -1,9 +1,10 @@
 """Which training identities look alike to the model now: the neighbours of ``sampler.neighbour_batches``.
 
-With it, each P x K batch is one identity and the P - 1 identities the model confuses most with it, so the
-negatives of every loss (CMPM's, ITC's and the ITM head's drawn ones) are as hard as the top of a ranking of the
-whole training set instead of a random handful: an ITM head that re-ranks a cosine top k learns on the kind of
-pairs it will re-rank. Refreshed at the start of every epoch from the current weights.
+With it, each P x K batch is one identity and the identities the model confuses most with it
+(``sampler.neighbour_share`` of the other P - 1), so the negatives of every loss (CMPM's, ITC's and the ITM head's
+drawn ones) are as hard as the top of a ranking of the whole training set instead of a random handful: an ITM head
+that re-ranks a cosine top k learns on the kind of pairs it will re-rank. Refreshed at the start of every epoch
+from the current weights.
 """
 from __future__ import annotations
 
