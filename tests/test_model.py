@@ -68,14 +68,21 @@ def test_forward_backward_shapes_and_finite_gradients():
     assert image_tokens.shape[-1] == 32 and torch.isfinite(image_tokens).all()
 
 
+def encoded_pairs(model: IVT, batch: int, padded_row: int, kept: int):
+    """(image tokens, image features, text tokens, text features, mask) of random pictures and 7-token captions,
+    row ``padded_row`` keeping only its first ``kept`` tokens."""
+    images, ids = torch.randn(batch, 3, 64, 32), torch.randint(1, 50, (batch, 7))
+    mask = torch.ones(batch, 7, dtype=torch.long)
+    mask[padded_row, kept:] = 0
+    image_tokens, image_feat = model.encode_image(images, bmm=False)
+    text_tokens, text_feat = model.encode_text(ids, mask, bmm=False)
+    return image_tokens, image_feat, text_tokens, text_feat, mask
+
+
 def test_residual_itm_adds_the_pairs_cosine_over_temperature_without_gradient():
     plain, residual = tiny().eval(), tiny(itm_residual=True).eval()
     residual.load_state_dict(plain.state_dict())
-    images, ids = torch.randn(4, 3, 64, 32), torch.randint(1, 50, (4, 7))
-    mask = torch.ones(4, 7, dtype=torch.long)
-    mask[2, 5:] = 0
-    image_tokens, image_feat = residual.encode_image(images, bmm=False)
-    text_tokens, text_feat = residual.encode_text(ids, mask, bmm=False)
+    image_tokens, image_feat, text_tokens, text_feat, mask = encoded_pairs(residual, 4, padded_row=2, kept=5)
     head = plain.itm_logits(text_tokens, mask, image_tokens)
     cosine = torch.nn.functional.cosine_similarity(text_feat, image_feat, dim=-1)
     expected = head + torch.stack([torch.zeros(4), cosine / residual.temperature], dim=1)
@@ -93,11 +100,7 @@ def test_residual_itm_adds_the_pairs_cosine_over_temperature_without_gradient():
 
 def test_mean_itm_pool_reads_the_mean_of_the_fused_real_text_tokens():
     model = tiny(itm_pool="mean").eval()
-    images, ids = torch.randn(3, 3, 64, 32), torch.randint(1, 50, (3, 7))
-    mask = torch.ones(3, 7, dtype=torch.long)
-    mask[1, 4:] = 0
-    image_tokens, _ = model.encode_image(images, bmm=False)
-    text_tokens, _ = model.encode_text(ids, mask, bmm=False)
+    image_tokens, _, text_tokens, _, mask = encoded_pairs(model, 3, padded_row=1, kept=4)
     fused = model.fuse(text_tokens, mask, image_tokens)
     by_hand = torch.stack([fused[0].mean(0), fused[1, :4].mean(0), fused[2].mean(0)])
     torch.testing.assert_close(model.itm_logits(text_tokens, mask, image_tokens), model.itm_head(by_hand))
