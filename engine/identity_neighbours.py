@@ -18,9 +18,6 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# Each identity lists this many x P others, nearest first: enough for a batch after its nearest have been used up
-# by earlier batches of the epoch (then the sampler fills at random).
-LISTED_PER_BATCH_SLOT = 4
 # Rows of the identity-by-identity similarity computed at once (bounds its memory at 11k+ identities).
 SIMILARITY_ROWS = 4096
 
@@ -52,7 +49,8 @@ def nearest_identities(text_means: torch.Tensor, image_means: torch.Tensor, list
 
 def identity_neighbours(model: torch.nn.Module, records: Sequence[Any], identity_pids: Sequence[int], tokenizer: Any,
                         cfg: Any, device: torch.device, pids_per_batch: int) -> np.ndarray:
-    """[identities, listed] int64 neighbour lists, in the order of ``identity_pids`` (the sampler's).
+    """[identities, listed] int64 neighbour lists, in the order of ``identity_pids`` (the sampler's); listed =
+    ``sampler.neighbours_listed`` x P (at most the other identities).
 
     Every training caption and image is encoded with the evaluation transform (each image once); a collective
     when distributed (the features are sharded and gathered, so every rank gets the same lists).
@@ -77,7 +75,7 @@ def identity_neighbours(model: torch.nn.Module, records: Sequence[Any], identity
     count = len(identity_pids)
     image_means = per_identity_mean(images, torch.tensor(list(first_of_image.values())), count)
     text_means = per_identity_mean(texts, torch.tensor([slot[int(r.pid)] for r in records]), count)
-    neighbours = nearest_identities(text_means, image_means, LISTED_PER_BATCH_SLOT * pids_per_batch)
+    neighbours = nearest_identities(text_means, image_means, int(cfg.sampler.neighbours_listed) * pids_per_batch)
     logger.info("neighbour batches: the %d nearest of each of %d identities, from %d images and %d captions "
                 "(%.1f s)", neighbours.shape[1], count, len(first_of_image), len(records),
                 time.perf_counter() - began)
