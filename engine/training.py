@@ -158,6 +158,7 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
     if plan.identity_batches and batch % instances:  # the P x K sampler, built after the folder is taken
         raise ConfigError(f"train.batch_size_per_gpu {batch} is not a multiple of sampler.num_instances {instances} "
                           "(each batch holds batch_size_per_gpu / num_instances identities)")
+    check_neighbour_batches(cfg, plan)
     train_records, eval_splits = load_data(cfg, plan)
     check_one_batch(cfg, plan, train_records, du.get_world_size())
     init_source = None if resume_obj is not None else (init_from or cfg.model.init_from)
@@ -182,6 +183,18 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
     run = new_run(cfg, output_dir, device, model, tokenizer, train_records, eval_splits)
     run.caption_words = run_caption_words(cfg, train_records, resume_obj if resume_obj is not None else init_obj)
     return run
+
+
+def check_neighbour_batches(cfg: Config, plan: TaskPlan) -> None:
+    """ConfigError, before the run folder is touched, for neighbour-batch settings this run cannot use."""
+    share = cfg.sampler.neighbour_share
+    if not 0.0 <= float(share) <= 1.0:
+        raise ConfigError(f"sampler.neighbour_share must be in [0, 1], got {share}")
+    if cfg.sampler.neighbour_batches and not plan.identity_batches:
+        raise ConfigError("sampler.neighbour_batches groups persons in P x K batches, but this task draws plain "
+                          "shuffled batches (pretraining): set sampler.neighbour_batches=false")
+    if int(cfg.sampler.neighbours_listed) < 1:
+        raise ConfigError(f"sampler.neighbours_listed must be >= 1, got {cfg.sampler.neighbours_listed}")
 
 
 def check_one_batch(cfg: Config, plan: TaskPlan, records: list, world_size: int) -> None:

@@ -254,6 +254,15 @@ def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_p
         train_cuhkpedes.main(["--output-dir", str(out), "data.format=cuhk"])
     with pytest.raises(SystemExit, match="nope.yaml"):
         train_cuhkpedes.main(["--config", str(tmp_path / "nope.yaml")])
+    # neighbour-batch settings the run cannot use stop before the folder is taken
+    for setting, says in (("sampler.neighbour_share=1.5", r"sampler.neighbour_share must be in \[0, 1\], got 1.5"),
+                          ("sampler.neighbours_listed=0", "sampler.neighbours_listed must be >= 1, got 0")):
+        with pytest.raises(SystemExit, match=f"^error: {says}"):
+            train_cuhkpedes.main(["--output-dir", str(out)] + tiny_overrides(tmp_path / "data") + [setting])
+    with pytest.raises(SystemExit, match="^error: sampler.neighbour_batches groups persons in P x K batches, but"):
+        train_pretrain.main(["--output-dir", str(out)] + tiny_overrides(tmp_path / "pre", "pretrain")
+                            + ["sampler.neighbour_batches=true"])
+    assert (out / "config.yaml").read_text() == "previous run\n"
 
 
 @pytest.mark.slow  # spawns start.sh and a Python that imports torch: 13 s on 2 shared cores (load 12)
