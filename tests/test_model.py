@@ -244,7 +244,8 @@ def test_build_model_from_attribute_config_and_init():
                               qkv_bias=True, drop_path_rate=0.1, vocab_size=100, max_text_positions=32,
                               type_vocab_size=2, text_dropout=0.1, pad_token_id=0, bmm_ratio=0.2,
                               fusion_layers=0, temperature_init=0.5, grad_checkpointing=False,
-                              text_pad_multiple=0, feature_pool="cls", itm_residual=False, itm_pool="cls"))
+                              text_pad_multiple=0, feature_pool="cls", itm_residual=False, itm_pool="cls",
+                              itm_prior_learnt=False))
     torch.manual_seed(0)
     model = build_model(cfg)
     assert not model.has_fusion and not hasattr(model, "itm_head")
