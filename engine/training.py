@@ -499,7 +499,8 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
     """The optimizer steps of ``run.state.epoch`` from ``step_in_epoch`` on; True when stopped inside it."""
     cfg, state = run.cfg, run.state
     epoch, accum = state.epoch, cfg.train.grad_accum_steps
-    if run.plan.identity_batches and cfg.sampler.neighbour_batches and run.neighbours_epoch != epoch:
+    if (run.plan.identity_batches and cfg.sampler.neighbour_batches and run.neighbours_epoch != epoch
+            and epoch >= cfg.sampler.neighbour_from_epoch):
         run.sampler.set_neighbours(identity_neighbours(run.model, run.train_records, run.sampler.identity_pids,
                                                        run.tokenizer, cfg, run.device, run.sampler.pids_per_batch))
         run.neighbours_epoch = epoch
