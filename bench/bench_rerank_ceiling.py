@@ -97,8 +97,6 @@ def measure_split(model, cfg, tokenizer, records, people: dict, top_k: int, batc
         scores = {"cosine": cosine, "itm": itm}
         if model.config.itm_residual:
             prior = cosine / float(model.temperature)
-            if model.config.itm_prior_learnt:
-                prior = prior * float(model.itm_prior[0]) + float(model.itm_prior[1])
             scores["itm_head_alone"] = itm - prior
             out["head_spread"] = within_query_spread(prior, scores["itm_head_alone"])
         out["pairs_ordered"] = {name: round(itm_pair_accuracy(candidate_pids, sets.query_pids, cosine, s)["itm"], 1)

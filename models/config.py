@@ -43,7 +43,6 @@ class IVTConfig:
     feature_pool: str = "cls"  # the retrieval feature: cls (the CLS token's output, IVT) | mean (of the real tokens)
     itm_residual: bool = False  # the ITM match logit adds the pair's cosine / temperature: the head learns a correction
     itm_pool: str = "cls"  # what the ITM head reads of the fused text: cls (the fused CLS token, the authors') | mean
-    itm_prior_learnt: bool = False  # with itm_residual: the cosine prior's scale and offset are learnt, not 1/T and 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
@@ -57,9 +56,6 @@ class IVTConfig:
             if getattr(self, key) not in FEATURE_POOLS:
                 raise ModelConfigError(f"model.{key} must be one of {' | '.join(FEATURE_POOLS)}, got "
                                        f"{getattr(self, key)!r}")
-        if self.itm_prior_learnt and not self.itm_residual:
-            raise ModelConfigError("model.itm_prior_learnt scales the cosine prior of model.itm_residual: set "
-                                   "model.itm_residual=true too")
         if self.embed_dim % self.num_heads:
             raise ModelConfigError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads "
                                    f"{self.num_heads}")

@@ -30,9 +30,6 @@ class IVT(nn.Module):
                                       image_width=width, layer_norm_eps=1e-12, dropout=config.text_dropout)
             self.itm_head = nn.Linear(width, 2)
             self.mlm_head = MlmHead(width, config.vocab_size)
-            if config.itm_prior_learnt:
-                # (scale, offset) of the cosine prior: starts as the fixed prior cos / T
-                self.itm_prior = nn.Parameter(torch.tensor([1.0, 0.0]))
         self.apply(self._init_module)
         for param in (self.encoder.cls_token, self.encoder.pos_embed, self.encoder.type_embed):
             nn.init.trunc_normal_(param, std=0.02)
@@ -117,11 +114,7 @@ class IVT(nn.Module):
         with torch.autocast(device_type=pooled.device.type, enabled=False):
             logits = self.itm_head(pooled.float())
             if self.config.itm_residual:
-                prior = self.cosine_prior(text_tokens, text_mask, image_tokens, image_mask)
-                if self.config.itm_prior_learnt:
-                    match = prior[:, 1] * self.itm_prior[0] + self.itm_prior[1]
-                    prior = torch.stack([prior[:, 0], match], dim=1)
-                logits = logits + prior
+                logits = logits + self.cosine_prior(text_tokens, text_mask, image_tokens, image_mask)
             return logits
 
     @torch.no_grad()
@@ -133,9 +126,6 @@ class IVT(nn.Module):
         of the ranking it re-ranks, so its capacity goes to the pairs the cosine orders wrong instead of to
         re-learning what the features already tell (the cosine of a top-k list's near-duplicates differs little;
         a head from a small fusion stack orders fewer of those pairs right than the cosine does).
-        With ``model.itm_prior_learnt`` the caller scales and offsets the match column by learnt numbers: trained
-        with a match/no-match cross-entropy, a fixed prior leaves the head to learn the calibration (a near-constant
-        offset, falling with the cosine; measured on the demo's residual runs), and little else.
         """
         text = F.normalize(self.global_feature(text_tokens, text_mask).float(), dim=-1)
         image = F.normalize(self.global_feature(image_tokens, image_mask).float(), dim=-1)

@@ -20,6 +20,14 @@ from models.losses import (HARD_NEGATIVE_WEIGHT_FLOOR, cmpm_loss, gather_with_gr
 ITM_OBJECTIVES = ("match", "rank")
 
 
+def itm_objective_of(loss_cfg: Mapping[str, Any]) -> str:
+    """``loss.itm_objective``, checked (a ModelConfigError names the key and the choices)."""
+    objective = str(loss_cfg.get("itm_objective", "match"))
+    if objective not in ITM_OBJECTIVES:
+        raise ModelConfigError(f"loss.itm_objective must be one of {' | '.join(ITM_OBJECTIVES)}, got {objective!r}")
+    return objective
+
+
 class RetrievalObjective(nn.Module):
     """Computes the weighted losses of the recipe for one collated batch (see datasets.collate.TrainCollator)."""
 
@@ -35,10 +43,7 @@ class RetrievalObjective(nn.Module):
         self.negative_top_k = int(loss_cfg.get("itm_negative_top_k", 0))
         self.negative_floor = float(loss_cfg.get("itm_negative_floor", HARD_NEGATIVE_WEIGHT_FLOOR))
         self.exclude_same_caption = bool(loss_cfg.get("itm_exclude_same_caption", False))
-        self.itm_objective = str(loss_cfg.get("itm_objective", "match"))
-        if self.itm_objective not in ITM_OBJECTIVES:
-            raise ModelConfigError(f"loss.itm_objective must be one of {' | '.join(ITM_OBJECTIVES)}, got "
-                                   f"{self.itm_objective!r}")
+        self.itm_objective = itm_objective_of(loss_cfg)
         self.epochs_done = 0.0  # training progress in epochs (set_progress), for the hardness ramp
         needs_fusion = self.weights["itm"] > 0 or self.weights["mlm"] > 0
         if needs_fusion and not model.has_fusion:
@@ -53,8 +58,6 @@ class RetrievalObjective(nn.Module):
         self.model.temperature.requires_grad_(self.weights["itc"] > 0)
         if self.model.has_fusion:
             self.model.itm_head.requires_grad_(self.weights["itm"] > 0)
-            if hasattr(self.model, "itm_prior"):
-                self.model.itm_prior.requires_grad_(self.weights["itm"] > 0)
             self.model.mlm_head.requires_grad_(self.weights["mlm"] > 0)
             self.model.fusion.requires_grad_(self.weights["itm"] > 0 or self.weights["mlm"] > 0)
 

@@ -98,30 +98,6 @@ def test_residual_itm_adds_the_pairs_cosine_over_temperature_without_gradient():
     assert not residual.cosine_prior(text_tokens, mask, image_tokens).requires_grad
 
 
-def test_learnt_itm_prior_scales_and_offsets_the_cosine_and_is_trained():
-    fixed, learnt = tiny(itm_residual=True).eval(), tiny(itm_residual=True, itm_prior_learnt=True).eval()
-    assert set(learnt.state_dict()) - set(fixed.state_dict()) == {"itm_prior"}
-    learnt.load_state_dict({**fixed.state_dict(), "itm_prior": learnt.itm_prior.detach()})
-    image_tokens, image_feat, text_tokens, text_feat, mask = encoded_pairs(learnt, 4, padded_row=0, kept=3)
-    # From (1, 0) it is the fixed prior.
-    torch.testing.assert_close(learnt.itm_logits(text_tokens, mask, image_tokens),
-                               fixed.itm_logits(text_tokens, mask, image_tokens))
-    with torch.no_grad():
-        learnt.itm_prior.copy_(torch.tensor([0.25, -1.5]))
-    head = tiny().eval()
-    head.load_state_dict(fixed.state_dict())
-    cosine = torch.nn.functional.cosine_similarity(text_feat, image_feat, dim=-1)
-    expected = head.itm_logits(text_tokens, mask, image_tokens) + torch.stack(
-        [torch.zeros(4), 0.25 * cosine / learnt.temperature - 1.5], dim=1)
-    logits = learnt.itm_logits(text_tokens, mask, image_tokens)
-    torch.testing.assert_close(logits, expected)
-    # The scale and offset are learnt from the ITM loss; the features still get nothing through the prior.
-    (logits[:, 1] - logits[:, 0]).sum().backward()
-    torch.testing.assert_close(learnt.itm_prior.grad, torch.tensor([float((cosine / learnt.temperature).detach().sum()), 4.0]))
-    with pytest.raises(ModelConfigError, match="model.itm_prior_learnt scales the cosine prior of model.itm_residual"):
-        IVTConfig(**{**TINY, "itm_prior_learnt": True})
-
-
 def test_mean_itm_pool_reads_the_mean_of_the_fused_real_text_tokens():
     model = tiny(itm_pool="mean").eval()
     image_tokens, _, text_tokens, _, mask = encoded_pairs(model, 3, padded_row=1, kept=4)
@@ -268,8 +244,7 @@ def test_build_model_from_attribute_config_and_init():
                               qkv_bias=True, drop_path_rate=0.1, vocab_size=100, max_text_positions=32,
                               type_vocab_size=2, text_dropout=0.1, pad_token_id=0, bmm_ratio=0.2,
                               fusion_layers=0, temperature_init=0.5, grad_checkpointing=False,
-                              text_pad_multiple=0, feature_pool="cls", itm_residual=False, itm_pool="cls",
-                              itm_prior_learnt=False))
+                              text_pad_multiple=0, feature_pool="cls", itm_residual=False, itm_pool="cls"))
     torch.manual_seed(0)
     model = build_model(cfg)
     assert not model.has_fusion and not hasattr(model, "itm_head")
