@@ -196,6 +196,8 @@ def check_neighbour_batches(cfg: Config, plan: TaskPlan) -> None:
                           "shuffled batches (pretraining): set sampler.neighbour_batches=false")
     if int(cfg.sampler.neighbours_listed) < 1:
         raise ConfigError(f"sampler.neighbours_listed must be >= 1, got {cfg.sampler.neighbours_listed}")
+    if int(cfg.sampler.neighbour_from_epoch) < 0:
+        raise ConfigError(f"sampler.neighbour_from_epoch must be >= 0, got {cfg.sampler.neighbour_from_epoch}")
 
 
 def check_one_batch(cfg: Config, plan: TaskPlan, records: list, world_size: int) -> None:
