@@ -196,8 +196,6 @@ def check_neighbour_batches(cfg: Config, plan: TaskPlan) -> None:
                           "shuffled batches (pretraining): set sampler.neighbour_batches=false")
     if int(cfg.sampler.neighbours_listed) < 1:
         raise ConfigError(f"sampler.neighbours_listed must be >= 1, got {cfg.sampler.neighbours_listed}")
-    if int(cfg.sampler.neighbour_from_epoch) < 0:
-        raise ConfigError(f"sampler.neighbour_from_epoch must be >= 0, got {cfg.sampler.neighbour_from_epoch}")
 
 
 def check_one_batch(cfg: Config, plan: TaskPlan, records: list, world_size: int) -> None:
@@ -502,8 +500,7 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
     """The optimizer steps of ``run.state.epoch`` from ``step_in_epoch`` on; True when stopped inside it."""
     cfg, state = run.cfg, run.state
     epoch, accum = state.epoch, cfg.train.grad_accum_steps
-    if (run.plan.identity_batches and cfg.sampler.neighbour_batches and run.neighbours_epoch != epoch
-            and epoch >= cfg.sampler.neighbour_from_epoch):
+    if run.plan.identity_batches and cfg.sampler.neighbour_batches and run.neighbours_epoch != epoch:
         run.sampler.set_neighbours(identity_neighbours(run.model, run.train_records, run.sampler.identity_pids,
                                                        run.tokenizer, cfg, run.device, run.sampler.pids_per_batch))
         run.neighbours_epoch = epoch
