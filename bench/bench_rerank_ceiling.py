@@ -16,6 +16,8 @@ shares every attribute the caption names. Reported per split:
   (engine.calibration.itm_pair_accuracy): the cosine, the ITM match logit (what evaluation re-ranks by), and with
   ``model.itm_residual`` the head's own part (the match logit minus cosine / temperature): above 50% it adds
   knowledge of its own, below 50% it mostly undoes the cosine's spread.
+- ``head_spread`` (residual heads): how much the head's part and the cosine prior's part of the match logit vary
+  within a query's top k, and their correlation (``within_query_spread``).
 """
 from __future__ import annotations
 
@@ -62,6 +64,19 @@ def ceiling(texts, query_pids: torch.Tensor, candidate_pids: torch.Tensor, fits:
             "fields_named": dict(Counter(f for n in named for f in n).most_common())}
 
 
+def within_query_spread(prior: torch.Tensor, head: torch.Tensor) -> dict:
+    """prior, head [Q, k]: the two parts of a residual ITM logit over each query's top k.
+
+    Re-ranking compares the k scores of one query, so only their spread within a query matters: the standard
+    deviation of each part about its query's mean, and the correlation of the two parts (negative: the head
+    mostly pulls the cosine's spread back in)."""
+    prior = prior - prior.mean(dim=1, keepdim=True)
+    head = head - head.mean(dim=1, keepdim=True)
+    correlation = float((prior * head).sum() / (prior.norm() * head.norm()).clamp(min=1e-12))
+    return {"prior_std": round(float(prior.pow(2).mean().sqrt()), 3), "head_std": round(float(head.pow(2).mean().sqrt()), 3),
+            "correlation": round(correlation, 3)}
+
+
 def measure_split(model, cfg, tokenizer, records, people: dict, top_k: int, batch_size: int) -> dict:
     from datasets.transforms import build_test_transform
     from engine.calibration import itm_pair_accuracy
@@ -81,7 +96,9 @@ def measure_split(model, cfg, tokenizer, records, people: dict, top_k: int, batc
                             False, 0)  # the match logit, as evaluation re-ranks
         scores = {"cosine": cosine, "itm": itm}
         if model.config.itm_residual:
-            scores["itm_head_alone"] = itm - cosine / float(model.temperature)
+            prior = cosine / float(model.temperature)
+            scores["itm_head_alone"] = itm - prior
+            out["head_spread"] = within_query_spread(prior, scores["itm_head_alone"])
         out["pairs_ordered"] = {name: round(itm_pair_accuracy(candidate_pids, sets.query_pids, cosine, s)["itm"], 1)
                                 for name, s in scores.items()}
     return out

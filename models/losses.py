@@ -286,6 +286,22 @@ def itm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
 
 
+def itm_rank_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Pairwise ranking loss of the 2-way ITM head: logits [3B, 2] in :func:`itm_targets`' order -> scalar float32.
+
+    Each positive's match margin (logit 1 - logit 0) should exceed its two negatives' (the anchor text with its
+    negative image, the anchor image with its negative text): the mean of softplus(negative - positive) over both.
+    Re-ranking only compares pairs of one query, so this asks the head for the ordering alone; a per-pair offset
+    (the calibration a match/no-match cross-entropy spends its capacity on) cancels.
+    """
+    if logits.dim() != 2 or logits.shape[1] != 2 or logits.shape[0] % 3:
+        raise ValueError(f"itm_rank_loss: expected logits [3B, 2], got {tuple(logits.shape)}")
+    with _no_autocast(logits.device):
+        margin = logits[:, 1].float() - logits[:, 0].float()  # [3B]
+        positive, negative_image, negative_text = margin.view(3, -1)  # [B] each
+        return 0.5 * (F.softplus(negative_image - positive).mean() + F.softplus(negative_text - positive).mean())
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Masked-language-model cross-entropy over the positions whose label is not ignore_index.
 

@@ -15,7 +15,17 @@ from torch import nn
 from models.config import ModelConfigError
 from models.ivt import IVT
 from models.losses import (HARD_NEGATIVE_WEIGHT_FLOOR, cmpm_loss, gather_with_grad, itc_loss, itm_loss,
-                           itm_targets, mlm_loss, sample_hard_negatives)
+                           itm_rank_loss, itm_targets, mlm_loss, sample_hard_negatives)
+
+ITM_OBJECTIVES = ("match", "rank")
+
+
+def itm_objective_of(loss_cfg: Mapping[str, Any]) -> str:
+    """``loss.itm_objective``, checked (a ModelConfigError names the key and the choices)."""
+    objective = str(loss_cfg.get("itm_objective", "match"))
+    if objective not in ITM_OBJECTIVES:
+        raise ModelConfigError(f"loss.itm_objective must be one of {' | '.join(ITM_OBJECTIVES)}, got {objective!r}")
+    return objective
 
 
 class RetrievalObjective(nn.Module):
@@ -33,6 +43,7 @@ class RetrievalObjective(nn.Module):
         self.negative_top_k = int(loss_cfg.get("itm_negative_top_k", 0))
         self.negative_floor = float(loss_cfg.get("itm_negative_floor", HARD_NEGATIVE_WEIGHT_FLOOR))
         self.exclude_same_caption = bool(loss_cfg.get("itm_exclude_same_caption", False))
+        self.itm_objective = itm_objective_of(loss_cfg)
         self.epochs_done = 0.0  # training progress in epochs (set_progress), for the hardness ramp
         needs_fusion = self.weights["itm"] > 0 or self.weights["mlm"] > 0
         if needs_fusion and not model.has_fusion:
@@ -114,6 +125,7 @@ class RetrievalObjective(nn.Module):
         from random weights stays at chance on the hardest pairs, but learns to ground words on random ones);
         see ``hardness`` for its ramp. ``loss.itm_negative_top_k`` keeps each anchor's k most similar candidates,
         ``loss.itm_exclude_same_caption`` never draws a caption identical to the anchor's (caption_ids [B, T]).
+        ``loss.itm_objective`` rank trains the same pairs with :func:`~models.losses.itm_rank_loss` instead.
         """
         hardness = self.hardness()
         with torch.no_grad():
@@ -131,4 +143,6 @@ class RetrievalObjective(nn.Module):
         mask_all = torch.cat([text_mask, text_mask, text_mask[neg_text_for_image]])
         image_all = torch.cat([image_tokens, image_tokens[neg_image_for_text], image_tokens])
         logits = self.model.itm_logits(text_all, mask_all, image_all)
+        if self.itm_objective == "rank":
+            return itm_rank_loss(logits)
         return itm_loss(logits, itm_targets(pids.shape[0], logits.device))

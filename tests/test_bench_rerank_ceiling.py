@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from bench.bench_rerank_ceiling import ceiling, fits_caption
+from bench.bench_rerank_ceiling import ceiling, fits_caption, within_query_spread
 from datasets.synthetic.identities import Identity
 
 ANNA = Identity(gender="woman", hair_length="long", hair_colour="brown", skin=0, upper_type="coat",
@@ -34,3 +34,11 @@ def test_the_verifier_moves_fitting_images_ahead_and_keeps_the_cosine_order_amon
     assert out["wrong_first"] == 2 and out["wrong_first_fits"] == 1
     assert out["wrong_first_contradicts"] == {"gender": 1, "upper": 1}
     assert out["fields_named"] == {"gender": 3, "upper": 3, "lower": 2}
+
+
+def test_within_query_spread_ignores_each_querys_offset():
+    prior = torch.tensor([[2.0, 0.0], [11.0, 9.0]])  # both queries spread +-1 about their means
+    head = torch.tensor([[-5.5, -4.5], [3.0, 3.0]])  # query 0 against the prior by 0.5, query 1 flat
+    # deviations: prior (1, -1, 1, -1), head (-0.5, 0.5, 0, 0): root mean squares 1 and 0.5 / sqrt(2); pooled
+    # correlation -1 / (2 x sqrt(0.5)) = -0.707 (query 1's flat head weakens it)
+    assert within_query_spread(prior, head) == {"prior_std": 1.0, "head_std": 0.354, "correlation": -0.707}

@@ -148,3 +148,27 @@ def test_the_itm_hardness_ramp():
     steady_cfg = cfg.replace(["loss.itm_negative_hardness_ramp_epochs=0"])
     steady = RetrievalObjective(build_model(steady_cfg), steady_cfg.loss)
     assert steady.hardness() == 0.8
+
+
+def test_the_itm_objective_trains_the_same_pairs_with_the_chosen_loss(monkeypatch):
+    from models.ivt import build_model
+    from models.losses import itm_loss, itm_rank_loss, itm_targets
+    from models.objectives import RetrievalObjective
+    from utils.config import load_config
+
+    base = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.fusion_layers=1",
+            "loss.itm_weight=1.0", "model.vit_weights=null", "model.bert_weights=null"]
+    fused = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))  # the 3 x 4 pairs' logits
+    inputs = (torch.randn(4, 5, 32), torch.randn(4, 32), torch.randn(4, 6, 32), torch.randn(4, 32),
+              torch.ones(4, 6, dtype=torch.long), torch.tensor([0, 0, 1, 1]), torch.tensor(0.07))
+    losses = {}
+    for objective_name in ("match", "rank"):
+        cfg = load_config(None, base + [f"loss.itm_objective={objective_name}"])
+        objective = RetrievalObjective(build_model(cfg), cfg.loss)
+        monkeypatch.setattr(objective.model, "itm_logits", lambda *args: fused)
+        losses[objective_name] = float(objective._itm(*inputs))
+    assert losses == {"match": pytest.approx(float(itm_loss(fused, itm_targets(4, "cpu")))),
+                      "rank": pytest.approx(float(itm_rank_loss(fused)))}
+    cfg = load_config(None, base + ["loss.itm_objective=listwise"])
+    with pytest.raises(ValueError, match="loss.itm_objective must be one of match | rank, got 'listwise'"):
+        RetrievalObjective(build_model(cfg), cfg.loss)

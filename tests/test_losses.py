@@ -14,6 +14,7 @@ from models.losses import (
     gather_with_grad,
     itc_loss,
     itm_loss,
+    itm_rank_loss,
     itm_targets,
     mlm_loss,
     sample_hard_negatives,
@@ -287,6 +288,23 @@ def test_itm_targets_and_loss():
     # five rows at log 2, one row at -log(e / (1 + e)) = log(1 + e^-1)
     expected = (5 * math.log(2) + math.log(1 + math.exp(-1))) / 6
     assert itm_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_itm_rank_loss_asks_each_positive_margin_above_its_two_negatives():
+    # B = 2; rows: positives (text i, image i), text i with a negative image, image i with a negative text.
+    logits = torch.tensor([[0.0, 2.0], [1.0, 1.0],     # positive margins 2, 0
+                           [0.0, 0.0], [0.0, 3.0],     # negative-image margins 0, 3
+                           [1.0, 3.0], [0.5, 0.5]])    # negative-text margins 2, 0
+    def softplus(x):
+        return math.log1p(math.exp(x))
+    expected = 0.5 * ((softplus(0 - 2) + softplus(3 - 0)) / 2 + (softplus(2 - 2) + softplus(0 - 0)) / 2)
+    assert itm_rank_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+    # An offset common to every pair (calibration) changes nothing; the match/no-match cross-entropy moves.
+    shifted = logits + torch.tensor([0.0, 5.0])
+    assert itm_rank_loss(shifted).item() == pytest.approx(expected, rel=1e-6)
+    assert itm_loss(shifted, itm_targets(2, "cpu")).item() != pytest.approx(itm_loss(logits, itm_targets(2, "cpu")).item())
+    with pytest.raises(ValueError, match=r"expected logits \[3B, 2\], got \(4, 2\)"):
+        itm_rank_loss(torch.zeros(4, 2))
 
 
 def test_mlm_loss_only_counts_labelled_positions():

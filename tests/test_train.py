@@ -131,6 +131,8 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, stop_after_steps, neighb
     overrides = tiny_overrides(data, epochs=2, steps=3) + [f"sampler.neighbour_batches={neighbour_batches}"]
     full = tmp_path / "full"
     train_cuhkpedes.main(["--output-dir", str(full)] + overrides)
+    # neighbour lists are made anew at the start of each epoch, from that epoch's weights
+    assert (full / "log.txt").read_text().count("neighbour batches: the ") == (2 if neighbour_batches else 0)
 
     parted = tmp_path / "parted"
     stop_after_steps(4)
@@ -256,7 +258,8 @@ def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_p
         train_cuhkpedes.main(["--config", str(tmp_path / "nope.yaml")])
     # neighbour-batch settings the run cannot use stop before the folder is taken
     for setting, says in (("sampler.neighbour_share=1.5", r"sampler.neighbour_share must be in \[0, 1\], got 1.5"),
-                          ("sampler.neighbours_listed=0", "sampler.neighbours_listed must be >= 1, got 0")):
+                          ("sampler.neighbours_listed=0", "sampler.neighbours_listed must be >= 1, got 0"),
+                          ("loss.itm_objective=listwise", "loss.itm_objective must be one of match | rank, got")):
         with pytest.raises(SystemExit, match=f"^error: {says}"):
             train_cuhkpedes.main(["--output-dir", str(out)] + tiny_overrides(tmp_path / "data") + [setting])
     with pytest.raises(SystemExit, match="^error: sampler.neighbour_batches groups persons in P x K batches, but"):
