@@ -67,14 +67,14 @@ def ceiling(texts, query_pids: torch.Tensor, candidate_pids: torch.Tensor, fits:
 def within_query_spread(prior: torch.Tensor, head: torch.Tensor) -> dict:
     """prior, head [Q, k]: the two parts of a residual ITM logit over each query's top k.
 
-    Re-ranking compares the k scores of one query, so only their spread within a query matters: the standard
-    deviation of each part about its query's mean, and the correlation of the two parts (negative: the head
-    mostly pulls the cosine's spread back in)."""
+    Re-ranking compares the k scores of one query, so only their spread within a query matters: the root mean
+    square of each part about its query's mean, pooled over the queries, and the correlation of the two parts over
+    the same centred values (negative: the head mostly pulls the cosine's spread back in)."""
     prior = prior - prior.mean(dim=1, keepdim=True)
     head = head - head.mean(dim=1, keepdim=True)
     correlation = float((prior * head).sum() / (prior.norm() * head.norm()).clamp(min=1e-12))
-    return {"prior_std": round(float(prior.pow(2).mean().sqrt()), 3), "head_std": round(float(head.pow(2).mean().sqrt()), 3),
-            "correlation": round(correlation, 3)}
+    return {"prior_std": round(float(prior.pow(2).mean().sqrt()), 3),
+            "head_std": round(float(head.pow(2).mean().sqrt()), 3), "correlation": round(correlation, 3)}
 
 
 def measure_split(model, cfg, tokenizer, records, people: dict, top_k: int, batch_size: int) -> dict:

@@ -291,8 +291,8 @@ def itm_rank_loss(logits: torch.Tensor) -> torch.Tensor:
 
     Each positive's match margin (logit 1 - logit 0) should exceed its two negatives' (the anchor text with its
     negative image, the anchor image with its negative text): the mean of softplus(negative - positive) over both.
-    Re-ranking only compares pairs of one query, so this asks the head for the ordering alone; a per-pair offset
-    (the calibration a match/no-match cross-entropy spends its capacity on) cancels.
+    Re-ranking only compares pairs of one query, so this asks the head for the ordering alone: an offset common to
+    the pairs compared cancels, and the margin is no calibrated probability.
     """
     if logits.dim() != 2 or logits.shape[1] != 2 or logits.shape[0] % 3:
         raise ValueError(f"itm_rank_loss: expected logits [3B, 2], got {tuple(logits.shape)}")

@@ -295,14 +295,17 @@ def test_itm_rank_loss_asks_each_positive_margin_above_its_two_negatives():
     logits = torch.tensor([[0.0, 2.0], [1.0, 1.0],     # positive margins 2, 0
                            [0.0, 0.0], [0.0, 3.0],     # negative-image margins 0, 3
                            [1.0, 3.0], [0.5, 0.5]])    # negative-text margins 2, 0
+
     def softplus(x):
         return math.log1p(math.exp(x))
+
     expected = 0.5 * ((softplus(0 - 2) + softplus(3 - 0)) / 2 + (softplus(2 - 2) + softplus(0 - 0)) / 2)
     assert itm_rank_loss(logits).item() == pytest.approx(expected, rel=1e-6)
     # An offset common to every pair (calibration) changes nothing; the match/no-match cross-entropy moves.
     shifted = logits + torch.tensor([0.0, 5.0])
     assert itm_rank_loss(shifted).item() == pytest.approx(expected, rel=1e-6)
-    assert itm_loss(shifted, itm_targets(2, "cpu")).item() != pytest.approx(itm_loss(logits, itm_targets(2, "cpu")).item())
+    targets = itm_targets(2, "cpu")
+    assert itm_loss(shifted, targets).item() != pytest.approx(itm_loss(logits, targets).item())
     with pytest.raises(ValueError, match=r"expected logits \[3B, 2\], got \(4, 2\)"):
         itm_rank_loss(torch.zeros(4, 2))
 
