@@ -256,7 +256,7 @@ def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_p
         train_cuhkpedes.main(["--output-dir", str(out), "data.format=cuhk"])
     with pytest.raises(SystemExit, match="nope.yaml"):
         train_cuhkpedes.main(["--config", str(tmp_path / "nope.yaml")])
-    # neighbour-batch settings the run cannot use stop before the folder is taken
+    # neighbour-batch and ITM-objective settings the run cannot use stop before the folder is taken
     for setting, says in (("sampler.neighbour_share=1.5", r"sampler.neighbour_share must be in \[0, 1\], got 1.5"),
                           ("sampler.neighbours_listed=0", "sampler.neighbours_listed must be >= 1, got 0"),
                           ("loss.itm_objective=listwise", "loss.itm_objective must be one of match | rank, got")):
