@@ -21,6 +21,7 @@ def bench():
 
 
 def test_every_ablation_variant_is_a_valid_config(bench) -> None:
+    demo_epochs = load_config(ROOT / "configs" / "demo.yaml").train.epochs
     for name, extra in bench.ABLATION.values():
         config = ROOT / "configs" / "demo.yaml"
         if extra and extra[0].startswith("@"):
@@ -30,6 +31,7 @@ def test_every_ablation_variant_is_a_valid_config(bench) -> None:
             assert cfg.model.bmm_ratio == 0
         if "MLA" in name and name.startswith("without"):
             assert list(cfg.text.levels) == ["sentence"] and cfg.input.num_views == 1
+        assert cfg.train.epochs == demo_epochs, name  # one change per row, not a longer schedule
     rerank = load_config(ROOT / "configs" / "demo_rerank.yaml")
     assert rerank.model.fusion_layers > 0 and rerank.eval.rerank_top_k > 0
 
