@@ -21,8 +21,8 @@ def test_every_recipe_is_covered():
 
 
 def test_the_pipeline_fine_tuning_is_the_demo_recipe_run_longer():
-    """The pipeline's table compares demo_finetune.yaml from the pretraining with demo.yaml train.epochs=24 from
-    random weights: that is a comparison of starting points only while the two recipes differ in nothing else."""
+    """The pipeline's table gives the 24-epoch demo recipe from random weights and from the pretraining (its runs
+    were made as demo.yaml train.epochs=24): that is demo_finetune.yaml only while the two differ in nothing else."""
     demo, finetune = recipe("demo").to_dict(), recipe("demo_finetune").to_dict()
     assert (demo["train"]["epochs"], finetune["train"]["epochs"]) == (12, 24)
     for cfg in (demo, finetune):
