@@ -40,6 +40,14 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def swap_words_of(cfg: Any) -> tuple[str, ...]:
+    """``loss.itm_swap_words`` when ITM trains (the collator then makes word-swapped negative captions), else ()."""
+    words = cfg.loss.get("itm_swap_words") or ()
+    if isinstance(words, str) or not all(isinstance(word, str) and word.strip() for word in words):
+        raise ConfigError(f"loss.itm_swap_words must be a list of words, got {words!r}")
+    return tuple(words) if cfg.loss.itm_weight > 0 else ()
+
+
 def build_train_loader(
     cfg: Any,
     records: Sequence[Any],
@@ -91,7 +99,7 @@ def build_train_loader(
         num_workers=workers,
         pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()),
         persistent_workers=False,
-        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, levels, mlm),
+        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, levels, mlm, swap_words_of(cfg)),
         worker_init_fn=worker_init if workers > 0 else None,
     )
     return loader, sampler, dataset
@@ -122,7 +130,7 @@ def build_shard_loader(cfg: Any, tokenizer: BertTokenizerFast, *, rank: int = 0,
     loader = DataLoader(
         stream, batch_size=None, num_workers=workers,
         pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()), persistent_workers=False,
-        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, ("sentence",), mlm),
+        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, ("sentence",), mlm, swap_words_of(cfg)),
         worker_init_fn=worker_init if workers > 0 else None,
     )
     return loader, stream, stream

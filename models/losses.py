@@ -277,7 +277,7 @@ def itm_targets(batch_size: int, device: torch.device | str) -> torch.Tensor:
 
 
 def itm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the 2-way ITM head: logits [3B, 2], targets [3B] long -> scalar float32."""
+    """Cross-entropy of the 2-way ITM head: logits [n, 2], targets [n] long -> scalar float32."""
     if logits.dim() != 2 or logits.shape[1] != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(
             f"itm_loss: expected logits [n, 2] and targets [n], got {tuple(logits.shape)} and {tuple(targets.shape)}"
