@@ -41,11 +41,13 @@ def worker_init(worker_id: int) -> None:
 
 
 def swap_words_of(cfg: Any) -> tuple[str, ...]:
-    """``loss.itm_swap_words`` when ITM trains (the collator then makes word-swapped negative captions), else ()."""
+    """``loss.itm_swap_words`` when a loss reads the swapped captions the collator then makes (ITM trains, or ITC
+    with ``loss.itc_swap_negatives``), else ()."""
     words = cfg.loss.get("itm_swap_words") or ()
     if isinstance(words, str) or not all(isinstance(word, str) and word.strip() for word in words):
         raise ConfigError(f"loss.itm_swap_words must be a list of words, got {words!r}")
-    return tuple(words) if cfg.loss.itm_weight > 0 else ()
+    used = cfg.loss.itm_weight > 0 or (cfg.loss.itc_weight > 0 and cfg.loss.get("itc_swap_negatives", False))
+    return tuple(words) if used else ()
 
 
 def build_train_loader(

@@ -154,14 +154,17 @@ _WORD = re.compile(r"[A-Za-z]+")
 def swap_two_words(caption: str, words: frozenset[str], rng: random.Random | None = None) -> str | None:
     """``caption`` with two different words of ``words`` exchanged, or None when it has no two different ones
     ("a pink shirt, green shorts" -> "a green shirt, pink shorts"). Whole words, case-insensitive; each word moves
-    as written. Without ``rng`` the first such word and the next different one; with it, a pair drawn at random
+    as written; two words with nothing but spaces or a hyphen between them are one colour and never a pair. Without
+    ``rng`` the first such word and the next different one; with it, a pair drawn at random
     (the first word uniformly, then its partner among the different ones), so that over the epochs every part a
     caption names is asked about."""
     found = [m for m in _WORD.finditer(caption) if m.group(0).lower() in words]
     if not found:
         return None
     first = found[0] if rng is None else found[rng.randrange(len(found))]
-    others = [m for m in found if m.group(0).lower() != first.group(0).lower()]
+    # not the other half of one compound colour ("navy blue", "mustard-yellow"): exchanged, it means the same
+    others = [m for m in found if m.group(0).lower() != first.group(0).lower()
+              and caption[min(m.end(), first.end()): max(m.start(), first.start())].strip(" -")]
     if not others:
         return None
     second = others[0] if rng is None else others[rng.randrange(len(others))]

@@ -2,6 +2,7 @@
 collator's swapped captions, their weight in the ITM loss, the config's checks, and bench/bench_word_swaps."""
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from datasets.collate import TrainCollator, swap_two_words
 from datasets.tokenizer import build_tokenizer
 from engine.data import build_run_tokenizer, load_data, load_eval_splits
 from models.config import ModelConfigError
+from models.losses import itc_loss
 from models.ivt import build_model
 from models.objectives import RetrievalObjective
 from tests.tiny import tiny_overrides
@@ -34,6 +36,9 @@ COLOURS = ("black", "white", "red", "blue", "green", "pink")
     ("a blue coat", None),                      # one colour: nothing to exchange
     ("a blue coat and blue jeans", None),       # two, but the same
     ("a redhead in a whitewashed blue coat", None),  # whole words only: "redhead" is no "red"
+    ("a pink white skirt", None),                # one compound colour is no pair, with a space
+    ("a blue-green coat", None),                 # or a hyphen between its words
+    ("a pink white skirt and green shoes", "a green white skirt and pink shoes"),  # pink's partner: green, not white
 ])
 def test_two_different_words_are_exchanged(caption, swapped):
     assert swap_two_words(caption, frozenset(COLOURS)) == swapped
@@ -62,6 +67,9 @@ def test_the_loader_makes_swaps_only_when_itm_trains(tmp_path):
     base = tiny_overrides(tmp_path / "data") + [f"loss.itm_swap_words=[{','.join(COLOURS)}]"]
     cfg = load_config(None, base)
     assert swap_words_of(cfg) == ()  # itm_weight 0: no ITM, no swapped captions to tokenize
+    itc = ["loss.itc_weight=1", "loss.itc_normalize=true"]
+    assert swap_words_of(load_config(None, base + itc)) == ()  # ITC alone reads them only when told to
+    assert swap_words_of(load_config(None, base + itc + ["loss.itc_swap_negatives=true"])) == COLOURS
     cfg = load_config(None, base + ["model.fusion_layers=1", "loss.itm_weight=1"])
     records, _ = load_data(cfg)
     loader, sampler, dataset = build_train_loader(cfg, records, build_run_tokenizer(cfg, records, None))
@@ -148,3 +156,37 @@ def test_a_run_with_swaps_trains_and_the_bench_scores_each_caption_against_its_s
     assert all(0 <= share <= 100 for share in record["test"]["prefers_caption"].values())
     caption, swapped = record["test"]["example"].values()
     assert swapped == swap_two_words(caption, frozenset(COLOURS)) != caption
+
+
+def test_swapped_captions_join_the_image_to_text_softmax_only():
+    images = texts = torch.eye(2)
+    negatives = torch.tensor([[1.0, 0.0]])  # as close to image 0 as its own caption
+    loss = itc_loss(images, texts, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor(1.0),
+                    negative_texts=negatives)
+    e = math.e
+    i2t = (-math.log(e / (2 * e + 1)) - math.log(e / (e + 2))) / 2  # rows [1, 0, 1] and [0, 1, 0]
+    t2i = -math.log(e / (e + 1))  # unchanged: a swapped caption has no image of its own
+    assert loss.item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-6)
+    plain = itc_loss(images, texts, torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor(1.0))
+    assert plain.item() == pytest.approx(t2i, rel=1e-6)
+
+
+def test_the_objective_hands_the_swapped_captions_to_itc_when_told(tmp_path):
+    """Each extra negative adds to the image-to-text softmax's denominator, so the ITC loss of the same batch
+    rises with them, and only with loss.itc_swap_negatives."""
+    overrides = tiny_overrides(tmp_path / "data") + [
+        "loss.itc_weight=1", "loss.itc_normalize=true", "loss.cmpm_weight=0", "model.bmm_ratio=0",
+        "loss.itc_swap_negatives=true", f"loss.itm_swap_words=[{','.join(COLOURS)}]"]
+    cfg = load_config(None, overrides)
+    records, _ = load_data(cfg)
+    loader, sampler, dataset = build_train_loader(cfg, records, build_run_tokenizer(cfg, records, None))
+    sampler.set_epoch(0)
+    dataset.set_epoch(0)
+    batch = next(iter(loader))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with_swaps = RetrievalObjective(model, cfg.loss).eval()(batch)["itc_loss"]
+    told_not = load_config(None, overrides + ["loss.itc_swap_negatives=false"]).loss
+    without = RetrievalObjective(model, told_not).eval()(batch)["itc_loss"]
+    stripped = RetrievalObjective(model, cfg.loss).eval()({k: v for k, v in batch.items() if not k.startswith("swap_")})
+    assert with_swaps.item() > without.item() == pytest.approx(stripped["itc_loss"].item(), rel=1e-6)
