@@ -44,6 +44,15 @@ def test_two_different_words_are_exchanged(caption, swapped):
     assert swap_two_words(caption, frozenset(COLOURS)) == swapped
 
 
+def first_batch(cfg):
+    """The first training batch the loader of ``cfg`` gives."""
+    records, _ = load_data(cfg)
+    loader, sampler, dataset = build_train_loader(cfg, records, build_run_tokenizer(cfg, records, None))
+    sampler.set_epoch(0)
+    dataset.set_epoch(0)
+    return next(iter(loader))
+
+
 def _items(captions):
     return [{"images": torch.zeros(1, 3, 4, 2), "texts": [c], "caption": c, "pid": i, "index": i, "rng_seed": i}
             for i, c in enumerate(captions)]
@@ -71,11 +80,7 @@ def test_the_loader_makes_swaps_only_when_itm_trains(tmp_path):
     assert swap_words_of(load_config(None, base + itc)) == ()  # ITC alone reads them only when told to
     assert swap_words_of(load_config(None, base + itc + ["loss.itc_swap_negatives=true"])) == COLOURS
     cfg = load_config(None, base + ["model.fusion_layers=1", "loss.itm_weight=1"])
-    records, _ = load_data(cfg)
-    loader, sampler, dataset = build_train_loader(cfg, records, build_run_tokenizer(cfg, records, None))
-    sampler.set_epoch(0)
-    dataset.set_epoch(0)
-    batch = next(iter(loader))
+    batch = first_batch(cfg)
     assert batch["swap_valid"].any() and batch["swap_ids"].shape == batch["caption_ids"].shape
     assert not torch.equal(batch["swap_ids"][batch["swap_valid"]], batch["caption_ids"][batch["swap_valid"]])
     with pytest.raises(ConfigError, match="expects list"):  # the config loader's own type check
@@ -91,11 +96,7 @@ def test_each_swapped_caption_is_one_more_negative_of_the_itm_cross_entropy(tmp_
         "model.fusion_layers=1", "loss.itm_weight=1", "loss.cmpm_weight=0", "model.bmm_ratio=0",
         f"loss.itm_swap_words=[{','.join(COLOURS)}]"]
     cfg = load_config(None, overrides)
-    records, _ = load_data(cfg)
-    loader, sampler, dataset = build_train_loader(cfg, records, build_run_tokenizer(cfg, records, None))
-    sampler.set_epoch(0)
-    dataset.set_epoch(0)
-    batch = next(iter(loader))
+    batch = first_batch(cfg)
     torch.manual_seed(0)
     objective = RetrievalObjective(build_model(cfg), cfg.loss).eval()  # eval: no dropout, so passes compare
     torch.manual_seed(1)
@@ -178,11 +179,7 @@ def test_the_objective_hands_the_swapped_captions_to_itc_when_told(tmp_path):
         "loss.itc_weight=1", "loss.itc_normalize=true", "loss.cmpm_weight=0", "model.bmm_ratio=0",
         "loss.itc_swap_negatives=true", f"loss.itm_swap_words=[{','.join(COLOURS)}]"]
     cfg = load_config(None, overrides)
-    records, _ = load_data(cfg)
-    loader, sampler, dataset = build_train_loader(cfg, records, build_run_tokenizer(cfg, records, None))
-    sampler.set_epoch(0)
-    dataset.set_epoch(0)
-    batch = next(iter(loader))
+    batch = first_batch(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
     with_swaps = RetrievalObjective(model, cfg.loss).eval()(batch)["itc_loss"]
