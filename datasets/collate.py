@@ -1,5 +1,5 @@
 """Batch collation: stacked views, one tokenizer call for all text levels, MLM masking of the captions, and
-captions with two attribute words swapped (ITM negatives)."""
+captions with two attribute words swapped (ITM and ITC negatives)."""
 from __future__ import annotations
 
 import random
