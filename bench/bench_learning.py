@@ -18,7 +18,8 @@ Results go to --out as JSON lines (one per run) and the table is printed as Mark
 With --pretrain CONFIG the bench pretrains once (``train_pretrain.py``, into ``--runs-dir/pretrain-<digest>``, the
 digest of the resolved config and --pretrain-overrides: a changed config pretrains anew, an unchanged one reuses the
 finished run), tests that checkpoint zero-shot on every style (cosine ranking and ITM re-ranking), and then runs each
-variant from scratch and ``--init-from`` its last.pth (``--init`` picks one of the two). Every run's row also
+variant from scratch and ``--init-from`` its last.pth (``--init`` picks one of the two); ``--init-from CHECKPOINT``
+fine-tunes every run from a checkpoint made before (no pretraining, no zero-shot test). Every run's row also
 records the CMPM losses logged in its first epoch, against the uniform-softmax plateau of bench/bench_collapse.py.
 """
 from __future__ import annotations
@@ -230,6 +231,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, d
     for flag, folder in (("--data-dir", data_dir), ("--runs-dir", runs_dir)):
         if folder.exists() and not folder.is_dir():
             parser.error(f"{flag} {folder} is a file, not a folder")
+    if args.init_from and args.pretrain:
+        parser.error("give --pretrain (pretrain, then fine-tune from it) or --init-from (fine-tune from a "
+                     "checkpoint), not both")
+    if args.init_from and not Path(args.init_from).is_file():
+        parser.error(f"--init-from {args.init_from}: no such file")
     if args.out and not Path(args.out).parent.is_dir():
         parser.error(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
 
@@ -272,6 +278,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="overrides for the pretraining run only")
     parser.add_argument("--zero-shot-top-k", type=int, default=16,
                         help="with --pretrain: ITM re-ranking depth of the pretrained model's zero-shot test")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="instead of --pretrain: fine-tune every run from this checkpoint (an earlier "
+                             "pretraining's last.pth, for instance one another commit's config digest names)")
     parser.add_argument("--init", nargs="+", choices=("scratch", "pretrained"), default=None,
                         help="with --pretrain: which starting points to run (default both)")
     parser.add_argument("--table", nargs="+", default=None, metavar="JSONL",
@@ -295,6 +304,8 @@ def emit(row: dict, out: str | None) -> None:
 def starting_points(args: argparse.Namespace, data_dir: Path, runs_dir: Path) -> tuple[dict, dict]:
     """({init: checkpoint or None}, the pretraining's record); with --pretrain, pretrains (or finds the cached run)
     and emits its zero-shot test on every style first."""
+    if args.init_from:
+        return {"pretrained": Path(args.init_from)}, {}
     if not args.pretrain:
         return {"scratch": None}, {}
     checkpoint, pretraining = pretrain_once(args.pretrain, args.pretrain_overrides, runs_dir, args.dry_run)

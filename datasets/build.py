@@ -40,6 +40,16 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def swap_words_of(cfg: Any) -> tuple[str, ...]:
+    """``loss.itm_swap_words`` when a loss reads the swapped captions the collator then makes (ITM trains, or ITC
+    with ``loss.itc_swap_negatives``), else ()."""
+    words = cfg.loss.get("itm_swap_words") or ()
+    if isinstance(words, str) or not all(isinstance(word, str) and word.strip() for word in words):
+        raise ConfigError(f"loss.itm_swap_words must be a list of words, got {words!r}")
+    used = cfg.loss.itm_weight > 0 or (cfg.loss.itc_weight > 0 and cfg.loss.get("itc_swap_negatives", False))
+    return tuple(words) if used else ()
+
+
 def build_train_loader(
     cfg: Any,
     records: Sequence[Any],
@@ -91,7 +101,7 @@ def build_train_loader(
         num_workers=workers,
         pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()),
         persistent_workers=False,
-        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, levels, mlm),
+        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, levels, mlm, swap_words_of(cfg)),
         worker_init_fn=worker_init if workers > 0 else None,
     )
     return loader, sampler, dataset
@@ -122,7 +132,7 @@ def build_shard_loader(cfg: Any, tokenizer: BertTokenizerFast, *, rank: int = 0,
     loader = DataLoader(
         stream, batch_size=None, num_workers=workers,
         pin_memory=bool(cfg.data.pin_memory and torch.cuda.is_available()), persistent_workers=False,
-        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, ("sentence",), mlm),
+        collate_fn=TrainCollator(tokenizer, cfg.text.max_text_len, ("sentence",), mlm, swap_words_of(cfg)),
         worker_init_fn=worker_init if workers > 0 else None,
     )
     return loader, stream, stream

@@ -1,6 +1,9 @@
-"""Batch collation: stacked views, one tokenizer call for all text levels, and MLM masking of the captions."""
+"""Batch collation: stacked views, one tokenizer call for all text levels, MLM masking of the captions, and
+captions with two attribute words swapped (ITM and ITC negatives)."""
 from __future__ import annotations
 
+import random
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -12,6 +15,7 @@ from datasets.batch_augment import stack_images
 
 IGNORE_INDEX = -100
 AUGMENT_STREAM = 1  # appended to the item seeds for the device augmentation's noise generator
+SWAP_STREAM = 2  # appended to an item's seed for its choice of the words to swap
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,31 @@ def mask_tokens(
     return masked, labels
 
 
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def swap_two_words(caption: str, words: frozenset[str], rng: random.Random | None = None) -> str | None:
+    """``caption`` with two different words of ``words`` exchanged, or None when it has no two different ones
+    ("a pink shirt, green shorts" -> "a green shirt, pink shorts"). Whole words, case-insensitive; each word moves
+    as written; two words with nothing but spaces or a hyphen between them are one colour and never a pair. Without
+    ``rng`` the first such word and the next different one; with it, a pair drawn at random
+    (the first word uniformly, then its partner among the different ones), so that over the epochs every part a
+    caption names is asked about."""
+    found = [m for m in _WORD.finditer(caption) if m.group(0).lower() in words]
+    if not found:
+        return None
+    first = found[0] if rng is None else found[rng.randrange(len(found))]
+    # not the other half of one compound colour ("navy blue", "mustard-yellow"): exchanged, it means the same
+    others = [m for m in found if m.group(0).lower() != first.group(0).lower()
+              and caption[min(m.end(), first.end()): max(m.start(), first.start())].strip(" -")]
+    if not others:
+        return None
+    second = others[0] if rng is None else others[rng.randrange(len(others))]
+    first, second = sorted((first, second), key=lambda m: m.start())
+    return (caption[: first.start()] + second.group(0) + caption[first.end(): second.start()] + first.group(0)
+            + caption[second.end():])
+
+
 def seed_from_items(seeds: Sequence[int]) -> int:
     """A 63-bit generator seed that depends on every item seed (order included)."""
     return int(np.random.SeedSequence([int(s) for s in seeds]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
@@ -154,7 +183,9 @@ class TrainCollator:
 
     images [V*B, 3, H, W] view-major (every record's view 0, then view 1, ...), image_pids [V*B];
     text_ids, text_mask [L*B, T] level-major, text_pids [L*B]; pids [B]; indices [B];
-    caption_ids, caption_mask [B, T] (the sentence level); with MLM also mlm_ids, mlm_labels [B, T].
+    caption_ids, caption_mask [B, T] (the sentence level); with MLM also mlm_ids, mlm_labels [B, T]; with
+    ``swap_words`` also swap_ids, swap_mask [B, T] (each caption with two of those words exchanged, see
+    swap_two_words; the caption itself where it has no two) and swap_valid [B] bool (a swap was made).
     All texts go through one tokenizer call, so T is the longest text of the batch (capped at max_text_len).
 
     Items of the device augmentation path (``image_uint8`` instead of ``images``) give, instead of images:
@@ -169,6 +200,7 @@ class TrainCollator:
         max_text_len: int,
         levels: Sequence[str],
         mlm: MlmSettings | None = None,
+        swap_words: Sequence[str] = (),
     ):
         if not levels:
             raise ValueError("TrainCollator: text.levels must name at least one level")
@@ -176,6 +208,7 @@ class TrainCollator:
         self.max_text_len = max_text_len
         self.levels = tuple(levels)
         self.mlm = mlm
+        self.swap_words = frozenset(word.lower() for word in swap_words)
         self._special_ids = list(tokenizer.all_special_ids)
         self._vocab_size = len(tokenizer)
 
@@ -206,6 +239,14 @@ class TrainCollator:
         else:
             first = len(texts)
             texts += [item["caption"] for item in items]
+        swapped: list[str | None] = []
+        if self.swap_words:
+            # each item's own stream (its seed changes every epoch), apart from the MLM generator's
+            swapped = [swap_two_words(caption, self.swap_words, random.Random(seed_from_items([item["rng_seed"],
+                                                                                               SWAP_STREAM])))
+                       for caption, item in zip(texts[first: first + b], items)]
+            texts += [other if other is not None else caption
+                      for other, caption in zip(swapped, texts[first: first + b])]
         enc = self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt"
         )
@@ -222,6 +263,9 @@ class TrainCollator:
             "caption_ids": ids[first : first + b].clone(),
             "caption_mask": mask[first : first + b].clone(),
         }
+        if swapped:
+            batch["swap_ids"], batch["swap_mask"] = ids[-b:], mask[-b:]
+            batch["swap_valid"] = torch.tensor([other is not None for other in swapped])
         if self.mlm is not None:
             gen = torch.Generator().manual_seed(seed_from_items([item["rng_seed"] for item in items]))
             batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(

@@ -94,6 +94,7 @@ def itc_loss(
     image_ids: torch.Tensor,
     text_ids: torch.Tensor,
     temperature: torch.Tensor,
+    negative_texts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Image-text contrastive loss with id-aware soft targets (ALBEF/IVT pretraining style).
 
@@ -103,6 +104,8 @@ def itc_loss(
         image_ids: [N] ids (person id, or record index for one-hot targets).
         text_ids: [M] ids.
         temperature: scalar tensor (may be a learnable parameter; gradients flow through it).
+        negative_texts: [S, D] or None: more text embeddings, a negative of every image, in the image-to-text
+            direction only (they have no image of their own to be ranked against).
 
     Returns:
         scalar float32: 0.5 * (CE_i2t + CE_t2i), each a soft cross-entropy against the same-id matrix
@@ -120,7 +123,11 @@ def itc_loss(
             target = labels / labels.sum(dim=1, keepdim=True).clamp(min=1.0)
             return -(target * F.log_softmax(lg, dim=1)).sum(dim=1).mean()
 
-        return 0.5 * (soft_ce(logits, same) + soft_ce(logits.t(), same.t()))
+        i2t_logits, i2t_same = logits, same
+        if negative_texts is not None and negative_texts.shape[0]:
+            extra = image_feats.float() @ negative_texts.float().t() / temperature.float().reshape(())  # [N, S]
+            i2t_logits, i2t_same = torch.cat([logits, extra], dim=1), torch.cat([same, torch.zeros_like(extra)], dim=1)
+        return 0.5 * (soft_ce(i2t_logits, i2t_same) + soft_ce(logits.t(), same.t()))
 
 
 def _world() -> tuple[int, int]:
@@ -277,7 +284,7 @@ def itm_targets(batch_size: int, device: torch.device | str) -> torch.Tensor:
 
 
 def itm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the 2-way ITM head: logits [3B, 2], targets [3B] long -> scalar float32."""
+    """Cross-entropy of the 2-way ITM head: logits [n, 2], targets [n] long -> scalar float32."""
     if logits.dim() != 2 or logits.shape[1] != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(
             f"itm_loss: expected logits [n, 2] and targets [n], got {tuple(logits.shape)} and {tuple(targets.shape)}"

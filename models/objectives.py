@@ -44,6 +44,10 @@ class RetrievalObjective(nn.Module):
         self.negative_floor = float(loss_cfg.get("itm_negative_floor", HARD_NEGATIVE_WEIGHT_FLOOR))
         self.exclude_same_caption = bool(loss_cfg.get("itm_exclude_same_caption", False))
         self.itm_objective = itm_objective_of(loss_cfg)
+        self.itc_swap_negatives = bool(loss_cfg.get("itc_swap_negatives", False))
+        if loss_cfg.get("itm_swap_words") and self.weights["itm"] > 0 and self.itm_objective != "match":
+            raise ModelConfigError("loss.itm_swap_words adds negatives without a positive of their own: it needs "
+                                   "loss.itm_objective match, not rank")
         self.epochs_done = 0.0  # training progress in epochs (set_progress), for the hardness ramp
         needs_fusion = self.weights["itm"] > 0 or self.weights["mlm"] > 0
         if needs_fusion and not model.has_fusion:
@@ -100,13 +104,18 @@ class RetrievalObjective(nn.Module):
             v, t = view0_feats, caption_feats
             if self.itc_normalize:
                 v, t = F.normalize(v, dim=-1), F.normalize(t, dim=-1)
+            swapped = self._swapped(batch)
             if w["itc"] > 0:
                 gv, gt, vp, tp = self._maybe_gather(v, t, pids, pids)
-                out["itc_loss"] = w["itc"] * itc_loss(gv, gt, vp, tp, temperature)
+                # this rank's swapped captions only: their number differs between ranks
+                negatives = swapped[3] if swapped is not None and self.itc_swap_negatives else None
+                if negatives is not None and self.itc_normalize:
+                    negatives = F.normalize(negatives, dim=-1)
+                out["itc_loss"] = w["itc"] * itc_loss(gv, gt, vp, tp, temperature, negative_texts=negatives)
                 out["temperature"] = temperature.detach()
             if w["itm"] > 0:
                 out["itm_loss"] = w["itm"] * self._itm(view0_tokens, v, caption_tokens, t, caption_mask, pids,
-                                                      temperature, caption_ids)
+                                                      temperature, caption_ids, swapped)
             if w["mlm"] > 0:
                 masked_tokens, _ = model.encode_text(batch["mlm_ids"], caption_mask, bmm=False)
                 labels = batch["mlm_labels"]
@@ -115,8 +124,20 @@ class RetrievalObjective(nn.Module):
                 out["mlm_loss"] = w["mlm"] * mlm_loss(logits, labels[positions])
         return out
 
+    def _swapped(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+        """(rows [S], tokens [S,T,D], mask [S,T], features [S,D]) of the batch's word-swapped captions that differ
+        from their caption (datasets.collate.swap_two_words), encoded as the captions are; None without any."""
+        if "swap_ids" not in batch:
+            return None
+        rows = batch["swap_valid"].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return None
+        ids, mask = batch["swap_ids"][rows], batch["swap_mask"][rows]
+        tokens, feats = self.model.encode_text(ids, mask, bmm=False)
+        return rows, tokens, mask, feats
+
     def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature,
-             caption_ids=None) -> torch.Tensor:
+             caption_ids=None, swapped=None) -> torch.Tensor:
         """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call.
 
         Negatives are drawn from the softmax of the ITC similarities (``image_feats``/``text_feats`` as ITC sees
@@ -126,6 +147,8 @@ class RetrievalObjective(nn.Module):
         see ``hardness`` for its ramp. ``loss.itm_negative_top_k`` keeps each anchor's k most similar candidates,
         ``loss.itm_exclude_same_caption`` never draws a caption identical to the anchor's (caption_ids [B, T]).
         ``loss.itm_objective`` rank trains the same pairs with :func:`~models.losses.itm_rank_loss` instead.
+        ``swapped`` (see _swapped) adds S negatives: image i with its own caption, two attribute words exchanged,
+        which no other image of the batch can stand in for: they ask the head which part each word belongs to.
         """
         hardness = self.hardness()
         with torch.no_grad():
@@ -139,10 +162,17 @@ class RetrievalObjective(nn.Module):
         neg_image_for_text, neg_text_for_image = sample_hard_negatives(
             sim_i2t, pids, pids, check=self.negative_check, floor=self.negative_floor, top_k=self.negative_top_k,
             never=never)
-        text_all = torch.cat([text_tokens, text_tokens, text_tokens[neg_text_for_image]])
-        mask_all = torch.cat([text_mask, text_mask, text_mask[neg_text_for_image]])
-        image_all = torch.cat([image_tokens, image_tokens[neg_image_for_text], image_tokens])
-        logits = self.model.itm_logits(text_all, mask_all, image_all)
+        texts = [text_tokens, text_tokens, text_tokens[neg_text_for_image]]
+        masks = [text_mask, text_mask, text_mask[neg_text_for_image]]
+        images = [image_tokens, image_tokens[neg_image_for_text], image_tokens]
+        if swapped is not None:
+            rows, swap_tokens, swap_mask, _ = swapped
+            texts.append(swap_tokens)
+            masks.append(swap_mask)
+            images.append(image_tokens[rows])
+        logits = self.model.itm_logits(torch.cat(texts), torch.cat(masks), torch.cat(images))
         if self.itm_objective == "rank":
             return itm_rank_loss(logits)
-        return itm_loss(logits, itm_targets(pids.shape[0], logits.device))
+        targets = itm_targets(pids.shape[0], logits.device)
+        targets = torch.cat([targets, targets.new_zeros(logits.shape[0] - targets.shape[0])])
+        return itm_loss(logits, targets)

@@ -151,3 +151,20 @@ def test_pretrained_json_holds_the_finished_attempt_alone(bench, tmp_path, monke
     _, record = bench.pretrain_once(config, ["train.epochs=2"], tmp_path, dry_run=False)
     assert record["zero_shot_val_curve"] == [[0, 12.5], [1, 13.5]]
     assert json.loads((run_dir / "PRETRAINED.json").read_text())["zero_shot_val_curve"] == [[0, 12.5], [1, 13.5]]
+
+
+def test_init_from_fine_tunes_every_run_from_the_checkpoint_given(bench, tmp_path: Path, capsys) -> None:
+    checkpoint = tmp_path / "earlier" / "last.pth"
+    common = ["--dry-run", "--num-ids", "6", "--seeds", "0", "--styles", "classic", "street",
+              "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--init-from", str(checkpoint)])
+    assert f"--init-from {checkpoint}: no such file" in capsys.readouterr().err
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--init-from", str(checkpoint), "--pretrain", "configs/demo_pretrain.yaml"])
+    assert "not both" in capsys.readouterr().err
+    bench.main([*common, "--init-from", str(checkpoint)])
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and all(f"--init-from {checkpoint}" in c and "-pretrained-" in c for c in commands)
