@@ -4,12 +4,12 @@
         --data-root data/synthetic-cuhkpedes --out bench/results/word_swaps.json
 
 For every val/test caption with two different words of the list (``--words``, else the checkpoint's own
-``loss.itm_swap_words``), the first of them and the next different one are exchanged ("a pink shirt, green
-shorts" -> "a green shirt, pink shorts", datasets.collate.swap_two_words) and both texts are scored against the
-caption's own image. Reported per split and per score: the share of those captions that score above their swap
-(``prefers_caption``; 50% is a coin, ties count half). The cosine of pooled features can hardly tell the two apart,
-the same words in another order; a re-ranker that checks each word against its part of the picture (the ITM head)
-should. Any synthetic style or real dataset in a supported format: nothing here reads the generator.
+``loss.itm_swap_words``), the first of them and the next different one (not of the same compound colour) are
+exchanged ("a pink shirt, green shorts" -> "a green shirt, pink shorts", datasets.collate.swap_two_words) and both
+texts are scored against the caption's own image. Reported per split and per score: the share of those captions
+that score above their swap (``prefers_caption``; 50% is a coin, ties count half). A model that places each colour
+on its part scores near 100%; one that only knows which colours are named, near 50%. Any synthetic style or real
+dataset in a supported format: nothing here reads the generator.
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def measure_split(model, cfg, tokenizer, records, words: frozenset[str], batch_s
     if not kept:
         return {"captions": len(records), "swappable": 0}
     paths = sorted({records[i].image_path for i in kept})
-    image_of = torch.tensor([paths.index(records[i].image_path) for i in kept])
+    position = {path: index for index, path in enumerate(paths)}
+    image_of = torch.tensor([position[records[i].image_path] for i in kept])
     texts = [captions[i] for i in kept] + [swaps[i] for i in kept]
     transform, limit = build_test_transform(cfg.input), query_token_limit(cfg, "standard")
     images = F.normalize(encode_images(model, paths, transform, batch_size, "cpu", False, 0).float(), dim=-1)

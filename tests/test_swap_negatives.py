@@ -72,7 +72,7 @@ def test_the_collator_tokenizes_the_swapped_captions_beside_the_captions():
     assert decoded == ["a green shirt and pink shorts", "a blue coat", "black shoes and a red bag"]
 
 
-def test_the_loader_makes_swaps_only_when_itm_trains(tmp_path):
+def test_the_loader_makes_swaps_only_when_a_loss_reads_them(tmp_path):
     base = tiny_overrides(tmp_path / "data") + [f"loss.itm_swap_words=[{','.join(COLOURS)}]"]
     cfg = load_config(None, base)
     assert swap_words_of(cfg) == ()  # itm_weight 0: no ITM, no swapped captions to tokenize
