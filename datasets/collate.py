@@ -184,8 +184,9 @@ class TrainCollator:
     images [V*B, 3, H, W] view-major (every record's view 0, then view 1, ...), image_pids [V*B];
     text_ids, text_mask [L*B, T] level-major, text_pids [L*B]; pids [B]; indices [B];
     caption_ids, caption_mask [B, T] (the sentence level); with MLM also mlm_ids, mlm_labels [B, T]; with
-    ``swap_words`` also swap_ids, swap_mask [B, T] (each caption with two of those words exchanged, see
-    swap_two_words; the caption itself where it has no two) and swap_valid [B] bool (a swap was made).
+    ``swap_words`` also swap_rows [S] (the items whose caption has two of those words, S <= B), swap_ids,
+    swap_mask [S, T] (those captions with two of the words exchanged, see swap_two_words): the rows come ready,
+    so the training device never reads a mask back to find them.
     All texts go through one tokenizer call, so T is the longest text of the batch (capped at max_text_len).
 
     Items of the device augmentation path (``image_uint8`` instead of ``images``) give, instead of images:
@@ -240,13 +241,13 @@ class TrainCollator:
             first = len(texts)
             texts += [item["caption"] for item in items]
         swapped: list[str | None] = []
+        swaps_start = len(texts)  # the swapped captions follow every other text
         if self.swap_words:
             # each item's own stream (its seed changes every epoch), apart from the MLM generator's
             swapped = [swap_two_words(caption, self.swap_words, random.Random(seed_from_items([item["rng_seed"],
                                                                                                SWAP_STREAM])))
                        for caption, item in zip(texts[first: first + b], items)]
-            texts += [other if other is not None else caption
-                      for other, caption in zip(swapped, texts[first: first + b])]
+            texts += [other for other in swapped if other is not None]
         enc = self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt"
         )
@@ -263,9 +264,10 @@ class TrainCollator:
             "caption_ids": ids[first : first + b].clone(),
             "caption_mask": mask[first : first + b].clone(),
         }
-        if swapped:
-            batch["swap_ids"], batch["swap_mask"] = ids[-b:], mask[-b:]
-            batch["swap_valid"] = torch.tensor([other is not None for other in swapped])
+        if self.swap_words:
+            rows = [row for row, other in enumerate(swapped) if other is not None]
+            batch["swap_rows"] = torch.tensor(rows, dtype=torch.long)
+            batch["swap_ids"], batch["swap_mask"] = ids[swaps_start:], mask[swaps_start:]
         if self.mlm is not None:
             gen = torch.Generator().manual_seed(seed_from_items([item["rng_seed"] for item in items]))
             batch["mlm_ids"], batch["mlm_labels"] = mask_tokens(

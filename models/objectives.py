@@ -127,14 +127,11 @@ class RetrievalObjective(nn.Module):
     def _swapped(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
         """(rows [S], tokens [S,T,D], mask [S,T], features [S,D]) of the batch's word-swapped captions that differ
         from their caption (datasets.collate.swap_two_words), encoded as the captions are; None without any."""
-        if "swap_ids" not in batch:
+        if "swap_ids" not in batch or batch["swap_ids"].shape[0] == 0:  # a shape: no read of device values
             return None
-        rows = batch["swap_valid"].nonzero().squeeze(1)
-        if rows.numel() == 0:
-            return None
-        ids, mask = batch["swap_ids"][rows], batch["swap_mask"][rows]
-        tokens, feats = self.model.encode_text(ids, mask, bmm=False)
-        return rows, tokens, mask, feats
+        mask = batch["swap_mask"]
+        tokens, feats = self.model.encode_text(batch["swap_ids"], mask, bmm=False)
+        return batch["swap_rows"], tokens, mask, feats
 
     def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature,
              caption_ids=None, swapped=None) -> torch.Tensor:

@@ -65,12 +65,12 @@ def test_foreach_sgd_is_bit_identical_and_fused_agrees_to_rounding():
         torch.testing.assert_close(default[key], fused[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def _step_syncs(model_overrides, loss_overrides) -> HostSyncCounter:
+def _step_syncs(model_overrides, loss_overrides, batch_extra=None) -> HostSyncCounter:
     torch.manual_seed(0)
     model = IVT(IVTConfig(**{**TINY, "fusion_layers": 1, **model_overrides}))
     objective = RetrievalObjective(model, {**LOSSES, **loss_overrides}).train()
     optimizer = build_optimizer(model, load_config(None, ["train.optimizer_impl=foreach"]).train)
-    batch = _batch()
+    batch = {**_batch(), **(batch_extra or {})}
     with HostSyncCounter() as syncs:
         out = objective(batch)
         sum(v for k, v in out.items() if k.endswith("_loss")).backward()
@@ -85,6 +85,18 @@ def test_the_itm_step_has_no_host_sync_with_the_device_side_check():
     assert host.total == 1 and "sample_hard_negatives" in next(iter(host.sites))
     device = _step_syncs({"bmm_ratio": 0.0}, {**itm, "itm_negative_check": "device"})
     assert device.total == 0, device.sites
+
+
+def test_swapped_caption_negatives_add_no_host_sync():
+    batch = _batch()
+    rows = torch.tensor([0, 2])  # the collator's layout: the items that have a swap, and their swapped captions
+    swap_ids = batch["caption_ids"][rows].clone()
+    swap_ids[:, [1, 2]] = swap_ids[:, [2, 1]]
+    extra = {"swap_rows": rows, "swap_ids": swap_ids, "swap_mask": batch["caption_mask"][rows].clone()}
+    losses = {"itm_weight": 1.0, "itc_weight": 1.0, "itc_normalize": True, "itm_negative_check": "device",
+              "itm_swap_words": ["red", "blue"], "itc_swap_negatives": True}
+    syncs = _step_syncs({"bmm_ratio": 0.0}, losses, extra)
+    assert syncs.total == 0, syncs.sites
 
 
 def test_the_fine_tuning_step_reads_back_only_its_host_side_bmm_draws():

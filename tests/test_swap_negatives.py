@@ -66,10 +66,12 @@ def test_the_collator_tokenizes_the_swapped_captions_beside_the_captions():
     batch = TrainCollator(tokenizer, 32, ("sentence",), swap_words=COLOURS)(_items(captions))
     assert "swap_ids" not in plain
     assert torch.equal(batch["caption_ids"], plain["caption_ids"])  # the swaps change nothing else
-    assert batch["swap_valid"].tolist() == [True, False, True]
-    assert batch["swap_ids"].shape == batch["caption_ids"].shape
+    assert batch["swap_rows"].tolist() == [0, 2]  # "a blue coat" has no two colours to exchange
+    assert batch["swap_ids"].shape == (2, batch["caption_ids"].shape[1])
     decoded = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batch["swap_ids"]]
-    assert decoded == ["a green shirt and pink shorts", "a blue coat", "black shoes and a red bag"]
+    assert decoded == ["a green shirt and pink shorts", "black shoes and a red bag"]
+    none = TrainCollator(tokenizer, 32, ("sentence",), swap_words=COLOURS)(_items(["a blue coat"]))
+    assert none["swap_rows"].shape == (0,) and none["swap_ids"].shape[0] == 0
 
 
 def test_the_loader_makes_swaps_only_when_a_loss_reads_them(tmp_path):
@@ -81,8 +83,9 @@ def test_the_loader_makes_swaps_only_when_a_loss_reads_them(tmp_path):
     assert swap_words_of(load_config(None, base + itc + ["loss.itc_swap_negatives=true"])) == COLOURS
     cfg = load_config(None, base + ["model.fusion_layers=1", "loss.itm_weight=1"])
     batch = first_batch(cfg)
-    assert batch["swap_valid"].any() and batch["swap_ids"].shape == batch["caption_ids"].shape
-    assert not torch.equal(batch["swap_ids"][batch["swap_valid"]], batch["caption_ids"][batch["swap_valid"]])
+    rows = batch["swap_rows"]
+    assert 0 < rows.numel() <= batch["caption_ids"].shape[0] and batch["swap_ids"].shape[0] == rows.numel()
+    assert (batch["swap_ids"] != batch["caption_ids"][rows]).any(dim=1).all()  # every row is a real swap
     with pytest.raises(ConfigError, match="expects list"):  # the config loader's own type check
         load_config(None, base + ["loss.itm_weight=1", "loss.itm_swap_words=red"])
     with pytest.raises(ConfigError, match=r"loss.itm_swap_words must be a list of words, got \('red', 3\)"):
@@ -103,13 +106,13 @@ def test_each_swapped_caption_is_one_more_negative_of_the_itm_cross_entropy(tmp_
     with_swaps = objective(batch)["itm_loss"]
     torch.manual_seed(1)  # the same hard negatives
     without = objective({k: v for k, v in batch.items() if not k.startswith("swap_")})["itm_loss"]
-    model, rows = objective.model, batch["swap_valid"].nonzero().squeeze(1)
+    model, rows = objective.model, batch["swap_rows"]
     b, s = batch["pids"].shape[0], rows.numel()
     assert 0 < s <= b
     with torch.no_grad():
         image_tokens, _ = model.encode_image(batch["images"][:b])
-        swap_tokens, _ = model.encode_text(batch["swap_ids"][rows], batch["swap_mask"][rows], bmm=False)
-        logits = model.itm_logits(swap_tokens, batch["swap_mask"][rows], image_tokens[rows])
+        swap_tokens, _ = model.encode_text(batch["swap_ids"], batch["swap_mask"], bmm=False)
+        logits = model.itm_logits(swap_tokens, batch["swap_mask"], image_tokens[rows])
     swapped = F.cross_entropy(logits, torch.zeros(s, dtype=torch.long))
     torch.testing.assert_close(with_swaps, (3 * b * without + s * swapped) / (3 * b + s), rtol=1e-5, atol=1e-6)
 

@@ -22,15 +22,15 @@ with torch.inference_mode():
             break
         B = b["pids"].shape[0]
         img, _ = model.encode_image(b["images"][:B], bmm=False)
-        v = b["swap_valid"]
+        v = b["swap_rows"]  # the batch layout since the host-sync change (a bool swap_valid [B] when it ran)
         ct, _ = model.encode_text(b["caption_ids"][v], b["caption_mask"][v], bmm=False)
-        st, _ = model.encode_text(b["swap_ids"][v], b["swap_mask"][v], bmm=False)
+        st, _ = model.encode_text(b["swap_ids"], b["swap_mask"], bmm=False)
         lc = model.itm_logits(ct, b["caption_mask"][v], img[v])
-        ls = model.itm_logits(st, b["swap_mask"][v], img[v])
+        ls = model.itm_logits(st, b["swap_mask"], img[v])
         pc = model.cosine_prior(ct, b["caption_mask"][v], img[v])
-        ps = model.cosine_prior(st, b["swap_mask"][v], img[v])
+        ps = model.cosine_prior(st, b["swap_mask"], img[v])
         mc, ms = lc[:, 1] - lc[:, 0], ls[:, 1] - ls[:, 0]
         hc, hs = mc - pc[:, 1], ms - ps[:, 1]
-        wins += float((hc > hs).float().sum()); prior_wins += float((pc[:, 1] > ps[:, 1]).float().sum()); total += int(v.sum())
+        wins += float((hc > hs).float().sum()); prior_wins += float((pc[:, 1] > ps[:, 1]).float().sum()); total += v.numel()
         print(i, "match prob caption / swap", torch.softmax(lc, 1)[:, 1].mean().item(), torch.softmax(ls, 1)[:, 1].mean().item())
 print("train pairs", total, "head alone prefers caption", round(100 * wins / total, 1), "prior", round(100 * prior_wins / total, 1))
