@@ -14,7 +14,9 @@ holds a centre). Chance is per picture, averaged like the hits. Heatmaps compare
 the contrastive split of the output tokens, integrated gradients over the input patches (models/explain.py), two
 text-side baselines, and the one the web page shows ("served"). Per part it also reports how often the model
 scores the query above the same query in each other colour of the captions: a model that cannot tell a part's
-colour leaves no explanation anything to point at. The data set is written when missing.
+colour leaves no explanation anything to point at; and where the colour it ranks first comes from, the part's own,
+another part's of the same picture (a colour word read as the picture's colours, not bound to the part it names),
+or neither. The data set is written when missing.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUERY = {"upper": "a person in {}", "lower": "a person in {}", "shoes": "a person wearing {}",
          "bag": "a person with {}", "hat": "a person with {}", "umbrella": "a person holding {}"}
 PLURAL = ("shoes", "pants", "shorts")
-SERVED = "served: integrated-gradients + colour foils"  # the web page's map (engine.explanation.explain_with)
+SERVED = "served: integrated-gradients + colour foils"
+COLOUR_SOURCES = ("own", "another part", "neither")  # colour_source  # the web page's map (engine.explanation.explain_with)
 
 
 def query_for(part: str, words: str) -> str:
@@ -131,11 +134,15 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int) -> dict:
             code = PARTS.index(part)
             if not (parts == code).any():
                 continue  # hidden in this picture (an occluder, the view)
-            row = tally.setdefault(part, {"area": [], "colour_top1": [], "colours": [len(colours)]})
+            row = tally.setdefault(part, {"area": [], "colour_top1": [], "colour_source": [],
+                                          "colours": [len(colours)]})
             row["area"].append(float((parts == code).mean()))
             foils = [c for c in colours if c != words.split()[0]]
-            told, maps = _one_query(model, tokenizer, cfg, path, part, words, foils, (baseline, text_mean), steps)
+            told, picked, maps = _one_query(model, tokenizer, cfg, path, part, words, foils, (baseline, text_mean),
+                                            steps)
             row["colour_top1"].append(told)
+            elsewhere = {other.split()[0] for name_, other in described[name].items() if name_ != part}
+            row["colour_source"].append(colour_source(picked, words.split()[0], elsewhere))
             for kind in ("contrastive", SERVED):  # how much of the picture the page draws strongly red
                 for drawing, weights in drawn(maps[kind]).items():
                     row.setdefault(f"drawn|{kind}|{drawing}", []).append(weights)
@@ -158,10 +165,11 @@ def drawn(patch_map: torch.Tensor) -> dict[str, float]:
 
 
 def _one_query(model, tokenizer, cfg, path: str, part: str, words: str, foils: list[str], baselines: tuple,
-               steps: int) -> tuple[bool, dict[str, torch.Tensor]]:
+               steps: int) -> tuple[bool, str, dict[str, torch.Tensor]]:
     """The one-attribute query of ``part`` (``words``, colour first) on the picture at ``path``: (does the model
     score it above the same query with each colour of ``foils``, so that it tells this part's colour at all;
-    the heatmaps of _maps and the web page's, "served"). baselines: (the gallery's, mean caption direction)."""
+    the colour it ranks first among the query's own and ``foils``; the heatmaps of _maps and the web page's,
+    "served"). baselines: (the gallery's, mean caption direction)."""
     import torch.nn.functional as F
 
     from engine.encoding import tokenize
@@ -177,18 +185,31 @@ def _one_query(model, tokenizer, cfg, path: str, part: str, words: str, foils: l
         foil_units = F.normalize(model.encode_text(*others, bmm=False)[1].float(), dim=1)  # [C, D]
         query_unit = F.normalize(model.encode_text(ids, mask, bmm=False)[1].float(), dim=1)[0]
         image_unit = F.normalize(model.encode_image(pixels, bmm=False)[1].float(), dim=1)[0]
-    told = bool(float(query_unit @ image_unit) > float((foil_units @ image_unit).max()))
+    foil_scores = foil_units @ image_unit
+    told = bool(float(query_unit @ image_unit) > float(foil_scores.max()))
+    picked = words.split()[0] if told else foils[int(foil_scores.argmax())]
     baseline, text_mean = baselines
     maps = _maps(model, pixels, ids, mask, baseline, text_mean, steps)
     maps[SERVED] = explain_with(model, tokenizer, cfg, "cpu", query_for(part, words), path, baseline).patch_map
-    return told, maps
+    return told, picked, maps
+
+
+def colour_source(picked: str, own: str, elsewhere: set[str]) -> str:
+    """Where the colour a model ranks first for a part comes from: "own" (the part's colour), "another part" (a
+    colour another part of the same picture wears: the word read as a bag of the picture's colours, not bound to
+    the part it names) or "neither"."""
+    if picked == own:
+        return "own"
+    return "another part" if picked in elsewhere else "neither"
 
 
 def _summary(row: dict[str, list]) -> dict:
     """One part's tallies -> queries, area share, how often the model ranks the query's colour first among the
     captions' colours for this part (and that rate's chance), and per rule its chance and each heatmap's hit rate."""
     out: dict = {"queries": len(row["area"]), "area_share": float(np.mean(row["area"])),
-                 "colour_top1": float(np.mean(row["colour_top1"])), "colour_chance": 1 / row["colours"][0]}
+                 "colour_top1": float(np.mean(row["colour_top1"])), "colour_chance": 1 / row["colours"][0],
+                 "colour_source": {source: row["colour_source"].count(source) / len(row["colour_source"])
+                                   for source in COLOUR_SOURCES}}
     for key, values in row.items():
         if key.startswith("drawn|"):
             _, kind, drawing = key.split("|")
@@ -218,6 +239,11 @@ def table(results: dict) -> str:
             lines.append(f"| {part} | {row['queries']} | {100 * row['area_share']:.1f}% | "
                          f"{100 * row['colour_top1']:.1f}% ({100 * row['colour_chance']:.1f}%) | {rule} | "
                          f"{100 * entry['chance']:.1f}% | {rates} |")
+    lines += ["", "| part | the colour ranked first: the part's own | another part's of the same picture | neither |",
+              "|---|---|---|---|"]
+    for part, row in results.items():
+        lines.append(f"| {part} | " + " | ".join(f"{100 * row['colour_source'][s]:.1f}%" for s in COLOUR_SOURCES)
+                     + " |")
     drawings = list(next(iter(results.values()))["red_above_half"])
     lines += ["", "| part | " + " | ".join(f"{k}: patches drawn above half red, before / now" for k in drawings) + " |",
               "|---|" + "---|" * len(drawings)]

@@ -7,9 +7,11 @@ For every val/test caption with two different words of the list (``--words``, el
 ``loss.itm_swap_words``), the first of them and the next different one (not of the same compound colour) are
 exchanged ("a pink shirt, green shorts" -> "a green shirt, pink shorts", datasets.collate.swap_two_words) and both
 texts are scored against the caption's own image. Reported per split and per score: the share of those captions
-that score above their swap (``prefers_caption``; 50% is a coin, ties count half). A model that places each colour
-on its part scores near 100%; one that only knows which colours are named, near 50%. Any synthetic style or real
-dataset in a supported format: nothing here reads the generator.
+that score above their swap (``prefers_caption``; 50% is a coin, ties count half). The scores: the cosine, the
+ITM match logit (models with a fusion stack; with a residual head also the head alone), and for models trained
+with MLM the image-conditioned MLM's verdict with both words masked (``mlm_scores``), a generative check of the
+same question. A model that places each colour on its part scores near 100%; one that only knows which colours
+are named, near 50%. Any synthetic style or real dataset in a supported format: nothing here reads the generator.
 """
 from __future__ import annotations
 
@@ -60,7 +62,55 @@ def measure_split(model, cfg, tokenizer, records, words: frozenset[str], batch_s
         if model.config.itm_residual:
             head = itm - cosine / float(model.temperature)
             out["prefers_caption"]["itm_head_alone"] = preference(head[:n], head[n:])
+    if getattr(model, "has_fusion", False) and float(cfg.loss.mlm_weight) > 0:
+        own, swapped, skipped = mlm_scores(model, cfg, tokenizer, texts[:n], texts[n:],
+                                           [paths[int(i)] for i in image_of], batch_size)
+        out["prefers_caption"]["mlm"] = preference(own, swapped)
+        out["mlm_skipped"] = skipped
     return out
+
+
+def mlm_scores(model, cfg, tokenizer, captions: list[str], swaps: list[str], image_paths: list[str],
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The image-conditioned MLM's verdict on each caption against its swap: both exchanged words masked at once
+    in the same text ("a [MASK] shirt, [MASK] shorts"), log P(first word at its place) + log P(second at its) for
+    the caption, the same with the two exchanged for the swap, on the caption's own image. A generative score:
+    the masked text is the same for both, so only which word the image puts where decides. Returns (caption
+    [M], swap [M], pairs skipped): a pair is skipped when the exchange does not change exactly two tokens (a
+    colour of several word pieces)."""
+    from engine.explanation import pixels_of
+
+    limit = int(cfg.text.max_text_len)
+    own_ids = tokenizer(captions, truncation=True, max_length=limit)["input_ids"]
+    swap_ids = tokenizer(swaps, truncation=True, max_length=limit)["input_ids"]
+    kept, places = [], []
+    for i, (a, b) in enumerate(zip(own_ids, swap_ids)):
+        changed = [t for t, (x, y) in enumerate(zip(a, b)) if x != y] if len(a) == len(b) else []
+        if len(changed) == 2:
+            kept.append(i)
+            places.append(changed)
+    own, swapped = [], []
+    for start in range(0, len(kept), batch_size):
+        rows = kept[start:start + batch_size]
+        length = max(len(own_ids[i]) for i in rows)
+        ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            ids[r, :len(own_ids[i])] = torch.tensor(own_ids[i])
+            mask[r, :len(own_ids[i])] = 1
+        at = torch.tensor(places[start:start + batch_size])  # [R, 2]
+        first, second = ids.gather(1, at).unbind(1)  # the caption's two words, in its order
+        ids.scatter_(1, at, tokenizer.mask_token_id)
+        positions = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, at, True)
+        image_tokens, _ = model.encode_image(pixels_of(cfg, [image_paths[i] for i in rows], "cpu"), bmm=False)
+        text_tokens, _ = model.encode_text(ids, mask, bmm=False)
+        logp = torch.log_softmax(model.mlm_logits(text_tokens, mask, image_tokens, positions=positions).float(),
+                                 dim=-1).reshape(len(rows), 2, -1)  # row-major: each row's two places in order
+        index = torch.arange(len(rows))
+        own.append(logp[index, 0, first] + logp[index, 1, second])
+        swapped.append(logp[index, 0, second] + logp[index, 1, first])
+    empty = torch.zeros(0)
+    return (torch.cat(own) if own else empty, torch.cat(swapped) if swapped else empty, len(captions) - len(kept))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -233,3 +233,54 @@ def test_the_page_explanation_splits_words_exactly_and_regions_by_integrated_gra
     assert "rather than the same words in other colours" in why_html(why, 1)
     plain = explain_with(model, tokenizer, cfg, "cpu", "a woman with a backpack", paths[0], baseline)
     assert plain.foils == 0 and "Red regions raise the score for the description above" in why_html(plain, 1)
+
+
+def test_colour_source_tells_a_bound_colour_from_another_parts_colour():
+    from bench.bench_pointing import colour_source
+
+    assert colour_source("black", "black", {"black", "red"}) == "own"  # shoes as black as the trousers: still own
+    assert colour_source("red", "black", {"red", "blue"}) == "another part"  # "black shoes" read as the red coat
+    assert colour_source("green", "black", {"red", "blue"}) == "neither"
+
+
+def test_the_pointing_game_reports_where_each_top_colour_comes_from(tmp_path):
+    from bench import bench_pointing
+    from datasets.synthetic import make_synthetic
+
+    root = make_synthetic("cuhkpedes", tmp_path / "synth", num_ids=6, seed=0)
+    checkpoint = make_checkpoint(tmp_path / "tiny.pth", root, seed=1, extra=["model.feature_pool=mean",  # as the demo
+                                                                             "eval.explain_steps=4"])
+    record = bench_pointing.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--split", "test",
+                                  "--limit", "3", "--out", str(tmp_path / "pointing.json")])
+    # brute force: every colour of the captions in the one-attribute query, the picked one the highest cosine
+    import json
+
+    from datasets.readers import load_annotations
+    from engine.checkpoints import load_for_inference
+    from engine.encoding import tokenize
+    from engine.explanation import pixels_of
+
+    model, cfg, tokenizer, _ = load_for_inference(checkpoint, None, [], "cpu")
+    described = json.loads((root / "parts.json").read_text())["images"]
+    colours = sorted({words.split()[0] for d in described.values() for words in d.values()})
+    images = list(dict.fromkeys(r.image_path for r in load_annotations("cuhkpedes", root).test))[:3]
+    expected: dict[str, list[str]] = {}
+    for path in images:
+        worn = described[Path(path).relative_to(root / "imgs").as_posix()]
+        for part, words in worn.items():
+            queries = [bench_pointing.query_for(part, " ".join([c] + words.split()[1:])) for c in colours]
+            with torch.no_grad():
+                text = F.normalize(model.encode_text(*tokenize(tokenizer, queries, cfg.text.max_text_len, "cpu"),
+                                                   bmm=False)[1], dim=1)
+                image = F.normalize(model.encode_image(pixels_of(cfg, [path], "cpu"), bmm=False)[1], dim=1)[0]
+            picked = colours[int((text @ image).argmax())]
+            others = {w.split()[0] for p, w in worn.items() if p != part}
+            expected.setdefault(part, []).append("own" if picked == words.split()[0]
+                                                 else "another part" if picked in others else "neither")
+    assert set(record["results"]) == set(expected)  # every part of these pictures shows in its map here
+    for part, row in record["results"].items():
+        assert row["colour_source"] == {s: pytest.approx(expected[part].count(s) / len(expected[part]))
+                                        for s in ("own", "another part", "neither")}, part
+        # the query's own colour ranks first exactly when the model tells the colour: two counts of one ranking
+        assert row["colour_source"]["own"] == pytest.approx(row["colour_top1"]), part
+    assert any(row["colour_source"]["another part"] > 0 for row in record["results"].values())

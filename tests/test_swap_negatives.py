@@ -190,3 +190,41 @@ def test_the_objective_hands_the_swapped_captions_to_itc_when_told(tmp_path):
     without = RetrievalObjective(model, told_not).eval()(batch)["itc_loss"]
     stripped = RetrievalObjective(model, cfg.loss).eval()({k: v for k, v in batch.items() if not k.startswith("swap_")})
     assert with_swaps.item() > without.item() == pytest.approx(stripped["itc_loss"].item(), rel=1e-6)
+
+
+def test_the_mlm_verdict_masks_both_exchanged_words_and_reads_each_at_its_place(tmp_path):
+    """bench_word_swaps.mlm_scores in batches of padded captions equals the same sum of log-probabilities taken
+    one pair at a time; a swap that changes the token count is skipped and counted."""
+    from datasets.synthetic import make_synthetic
+    from engine.explanation import pixels_of
+
+    root = make_synthetic("cuhkpedes", tmp_path / "data", num_ids=6, seed=0)
+    cfg = load_config(None, tiny_overrides(root) + ["model.fusion_layers=1"])
+    test = load_eval_splits(cfg).split("test")[:5]
+    captions = [r.caption.lower() for r in test]
+    tokenizer = build_tokenizer(cfg.text, captions * 20)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    swaps = [swap_two_words(c, frozenset(COLOURS)) for c in captions]
+    kept = [i for i, s in enumerate(swaps) if s is not None][:4]
+    assert len(kept) >= 3
+    texts, swapped = [captions[i] for i in kept], [swaps[i] for i in kept]
+    swapped[-1] = swapped[-1] + " and more words"  # another length: not a two-word exchange
+    paths = [test[i].image_path for i in kept]
+    with torch.inference_mode():
+        own, other, skipped = bench_word_swaps.mlm_scores(model, cfg, tokenizer, texts, swapped, paths, batch_size=2)
+        assert skipped == 1 and own.shape == other.shape == (len(kept) - 1,)
+        for row in range(len(kept) - 1):
+            ids = torch.tensor([tokenizer(texts[row])["input_ids"]])
+            places = (ids[0] != torch.tensor(tokenizer(swapped[row])["input_ids"])).nonzero().squeeze(1)
+            a, b = ids[0, places].tolist()
+            masked = ids.clone()
+            masked[0, places] = tokenizer.mask_token_id
+            at = torch.zeros_like(ids, dtype=torch.bool)
+            at[0, places] = True
+            image_tokens, _ = model.encode_image(pixels_of(cfg, [paths[row]], "cpu"), bmm=False)
+            text_tokens, _ = model.encode_text(masked, torch.ones_like(ids), bmm=False)
+            logp = torch.log_softmax(model.mlm_logits(text_tokens, torch.ones_like(ids), image_tokens, positions=at),
+                                     dim=-1)
+            torch.testing.assert_close(own[row], logp[0, a] + logp[1, b], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(other[row], logp[0, b] + logp[1, a], rtol=1e-4, atol=1e-5)
