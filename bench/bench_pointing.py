@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUERY = {"upper": "a person in {}", "lower": "a person in {}", "shoes": "a person wearing {}",
          "bag": "a person with {}", "hat": "a person with {}", "umbrella": "a person holding {}"}
 PLURAL = ("shoes", "pants", "shorts")
-SERVED = "served: integrated-gradients + colour foils"
-COLOUR_SOURCES = ("own", "another part", "neither")  # colour_source  # the web page's map (engine.explanation.explain_with)
+SERVED = "served: integrated-gradients + colour foils"  # the web page's map (engine.explanation.explain_with)
+COLOUR_SOURCES = ("own", "another part", "neither")  # colour_source
 
 
 def query_for(part: str, words: str) -> str:
@@ -135,7 +135,7 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int) -> dict:
             if not (parts == code).any():
                 continue  # hidden in this picture (an occluder, the view)
             row = tally.setdefault(part, {"area": [], "colour_top1": [], "colour_source": [],
-                                          "colours": [len(colours)]})
+                                          "colour_source_chance": [], "colours": [len(colours)]})
             row["area"].append(float((parts == code).mean()))
             foils = [c for c in colours if c != words.split()[0]]
             told, picked, maps = _one_query(model, tokenizer, cfg, path, part, words, foils, (baseline, text_mean),
@@ -143,6 +143,7 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int) -> dict:
             row["colour_top1"].append(told)
             elsewhere = {other.split()[0] for name_, other in described[name].items() if name_ != part}
             row["colour_source"].append(colour_source(picked, words.split()[0], elsewhere))
+            row["colour_source_chance"].append(colour_source_chance(words.split()[0], elsewhere, len(foils) + 1))
             for kind in ("contrastive", SERVED):  # how much of the picture the page draws strongly red
                 for drawing, weights in drawn(maps[kind]).items():
                     row.setdefault(f"drawn|{kind}|{drawing}", []).append(weights)
@@ -194,6 +195,12 @@ def _one_query(model, tokenizer, cfg, path: str, part: str, words: str, foils: l
     return told, picked, maps
 
 
+def colour_source_chance(own: str, elsewhere: set[str], candidates: int) -> dict[str, float]:
+    """colour_source's rates for a colour drawn at random among ``candidates`` (the part's own and its foils)."""
+    other = len(elsewhere - {own}) / candidates
+    return {"own": 1 / candidates, "another part": other, "neither": 1 - 1 / candidates - other}
+
+
 def colour_source(picked: str, own: str, elsewhere: set[str]) -> str:
     """Where the colour a model ranks first for a part comes from: "own" (the part's colour), "another part" (a
     colour another part of the same picture wears: the word read as a bag of the picture's colours, not bound to
@@ -209,7 +216,9 @@ def _summary(row: dict[str, list]) -> dict:
     out: dict = {"queries": len(row["area"]), "area_share": float(np.mean(row["area"])),
                  "colour_top1": float(np.mean(row["colour_top1"])), "colour_chance": 1 / row["colours"][0],
                  "colour_source": {source: row["colour_source"].count(source) / len(row["colour_source"])
-                                   for source in COLOUR_SOURCES}}
+                                   for source in COLOUR_SOURCES},
+                 "colour_source_chance": {source: float(np.mean([c[source] for c in row["colour_source_chance"]]))
+                                          for source in COLOUR_SOURCES}}
     for key, values in row.items():
         if key.startswith("drawn|"):
             _, kind, drawing = key.split("|")
@@ -239,11 +248,12 @@ def table(results: dict) -> str:
             lines.append(f"| {part} | {row['queries']} | {100 * row['area_share']:.1f}% | "
                          f"{100 * row['colour_top1']:.1f}% ({100 * row['colour_chance']:.1f}%) | {rule} | "
                          f"{100 * entry['chance']:.1f}% | {rates} |")
-    lines += ["", "| part | the colour ranked first: the part's own | another part's of the same picture | neither |",
-              "|---|---|---|---|"]
+    lines += ["", "| part | the colour ranked first (at random): the part's own | another part's of the same picture "
+                  "| neither |", "|---|---|---|---|"]
     for part, row in results.items():
-        lines.append(f"| {part} | " + " | ".join(f"{100 * row['colour_source'][s]:.1f}%" for s in COLOUR_SOURCES)
-                     + " |")
+        rates = (f"{100 * row['colour_source'][s]:.1f}% ({100 * row['colour_source_chance'][s]:.1f}%)"
+                 for s in COLOUR_SOURCES)
+        lines.append(f"| {part} | " + " | ".join(rates) + " |")
     drawings = list(next(iter(results.values()))["red_above_half"])
     lines += ["", "| part | " + " | ".join(f"{k}: patches drawn above half red, before / now" for k in drawings) + " |",
               "|---|" + "---|" * len(drawings)]

@@ -236,11 +236,14 @@ def test_the_page_explanation_splits_words_exactly_and_regions_by_integrated_gra
 
 
 def test_colour_source_tells_a_bound_colour_from_another_parts_colour():
-    from bench.bench_pointing import colour_source
+    from bench.bench_pointing import colour_source, colour_source_chance
 
     assert colour_source("black", "black", {"black", "red"}) == "own"  # shoes as black as the trousers: still own
     assert colour_source("red", "black", {"red", "blue"}) == "another part"  # "black shoes" read as the red coat
     assert colour_source("green", "black", {"red", "blue"}) == "neither"
+    # at random among 10 colours: the own one, 2 others worn elsewhere (black counts as own), 7 worn nowhere
+    assert colour_source_chance("black", {"black", "red", "blue"}, 10) == pytest.approx(
+        {"own": 0.1, "another part": 0.2, "neither": 0.7})
 
 
 def test_the_pointing_game_reports_where_each_top_colour_comes_from(tmp_path):
@@ -248,7 +251,8 @@ def test_the_pointing_game_reports_where_each_top_colour_comes_from(tmp_path):
     from datasets.synthetic import make_synthetic
 
     root = make_synthetic("cuhkpedes", tmp_path / "synth", num_ids=6, seed=0)
-    checkpoint = make_checkpoint(tmp_path / "tiny.pth", root, seed=1, extra=["model.feature_pool=mean",  # as the demo
+    # mean pooling, as the demo: the page's map needs a contrastive model
+    checkpoint = make_checkpoint(tmp_path / "tiny.pth", root, seed=1, extra=["model.feature_pool=mean",
                                                                              "eval.explain_steps=4"])
     record = bench_pointing.main(["--checkpoint", str(checkpoint), "--data-root", str(root), "--split", "test",
                                   "--limit", "3", "--out", str(tmp_path / "pointing.json")])
@@ -283,4 +287,6 @@ def test_the_pointing_game_reports_where_each_top_colour_comes_from(tmp_path):
                                         for s in ("own", "another part", "neither")}, part
         # the query's own colour ranks first exactly when the model tells the colour: two counts of one ranking
         assert row["colour_source"]["own"] == pytest.approx(row["colour_top1"]), part
+        assert row["colour_source_chance"]["own"] == pytest.approx(1 / len(colours))
+        assert sum(row["colour_source_chance"].values()) == pytest.approx(1.0)
     assert any(row["colour_source"]["another part"] > 0 for row in record["results"].values())
