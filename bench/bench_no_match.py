@@ -292,27 +292,6 @@ def flagged_at(m: dict, name: str, limit: float) -> float | None:
     return 100.0 * float((absent < threshold).float().mean())
 
 
-def fit_ends(short: dict, full: dict, name: str, share: float, rounds: int = 100) -> dict:
-    """A variant of engine.calibration's threshold for one statistic: the same two ends (values at the median word
-    count of short queries and of whole captions), each moved in turn by the ``share`` quantile of its set's right
-    best answers' statistic minus the threshold as read for each of them, until neither moves; so that, as read,
-    the threshold flags ``share`` of each set's right answers, not only at its median word count."""
-    from engine.calibration import threshold_at
-
-    sets = [(m[f"present_{name}"][m["right"]].float(), m["words"][m["right"]]) for m in (short, full)]
-    entry = {"words": [float(m["words"].float().median()) for m in (short, full)],
-             "values": [float(torch.quantile(stat, share)) for stat, _ in sets]}
-    for _ in range(rounds):
-        moved = 0.0
-        for end, (stat, count) in enumerate(sets):
-            step = float(torch.quantile(stat - threshold_at(entry, count), share))
-            entry["values"][end] += step
-            moved = max(moved, abs(step))
-        if moved < 1e-7:
-            break
-    return {name: entry}
-
-
 def compare(measured: dict[str, dict], quantile: float, limit: float) -> dict:
     """Every rule calibrated on val (``quantile``) and applied to val and test; each statistic's separability
     and what it could do at best (best_at_limit); the chosen statistic (see chosen_by)."""
@@ -330,11 +309,6 @@ def compare(measured: dict[str, dict], quantile: float, limit: float) -> dict:
         table["+".join(rule)] = {"thresholds": thresholds, **{
             split: {kind: rates_of(m, thresholds, m["about_nobody"]) for kind, m in both.items()}
             for split, both in measured.items()}}
-
-    fitted = fit_ends(measured["val"]["short"], measured["val"]["full"], "cosine", quantile)
-    table["cosine, ends fitted per set"] = {"thresholds": fitted, **{
-        split: {kind: rates_of(m, fitted, m["about_nobody"]) for kind, m in both.items()}
-        for split, both in measured.items()}}
 
     auc = {name: {split: {kind: separability(m, name) for kind, m in both.items()}
                   for split, both in measured.items()} for name in [*singles, "lda"]}

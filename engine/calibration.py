@@ -4,10 +4,11 @@
   Statistic ``cosine``: the best cosine itself; ``zscore``: the best score's distance from the mean of the
   query's scores over the gallery, in standard deviations (whether the best image stands out). Rule ``cosine``
   (``eval.no_match_rule``) tests the first, ``zscore`` the second, ``both`` flags when either is low. A threshold
-  is the quantile of its statistic over the split's queries whose best image is the right person
-  (``eval.no_match_quantile``, shared evenly by the rule's statistics), measured twice: on what people type (the
-  first clause of each caption, "a man in a green shirt") and on the whole annotator's captions; a query's
-  threshold is read between the two by its number of words, since scores grow with the length of a description.
+  flags a share of the split's queries whose best image is the right person (``eval.no_match_quantile``, shared
+  evenly by the rule's statistics), measured twice: on what people type (the first clause of each caption, "a man
+  in a green shirt") and on the whole annotator's captions; a query's threshold is read between the two by its
+  number of words, since scores grow with the length of a description, and the two ends are fitted so that, read
+  that way, each set is flagged at that share (fit_ends).
   Both error rates are measured: right best answers flagged, and queries about a person removed from the gallery
   (every image of their id taken out) not flagged.
 - Re-ranking that never loses: the top k ordered by ``cosine + w * ITM`` (the ITM match logit rescaled to the
@@ -113,17 +114,42 @@ def threshold_at(entry: dict, words: torch.Tensor) -> torch.Tensor:
 
 def no_match_thresholds(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], quantile: float,
                         rule: str, statistics: Sequence[str] | None = None) -> dict[str, dict] | None:
-    """Each statistic's threshold: its quantile over the queries whose best image is right, at ``quantile`` split
-    evenly between the rule's statistics (so that at most about ``quantile`` of them are flagged), measured on the
-    short queries and on the whole captions, each at its median word count (see threshold_at). None without a
-    right answer in either set. ``statistics``: any measured ones instead of the rule's (bench/bench_no_match.py)."""
+    """Each statistic's threshold: at ``quantile`` split evenly between the rule's statistics (so that at most
+    about ``quantile`` of the right answers are flagged), two ends, one at the median word count of the short
+    queries and one at that of the whole captions (see threshold_at), fitted so that, read per query, the
+    threshold flags that share of each set's right best answers (fit_ends). None without a right answer in either
+    set. ``statistics``: any measured ones instead of the rule's (bench/bench_no_match.py)."""
     if not (bool(short["right"].any()) and bool(full["right"].any())):
         return None
     names = tuple(statistics) if statistics else rule_statistics(rule)
     share = quantile / len(names)
-    return {name: {"words": [float(short["words"].float().median()), float(full["words"].float().median())],
-                   "values": [float(torch.quantile(m[f"present_{name}"][m["right"]], share)) for m in (short, full)]}
+    words = [float(short["words"].float().median()), float(full["words"].float().median())]
+    return {name: fit_ends(words, [(m[f"present_{name}"][m["right"]].float(), m["words"][m["right"]])
+                                   for m in (short, full)], share)
             for name in names}
+
+
+def fit_ends(words: list[float], sets: list[tuple[torch.Tensor, torch.Tensor]], share: float,
+             rounds: int = 100) -> dict:
+    """A threshold entry (threshold_at) with its ends at ``words`` whose values flag ``share`` of each set's right
+    answers as read per query. sets: (statistic [n], word counts [n]) of the short queries' and of the whole
+    captions' right answers. Each end starts at its set's ``share`` quantile, which is exact only for queries of
+    the median length: a short query longer than the median reads a threshold raised towards the whole captions',
+    so the set would be flagged more often than ``share``. Each end is then moved in turn
+    by the ``share`` quantile of its set's statistic minus the threshold read for each of its queries, until
+    neither moves (the ends interact only through the queries between the two medians)."""
+    entry = {"words": list(words), "values": [float(torch.quantile(stat, share)) for stat, _ in sets]}
+    if words[1] <= words[0]:  # one constant threshold (threshold_at): nothing to fit between two ends
+        return entry
+    for _ in range(rounds):
+        moved = 0.0
+        for end, (stat, count) in enumerate(sets):
+            step = float(torch.quantile(stat - threshold_at(entry, count), share))
+            entry["values"][end] += step
+            moved = max(moved, abs(step))
+        if moved < 1e-7:
+            break
+    return entry
 
 
 def flagged(measured: dict[str, torch.Tensor], thresholds: dict[str, dict], where: str) -> torch.Tensor:

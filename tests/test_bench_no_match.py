@@ -73,22 +73,3 @@ def test_clauses_are_the_parts_a_right_person_must_fit():
     assert clauses("A man with long hair wears a blue coat and red shorts.") == \
         ["A man", "long hair wears a blue coat", "red shorts"]
     assert clauses("coat") == ["coat"]  # nothing of two words: the whole text
-
-
-def test_fitted_ends_flag_the_share_of_each_set_as_read_per_query():
-    from engine.calibration import threshold_at
-
-    from bench.bench_no_match import fit_ends
-
-    # short queries of 2, 4 and 6 words (median 4) scoring 0.3, 0.4, 0.35; whole captions of 12 words at 0.9;
-    # share 0: no right answer may fall below its threshold. The short set's minimum, 0.3 at 4 words, reads
-    # 0.3 + (6 - 4) / (12 - 4) * (0.9 - 0.3) = 0.45 at 6 words, above that query's 0.35: the short end moves down
-    # until v0 + 0.25 * (0.9 - v0) = 0.35, v0 = 1/6
-    short = {"present_cosine": torch.tensor([0.3, 0.4, 0.35]), "right": torch.tensor([True] * 3),
-             "words": torch.tensor([2, 4, 6])}
-    full = {"present_cosine": torch.tensor([0.9, 0.9]), "right": torch.tensor([True] * 2),
-            "words": torch.tensor([12, 12])}
-    entry = fit_ends(short, full, "cosine", 0.0)["cosine"]
-    assert entry["words"] == [4.0, 12.0] and entry["values"] == pytest.approx([1 / 6, 0.9], abs=1e-5)
-    for m in (short, full):
-        assert bool((m["present_cosine"] >= threshold_at(entry, m["words"]) - 1e-5).all())  # nobody right flagged

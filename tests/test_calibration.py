@@ -172,3 +172,34 @@ def test_the_itm_objective_trains_the_same_pairs_with_the_chosen_loss(monkeypatc
     cfg = load_config(None, base + ["loss.itm_objective=listwise"])
     with pytest.raises(ValueError, match="loss.itm_objective must be one of match | rank, got 'listwise'"):
         RetrievalObjective(build_model(cfg), cfg.loss)
+
+
+def test_the_thresholds_flag_the_share_of_each_set_as_read_per_query():
+    # short queries of 2, 4 and 6 words (median 4) scoring 0.3, 0.4, 0.35; whole captions of 12 words at 0.9;
+    # share 0: no right answer may fall below its threshold. The short set's minimum, 0.3 at 4 words, would read
+    # 0.3 + (6 - 4) / (12 - 4) * (0.9 - 0.3) = 0.45 at 6 words, above that query's 0.35: the short end moves down
+    # until v0 + 0.25 * (0.9 - v0) = 0.35, v0 = 1/6
+    short = {"present_cosine": torch.tensor([0.3, 0.4, 0.35]), "right": torch.tensor([True] * 3),
+             "words": torch.tensor([2, 4, 6])}
+    full = {"present_cosine": torch.tensor([0.9, 0.9]), "right": torch.tensor([True] * 2),
+            "words": torch.tensor([12, 12])}
+    entry = no_match_thresholds(short, full, 0.0, "cosine")["cosine"]
+    assert entry["words"] == [4.0, 12.0] and entry["values"] == pytest.approx([1 / 6, 0.9], abs=1e-5)
+    for m in (short, full):
+        assert bool((m["present_cosine"] >= threshold_at(entry, m["words"]) - 1e-5).all())  # nobody right flagged
+    # a share: 40 short queries of 4-12 words, 40 whole captions of 12-20, whole captions scoring far above short
+    # queries, each set rising little with length (as measured); the ends' quantiles at the medians alone flag
+    # more of the short set than asked (its longer half reads thresholds raised towards the whole captions'), the
+    # fitted ends flag each set at the share as read
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for low, base in ((4, 0.3), (12, 0.7)):
+        words = torch.randint(low, low + 9, (40,), generator=g)
+        sets.append({"present_cosine": base + 0.005 * words + 0.05 * torch.randn(40, generator=g),
+                     "right": torch.ones(40, dtype=torch.bool), "words": words})
+    fitted = no_match_thresholds(*sets, 0.1, "cosine")
+    for m in sets:
+        assert float(flagged(m, fitted, "present").float().mean()) == pytest.approx(0.1, abs=0.026)  # 4 of 40 +- 1
+    median_ends = {"cosine": {"words": fitted["cosine"]["words"],
+                              "values": [float(torch.quantile(m["present_cosine"], 0.1)) for m in sets]}}
+    assert float(flagged(sets[0], median_ends, "present").float().mean()) > 0.15
