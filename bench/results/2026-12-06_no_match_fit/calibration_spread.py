@@ -73,8 +73,10 @@ def summary(rows: list[dict]) -> str:
                             ("absent_not_flagged", "absent persons not flagged")):
             cells = []
             for key in ("val_short", "val_full", "test_short", "test_full"):
-                values = torch.tensor([r["rules"][rule][key].get(rate) or 0.0 for r in rows])
-                over = f", > 10% in {int((values > 10).sum())} of {len(rows)}" if rate == "right_top1_flagged" else ""
+                rates = [r["rules"][rule][key].get(rate) or 0.0 for r in rows]
+                values = torch.tensor(rates, dtype=torch.float64)
+                over = (f", > 10% in {sum(v > 10 for v in rates)} of {len(rows)}" if rate == "right_top1_flagged"
+                        else "")
                 spread = f"{float(values.min()):.1f}-{float(values.max()):.1f}"
                 cells.append(f"{float(values.median()):.1f}% ({spread}{over})")
             lines.append(f"| {rule} | {label} | " + " | ".join(cells) + " |")
