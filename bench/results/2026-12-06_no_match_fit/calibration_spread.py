@@ -20,6 +20,7 @@ from engine.data import load_eval_splits
 from engine.encoding import encode_images, encode_texts
 from engine.evaluation import build_eval_protocol, query_token_limit
 from utils.checkpoint import atomic_save, load_file
+from utils.errors import user_errors_as_one_line
 
 QUANTILE = 0.08
 
@@ -83,6 +84,7 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@user_errors_as_one_line()
 def main() -> None:
     if sys.argv[1] == "--summary":  # the table of JSONL files already written
         print(summary([json.loads(line) for path in sys.argv[2:] for line in Path(path).read_text().splitlines()]))
