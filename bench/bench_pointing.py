@@ -141,7 +141,7 @@ def play(checkpoint: str, data_root: Path, split: str, limit: int) -> dict:
             told, picked, maps = _one_query(model, tokenizer, cfg, path, part, words, foils, (baseline, text_mean),
                                             steps)
             row["colour_top1"].append(told)
-            elsewhere = {other.split()[0] for name_, other in described[name].items() if name_ != part}
+            elsewhere = {worn.split()[0] for other_part, worn in described[name].items() if other_part != part}
             row["colour_source"].append(colour_source(picked, words.split()[0], elsewhere))
             row["colour_source_chance"].append(colour_source_chance(words.split()[0], elsewhere, len(foils) + 1))
             for kind in ("contrastive", SERVED):  # how much of the picture the page draws strongly red

@@ -135,9 +135,9 @@ def fit_ends(words: list[float], sets: list[tuple[torch.Tensor, torch.Tensor]], 
     answers as read per query. sets: (statistic [n], word counts [n]) of the short queries' and of the whole
     captions' right answers. Each end starts at its set's ``share`` quantile, which is exact only for queries of
     the median length: a short query longer than the median reads a threshold raised towards the whole captions',
-    so the set would be flagged more often than ``share``. Each end is then moved in turn
-    by the ``share`` quantile of its set's statistic minus the threshold read for each of its queries, until
-    neither moves (the ends interact only through the queries between the two medians)."""
+    so the set would be flagged more often than ``share``. Each end is then moved in turn by the ``share`` quantile
+    of its set's statistic minus the threshold read for each of its queries, until neither moves (the ends
+    interact only through the queries between the two medians)."""
     entry = {"words": list(words), "values": [float(torch.quantile(stat, share)) for stat, _ in sets]}
     if words[1] <= words[0]:  # one constant threshold (threshold_at): nothing to fit between two ends
         return entry
