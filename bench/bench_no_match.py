@@ -292,9 +292,10 @@ def flagged_at(m: dict, name: str, limit: float) -> float | None:
     return 100.0 * float((absent < threshold).float().mean())
 
 
-def compare(measured: dict[str, dict], quantile: float, limit: float) -> dict:
-    """Every rule calibrated on val (``quantile``) and applied to val and test; each statistic's separability
-    and what it could do at best (best_at_limit); the chosen statistic (see chosen_by)."""
+def compare(measured: dict[str, dict], quantile: float, limit: float, knots: Sequence[float]) -> dict:
+    """Every rule calibrated on val (``quantile``; ``knots``: the model's eval.no_match_knots) and applied to val
+    and test; each statistic's separability and what it could do at best (best_at_limit); the chosen statistic
+    (see chosen_by)."""
     from engine.calibration import no_match_thresholds
 
     singles = [k.removeprefix("present_") for k in measured["val"]["short"] if k.startswith("present_")]
@@ -304,7 +305,7 @@ def compare(measured: dict[str, dict], quantile: float, limit: float) -> dict:
     add_linear_combination(measured, singles)
     table = {}
     for rule in rules_tried(singles) + [("lda",)]:
-        thresholds = no_match_thresholds(measured["val"]["short"], measured["val"]["full"], quantile, "",
+        thresholds = no_match_thresholds(measured["val"]["short"], measured["val"]["full"], quantile, "", knots,
                                          statistics=rule)
         table["+".join(rule)] = {"thresholds": thresholds, **{
             split: {kind: rates_of(m, thresholds, m["about_nobody"]) for kind, m in both.items()}
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         measured = {split: encode_split(model, cfg, tokenizer, splits.split(split), people, args.batch_size)
                     for split in ("val", "test")}
-    result = compare(measured, args.quantile, args.limit)
+    result = compare(measured, args.quantile, args.limit, cfg.eval.no_match_knots)
     counts = {split: {kind: {"queries": int(m["right"].numel()), "right": int(m["right"].sum()),
                              "absent": int(m["has_positive"].sum()),
                              "about_nobody": None if m["about_nobody"] is None else

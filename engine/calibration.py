@@ -7,8 +7,9 @@
   flags a share of the split's queries whose best image is the right person (``eval.no_match_quantile``, shared
   evenly by the rule's statistics), measured twice: on what people type (the first clause of each caption, "a man
   in a green shirt") and on the whole annotator's captions; a query's threshold is read between the two by its
-  number of words, since scores grow with the length of a description, and the two ends are fitted so that, read
-  that way, each set is flagged at that share (fit_ends).
+  number of words, since scores grow with the length of a description (flat over most of each set, rising where
+  the two meet), and the two ends are fitted so that, read that way, each set is flagged at that share
+  (fit_ends).
   Both error rates are measured: right best answers flagged, and queries about a person removed from the gallery
   (every image of their id taken out) not flagged.
 - Re-ranking that never loses: the top k ordered by ``cosine + w * ITM`` (the ITM match logit rescaled to the
@@ -113,17 +114,23 @@ def threshold_at(entry: dict, words: torch.Tensor) -> torch.Tensor:
 
 
 def no_match_thresholds(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], quantile: float,
-                        rule: str, statistics: Sequence[str] | None = None) -> dict[str, dict] | None:
+                        rule: str, knots: Sequence[float], statistics: Sequence[str] | None = None
+                        ) -> dict[str, dict] | None:
     """Each statistic's threshold: at ``quantile`` split evenly between the rule's statistics (so that at most
-    about ``quantile`` of the right answers are flagged), two ends, one at the median word count of the short
-    queries and one at that of the whole captions (see threshold_at), fitted so that, read per query, the
-    threshold flags that share of each set's right best answers (fit_ends). None without a right answer in either
-    set. ``statistics``: any measured ones instead of the rule's (bench/bench_no_match.py)."""
+    about ``quantile`` of the right answers are flagged), two ends (see threshold_at) at the word counts where
+    the two sets meet: the ``knots[0]`` quantile of the short queries' word counts and the ``knots[1]`` quantile
+    of the whole captions' (``eval.no_match_knots``; the medians where those cross), fitted so that, read per
+    query, the threshold flags that share of each set's right best answers (fit_ends). Between the ends the
+    threshold rises with the length; outside them it is flat, so most of each set reads its own end. None without
+    a right answer in either set. ``statistics``: any measured ones instead of the rule's (bench_no_match)."""
     if not (bool(short["right"].any()) and bool(full["right"].any())):
         return None
     names = tuple(statistics) if statistics else rule_statistics(rule)
     share = quantile / len(names)
-    words = [float(short["words"].float().median()), float(full["words"].float().median())]
+    words = [float(torch.quantile(short["words"].float(), float(knots[0]))),
+             float(torch.quantile(full["words"].float(), float(knots[1])))]
+    if words[1] <= words[0]:  # the sets overlap that far in length: the medians
+        words = [float(short["words"].float().median()), float(full["words"].float().median())]
     return {name: fit_ends(words, [(m[f"present_{name}"][m["right"]].float(), m["words"][m["right"]])
                                    for m in (short, full)], share)
             for name in names}
@@ -133,11 +140,11 @@ def fit_ends(words: list[float], sets: list[tuple[torch.Tensor, torch.Tensor]], 
              rounds: int = 100) -> dict:
     """A threshold entry (threshold_at) with its ends at ``words`` whose values flag ``share`` of each set's right
     answers as read per query. sets: (statistic [n], word counts [n]) of the short queries' and of the whole
-    captions' right answers. Each end starts at its set's ``share`` quantile, which is exact only for queries of
-    the median length: a short query longer than the median reads a threshold raised towards the whole captions',
-    so the set would be flagged more often than ``share``. Each end is then moved in turn by the ``share`` quantile
-    of its set's statistic minus the threshold read for each of its queries, until neither moves (the ends
-    interact only through the queries between the two medians)."""
+    captions' right answers. Each end starts at its set's ``share`` quantile, which is exact only where every
+    query of the set reads that end: a short query longer than the end reads a threshold raised towards the whole
+    captions', so the set would be flagged more often than ``share``. Each end is then moved in turn by the
+    ``share`` quantile of its set's statistic minus the threshold read for each of its queries, until neither
+    moves (the ends interact only through the queries between them)."""
     entry = {"words": list(words), "values": [float(torch.quantile(stat, share)) for stat, _ in sets]}
     if words[1] <= words[0]:  # one constant threshold (threshold_at): nothing to fit between two ends
         return entry
@@ -190,7 +197,7 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     quantile = float(ev.no_match_quantile)
     every = {}
     for rule in NO_MATCH_RULES:  # what each rule would give, for choosing the rule itself
-        thresholds = no_match_thresholds(short, full, quantile, rule)
+        thresholds = no_match_thresholds(short, full, quantile, rule, ev.no_match_knots)
         every[rule] = {"thresholds": thresholds, "short_queries": no_match_rates(short, thresholds),
                        "full_captions": no_match_rates(full, thresholds)}
     if carried:

@@ -52,7 +52,7 @@ def test_no_match_rates_by_hand():
     assert float(measured["absent_cosine"][0]) == pytest.approx(0.1 / math.sqrt(1.01), abs=1e-4)
     # long captions score higher: the same queries, counted as 12 words, 0.1 higher
     longer = {**measured, "present_cosine": measured["present_cosine"] + 0.1, "words": torch.full((4,), 12)}
-    thresholds = no_match_thresholds(measured, longer, 0.0, "cosine")  # the lowest right answers: 0.8 and 0.9
+    thresholds = no_match_thresholds(measured, longer, 0.0, "cosine", (0.75, 0.25))  # lowest right: 0.8 and 0.9
     assert thresholds["cosine"]["words"] == [4.0, 12.0]
     assert thresholds["cosine"]["values"] == pytest.approx([0.8, 0.9])
     assert threshold_at(thresholds["cosine"], torch.tensor([2, 4, 8, 12, 40])).tolist() == \
@@ -63,7 +63,7 @@ def test_no_match_rates_by_hand():
     # absent best cosines: q0 0.0995, q1 0.0995, q2 0.6 (its person 1 removed, image 0 left), q3 0.98 (image 2)
     assert rates["absent_not_flagged"] == 25.0
     assert no_match_rates(measured, {"cosine": {"words": [4.0, 4.0], "values": [0.5, 0.5]}})["absent_not_flagged"] == 50.0
-    both = no_match_thresholds(measured, longer, 0.5, "both")
+    both = no_match_thresholds(measured, longer, 0.5, "both", (0.75, 0.25))
     assert set(both) == {"zscore", "cosine"}
     assert flagged(measured, {"cosine": {"words": [0, 0], "values": [0.9, 0.9]},
                               "zscore": {"words": [0, 0], "values": [-10.0, -10.0]}}, "present").tolist() == \
@@ -183,10 +183,19 @@ def test_the_thresholds_flag_the_share_of_each_set_as_read_per_query():
              "words": torch.tensor([2, 4, 6])}
     full = {"present_cosine": torch.tensor([0.9, 0.9]), "right": torch.tensor([True] * 2),
             "words": torch.tensor([12, 12])}
-    entry = no_match_thresholds(short, full, 0.0, "cosine")["cosine"]
+    entry = no_match_thresholds(short, full, 0.0, "cosine", (0.5, 0.5))["cosine"]
     assert entry["words"] == [4.0, 12.0] and entry["values"] == pytest.approx([1 / 6, 0.9], abs=1e-5)
     for m in (short, full):
         assert bool((m["present_cosine"] >= threshold_at(entry, m["words"]) - 1e-5).all())  # nobody right flagged
+    # the ends at the short queries' upper quartile of lengths (5 words) and the whole captions' lower one (12):
+    # the 6-word query reads v0 + (6 - 5) / (12 - 5) * (0.9 - v0) = 0.35, v0 = 0.2583; the others read v0
+    entry = no_match_thresholds(short, full, 0.0, "cosine", (0.75, 0.25))["cosine"]
+    assert entry["words"] == [5.0, 12.0] and entry["values"] == pytest.approx([(0.35 - 0.9 / 7) * 7 / 6, 0.9],
+                                                                             abs=1e-5)
+    # knots that cross (the short queries' longest past the whole captions' shortest) fall back to the medians
+    # (torch's: the lower middle value)
+    crossing = {**full, "words": torch.tensor([5, 12])}
+    assert no_match_thresholds(short, crossing, 0.0, "cosine", (1.0, 0.0))["cosine"]["words"] == [4.0, 5.0]
     # a share: 40 short queries of 4-12 words, 40 whole captions of 12-20, whole captions scoring far above short
     # queries, each set rising little with length (as measured); the ends' quantiles at the medians alone flag
     # more of the short set than asked (its longer half reads thresholds raised towards the whole captions'), the
@@ -197,7 +206,7 @@ def test_the_thresholds_flag_the_share_of_each_set_as_read_per_query():
         words = torch.randint(low, low + 9, (40,), generator=g)
         sets.append({"present_cosine": base + 0.005 * words + 0.05 * torch.randn(40, generator=g),
                      "right": torch.ones(40, dtype=torch.bool), "words": words})
-    fitted = no_match_thresholds(*sets, 0.1, "cosine")
+    fitted = no_match_thresholds(*sets, 0.1, "cosine", (0.5, 0.5))
     for m in sets:
         assert float(flagged(m, fitted, "present").float().mean()) == pytest.approx(0.1, abs=0.026)  # 4 of 40 +- 1
     median_ends = {"cosine": {"words": fitted["cosine"]["words"],

@@ -1,5 +1,6 @@
 """How the "no good match" threshold calibrated on val does on test, over many trained models: the rule before
-commit 3ebd306 (each set's quantile at its median word count) against the fitted ends (engine.calibration).
+commit 3ebd306 (each set's quantile at its median word count), the ends fitted at the medians (3ebd306) and
+fitted at the quartiles where the two sets meet (engine.calibration, eval.no_match_knots [0.75, 0.25]).
 A measurement aid for this folder, from the repository root:
 PYTHONPATH=. python bench/results/2026-12-06_no_match_fit/calibration_spread.py OUT.jsonl RUN_DIR [RUN_DIR ...]
 PYTHONPATH=. python bench/results/2026-12-06_no_match_fit/calibration_spread.py --summary OUT.jsonl [...]
@@ -23,6 +24,7 @@ from utils.checkpoint import atomic_save, load_file
 from utils.errors import user_errors_as_one_line
 
 QUANTILE = 0.08
+KNOTS = (0.75, 0.25)  # eval.no_match_knots
 
 
 def readable(run: Path, scratch: Path) -> Path:
@@ -93,8 +95,11 @@ def main() -> None:
     with out.open("w") as sink:
         for run in map(Path, sys.argv[2:]):
             m = measured(run)
-            rules = {"median ends (before)": median_ends(m["val", "short"], m["val", "full"]),
-                     "fitted ends (now)": no_match_thresholds(m["val", "short"], m["val", "full"], QUANTILE, "cosine")}
+            short, full = m["val", "short"], m["val", "full"]
+            rules = {"median ends (before)": median_ends(short, full),
+                     "fitted at the medians (3ebd306)": no_match_thresholds(short, full, QUANTILE, "cosine",
+                                                                            (0.5, 0.5)),
+                     "fitted at the quartiles (now)": no_match_thresholds(short, full, QUANTILE, "cosine", KNOTS)}
             row = {"run": run.name, "rules": {
                 name: {"thresholds": th, **{f"{split}_{kind}": no_match_rates(m[split, kind], th)
                                             for split in ("val", "test") for kind in ("short", "full")}}
