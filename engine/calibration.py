@@ -144,16 +144,21 @@ def fit_ends(words: list[float], sets: list[tuple[torch.Tensor, torch.Tensor]], 
     query of the set reads that end: a short query longer than the end reads a threshold raised towards the whole
     captions', so the set would be flagged more often than ``share``. Each end is then moved in turn by the
     ``share`` quantile of its set's statistic minus the threshold read for each of its queries, until neither
-    moves (the ends interact only through the queries between them)."""
+    moves (the ends interact only through the queries between them). No end goes below its set's lowest right
+    answer: where the line cannot fit both sets (their lengths overlap, their scores differ), an end under all of
+    them would only say "never flag" while the rest of its set carried every flag; held there, that set is
+    flagged more often than ``share`` instead."""
     entry = {"words": list(words), "values": [float(torch.quantile(stat, share)) for stat, _ in sets]}
     if words[1] <= words[0]:  # one constant threshold (threshold_at): nothing to fit between two ends
         return entry
+    floors = [float(stat.min()) for stat, _ in sets]
     for _ in range(rounds):
         moved = 0.0
         for end, (stat, count) in enumerate(sets):
             step = float(torch.quantile(stat - threshold_at(entry, count), share))
-            entry["values"][end] += step
-            moved = max(moved, abs(step))
+            value = max(entry["values"][end] + step, floors[end])
+            moved = max(moved, abs(value - entry["values"][end]))
+            entry["values"][end] = value
         if moved < 1e-7:
             break
     return entry

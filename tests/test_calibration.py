@@ -175,34 +175,13 @@ def test_the_itm_objective_trains_the_same_pairs_with_the_chosen_loss(monkeypatc
 
 
 def test_the_thresholds_flag_the_share_of_each_set_as_read_per_query():
-    # short queries of 2, 4 and 6 words (median 4) scoring 0.3, 0.4, 0.35; whole captions of 12 words at 0.9;
-    # share 0: no right answer may fall below its threshold. The short set's minimum, 0.3 at 4 words, would read
-    # 0.3 + (6 - 4) / (12 - 4) * (0.9 - 0.3) = 0.45 at 6 words, above that query's 0.35: the short end moves down
-    # until v0 + 0.25 * (0.9 - v0) = 0.35, v0 = 1/6
-    short = {"present_cosine": torch.tensor([0.3, 0.4, 0.35]), "right": torch.tensor([True] * 3),
-             "words": torch.tensor([2, 4, 6])}
-    full = {"present_cosine": torch.tensor([0.9, 0.9]), "right": torch.tensor([True] * 2),
-            "words": torch.tensor([12, 12])}
-    entry = no_match_thresholds(short, full, 0.0, "cosine", (0.5, 0.5))["cosine"]
-    assert entry["words"] == [4.0, 12.0] and entry["values"] == pytest.approx([1 / 6, 0.9], abs=1e-5)
-    for m in (short, full):
-        assert bool((m["present_cosine"] >= threshold_at(entry, m["words"]) - 1e-5).all())  # nobody right flagged
-    # the ends at the short queries' upper quartile of lengths (5 words) and the whole captions' lower one (12):
-    # the 6-word query reads v0 + (6 - 5) / (12 - 5) * (0.9 - v0) = 0.35, v0 = 0.2583; the others read v0
-    entry = no_match_thresholds(short, full, 0.0, "cosine", (0.75, 0.25))["cosine"]
-    assert entry["words"] == [5.0, 12.0] and entry["values"] == pytest.approx([(0.35 - 0.9 / 7) * 7 / 6, 0.9],
-                                                                             abs=1e-5)
-    # knots that cross (the short queries' longest past the whole captions' shortest) fall back to the medians
-    # (torch's: the lower middle value)
-    crossing = {**full, "words": torch.tensor([5, 12])}
-    assert no_match_thresholds(short, crossing, 0.0, "cosine", (1.0, 0.0))["cosine"]["words"] == [4.0, 5.0]
-    # a share: 40 short queries of 4-12 words, 40 whole captions of 12-20, whole captions scoring far above short
-    # queries, each set rising little with length (as measured); the ends' quantiles at the medians alone flag
-    # more of the short set than asked (its longer half reads thresholds raised towards the whole captions'), the
-    # fitted ends flag each set at the share as read
+    # 40 short queries of 4-12 words, 40 whole captions of 12-20, whole captions scoring 0.2 above short queries,
+    # each set rising little with length (as measured); the ends' quantiles at the medians alone flag more of the
+    # short set than asked (its longer half reads thresholds raised towards the whole captions'), the fitted ends
+    # flag each set at the share as read
     g = torch.Generator().manual_seed(0)
     sets = []
-    for low, base in ((4, 0.3), (12, 0.7)):
+    for low, base in ((4, 0.3), (12, 0.5)):
         words = torch.randint(low, low + 9, (40,), generator=g)
         sets.append({"present_cosine": base + 0.005 * words + 0.05 * torch.randn(40, generator=g),
                      "right": torch.ones(40, dtype=torch.bool), "words": words})
@@ -211,4 +190,28 @@ def test_the_thresholds_flag_the_share_of_each_set_as_read_per_query():
         assert float(flagged(m, fitted, "present").float().mean()) == pytest.approx(0.1, abs=0.026)  # 4 of 40 +- 1
     median_ends = {"cosine": {"words": fitted["cosine"]["words"],
                               "values": [float(torch.quantile(m["present_cosine"], 0.1)) for m in sets]}}
-    assert float(flagged(sets[0], median_ends, "present").float().mean()) > 0.15
+    assert float(flagged(sets[0], median_ends, "present").float().mean()) > 0.3
+    # the ends at the short queries' upper quartile of lengths and the whole captions' lower one
+    quartiles = no_match_thresholds(*sets, 0.1, "cosine", (0.75, 0.25))["cosine"]
+    assert quartiles["words"] == [float(torch.quantile(sets[0]["words"].float(), 0.75)),
+                                  float(torch.quantile(sets[1]["words"].float(), 0.25))]
+
+
+def test_no_threshold_end_goes_below_its_sets_lowest_right_answer():
+    # share 0: no right answer may be flagged. Short queries of 2, 4 and 6 words (median 4) score 0.3, 0.4, 0.35,
+    # whole captions of 12 words 0.9. The 6-word query would read 0.3 + (6 - 4) / (12 - 4) * (0.9 - 0.3) = 0.45:
+    # to pass it the short end would have to fall to 1/6, below every short right answer (0.3); it stays at 0.3
+    # and that query is flagged
+    short = {"present_cosine": torch.tensor([0.3, 0.4, 0.35]), "right": torch.tensor([True] * 3),
+             "words": torch.tensor([2, 4, 6])}
+    full = {"present_cosine": torch.tensor([0.9, 0.9]), "right": torch.tensor([True] * 2),
+            "words": torch.tensor([12, 12])}
+    entry = no_match_thresholds(short, full, 0.0, "cosine", (0.5, 0.5))["cosine"]
+    assert entry["words"] == [4.0, 12.0] and entry["values"] == pytest.approx([0.3, 0.9])
+    assert flagged(short, {"cosine": entry}, "present").tolist() == [False, False, True]
+    # the ends at the short queries' upper quartile (5 words) and the whole captions' lower one (12)
+    assert no_match_thresholds(short, full, 0.0, "cosine", (0.75, 0.25))["cosine"]["words"] == [5.0, 12.0]
+    # knots that cross (the short queries' longest past the whole captions' shortest) fall back to the medians
+    # (torch's: the lower middle value)
+    crossing = {**full, "words": torch.tensor([5, 12])}
+    assert no_match_thresholds(short, crossing, 0.0, "cosine", (1.0, 0.0))["cosine"]["words"] == [4.0, 5.0]

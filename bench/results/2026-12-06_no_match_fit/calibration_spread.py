@@ -1,6 +1,6 @@
 """How the "no good match" threshold calibrated on val does on test, over many trained models: the rule before
-commit 3ebd306 (each set's quantile at its median word count), the ends fitted at the medians (3ebd306) and
-fitted at the quartiles where the two sets meet (engine.calibration, eval.no_match_knots [0.75, 0.25]).
+commit 3ebd306 (each set's quantile at its median word count) against the ends fitted where the two sets meet in
+length (engine.calibration: eval.no_match_knots [0.75, 0.25], each end no lower than its set's lowest right answer).
 A measurement aid for this folder, from the repository root:
 PYTHONPATH=. python bench/results/2026-12-06_no_match_fit/calibration_spread.py OUT.jsonl RUN_DIR [RUN_DIR ...]
 PYTHONPATH=. python bench/results/2026-12-06_no_match_fit/calibration_spread.py --summary OUT.jsonl [...]
@@ -97,9 +97,7 @@ def main() -> None:
             m = measured(run)
             short, full = m["val", "short"], m["val", "full"]
             rules = {"median ends (before)": median_ends(short, full),
-                     "fitted at the medians (3ebd306)": no_match_thresholds(short, full, QUANTILE, "cosine",
-                                                                            (0.5, 0.5)),
-                     "fitted at the quartiles (now)": no_match_thresholds(short, full, QUANTILE, "cosine", KNOTS)}
+                     "fitted ends (now)": no_match_thresholds(short, full, QUANTILE, "cosine", KNOTS)}
             row = {"run": run.name, "rules": {
                 name: {"thresholds": th, **{f"{split}_{kind}": no_match_rates(m[split, kind], th)
                                             for split in ("val", "test") for kind in ("short", "full")}}
