@@ -78,6 +78,7 @@ def mlm_scores(model, cfg, tokenizer, captions: list[str], swaps: list[str], ima
     the masked text is the same for both, so only which word the image puts where decides. Returns (caption
     [M], swap [M], pairs skipped): a pair is skipped when the exchange does not change exactly two tokens (a
     colour of several word pieces)."""
+    from engine.encoding import tokenize
     from engine.explanation import pixels_of
 
     limit = int(cfg.text.max_text_len)
@@ -92,12 +93,7 @@ def mlm_scores(model, cfg, tokenizer, captions: list[str], swaps: list[str], ima
     own, swapped = [], []
     for start in range(0, len(kept), batch_size):
         rows = kept[start:start + batch_size]
-        length = max(len(own_ids[i]) for i in rows)
-        ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            ids[r, :len(own_ids[i])] = torch.tensor(own_ids[i])
-            mask[r, :len(own_ids[i])] = 1
+        ids, mask = tokenize(tokenizer, [captions[i] for i in rows], limit, "cpu")  # right-padded: places hold
         at = torch.tensor(places[start:start + batch_size])  # [R, 2]
         first, second = ids.gather(1, at).unbind(1)  # the caption's two words, in its order
         ids.scatter_(1, at, tokenizer.mask_token_id)
