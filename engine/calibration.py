@@ -14,7 +14,9 @@
   (every image of their id taken out) not flagged.
 - Re-ranking that never loses: the top k ordered by ``cosine + w * ITM`` (the ITM match logit rescaled to the
   cosine's spread within each query's top k), ``w`` chosen on the split from a grid that contains 0 (the cosine
-  order itself), so on that split the blend is never below cosine ranking.
+  order itself), so on that split the blend is never below cosine ranking; a weight above 0 only where the
+  queries it ranks better outnumber those it ranks worse beyond chance (a sign test), so that a split's noise
+  is not carried to the next one as a gain.
 - What the ITM head is worth where it acts: over each query's top k, the share of (right image, wrong image)
   pairs that the ITM score orders correctly, beside the share the cosine orders correctly.
 
@@ -22,6 +24,7 @@ The chosen threshold and weight travel in checkpoints (``calibration``) and mode
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Sequence
 
@@ -240,7 +243,8 @@ def blend_scores(cosine: torch.Tensor, itm: torch.Tensor, weight: float) -> torc
 def blend_grid(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
                gallery_pids: torch.Tensor, top_idx: torch.Tensor, itm: torch.Tensor, weights: Sequence[float],
                chunk_size: int, options: dict) -> dict[float, dict]:
-    """retrieval_metrics of the blend at every weight of ``weights``; top_idx, itm [Q, k]."""
+    """retrieval_metrics of the blend at every weight of ``weights``, each with its "per_query" first-hit ranks
+    and APs (what blend_evidence compares); top_idx, itm [Q, k]."""
     g = torch.nn.functional.normalize(image_feats.float(), dim=1)
     q = torch.nn.functional.normalize(text_feats.float(), dim=1)
     cosine = (q[:, None, :] * g[top_idx.to(g.device)]).sum(-1)  # [Q, k]
@@ -248,18 +252,56 @@ def blend_grid(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: 
     for weight in weights:
         blended = blend_scores(cosine, itm.to(cosine.device), float(weight))
         results[float(weight)] = retrieval_metrics(
-            text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk_size,
+            text_feats, image_feats, query_pids, gallery_pids, chunk_size=chunk_size, per_query=True,
             score_fn=lambda sim, rows, b=blended: apply_rerank(sim, top_idx[rows.start:rows.stop],
                                                                b[rows.start:rows.stop]), **options)
     return results
 
 
-def choose_blend_weight(grid: dict[float, dict], metric: str) -> float:
-    """The weight with the best ``metric`` (R1, mAP or R1+mAP); ties go to the smallest weight (0 first)."""
-    def score(m: dict) -> float:
-        return 0.5 * (m["R1"] + m["mAP"]) if metric == "R1+mAP" else m[metric]
+def _selection_score(metrics: dict, metric: str) -> float:
+    return 0.5 * (metrics["R1"] + metrics["mAP"]) if metric == "R1+mAP" else metrics[metric]
 
-    return min(grid, key=lambda w: (-score(grid[w]), w))
+
+def _per_query_score(per_query: dict, metric: str) -> torch.Tensor:
+    """[Q] each query's share of ``metric``: its rank-1 hit (R1), its AP (mAP) or their mean (R1+mAP)."""
+    hit = (per_query["first_hit_rank"] == 0).double()
+    ap = per_query["ap"].double()
+    return {"R1": hit, "mAP": ap, "R1+mAP": 0.5 * (hit + ap)}[metric]
+
+
+def sign_test_p(better: int, worse: int) -> float:
+    """One-sided exact sign test: the chance of ``better`` or more of ``better + worse`` coin flips landing heads,
+    i.e. of a gain at least this lopsided from a change that helps and hurts queries alike."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    heads = torch.arange(better, n + 1, dtype=torch.float64)
+    log_p = (torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(heads + 1)
+             - torch.lgamma(n - heads + 1) - n * math.log(2.0))
+    return min(1.0, float(torch.logsumexp(log_p, dim=0).exp()))
+
+
+def blend_evidence(candidate: dict, cosine: dict, metric: str) -> dict[str, Any]:
+    """How many queries the blend ranks better and worse than the cosine order by ``metric`` (from
+    blend_grid's per-query records), and the sign test's p-value of that split."""
+    gain = _per_query_score(candidate["per_query"], metric) - _per_query_score(cosine["per_query"], metric)
+    better, worse = int((gain > 1e-12).sum()), int((gain < -1e-12).sum())
+    return {"better": better, "worse": worse, "p_value": sign_test_p(better, worse)}
+
+
+def choose_blend_weight(grid: dict[float, dict], metric: str, alpha: float = 1.0) -> tuple[float, dict | None]:
+    """(weight, evidence): the weight with the best ``metric`` (R1, mAP or R1+mAP; ties go to the smallest, 0
+    first), kept only when the queries it ranks better outnumber those it ranks worse beyond chance: the sign
+    test's p-value (blend_evidence) at most ``alpha`` over the number of non-zero weights tried (Bonferroni: the
+    best of several weights looks better than any one). Else 0, the cosine order. alpha 1 keeps the best weight
+    whatever the evidence. evidence: blend_evidence of the best weight, None when that is 0 or alpha is 1."""
+    best = min(grid, key=lambda w: (-_selection_score(grid[w], metric), w))
+    if best == 0 or alpha >= 1.0:
+        return best, None
+    evidence = blend_evidence(grid[best], grid[0.0], metric)
+    tried = sum(1 for w in grid if w != 0)
+    evidence["threshold"] = alpha / tried
+    return (best if evidence["p_value"] <= evidence["threshold"] else 0.0), evidence
 
 
 def itm_pair_accuracy(cosine_order_pids: torch.Tensor, query_pids: torch.Tensor, cosine: torch.Tensor,

@@ -315,24 +315,40 @@ def _blend(sets: EvalSets, text_feats: torch.Tensor, image_feats: torch.Tensor, 
            top_cosine: torch.Tensor, itm: torch.Tensor, ev: Any, options: dict, carried: dict | None,
            results: dict) -> None:
     """The cosine + w * ITM blend (engine.calibration): "t2i_blend" at the weight of ``eval.rerank_blend_weight``,
-    else the one carried with the model, else the best of the grid on this split; "rerank_blend" records the
-    weight, where it came from and the grid; "itm_pair_accuracy" what the head is worth inside the top k."""
+    else the one carried with the model, else the one chosen on this split (the best of the grid where it beats the
+    cosine order beyond chance, ``eval.rerank_blend_alpha``); "rerank_blend" records the weight, where it came
+    from, the grid and, when chosen here, the evidence; "itm_pair_accuracy" what the head is worth in the top k."""
     device = text_feats.device
+    evidence: dict | None = None
     query_pids, gallery_pids = sets.query_pids.to(device), sets.gallery_pids.to(device)
     grid = blend_grid(text_feats, image_feats, query_pids, gallery_pids, top_idx, itm,
                       sorted({0.0, *map(float, ev.rerank_blend_weights)}), int(ev.chunk_size), options)
+    chosen_here = ev.rerank_blend_weight is None and not (carried and carried.get("rerank_blend_weight") is not None)
     if ev.rerank_blend_weight is not None:
         weight, source = float(ev.rerank_blend_weight), "eval.rerank_blend_weight"
-    elif carried and carried.get("rerank_blend_weight") is not None:
+    elif not chosen_here:
         weight, source = float(carried["rerank_blend_weight"]), f"carried with the model (chosen on {carried.get('split')})"
     else:
-        weight, source = choose_blend_weight(grid, str(ev.selection_metric)), f"chosen on {results['split']}"
+        alpha = float(ev.rerank_blend_alpha)
+        if not 0.0 < alpha <= 1.0:
+            raise EvaluationError(f"eval.rerank_blend_alpha must be in (0, 1] (1: no test), got {alpha}")
+        weight, evidence = choose_blend_weight(grid, str(ev.selection_metric), alpha)
+        source = f"chosen on {results['split']}"
+        if evidence is not None:
+            source += (f"; the best of the grid ranked {evidence['better']} queries better and {evidence['worse']} "
+                       f"worse than the cosine, sign test p {evidence['p_value']:.3g} "
+                       f"{'<=' if weight else '>'} {evidence['threshold']:.3g}")
     if weight not in grid:
         grid.update(blend_grid(text_feats, image_feats, query_pids, gallery_pids, top_idx, itm, [weight],
                                int(ev.chunk_size), options))
+    for metrics in grid.values():
+        metrics.pop("per_query")
     results["t2i_blend"] = grid[weight]
     results["rerank_blend"] = {"weight": weight, "source": source, "selection_metric": str(ev.selection_metric),
                                "grid": {str(w): {m: grid[w][m] for m in ("R1", "mAP")} for w in sorted(grid)}}
+    if chosen_here:
+        results["rerank_blend"]["alpha"] = float(ev.rerank_blend_alpha)
+        results["rerank_blend"]["evidence"] = evidence
     results["itm_pair_accuracy"] = itm_pair_accuracy(gallery_pids[top_idx.to(device)], query_pids,
                                                      top_cosine, itm)
     acc = results["itm_pair_accuracy"]

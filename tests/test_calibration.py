@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from engine.calibration import (blend_grid, blend_scores, choose_blend_weight, first_clause, flagged,
-                                is_no_match, itm_pair_accuracy, match_statistic, no_match_measure, no_match_rates,
-                                no_match_thresholds, threshold_at)
+from engine.calibration import (blend_evidence, blend_grid, blend_scores, choose_blend_weight, first_clause,
+                                flagged, is_no_match, itm_pair_accuracy, match_statistic, no_match_measure,
+                                no_match_rates, no_match_thresholds, sign_test_p, threshold_at)
 from models.losses import sample_hard_negatives
 from utils.metrics import retrieval_metrics
 
@@ -87,11 +87,48 @@ def test_the_blend_at_weight_zero_is_the_cosine_ranking_and_never_loses_where_ch
     plain = retrieval_metrics(texts, images, query_pids, gallery_pids, chunk_size=7, **options)
     assert grid[0.0]["R1"] == pytest.approx(plain["R1"]) and grid[0.0]["mAP"] == pytest.approx(plain["mAP"])
     for metric in ("R1", "mAP", "R1+mAP"):
-        chosen = choose_blend_weight(grid, metric)
-        value = (lambda m: 0.5 * (m["R1"] + m["mAP"]) if metric == "R1+mAP" else m[metric])
-        assert value(grid[chosen]) >= value(plain) - 1e-9
+        for alpha in (0.05, 1.0):
+            chosen, _ = choose_blend_weight(grid, metric, alpha)
+            value = (lambda m: 0.5 * (m["R1"] + m["mAP"]) if metric == "R1+mAP" else m[metric])
+            assert value(grid[chosen]) >= value(plain) - 1e-9
     tied = {0.0: {"R1": 10.0, "mAP": 5.0}, 1.0: {"R1": 10.0, "mAP": 5.0}}
-    assert choose_blend_weight(tied, "R1") == 0.0  # ties go to the cosine order
+    assert choose_blend_weight(tied, "R1") == (0.0, None)  # ties go to the cosine order
+
+
+def test_sign_test_by_hand():
+    assert sign_test_p(7, 0) == pytest.approx(1 / 128)
+    assert sign_test_p(2, 1) == pytest.approx(4 / 8)  # 2 or 3 heads of 3: (3 + 1) / 8
+    assert sign_test_p(9, 4) == pytest.approx(sum(math.comb(13, i) for i in range(9, 14)) / 2 ** 13)
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(0, 5) == pytest.approx(1.0)
+    assert sign_test_p(600, 400) == pytest.approx(
+        sum(math.comb(1000, i) for i in range(600, 1001)) / 2 ** 1000, rel=1e-9)
+
+
+def _per_query(first_hit_rank: list[int], ap: list[float]) -> dict:
+    return {"first_hit_rank": torch.tensor(first_hit_rank), "ap": torch.tensor(ap)}
+
+
+def test_a_blend_weight_needs_more_queries_it_ranks_better_than_chance_gives():
+    # 20 queries: the cosine ranks the first 10 right at rank 1. Weight 1 also ranks queries 10-13 right and loses
+    # query 0: 4 better, 1 worse (p = 6/32 = 0.1875). Weight 2 ranks queries 10-19 right and loses none: 10 better
+    # (p = 1/1024). Bonferroni over the two non-zero weights: threshold 0.05 / 2 = 0.025.
+    def entry(hits: list[int]) -> dict:
+        ranks = [0 if q in hits else 3 for q in range(20)]
+        return {"R1": 100.0 * len(hits) / 20, "mAP": 0.0, "per_query": _per_query(ranks, [0.0] * 20)}
+    cosine = entry(list(range(10)))
+    some = entry(list(range(1, 14)))
+    many = entry(list(range(20)))
+    assert blend_evidence(some, cosine, "R1") == {"better": 4, "worse": 1, "p_value": pytest.approx(6 / 32)}
+    weight, evidence = choose_blend_weight({0.0: cosine, 1.0: some, 2.0: many}, "R1", 0.05)
+    assert weight == 2.0 and evidence["better"] == 10 and evidence["threshold"] == pytest.approx(0.025)
+    weight, evidence = choose_blend_weight({0.0: cosine, 1.0: some}, "R1", 0.05)
+    assert weight == 0.0 and evidence["p_value"] == pytest.approx(6 / 32) and evidence["threshold"] == 0.05
+    assert choose_blend_weight({0.0: cosine, 1.0: some}, "R1", 1.0) == (1.0, None)  # alpha 1: no test
+    # mAP compares each query's AP: three queries gain a little, none loses
+    flat = {"R1": 0.0, "mAP": 10.0, "per_query": _per_query([1] * 5, [0.1] * 5)}
+    up = {"R1": 0.0, "mAP": 16.0, "per_query": _per_query([1] * 5, [0.2, 0.2, 0.2, 0.1, 0.1])}
+    assert blend_evidence(up, flat, "mAP") == {"better": 3, "worse": 0, "p_value": pytest.approx(1 / 8)}
+    assert blend_evidence(up, flat, "R1") == {"better": 0, "worse": 0, "p_value": 1.0}
 
 
 def test_itm_pair_accuracy_by_hand():

@@ -408,6 +408,28 @@ def test_rerank_with_oracle_itm_reaches_r1_100(splits, synth_root, tokenizer):
     assert results["rerank_top_k"] == 10
 
 
+def test_the_blend_keeps_a_head_that_helps_beyond_chance_and_no_other(splits, synth_root, tokenizer):
+    cfg = tiny_cfg(synth_root, "model.fusion_layers=1", "eval.rerank_top_k=10")
+    model = tiny_model(cfg)
+    _oracle_itm(model, build_eval_protocol(splits.test), tokenizer, cfg)
+    blend = evaluate_model(model, splits.test, tokenizer, cfg, "cpu", "test")["rerank_blend"]
+    evidence = blend["evidence"]  # the oracle ranks many queries better and none worse: p = 0.5 ** better
+    assert blend["weight"] > 0 and blend["alpha"] == 0.05 and evidence["worse"] == 0 and evidence["better"] >= 6
+    assert evidence["p_value"] == pytest.approx(0.5 ** evidence["better"])
+    assert evidence["threshold"] == pytest.approx(0.05 / 6)  # six non-zero weights in the grid
+    # asking for more evidence than the queries give: the cosine order, and the blend's metrics are the cosine's
+    strict = tiny_cfg(synth_root, "model.fusion_layers=1", "eval.rerank_top_k=10",
+                      f"eval.rerank_blend_alpha={0.5 * evidence['p_value'] * 6}")
+    results = evaluate_model(model, splits.test, tokenizer, strict, "cpu", "test")
+    assert results["rerank_blend"]["weight"] == 0.0
+    assert results["rerank_blend"]["evidence"] == {**evidence, "threshold": pytest.approx(0.5 * evidence["p_value"])}
+    assert results["t2i_blend"] == results["t2i"]
+    with pytest.raises(ValueError, match="eval.rerank_blend_alpha must be in"):
+        evaluate_model(model, splits.test, tokenizer, tiny_cfg(synth_root, "model.fusion_layers=1",
+                                                               "eval.rerank_top_k=10", "eval.rerank_blend_alpha=0"),
+                       "cpu", "test")
+
+
 def test_rerank_only_reorders_the_top_k(splits, synth_root, tokenizer):
     cfg = tiny_cfg(synth_root, "model.fusion_layers=1", "eval.rerank_top_k=2")
     model = tiny_model(cfg)
