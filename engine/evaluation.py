@@ -319,25 +319,24 @@ def _blend(sets: EvalSets, text_feats: torch.Tensor, image_feats: torch.Tensor, 
     cosine order beyond chance, ``eval.rerank_blend_alpha``); "rerank_blend" records the weight, where it came
     from, the grid and, when chosen here, the evidence; "itm_pair_accuracy" what the head is worth in the top k."""
     device = text_feats.device
-    evidence: dict | None = None
     query_pids, gallery_pids = sets.query_pids.to(device), sets.gallery_pids.to(device)
     grid = blend_grid(text_feats, image_feats, query_pids, gallery_pids, top_idx, itm,
                       sorted({0.0, *map(float, ev.rerank_blend_weights)}), int(ev.chunk_size), options)
-    chosen_here = ev.rerank_blend_weight is None and not (carried and carried.get("rerank_blend_weight") is not None)
+    chosen: dict = {}
     if ev.rerank_blend_weight is not None:
         weight, source = float(ev.rerank_blend_weight), "eval.rerank_blend_weight"
-    elif not chosen_here:
+    elif carried and carried.get("rerank_blend_weight") is not None:
         weight, source = float(carried["rerank_blend_weight"]), f"carried with the model (chosen on {carried.get('split')})"
     else:
         alpha = float(ev.rerank_blend_alpha)
         if not 0.0 < alpha <= 1.0:
             raise EvaluationError(f"eval.rerank_blend_alpha must be in (0, 1] (1: no test), got {alpha}")
         weight, evidence = choose_blend_weight(grid, str(ev.selection_metric), alpha)
-        source = f"chosen on {results['split']}"
+        source, chosen = f"chosen on {results['split']}", {"alpha": alpha, "evidence": evidence}
         if evidence is not None:
-            source += (f"; the best of the grid ranked {evidence['better']} queries better and {evidence['worse']} "
-                       f"worse than the cosine, sign test p {evidence['p_value']:.3g} "
-                       f"{'<=' if weight else '>'} {evidence['threshold']:.3g}")
+            logger.info("blend on %s: the best weight of the grid ranks %d queries better and %d worse than the "
+                        "cosine order (sign test p %.3g, needed <= %.3g): weight %g", results["split"],
+                        evidence["better"], evidence["worse"], evidence["p_value"], evidence["threshold"], weight)
     if weight not in grid:
         grid.update(blend_grid(text_feats, image_feats, query_pids, gallery_pids, top_idx, itm, [weight],
                                int(ev.chunk_size), options))
@@ -345,10 +344,8 @@ def _blend(sets: EvalSets, text_feats: torch.Tensor, image_feats: torch.Tensor, 
         metrics.pop("per_query")
     results["t2i_blend"] = grid[weight]
     results["rerank_blend"] = {"weight": weight, "source": source, "selection_metric": str(ev.selection_metric),
-                               "grid": {str(w): {m: grid[w][m] for m in ("R1", "mAP")} for w in sorted(grid)}}
-    if chosen_here:
-        results["rerank_blend"]["alpha"] = float(ev.rerank_blend_alpha)
-        results["rerank_blend"]["evidence"] = evidence
+                               "grid": {str(w): {m: grid[w][m] for m in ("R1", "mAP")} for w in sorted(grid)},
+                               **chosen}
     results["itm_pair_accuracy"] = itm_pair_accuracy(gallery_pids[top_idx.to(device)], query_pids,
                                                      top_cosine, itm)
     acc = results["itm_pair_accuracy"]
