@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from utils.metrics import apply_rerank, retrieval_metrics
+from utils.metrics import apply_rerank, retrieval_metrics, selection_value
 
 STATISTICS = ("zscore", "cosine")
 NO_MATCH_RULES = ("both", *STATISTICS)
@@ -258,10 +258,6 @@ def blend_grid(text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: 
     return results
 
 
-def _selection_score(metrics: dict, metric: str) -> float:
-    return 0.5 * (metrics["R1"] + metrics["mAP"]) if metric == "R1+mAP" else metrics[metric]
-
-
 def _per_query_score(per_query: dict, metric: str) -> torch.Tensor:
     """[Q] each query's share of ``metric``: its rank-1 hit (R1), its AP (mAP) or their mean (R1+mAP)."""
     hit = (per_query["first_hit_rank"] == 0).double()
@@ -295,7 +291,7 @@ def choose_blend_weight(grid: dict[float, dict], metric: str, alpha: float = 1.0
     test's p-value (blend_evidence) at most ``alpha`` over the number of non-zero weights tried (Bonferroni: the
     best of several weights looks better than any one). Else 0, the cosine order. alpha 1 keeps the best weight
     whatever the evidence. evidence: blend_evidence of the best weight, None when that is 0 or alpha is 1."""
-    best = min(grid, key=lambda w: (-_selection_score(grid[w], metric), w))
+    best = min(grid, key=lambda w: (-selection_value(grid[w], metric), w))
     if best == 0 or alpha >= 1.0:
         return best, None
     evidence = blend_evidence(grid[best], grid[0.0], metric)

@@ -39,7 +39,7 @@ from utils.checkpoint import atomic_write
 from utils.environment import environment_record
 from utils.errors import UserError
 from utils.distributed import get_world_size, is_main_process
-from utils.metrics import apply_rerank, format_metrics_table, retrieval_metrics, topk_indices
+from utils.metrics import apply_rerank, format_metrics_table, retrieval_metrics, selection_value, topk_indices
 from utils.task_plan import TaskPlan
 from utils.visualize import save_query_examples, write_examples_index
 
@@ -329,8 +329,6 @@ def _blend(sets: EvalSets, text_feats: torch.Tensor, image_feats: torch.Tensor, 
         weight, source = float(carried["rerank_blend_weight"]), f"carried with the model (chosen on {carried.get('split')})"
     else:
         alpha = float(ev.rerank_blend_alpha)
-        if not 0.0 < alpha <= 1.0:
-            raise EvaluationError(f"eval.rerank_blend_alpha must be in (0, 1] (1: no test), got {alpha}")
         weight, evidence = choose_blend_weight(grid, str(ev.selection_metric), alpha)
         source, chosen = f"chosen on {results['split']}", {"alpha": alpha, "evidence": evidence}
         if evidence is not None:
@@ -617,7 +615,4 @@ def evaluate_split(model: torch.nn.Module, splits: Any, split_name: str, tokeniz
 def selection_score(results: dict, metric: str) -> float:
     """The model-selection number of ``eval.selection_metric`` (of the blend when re-ranking ran: the ranking a
     re-ranking model serves)."""
-    t2i = next(results[k] for k in ("t2i_blend", "t2i_rerank", "t2i") if k in results)
-    if metric == "R1+mAP":
-        return 0.5 * (t2i["R1"] + t2i["mAP"])
-    return t2i[metric]
+    return selection_value(next(results[k] for k in ("t2i_blend", "t2i_rerank", "t2i") if k in results), metric)

@@ -86,6 +86,9 @@ BOUNDED = {
     "loss.itm_negative_hardness": (0.0, None, "the ITM negatives' sampling temperature over the ITC logits: 0 draws "
                                    "them uniformly, 1 as the authors do, larger draws harder negatives; a negative "
                                    "value would prefer the easiest ones"),
+    "eval.rerank_blend_alpha": (0.0, 1.0, "the sign test's level a blend weight above 0 must pass on the split it "
+                                "is chosen on: 1 keeps the best weight of the grid whatever the evidence, 0 never "
+                                "leaves the cosine order"),
 }
 
 

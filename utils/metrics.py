@@ -151,6 +151,11 @@ def _chunk_similarities(q: torch.Tensor, g: torch.Tensor, chunk_size: int):
             yield range(start, stop), q[start:stop] @ g_t
 
 
+def selection_value(metrics: dict, metric: str) -> float:
+    """The number ``eval.selection_metric`` (R1, mAP or R1+mAP, their mean) names, from retrieval_metrics' dict."""
+    return 0.5 * (metrics["R1"] + metrics["mAP"]) if metric == "R1+mAP" else metrics[metric]
+
+
 def retrieval_metrics(
     query_feats: torch.Tensor,
     gallery_feats: torch.Tensor,
