@@ -1,7 +1,8 @@
 """DataLoader workers that never outlive the loop that reads them.
 
 Workers ignore SIGTERM/SIGINT (see :func:`datasets.build.worker_init`): a signal to the whole process group must
-reach the main process alone, which saves and stops. The price is that ``Process.terminate()`` (a SIGTERM) no
+reach the main process alone, which saves and stops. :func:`start_workers` forks them with both signals blocked,
+so that one sent before their worker_init has run waits for it (and is then discarded) instead of killing them. The price is that ``Process.terminate()`` (a SIGTERM) no
 longer ends a worker, and Python's exit handler terminates and then joins every daemonic child: after an
 exception that left a worker running, the process would never exit. Two guards prevent that:
 
@@ -22,7 +23,7 @@ import multiprocessing
 import multiprocessing.util  # registers multiprocessing's exit handler now, before ours
 import signal
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from utils.errors import UserError
 
@@ -91,9 +92,24 @@ def _unwrapped(iterator: Iterator) -> Iterator:
         yield item
 
 
+def start_workers(loader: Iterable) -> Iterator:
+    """``iter(loader)`` with SIGTERM and SIGINT blocked in this thread while it forks the loader's workers.
+
+    A child inherits the blocked mask: a signal to the process group in the instant between a worker's fork and its
+    worker_init would otherwise kill it, and the main process would fail on that death instead of saving. The main
+    process receives its own copy once the mask is restored (or at once in another of its threads).
+    """
+    blocked = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def closing_workers(iterator: Iterator) -> Iterator[Iterator]:
-    """Iterate ``iterator`` (a DataLoader's, ``iter(loader)``) and shut its workers down when the block ends.
+    """Iterate ``iterator`` (a DataLoader's, from :func:`start_workers`) and shut its workers down when the block ends.
 
     A UserError raised in a worker is re-raised with its own one-line message.
     """

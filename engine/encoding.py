@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datasets.build import worker_init
 from datasets.train_data import EvalImageDataset
-from datasets.workers import closing_workers
+from datasets.workers import closing_workers, start_workers
 from utils.amp import autocast
 from utils.distributed import broadcast_object, gather_in_order, is_distributed, shard_counts, shard_range
 
@@ -48,7 +48,7 @@ def encode_images(model: torch.nn.Module, paths: Sequence[str], transform: Calla
     start, stop = shard_range(len(paths))
     loader = _image_loader(EvalImageDataset(list(paths[start:stop]), transform), batch_size, device, num_workers)
     feats = []
-    with torch.inference_mode(), autocast(device, amp), closing_workers(iter(loader)) as batches:
+    with torch.inference_mode(), autocast(device, amp), closing_workers(start_workers(loader)) as batches:
         for images, _ in batches:
             _, feature = model.encode_image(images.to(device, non_blocking=True), bmm=False)
             feats.append(feature.float())
@@ -151,7 +151,7 @@ def rerank_scores(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
     unique_images = [torch.unique(gallery).tolist() for _, gallery in batches]
     loader = _image_loader(_PairChunkImages(image_paths, transform, unique_images), None, device, num_workers)
     scores = torch.zeros(local_idx.numel(), device=device)
-    with torch.inference_mode(), autocast(device, amp), closing_workers(iter(loader)) as loaded:
+    with torch.inference_mode(), autocast(device, amp), closing_workers(start_workers(loader)) as loaded:
         for (positions, gallery), images, image_ids in zip(batches, loaded, unique_images):
             image_tokens, _ = model.encode_image(images.to(device, non_blocking=True), bmm=False)
             query_rows = positions // k + start

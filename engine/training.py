@@ -26,7 +26,7 @@ from datasets.batch_augment import augment_batch
 from datasets.build import build_train_loader, set_train_epoch
 from datasets.records import SplitError
 from datasets.sampler import IdentitySampler, ShardedShuffleSampler
-from datasets.workers import closing_workers, worker_states
+from datasets.workers import closing_workers, start_workers, worker_states
 from engine.checkpoints import (TrainState, carry_best_over, check_finite_weights, checkpoint_state, initialise_weights,
                                 load_model_state, read_checkpoint_or_folder, read_resume,
                                 save_checkpoint)
@@ -511,7 +511,7 @@ def train_one_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> boo
     # Creating the loader iterator draws worker seeds from the global RNG; items do not depend on them
     # (each item is a function of seed, epoch, index), so keep the global stream untouched for resume.
     with torch.random.fork_rng(devices=[]):
-        batches = iter(run.loader)
+        batches = start_workers(run.loader)
     with closing_workers(batches) as unwrapped:  # workers stop with the epoch, whatever ends it
         try:
             return run_steps(run, watchdog.batches(batches, unwrapped), steps, stop, watchdog)

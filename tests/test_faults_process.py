@@ -82,6 +82,20 @@ def test_sigterm_to_the_process_group_with_workers_saves_and_exits_75(tmp_path):
     assert saved["step"] >= 3 and not temporaries(out)
 
 
+def test_sigterm_as_an_epoch_starts_its_workers_saves_and_exits_75(tmp_path):
+    # The group's SIGTERM can end the new epoch's workers while their iterator is being made: torch raises
+    # their death from there, outside the wait for a batch. It is still the requested stop.
+    out, data = tmp_path / "run", tmp_path / "data"
+    args = ["--output-dir", str(out), *tiny_overrides(data, epochs=500, steps=2), "data.num_workers=2",
+            "train.eval_every_epochs=1000"]
+    proc = spawn(["tests/fault_runner.py", "--term-at-loader-start", "3", *args])  # as epoch 2 starts
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_STOPPED, output[-3000:]
+    assert "received signal" in output and "Traceback" not in output
+    saved = load_file(out / "last.pth")
+    assert (saved["epoch"], saved["step"]) == (2, 5) and not temporaries(out)  # 1 step into epoch 2
+
+
 def test_a_finished_run_exits_0_with_a_complete_log_and_shareable_files(tmp_path):
     out = tmp_path / "run"
     proc = spawn(["train_cuhkpedes.py", "--output-dir", str(out), *tiny_overrides(tmp_path / "data", epochs=1,
