@@ -99,6 +99,8 @@ def start_workers(loader: Iterable) -> Iterator:
     worker_init would otherwise kill it, and the main process would fail on that death instead of saving. The main
     process receives its own copy once the mask is restored (or at once in another of its threads).
     """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks (and no fork)
+        return iter(loader)
     blocked = {signal.SIGTERM, signal.SIGINT}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:

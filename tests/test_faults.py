@@ -385,3 +385,35 @@ def test_a_queries_file_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "queries.txt").write_bytes("a man in a caf\u00e9 jacket\n".encode("latin-1"))
     with pytest.raises(UserError, match="queries.txt: not UTF-8 text \\(byte 14\\)"):
         read_queries_file(tmp_path / "queries.txt")
+
+
+class _BlockedSignals(torch.utils.data.Dataset):
+    """One item: the signals blocked in the process that loads it."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import signal
+
+        return torch.tensor(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="no signal masks on this OS")
+def test_workers_start_deaf_to_a_group_sigterm_and_the_main_process_does_not():
+    # A process-group SIGTERM between a worker's fork and its worker_init would kill it; start_workers forks it with
+    # SIGTERM/SIGINT blocked, and the main process gets them again as soon as the workers have started.
+    import signal
+
+    from datasets.build import worker_init
+    from datasets.workers import closing_workers, start_workers
+
+    loader = torch.utils.data.DataLoader(_BlockedSignals(), batch_size=None, num_workers=1, worker_init_fn=worker_init)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with closing_workers(start_workers(loader)) as items:
+        in_worker = set(next(items).tolist())
+    assert {signal.SIGTERM, signal.SIGINT} <= in_worker
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert signal.SIGTERM not in before
+    with closing_workers(iter(loader)) as items:  # forked the plain way: open to the signal until worker_init
+        assert signal.SIGTERM not in set(next(items).tolist())
