@@ -2,9 +2,10 @@
 
 Workers ignore SIGTERM/SIGINT (see :func:`datasets.build.worker_init`): a signal to the whole process group must
 reach the main process alone, which saves and stops. :func:`start_workers` forks them with both signals blocked,
-so that one sent before their worker_init has run waits for it (and is then discarded) instead of killing them. The price is that ``Process.terminate()`` (a SIGTERM) no
-longer ends a worker, and Python's exit handler terminates and then joins every daemonic child: after an
-exception that left a worker running, the process would never exit. Two guards prevent that:
+so that one sent before their worker_init has run waits for it (and is then discarded) instead of killing them.
+The price is that ``Process.terminate()`` (a SIGTERM) no longer ends a worker, and Python's exit handler
+terminates and then joins every daemonic child: after an exception that left a worker running, the process would
+never exit. Two guards prevent that:
 
 * :func:`closing_workers` iterates a loader and shuts its workers down when the loop ends, however it ends (an
   exception raised in a worker included), with SIGKILL for a worker that does not stop within seconds;
@@ -111,7 +112,8 @@ def start_workers(loader: Iterable) -> Iterator:
 
 @contextlib.contextmanager
 def closing_workers(iterator: Iterator) -> Iterator[Iterator]:
-    """Iterate ``iterator`` (a DataLoader's, from :func:`start_workers`) and shut its workers down when the block ends.
+    """Iterate ``iterator`` (a DataLoader's, from :func:`start_workers`) and shut its workers down when the block
+    ends.
 
     A UserError raised in a worker is re-raised with its own one-line message.
     """
