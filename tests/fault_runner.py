@@ -47,26 +47,28 @@ def main() -> int:
 
     torch.save = save
 
-    real_iter, real_init, iterators = DataLoader.__iter__, datasets.build.worker_init, {"n": 0, "slow": False}
+    if term_at:
+        real_iter, real_init, iterators = DataLoader.__iter__, datasets.build.worker_init, {"n": 0, "slow": False}
 
-    def iterate(loader):
-        iterators["n"] += 1
-        iterators["slow"] = iterators["n"] == term_at  # forked workers see the value it has now
-        batches = real_iter(loader)
-        if iterators["slow"]:
-            # From another process, as from scancel: a worker quits quietly on its parent's own SIGTERM.
-            pids = [str(worker.pid) for worker in batches._workers] + [str(os.getpid())]
-            subprocess.run(["kill", "-TERM", *pids], check=True)
-            time.sleep(3)  # a worker the signal ended is reported by torch's SIGCHLD handler in the meantime
-        return batches
+        def iterate(loader):
+            iterators["n"] += 1
+            iterators["slow"] = iterators["n"] == term_at  # forked workers see the value it has now
+            batches = real_iter(loader)
+            if iterators["slow"]:
+                # From another process, as from scancel: a worker quits quietly on its parent's own SIGTERM.
+                pids = [str(worker.pid) for worker in batches._workers] + [str(os.getpid())]
+                subprocess.run(["kill", "-TERM", *pids], check=True)
+                time.sleep(3)  # a worker the signal ended is reported by torch's SIGCHLD handler in the meantime
+            return batches
 
-    def worker_init(worker_id):
-        if iterators["slow"]:
-            time.sleep(2)
-        real_init(worker_id)
+        def worker_init(worker_id):
+            if iterators["slow"]:
+                time.sleep(2)
+            real_init(worker_id)
 
-    DataLoader.__iter__ = iterate
-    datasets.build.worker_init = worker_init
+        DataLoader.__iter__ = iterate
+        datasets.build.worker_init = worker_init
+
     return exit_status(train_cuhkpedes.main(argv))
 
 

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -394,17 +395,13 @@ class _BlockedSignals(torch.utils.data.Dataset):
         return 1
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        import signal
-
         return torch.tensor(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
 
 
-@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="no signal masks on this OS")
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks on this OS")
 def test_workers_start_deaf_to_a_group_sigterm_and_the_main_process_does_not():
     # A process-group SIGTERM between a worker's fork and its worker_init would kill it; start_workers forks it with
     # SIGTERM/SIGINT blocked, and the main process gets them again as soon as the workers have started.
-    import signal
-
     from datasets.build import worker_init
     from datasets.workers import closing_workers, start_workers
 
