@@ -98,8 +98,9 @@ def mlm_scores(model, cfg, tokenizer, captions: list[str], swaps: list[str], ima
         first, second = ids.gather(1, at).unbind(1)  # the caption's two words, in its order
         ids.scatter_(1, at, tokenizer.mask_token_id)
         positions = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, at, True)
-        image_tokens, _ = model.encode_image(pixels_of(cfg, [image_paths[i] for i in rows], "cpu"), bmm=False)
-        text_tokens, _ = model.encode_text(ids, mask, bmm=False)
+        image_tokens, _ = model.encode_image(pixels_of(cfg, [image_paths[i] for i in rows], "cpu"), bmm=False,
+                                             for_fusion=True)
+        text_tokens, _ = model.encode_text(ids, mask, bmm=False, for_fusion=True)
         logp = torch.log_softmax(model.mlm_logits(text_tokens, mask, image_tokens, positions=positions).float(),
                                  dim=-1).reshape(len(rows), 2, -1)  # row-major: each row's two places in order
         index = torch.arange(len(rows))

@@ -66,13 +66,15 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_text_len: int, device: to
 
 
 def encode_text_tokens(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], max_text_len: int,
-                       device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch of captions -> (tokens [B, T, D], mask [B, T], feature [B, D]) in the autocast dtype.
+                       device: torch.device | str, for_fusion: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of captions -> (tokens [B, T, D], mask [B, T], feature [B, D]) in the autocast dtype; tokens as
+    IVT.encode_text returns them (``for_fusion``: those the fusion stack reads).
 
     Call inside ``torch.inference_mode()`` and the autocast context; used for features and re-ranking.
     """
     ids, mask = tokenize(tokenizer, texts, max_text_len, device)
-    tokens, feature = model.encode_text(ids, mask, bmm=False)
+    tokens, feature = model.encode_text(ids, mask, bmm=False, for_fusion=for_fusion)
     return tokens, mask, feature
 
 
@@ -153,14 +155,16 @@ def rerank_scores(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
     scores = torch.zeros(local_idx.numel(), device=device)
     with torch.inference_mode(), autocast(device, amp), closing_workers(start_workers(loader)) as loaded:
         for (positions, gallery), images, image_ids in zip(batches, loaded, unique_images):
-            image_tokens, _ = model.encode_image(images.to(device, non_blocking=True), bmm=False)
+            image_tokens, image_feats = model.encode_image(images.to(device, non_blocking=True), bmm=False,
+                                                           for_fusion=True)
             query_rows = positions // k + start
             unique_queries, query_inverse = torch.unique(query_rows, return_inverse=True)
-            text_tokens, text_mask, _ = encode_text_tokens(
-                model, tokenizer, [texts[q] for q in unique_queries.tolist()], max_text_len, device)
-            image_inverse = torch.searchsorted(torch.tensor(image_ids), gallery)
-            logits = model.itm_logits(text_tokens[query_inverse.to(device)], text_mask[query_inverse.to(device)],
-                                      image_tokens[image_inverse.to(device)])
+            text_tokens, text_mask, text_feats = encode_text_tokens(
+                model, tokenizer, [texts[q] for q in unique_queries.tolist()], max_text_len, device, for_fusion=True)
+            text_rows = query_inverse.to(device)
+            image_rows = torch.searchsorted(torch.tensor(image_ids), gallery).to(device)
+            logits = model.itm_logits(text_tokens[text_rows], text_mask[text_rows], image_tokens[image_rows],
+                                      features=(text_feats[text_rows], image_feats[image_rows]))
             scores[positions.to(device)] = itm_score(logits, score)
     local = scores.reshape(stop - start, k)
     return _gather_rows(local, num_queries, (k,))

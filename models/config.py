@@ -43,6 +43,7 @@ class IVTConfig:
     feature_pool: str = "cls"  # the retrieval feature: cls (the CLS token's output, IVT) | mean (of the real tokens)
     itm_residual: bool = False  # the ITM match logit adds the pair's cosine / temperature: the head learns a correction
     itm_pool: str = "cls"  # what the ITM head reads of the fused text: cls (the fused CLS token, the authors') | mean
+    fusion_reads_block: int = 0  # the fusion stack reads the output tokens (0, the authors') or those after block k
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
@@ -50,6 +51,13 @@ class IVTConfig:
             raise ModelConfigError(f"model.bmm_ratio must be in [0, 1), got {self.bmm_ratio}")
         if self.fusion_layers < 0:
             raise ModelConfigError(f"model.fusion_layers must be >= 0, got {self.fusion_layers}")
+        if not 0 <= self.fusion_reads_block < max(self.depth, 1):
+            raise ModelConfigError(f"model.fusion_reads_block must be 0 (the output tokens) or a block "
+                                   f"1..{self.depth - 1} of the {self.depth}-block encoder, got "
+                                   f"{self.fusion_reads_block}")
+        if self.fusion_reads_block and not self.fusion_layers:
+            raise ModelConfigError("model.fusion_reads_block is set but model.fusion_layers is 0: there is no fusion "
+                                   "stack to read it")
         if self.text_pad_multiple < 0:
             raise ModelConfigError(f"model.text_pad_multiple must be >= 0, got {self.text_pad_multiple}")
         for key in ("feature_pool", "itm_pool"):

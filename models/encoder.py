@@ -190,29 +190,37 @@ class UnifiedEncoder(nn.Module):
             mask = mask.index_select(1, index)
         return x, mask
 
-    def _run_blocks(self, x: torch.Tensor, mask: Optional[torch.Tensor], modality: str) -> torch.Tensor:
-        """x [B,N,D], key mask [B,N] (nonzero = real token) or None -> normed tokens [B,N,D]."""
+    def _run_blocks(self, x: torch.Tensor, mask: Optional[torch.Tensor], modality: str, tap: int = 0
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x [B,N,D], key mask [B,N] (nonzero = real token) or None -> (normed output tokens [B,N,D], the tokens
+        after block ``tap`` before any norm [B,N,D], or None when tap is 0)."""
         attn_mask = None if mask is None else mask.bool()[:, None, None, :]
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        tapped = None
+        for number, block in enumerate(self.blocks, start=1):
             if checkpointing:
                 x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, modality, use_reentrant=False)
             else:
                 x = block(x, attn_mask, modality)
-        return self.norm(x)
+            if number == tap:
+                tapped = x
+        return self.norm(x), tapped
 
-    def forward_image(self, images: torch.Tensor, bmm: bool = True) -> torch.Tensor:
-        """images [B,3,H,W] -> tokens [B,N',D]; token 0 is CLS. N' < N+1 only when BMM dropped tokens."""
+    def forward_image(self, images: torch.Tensor, bmm: bool = True, tap: int = 0
+                      ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """images [B,3,H,W] -> (tokens [B,N',D], the tokens after block ``tap`` [B,N',D] or None; see _run_blocks);
+        token 0 is CLS. N' < N+1 only when BMM dropped tokens."""
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos_embed + self.type_embed
         if self.training and bmm and self.bmm_ratio > 0:
             x, _ = self._drop_tokens(x, None)
-        return self._run_blocks(x, None, VISION)
+        return self._run_blocks(x, None, VISION, tap)
 
-    def forward_text(self, ids: torch.Tensor, mask: Optional[torch.Tensor], bmm: bool = True
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """ids [B,T], mask [B,T] (1 = token, 0 = padding; None = no padding) -> (tokens [B,T',D], mask [B,T']).
+    def forward_text(self, ids: torch.Tensor, mask: Optional[torch.Tensor], bmm: bool = True, tap: int = 0
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """ids [B,T], mask [B,T] (1 = token, 0 = padding; None = no padding) -> (tokens [B,T',D], mask [B,T'],
+        the tokens after block ``tap`` [B,T',D] or None; see _run_blocks).
 
         Token 0 ([CLS]) must be a real token in every row; it is never dropped.
         """
@@ -222,10 +230,13 @@ class UnifiedEncoder(nn.Module):
         if self.training and bmm and self.bmm_ratio > 0:
             x, mask = self._drop_tokens(x, mask)
         if self.text_pad_multiple > 1 and x.shape[1] % self.text_pad_multiple:
-            return self._run_blocks_padded(x, mask, self.text_pad_multiple), mask
-        return self._run_blocks(x, mask, TEXT), mask
+            tokens, tapped = self._run_blocks_padded(x, mask, self.text_pad_multiple, tap)
+        else:
+            tokens, tapped = self._run_blocks(x, mask, TEXT, tap)
+        return tokens, mask, tapped
 
-    def _run_blocks_padded(self, x: torch.Tensor, mask: Optional[torch.Tensor], multiple: int) -> torch.Tensor:
+    def _run_blocks_padded(self, x: torch.Tensor, mask: Optional[torch.Tensor], multiple: int, tap: int
+                           ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text through the blocks at the next multiple of ``multiple`` tokens, then cut back to x's length.
 
         The added positions are zero vectors that no token attends to (key mask 0), so every real token's output
@@ -239,4 +250,5 @@ class UnifiedEncoder(nn.Module):
             mask = torch.ones(batch, length, dtype=torch.long, device=x.device)
         x = F.pad(x, (0, 0, 0, extra))
         mask = F.pad(mask, (0, extra))
-        return self._run_blocks(x, mask, TEXT)[:, :length]
+        tokens, tapped = self._run_blocks(x, mask, TEXT, tap)
+        return tokens[:, :length], None if tapped is None else tapped[:, :length]

@@ -30,6 +30,9 @@ class IVT(nn.Module):
                                       image_width=width, layer_norm_eps=1e-12, dropout=config.text_dropout)
             self.itm_head = nn.Linear(width, 2)
             self.mlm_head = MlmHead(width, config.vocab_size)
+            if config.fusion_reads_block:
+                # the blocks' residual stream is unnormalised; the final norm is the retrieval features'
+                self.fusion_input_norm = nn.LayerNorm(width, eps=1e-6)
         self.apply(self._init_module)
         for param in (self.encoder.cls_token, self.encoder.pos_embed, self.encoder.type_embed):
             nn.init.trunc_normal_(param, std=0.02)
@@ -72,21 +75,36 @@ class IVT(nn.Module):
         weights = mask.to(tokens.dtype)[..., None]  # [B,N,1]
         return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
-    def encode_image(self, images: torch.Tensor, bmm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B,3,H,W] -> (tokens [B,N,D], global feature [B,D], see :meth:`global_feature`)."""
-        tokens = self.encoder.forward_image(images, bmm=bmm)
-        return tokens, self.global_feature(tokens, None)
+    def _fusion_input(self, tokens: torch.Tensor, tapped: Optional[torch.Tensor]) -> torch.Tensor:
+        """The tokens [B,N,D] the fusion stack reads: the output tokens, or the normed block output that
+        ``model.fusion_reads_block`` names (tapped)."""
+        return tokens if tapped is None else self.fusion_input_norm(tapped)
 
-    def encode_text_with_mask(self, ids: torch.Tensor, mask: Optional[torch.Tensor], bmm: bool = True
+    def encode_image(self, images: torch.Tensor, bmm: bool = True, for_fusion: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,H,W] -> (tokens [B,N,D], global feature [B,D], see :meth:`global_feature`).
+
+        tokens: the encoder's output tokens, or with ``for_fusion`` the tokens that ``fuse``, ``itm_logits`` and
+        ``mlm_logits`` read (the same unless ``model.fusion_reads_block`` names an earlier block); the feature is
+        always the output's.
+        """
+        tap = self.config.fusion_reads_block if for_fusion else 0
+        tokens, tapped = self.encoder.forward_image(images, bmm=bmm, tap=tap)
+        return self._fusion_input(tokens, tapped), self.global_feature(tokens, None)
+
+    def encode_text_with_mask(self, ids: torch.Tensor, mask: Optional[torch.Tensor], bmm: bool = True,
+                              for_fusion: bool = False
                               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """ids [B,T], mask [B,T] -> (tokens [B,T',D], feature [B,D], kept mask [B,T']); T' < T only after BMM."""
-        tokens, kept_mask = self.encoder.forward_text(ids, mask, bmm=bmm)
-        return tokens, self.global_feature(tokens, kept_mask), kept_mask
+        """ids [B,T], mask [B,T] -> (tokens [B,T',D], feature [B,D], kept mask [B,T']); T' < T only after BMM.
+        tokens as :meth:`encode_image`'s."""
+        tap = self.config.fusion_reads_block if for_fusion else 0
+        tokens, kept_mask, tapped = self.encoder.forward_text(ids, mask, bmm=bmm, tap=tap)
+        return self._fusion_input(tokens, tapped), self.global_feature(tokens, kept_mask), kept_mask
 
-    def encode_text(self, ids: torch.Tensor, mask: Optional[torch.Tensor], bmm: bool = True
+    def encode_text(self, ids: torch.Tensor, mask: Optional[torch.Tensor], bmm: bool = True, for_fusion: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [B,T], mask [B,T] -> (tokens [B,T',D], global feature [B,D], see :meth:`global_feature`)."""
-        tokens, feature, _ = self.encode_text_with_mask(ids, mask, bmm=bmm)
+        """ids [B,T], mask [B,T] -> (tokens [B,T',D], global feature [B,D]), as :meth:`encode_text_with_mask`."""
+        tokens, feature, _ = self.encode_text_with_mask(ids, mask, bmm=bmm, for_fusion=for_fusion)
         return tokens, feature
 
     def _require_fusion(self) -> None:
@@ -95,40 +113,45 @@ class IVT(nn.Module):
 
     def fuse(self, text_tokens: torch.Tensor, text_mask: Optional[torch.Tensor], image_tokens: torch.Tensor,
              image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """text_tokens [B,T,D], text_mask [B,T], image_tokens [B,N,D], image_mask [B,N] | None -> [B,T,D]."""
+        """text_tokens [B,T,D], text_mask [B,T], image_tokens [B,N,D], image_mask [B,N] | None -> [B,T,D]; tokens as
+        ``encode_*(..., for_fusion=True)`` return them."""
         self._require_fusion()
         return self.fusion(text_tokens, text_mask, image_tokens, image_mask)
 
     def itm_logits(self, text_tokens: torch.Tensor, text_mask: Optional[torch.Tensor], image_tokens: torch.Tensor,
-                   image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   image_mask: Optional[torch.Tensor] = None, *,
+                   features: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Image-text matching logits [B,2] float32 (index 1 = match) from the fused text tokens.
 
+        Tokens as ``encode_*(..., for_fusion=True)`` return them. features: the pairs' global features (text
+        [B,D], image [B,D]), which ``model.itm_residual`` adds as the prior (see :meth:`cosine_prior`).
         ``model.itm_pool`` cls reads the fused CLS token (the authors'); mean averages the fused real tokens, so
         that a word's own cross-attention to the image ("blue" looking for blue) counts without first being
         gathered into CLS by the few self-attention layers of a small fusion stack. The 2-way projection runs
         in float32 even inside autocast: in bf16 the logits of different pairs tie often, and re-ranking sorts
         by them.
         """
+        if self.config.itm_residual and features is None:
+            raise ValueError("model.itm_residual: itm_logits needs the pairs' global features (features=(text, image))")
         fused = self.fuse(text_tokens, text_mask, image_tokens, image_mask)
         pooled = fused[:, 0] if self.config.itm_pool == "cls" else self._mean_of_real(fused, text_mask)
         with torch.autocast(device_type=pooled.device.type, enabled=False):
             logits = self.itm_head(pooled.float())
             if self.config.itm_residual:
-                logits = logits + self.cosine_prior(text_tokens, text_mask, image_tokens, image_mask)
+                logits = logits + self.cosine_prior(*features)
             return logits
 
     @torch.no_grad()
-    def cosine_prior(self, text_tokens: torch.Tensor, text_mask: Optional[torch.Tensor], image_tokens: torch.Tensor,
-                     image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B,2] float32: (0, cosine / temperature) of each pair's global features, no gradient.
+    def cosine_prior(self, text_feature: torch.Tensor, image_feature: torch.Tensor) -> torch.Tensor:
+        """text_feature [B,D], image_feature [B,D] (global features) -> [B,2] float32: (0, cosine / temperature)
+        of each pair, no gradient.
 
         With ``model.itm_residual`` the ITM head's logits are added to it: the head is trained, and scores, on top
         of the ranking it re-ranks, so its capacity goes to the pairs the cosine orders wrong instead of to
         re-learning what the features already tell (the cosine of a top-k list's near-duplicates differs little;
         a head from a small fusion stack orders fewer of those pairs right than the cosine does).
         """
-        text = F.normalize(self.global_feature(text_tokens, text_mask).float(), dim=-1)
-        image = F.normalize(self.global_feature(image_tokens, image_mask).float(), dim=-1)
+        text, image = F.normalize(text_feature.float(), dim=-1), F.normalize(image_feature.float(), dim=-1)
         match = (text * image).sum(dim=-1) / self.temperature.float()
         return torch.stack([torch.zeros_like(match), match], dim=1)
 
@@ -136,9 +159,10 @@ class IVT(nn.Module):
                    image_mask: Optional[torch.Tensor] = None, *, positions: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits [n_selected, V] at ``positions`` (bool [B,T]) of the fused text tokens.
 
-        The decoder runs only at the selected positions, row-major over (batch, position), which keeps the
-        [B,T,V] logits tensor out of memory. ``positions`` indexes ``text_tokens`` as passed, so the caller
-        encodes the masked caption without BMM token dropping.
+        Tokens as ``encode_*(..., for_fusion=True)`` return them. The decoder runs only at the selected
+        positions, row-major over (batch, position), which keeps the [B,T,V] logits tensor out of memory.
+        ``positions`` indexes ``text_tokens`` as passed, so the caller encodes the masked caption without BMM
+        token dropping.
         """
         fused = self.fuse(text_tokens, text_mask, image_tokens, image_mask)
         if positions.shape != fused.shape[:2]:

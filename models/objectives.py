@@ -86,7 +86,7 @@ class RetrievalObjective(nn.Module):
         images = batch["images"]  # [V*B,3,H,W], view-major
         pids = batch["pids"]  # [B]
         batch_size = pids.shape[0]
-        image_tokens, image_feats = model.encode_image(images)
+        image_tokens, image_feats = model.encode_image(images, for_fusion=True)
 
         if w["cmpm"] > 0:
             # MLA x BMM: every view and every text level of the batch in one CMPM, person ids as targets.
@@ -99,7 +99,7 @@ class RetrievalObjective(nn.Module):
             # so that MLM labels stay aligned with the caption tokens.
             view0_tokens, view0_feats = image_tokens[:batch_size], image_feats[:batch_size]
             caption_ids, caption_mask = batch["caption_ids"], batch["caption_mask"]
-            caption_tokens, caption_feats = model.encode_text(caption_ids, caption_mask, bmm=False)
+            caption_tokens, caption_feats = model.encode_text(caption_ids, caption_mask, bmm=False, for_fusion=True)
             temperature = model.temperature
             v, t = view0_feats, caption_feats
             if self.itc_normalize:
@@ -117,7 +117,7 @@ class RetrievalObjective(nn.Module):
                 out["itm_loss"] = w["itm"] * self._itm(view0_tokens, v, caption_tokens, t, caption_mask, pids,
                                                       temperature, caption_ids, swapped)
             if w["mlm"] > 0:
-                masked_tokens, _ = model.encode_text(batch["mlm_ids"], caption_mask, bmm=False)
+                masked_tokens, _ = model.encode_text(batch["mlm_ids"], caption_mask, bmm=False, for_fusion=True)
                 labels = batch["mlm_labels"]
                 positions = labels != -100
                 logits = model.mlm_logits(masked_tokens, caption_mask, view0_tokens, positions=positions)
@@ -130,7 +130,7 @@ class RetrievalObjective(nn.Module):
         if "swap_ids" not in batch or batch["swap_ids"].shape[0] == 0:  # a shape: no read of device values
             return None
         mask = batch["swap_mask"]
-        tokens, feats = self.model.encode_text(batch["swap_ids"], mask, bmm=False)
+        tokens, feats = self.model.encode_text(batch["swap_ids"], mask, bmm=False, for_fusion=True)
         return batch["swap_rows"], tokens, mask, feats
 
     def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature,
@@ -162,12 +162,17 @@ class RetrievalObjective(nn.Module):
         texts = [text_tokens, text_tokens, text_tokens[neg_text_for_image]]
         masks = [text_mask, text_mask, text_mask[neg_text_for_image]]
         images = [image_tokens, image_tokens[neg_image_for_text], image_tokens]
+        text_features = [text_feats, text_feats, text_feats[neg_text_for_image]]
+        image_features = [image_feats, image_feats[neg_image_for_text], image_feats]
         if swapped is not None:
-            rows, swap_tokens, swap_mask, _ = swapped
+            rows, swap_tokens, swap_mask, swap_features = swapped
             texts.append(swap_tokens)
             masks.append(swap_mask)
             images.append(image_tokens[rows])
-        logits = self.model.itm_logits(torch.cat(texts), torch.cat(masks), torch.cat(images))
+            text_features.append(swap_features)
+            image_features.append(image_feats[rows])
+        logits = self.model.itm_logits(torch.cat(texts), torch.cat(masks), torch.cat(images),
+                                       features=(torch.cat(text_features), torch.cat(image_features)))
         if self.itm_objective == "rank":
             return itm_rank_loss(logits)
         targets = itm_targets(pids.shape[0], logits.device)

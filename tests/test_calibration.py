@@ -201,7 +201,7 @@ def test_the_itm_objective_trains_the_same_pairs_with_the_chosen_loss(monkeypatc
     for objective_name in ("match", "rank"):
         cfg = load_config(None, base + [f"loss.itm_objective={objective_name}"])
         objective = RetrievalObjective(build_model(cfg), cfg.loss)
-        monkeypatch.setattr(objective.model, "itm_logits", lambda *args: fused)
+        monkeypatch.setattr(objective.model, "itm_logits", lambda *args, features: fused)
         losses[objective_name] = float(objective._itm(*inputs))
     assert losses == {"match": pytest.approx(float(itm_loss(fused, itm_targets(4, "cpu")))),
                       "rank": pytest.approx(float(itm_rank_loss(fused)))}

@@ -321,7 +321,7 @@ def test_texts_are_truncated_at_max_text_len(splits, synth_root, tokenizer):
     model = tiny_model(cfg)
     seen = []
     original = model.encode_text
-    model.encode_text = lambda ids, mask, bmm=True: (seen.append(ids.shape[1]), original(ids, mask, bmm))[1]
+    model.encode_text = lambda ids, mask, bmm=True, **kw: (seen.append(ids.shape[1]), original(ids, mask, bmm, **kw))[1]
     encode_texts(model, tokenizer, [r.caption for r in splits.test[:4]], 6, 4, "cpu", amp=False)
     assert seen == [6]
 
@@ -350,10 +350,12 @@ def test_evaluate_model_matches_brute_force(splits, synth_root, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------- re-ranking
-def test_rerank_scores_match_pairwise_itm(splits, synth_root, tokenizer):
+@pytest.mark.parametrize("reading", [[], ["model.fusion_reads_block=1", "model.itm_residual=true"]],
+                         ids=["output-tokens", "block-1-residual"])
+def test_rerank_scores_match_pairwise_itm(splits, synth_root, tokenizer, reading):
     from datasets.transforms import build_test_transform, load_image
 
-    cfg = tiny_cfg(synth_root, "model.fusion_layers=1")
+    cfg = tiny_cfg(synth_root, "model.fusion_layers=1", *reading)
     model = tiny_model(cfg)
     sets = build_eval_protocol(splits.test)
     transform = build_test_transform(cfg.input)
@@ -366,10 +368,13 @@ def test_rerank_scores_match_pairwise_itm(splits, synth_root, tokenizer):
     with torch.no_grad():
         for q in range(4):
             batch = tokenizer([texts[q]], return_tensors="pt")
-            text_tokens, _ = model.encode_text(batch["input_ids"], batch["attention_mask"], bmm=False)
+            text_tokens, text_feat = model.encode_text(batch["input_ids"], batch["attention_mask"], bmm=False,
+                                                       for_fusion=True)
             for j, g in enumerate(top[q].tolist()):
-                image_tokens, _ = model.encode_image(transform(load_image(sets.image_paths[g]))[None], bmm=False)
-                logits = model.itm_logits(text_tokens, batch["attention_mask"], image_tokens)[0]
+                image_tokens, image_feat = model.encode_image(transform(load_image(sets.image_paths[g]))[None],
+                                                              bmm=False, for_fusion=True)
+                logits = model.itm_logits(text_tokens, batch["attention_mask"], image_tokens,
+                                          features=(text_feat, image_feat))[0]
                 # ranked by the match logit alone (RaSa, APTM), not by match minus no-match
                 assert got[q, j].item() == pytest.approx(logits[1].item(), abs=1e-4)
                 assert margin[q, j].item() == pytest.approx((logits[1] - logits[0]).item(), abs=1e-4)
@@ -384,7 +389,7 @@ def _oracle_itm(model, sets, tokenizer, cfg):
     txt = encode_texts(model, tokenizer, sets.texts, cfg.text.max_text_len, 64, "cpu", amp=False)
     calls = []
 
-    def itm_logits(text_tokens, text_mask, image_tokens, image_mask=None):
+    def itm_logits(text_tokens, text_mask, image_tokens, image_mask=None, features=None):
         q = torch.cdist(text_tokens[:, 0].float(), txt).argmin(dim=1)
         g = torch.cdist(image_tokens[:, 0].float(), img).argmin(dim=1)
         calls.append(len(q))

@@ -79,6 +79,49 @@ def encoded_pairs(model: IVT, batch: int, padded_row: int, kept: int):
     return image_tokens, image_feat, text_tokens, text_feat, mask
 
 
+def test_the_fusion_stack_can_read_an_earlier_block_of_both_modalities():
+    model = tiny(fusion_reads_block=1).eval()
+    images, ids = torch.randn(3, 3, 64, 32), torch.randint(1, 50, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    after_first: list[torch.Tensor] = []
+    handle = model.encoder.blocks[0].register_forward_hook(lambda _m, _a, out: after_first.append(out))
+    with torch.no_grad():
+        image_tokens, image_feat = model.encode_image(images, bmm=False)
+        fusion_image, fusion_image_feat = model.encode_image(images, bmm=False, for_fusion=True)
+        text_tokens, text_feat = model.encode_text(ids, mask, bmm=False)
+        fusion_text, fusion_text_feat = model.encode_text(ids, mask, bmm=False, for_fusion=True)
+    handle.remove()
+    # the first block's output of each pass, through the fusion stack's own norm; the features are the output's
+    torch.testing.assert_close(fusion_image, model.fusion_input_norm(after_first[1]))
+    torch.testing.assert_close(fusion_text, model.fusion_input_norm(after_first[3]))
+    assert torch.equal(fusion_image_feat, image_feat) and torch.equal(fusion_text_feat, text_feat)
+    assert (fusion_image - image_tokens).abs().max() > 0.1 and (fusion_text - text_tokens).abs().max() > 0.01
+    # texts run padded to a multiple of 4 give the same tokens for the fusion stack
+    padded = tiny(fusion_reads_block=1, text_pad_multiple=4).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(padded.encode_text(ids, mask, bmm=False, for_fusion=True)[0], fusion_text,
+                                   rtol=1e-5, atol=1e-5)
+    # The ITM loss then trains the blocks up to the one read and the norm, not the later blocks; reading the
+    # output tokens (the default, which adds no parameter), it trains them all.
+    for reads, later_block_trained in ((1, False), (0, True)):
+        model = tiny(fusion_reads_block=reads).train()
+        tokens, _ = model.encode_image(images, for_fusion=True)
+        words, _, kept = model.encode_text_with_mask(ids, mask, for_fusion=True)
+        model.itm_logits(words, kept, tokens)[:, 1].sum().backward()
+        assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+        assert (model.encoder.blocks[1].attn.qkv.weight.grad is not None) == later_block_trained
+        assert hasattr(model, "fusion_input_norm") == (reads == 1)
+
+
+def test_fusion_reads_block_names_a_block_before_the_last_of_a_model_with_fusion():
+    with pytest.raises(ModelConfigError, match=r"model.fusion_reads_block must be 0 \(the output tokens\) or a "
+                                               r"block 1..1 of the 2-block encoder, got 2"):
+        IVTConfig(**TINY, fusion_layers=1, fusion_reads_block=2)
+    with pytest.raises(ModelConfigError, match="fusion_reads_block is set but model.fusion_layers is 0"):
+        IVTConfig(**TINY, fusion_reads_block=1)
+
+
 def test_residual_itm_adds_the_pairs_cosine_over_temperature_without_gradient():
     plain, residual = tiny().eval(), tiny(itm_residual=True).eval()
     residual.load_state_dict(plain.state_dict())
@@ -86,16 +129,20 @@ def test_residual_itm_adds_the_pairs_cosine_over_temperature_without_gradient():
     head = plain.itm_logits(text_tokens, mask, image_tokens)
     cosine = torch.nn.functional.cosine_similarity(text_feat, image_feat, dim=-1)
     expected = head + torch.stack([torch.zeros(4), cosine / residual.temperature], dim=1)
-    torch.testing.assert_close(residual.itm_logits(text_tokens, mask, image_tokens), expected)
+    features = (text_feat, image_feat)
+    torch.testing.assert_close(residual.itm_logits(text_tokens, mask, image_tokens, features=features), expected)
+    with pytest.raises(ValueError, match="itm_residual: itm_logits needs the pairs' global features"):
+        residual.itm_logits(text_tokens, mask, image_tokens)
     # A residual head that has learnt nothing (zero output) scores pairs in the cosine's own order.
     torch.nn.init.zeros_(residual.itm_head.weight)
     torch.nn.init.zeros_(residual.itm_head.bias)
-    pairs = residual.itm_logits(text_tokens[[0, 0, 0, 0]], mask[[0, 0, 0, 0]], image_tokens)
+    pairs = residual.itm_logits(text_tokens[[0, 0, 0, 0]], mask[[0, 0, 0, 0]], image_tokens,
+                                features=(text_feat[[0, 0, 0, 0]], image_feat))
     margin = pairs[:, 1] - pairs[:, 0]
     assert margin.argsort().tolist() == (text_feat[0] @ torch.nn.functional.normalize(image_feat, dim=-1).t()
                                          ).argsort().tolist()
     # The cosine is a fixed prior: the ITM loss trains the head only, never the features through it.
-    assert not residual.cosine_prior(text_tokens, mask, image_tokens).requires_grad
+    assert not residual.cosine_prior(text_feat.requires_grad_(), image_feat).requires_grad
 
 
 def test_mean_itm_pool_reads_the_mean_of_the_fused_real_text_tokens():
@@ -244,7 +291,8 @@ def test_build_model_from_attribute_config_and_init():
                               qkv_bias=True, drop_path_rate=0.1, vocab_size=100, max_text_positions=32,
                               type_vocab_size=2, text_dropout=0.1, pad_token_id=0, bmm_ratio=0.2,
                               fusion_layers=0, temperature_init=0.5, grad_checkpointing=False,
-                              text_pad_multiple=0, feature_pool="cls", itm_residual=False, itm_pool="cls"))
+                              text_pad_multiple=0, feature_pool="cls", itm_residual=False, itm_pool="cls",
+                              fusion_reads_block=0))
     torch.manual_seed(0)
     model = build_model(cfg)
     assert not model.has_fusion and not hasattr(model, "itm_head")

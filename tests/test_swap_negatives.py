@@ -92,12 +92,15 @@ def test_the_loader_makes_swaps_only_when_a_loss_reads_them(tmp_path):
         swap_words_of(load_config(None, base + ["loss.itm_weight=1", "loss.itm_swap_words=[red,3]"]))
 
 
-def test_each_swapped_caption_is_one_more_negative_of_the_itm_cross_entropy(tmp_path):
+@pytest.mark.parametrize("reading", [[], ["model.fusion_reads_block=1", "model.itm_residual=true"]],
+                         ids=["output-tokens", "block-1-residual"])
+def test_each_swapped_caption_is_one_more_negative_of_the_itm_cross_entropy(tmp_path, reading):
     """The loss over 3B + S pairs is the pairs' mean: (3B * the loss without swaps + S * the swapped pairs'
-    cross-entropy against 'no match') / (3B + S), the swapped pairs scored by the same head on their own."""
+    cross-entropy against 'no match') / (3B + S), the swapped pairs scored by the same head on their own (from
+    the tokens the fusion stack reads, with each pair's own cosine as the residual head's prior)."""
     overrides = tiny_overrides(tmp_path / "data") + [
         "model.fusion_layers=1", "loss.itm_weight=1", "loss.cmpm_weight=0", "model.bmm_ratio=0",
-        f"loss.itm_swap_words=[{','.join(COLOURS)}]"]
+        f"loss.itm_swap_words=[{','.join(COLOURS)}]", *reading]
     cfg = load_config(None, overrides)
     batch = first_batch(cfg)
     torch.manual_seed(0)
@@ -110,9 +113,10 @@ def test_each_swapped_caption_is_one_more_negative_of_the_itm_cross_entropy(tmp_
     b, s = batch["pids"].shape[0], rows.numel()
     assert 0 < s <= b
     with torch.no_grad():
-        image_tokens, _ = model.encode_image(batch["images"][:b])
-        swap_tokens, _ = model.encode_text(batch["swap_ids"], batch["swap_mask"], bmm=False)
-        logits = model.itm_logits(swap_tokens, batch["swap_mask"], image_tokens[rows])
+        image_tokens, image_feats = model.encode_image(batch["images"][:b], for_fusion=True)
+        swap_tokens, swap_feats = model.encode_text(batch["swap_ids"], batch["swap_mask"], bmm=False, for_fusion=True)
+        logits = model.itm_logits(swap_tokens, batch["swap_mask"], image_tokens[rows],
+                                  features=(swap_feats, image_feats[rows]))
     swapped = F.cross_entropy(logits, torch.zeros(s, dtype=torch.long))
     torch.testing.assert_close(with_swaps, (3 * b * without + s * swapped) / (3 * b + s), rtol=1e-5, atol=1e-6)
 
