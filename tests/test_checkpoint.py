@@ -25,8 +25,9 @@ def test_our_datasets_package_is_imported_not_huggingface():
     assert Path(out.strip()).resolve().parent == ROOT / "datasets"
 
 
-def test_atomic_save_round_trip(tmp_path):
-    cfg = load_config(None, TINY_MODEL + ["model.fusion_layers=1"])
+@pytest.mark.parametrize("reads_block", [0, 1])
+def test_atomic_save_round_trip(tmp_path, reads_block):
+    cfg = load_config(None, TINY_MODEL + ["model.fusion_layers=1", f"model.fusion_reads_block={reads_block}"])
     model = build_model(cfg)
     path = tmp_path / "ck.pth"
     atomic_save(checkpoint_dict(model.state_dict(), cfg.to_dict()), path)
@@ -35,6 +36,7 @@ def test_atomic_save_round_trip(tmp_path):
     again = build_model(cfg)
     again.load_state_dict(loaded["model"], strict=True)
     assert loaded["model"].keys() == model.state_dict().keys()
+    assert ("fusion_input_norm.weight" in loaded["model"]) == bool(reads_block)  # the authors' keys otherwise
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded["model"][key], value, rtol=0, atol=0)
 
