@@ -121,6 +121,26 @@ def test_each_swapped_caption_is_one_more_negative_of_the_itm_cross_entropy(tmp_
     torch.testing.assert_close(with_swaps, (3 * b * without + s * swapped) / (3 * b + s), rtol=1e-5, atol=1e-6)
 
 
+def test_the_residual_prior_of_every_itm_pair_is_that_pairs_own_cosine(tmp_path):
+    """The objective hands itm_logits each pair's global features beside its tokens (positives, both kinds of hard
+    negatives, swaps): read from the output tokens, a feature is the pooled tokens of the same row."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "data") + [
+        "model.fusion_layers=1", "loss.itm_weight=1", "loss.cmpm_weight=0", "model.itm_residual=true",
+        "loss.itc_weight=1", "loss.itc_normalize=true", f"loss.itm_swap_words=[{','.join(COLOURS)}]"])
+    batch = first_batch(cfg)
+    objective = RetrievalObjective(build_model(cfg), cfg.loss)
+    model, calls = objective.model, []
+    original = model.itm_logits
+    model.itm_logits = lambda *args, **kw: (calls.append((args, kw)), original(*args, **kw))[1]
+    objective(batch)
+    (text_tokens, text_mask, image_tokens), kw = calls[0]
+    b, s = batch["pids"].shape[0], batch["swap_rows"].numel()
+    assert text_tokens.shape[0] == 3 * b + s > 3 * b
+    text_feats, image_feats = (F.normalize(f.detach(), dim=-1) for f in kw["features"])
+    torch.testing.assert_close(text_feats, F.normalize(model.global_feature(text_tokens, text_mask).detach(), dim=-1))
+    torch.testing.assert_close(image_feats, F.normalize(model.global_feature(image_tokens, None).detach(), dim=-1))
+
+
 def test_swaps_need_the_match_objective(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "data") + [
         "model.fusion_layers=1", "loss.itm_weight=1", "loss.itm_objective=rank", "loss.itm_swap_words=[red,blue]"])
