@@ -3,8 +3,9 @@
     python -m bench.bench_no_match --checkpoint runs/demo/best.pth --data-root data/synthetic-cuhkpedes \
         --out bench/results/nomatch.json
 
-For the val and test splits of a synthetic CUHK-PEDES-format set: each caption is a query twice, as the first
-clause (what people type) and whole. "Present": ranked against the split's gallery; its best image is right or
+For the val and test splits of a synthetic CUHK-PEDES-format set: each caption is a query whole, and each of its
+short queries (what people type: every clause, or the first alone, as the checkpoint's
+``eval.no_match_short_queries`` says) is a query about the same person. "Present": ranked against the split's gallery; its best image is right or
 not. "Absent": every image of the query's person removed first. Each rule (engine.calibration's statistics, the
 gap at several ranks, and with a fusion stack the ITM head's match log-odds of the best image) is calibrated on
 val exactly as evaluate.py does (the ``--quantile`` of right best answers, split evenly between a rule's
@@ -203,7 +204,7 @@ def rates_of(measured: dict, thresholds: dict, nobody: torch.Tensor | None) -> d
 
 def encode_split(model, cfg, tokenizer, records, people, batch_size: int) -> dict[str, dict]:
     """{"short": measured, "full": measured} of one split (measured also holds "about_nobody")."""
-    from engine.calibration import first_clause
+    from engine.calibration import short_queries
     from engine.encoding import encode_images, encode_texts, rerank_scores
     from engine.evaluation import build_eval_protocol, query_token_limit
     from datasets.transforms import build_test_transform
@@ -219,14 +220,15 @@ def encode_split(model, cfg, tokenizer, records, people, batch_size: int) -> dic
 
     itm = itm_log_odds if getattr(model, "has_fusion", False) else None
     out = {}
-    for kind, texts in (("short", [first_clause(t) for t in sets.texts]), ("full", list(sets.texts))):
+    shorts, owner = short_queries(sets.texts, str(cfg.eval.get("no_match_short_queries", "clauses")))
+    for kind, texts, pids in (("short", shorts, sets.query_pids[owner]), ("full", list(sets.texts), sets.query_pids)):
         feats = encode_texts(model, tokenizer, texts, limit, batch_size, "cpu", False)
-        out[kind] = measure(texts, feats, image_feats, sets.query_pids, sets.gallery_pids, itm,
+        out[kind] = measure(texts, feats, image_feats, pids, sets.gallery_pids, itm,
                             lambda t: encode_texts(model, tokenizer, t, limit, batch_size, "cpu", False))
         out[kind]["about_nobody"] = (None if people is None else
-                                     about_nobody(texts, sets.query_pids.tolist(), sets.gallery_pids.tolist(), people))
+                                     about_nobody(texts, pids.tolist(), sets.gallery_pids.tolist(), people))
         out[kind]["fields_named"] = None if people is None else dict(sorted(Counter(
-            f for t, pid in zip(texts, sets.query_pids.tolist()) for f in named_attributes(t, people[pid])).items()))
+            f for t, pid in zip(texts, pids.tolist()) for f in named_attributes(t, people[pid])).items()))
     return out
 
 

@@ -5,11 +5,11 @@
   query's scores over the gallery, in standard deviations (whether the best image stands out). Rule ``cosine``
   (``eval.no_match_rule``) tests the first, ``zscore`` the second, ``both`` flags when either is low. A threshold
   flags a share of the split's queries whose best image is the right person (``eval.no_match_quantile``, shared
-  evenly by the rule's statistics), measured twice: on what people type (the first clause of each caption, "a man
-  in a green shirt") and on the whole annotator's captions; a query's threshold is read between the two by its
-  number of words, since scores grow with the length of a description (flat over most of each set, rising where
-  the two meet), and the two ends are fitted so that, read that way, each set is flagged at that share
-  (fit_ends).
+  evenly by the rule's statistics), measured twice: on what people type (every clause of each caption, "a man
+  in a green shirt", each a query about its caption's person; ``eval.no_match_short_queries``) and on the whole
+  annotator's captions; a query's threshold is read between the two by its number of words, since scores grow
+  with the length of a description (flat over most of each set, rising where the two meet), and the two ends are
+  fitted so that, read that way, each set is flagged at that share (fit_ends).
   Both error rates are measured: right best answers flagged, and queries about a person removed from the gallery
   (every image of their id taken out) not flagged.
 - Re-ranking that never loses: the top k ordered by ``cosine + w * ITM`` (the ITM match logit rescaled to the
@@ -38,15 +38,49 @@ NO_MATCH_RULES = ("both", *STATISTICS)
 _CLAUSE_END = re.compile(r"[,.;:!?]")
 
 
+def clauses_of(caption: str, min_words: int = 3) -> list[str]:
+    """The caption cut at its punctuation, each part taken further while it has fewer than ``min_words`` words ("A
+    man." is no description; a short tail joins the part before it): the short queries a person would type, one per
+    thing the caption says. A caption that opens with the scene ("In this picture, a man ...") has its description
+    in a later part, which is why every part is a short query and not the first alone."""
+    text = caption.strip()
+    spans: list[list[int]] = []  # [start, end) of each part in text
+    start = 0
+    for match in _CLAUSE_END.finditer(text):
+        if len(text[start: match.start()].split()) >= min_words:
+            spans.append([start, match.start()])
+            start = match.end()
+    tail = text[start:].rstrip(",.;:!? ")
+    if tail.strip():
+        if spans and len(tail.split()) < min_words:
+            spans[-1][1] = start + len(tail)
+        else:
+            spans.append([start, start + len(tail)])
+    return [text[a:b].strip() for a, b in spans] or [text.rstrip(",.;:!? ")]
+
+
 def first_clause(caption: str, min_words: int = 3) -> str:
     """The caption up to its first punctuation mark, taken further while that leaves fewer than ``min_words``
-    words ("A man." is no description): the short query a person would type."""
+    words ("A man." is no description): the short query a person would type, if captions open with the person."""
     text = caption.strip()
     for match in _CLAUSE_END.finditer(text):
         head = text[: match.start()].strip()
         if len(head.split()) >= min_words:
             return head
     return text.rstrip(",.;:!? ")
+
+
+SHORT_QUERIES = {"clauses": "every clause of each caption", "first_clause": "the first clause of each caption"}
+
+
+def short_queries(captions: Sequence[str], how: str) -> tuple[list[str], torch.Tensor]:
+    """The short queries measured for ``captions`` (``eval.no_match_short_queries``: clauses, every part of each
+    caption, see clauses_of; first_clause, the first part only) and the caption index each comes from [n]."""
+    if how not in SHORT_QUERIES:
+        raise ValueError(f"eval.no_match_short_queries must be one of {tuple(SHORT_QUERIES)}, got {how!r}")
+    parts = [clauses_of(c) if how == "clauses" else [first_clause(c)] for c in captions]
+    owner = torch.tensor([i for i, cs in enumerate(parts) for _ in cs], dtype=torch.long)
+    return [c for cs in parts for c in cs], owner
 
 
 def match_statistic(scores: torch.Tensor, keep: torch.Tensor | None = None, rule: str = "zscore") -> torch.Tensor:
@@ -192,13 +226,15 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
                        gallery_pids: torch.Tensor, chunk_size: int, ev: Any, carried: dict | None) -> dict:
     """The "no good match" rule of ``eval`` (or the one ``carried`` with the model), measured on this split.
 
-    encode(texts) -> [n, D] features of the short queries (the first clause of each of ``texts``). Returns
-    {"rule", "thresholds", "quantile", "calibrated_on", "short_queries": rates, "full_captions": rates,
-    "every_rule": the rates each rule would have had, calibrated here}: rates on this split's first clauses
-    and whole captions.
+    encode(texts) -> [n, D] features of the short queries (short_queries of ``texts``: each a query about its
+    caption's person). Returns {"rule", "thresholds", "quantile", "calibrated_on", "short_queries_from",
+    "short_queries": rates, "full_captions": rates, "every_rule": the rates each rule would have had, calibrated here}: rates on this
+    split's short queries and whole captions.
     """
-    shorts = [first_clause(t) for t in texts]
-    short = no_match_measure(encode(shorts), image_feats, query_pids, gallery_pids, chunk_size)
+    how = str(ev.get("no_match_short_queries", "clauses"))
+    shorts, owner = short_queries(texts, how)
+    short = no_match_measure(encode(shorts), image_feats, query_pids[owner.to(query_pids.device)], gallery_pids,
+                             chunk_size)
     full = no_match_measure(text_feats, image_feats, query_pids, gallery_pids, chunk_size)
     short["words"] = torch.tensor([word_count(t) for t in shorts])
     full["words"] = torch.tensor([word_count(t) for t in texts])
@@ -213,9 +249,9 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     else:
         rule = str(ev.no_match_rule)
         record = {"rule": rule, "thresholds": every[rule]["thresholds"], "quantile": quantile,
-                  "calibrated_on": "this split: the first clause of each caption and the whole captions"}
+                  "calibrated_on": f"this split: {SHORT_QUERIES[how]} and the whole captions"}
     thresholds = record["thresholds"]
-    return {**record, "short_queries": no_match_rates(short, thresholds),
+    return {**record, "short_queries_from": SHORT_QUERIES[how], "short_queries": no_match_rates(short, thresholds),
             "full_captions": no_match_rates(full, thresholds), "every_rule": every}
 
 

@@ -519,8 +519,9 @@ def log_results(results: dict) -> None:
     if no_match.get("thresholds") and rates.get("right_top1_flagged") is not None:
         below = " or ".join(f"{k} below {v['values'][0]:.3f} ({v['words'][0]:g} words) to {v['values'][1]:.3f} "
                             f"({v['words'][1]:g} words)" for k, v in no_match["thresholds"].items())
-        logger.info("no good match (%s) on %s, first clauses as queries: %.1f%% of right best answers flagged, "
-                    "%s%% of queries about an absent person not flagged", below, split, rates["right_top1_flagged"],
+        logger.info("no good match (%s) on %s, %s as short queries: %.1f%% of right best answers flagged, "
+                    "%s%% of queries about an absent person not flagged", below, split,
+                    no_match.get("short_queries_from", "first clauses"), rates["right_top1_flagged"],
                     "-" if rates.get("absent_not_flagged") is None else f"{rates['absent_not_flagged']:.1f}")
 
 

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 
-from engine.calibration import (blend_evidence, blend_grid, blend_scores, choose_blend_weight, first_clause,
-                                flagged, is_no_match, itm_pair_accuracy, match_statistic, no_match_measure,
-                                no_match_rates, no_match_thresholds, sign_test_p, threshold_at)
+from engine.calibration import (blend_evidence, blend_grid, blend_scores, calibrate_no_match, choose_blend_weight,
+                                clauses_of, first_clause, flagged, is_no_match, itm_pair_accuracy, match_statistic,
+                                no_match_measure, no_match_rates, no_match_thresholds, short_queries, sign_test_p,
+                                threshold_at)
 from models.losses import sample_hard_negatives
+from utils.config import ConfigError, load_config
 from utils.metrics import retrieval_metrics, selection_value
 
 
@@ -20,6 +22,58 @@ def test_first_clause_is_what_a_person_types():
     assert first_clause("A man. He wears a red coat, black pants.") == "A man. He wears a red coat"
     assert first_clause("a woman in a blue coat") == "a woman in a blue coat"
     assert first_clause("  red coat.  ") == "red coat"
+
+
+def test_every_clause_of_a_caption_is_a_short_query():
+    assert clauses_of("The lady wears a blue overcoat, and blue shorts. She has a green backpack on her back.") == \
+        ["The lady wears a blue overcoat", "and blue shorts", "She has a green backpack on her back"]
+    # the description of a caption that opens with the scene is in its later parts
+    assert clauses_of("In this picture, a young guy is seen from the side. He wears a green shirt.") == \
+        ["In this picture", "a young guy is seen from the side", "He wears a green shirt"]
+    # a part under 3 words runs on to the next mark; a short tail joins the part before it
+    assert clauses_of("A man. He wears a red coat, black pants.") == ["A man. He wears a red coat, black pants"]
+    assert clauses_of("a woman in a blue coat") == ["a woman in a blue coat"]
+    assert clauses_of("  red coat.  ") == ["red coat"]
+    texts, owner = short_queries(["a man in red, blue jeans and a cap", "a woman"], "clauses")
+    assert texts == ["a man in red", "blue jeans and a cap", "a woman"] and owner.tolist() == [0, 0, 1]
+    texts, owner = short_queries(["a man in red, blue jeans and a cap", "a woman"], "first_clause")
+    assert texts == ["a man in red", "a woman"] and owner.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="no_match_short_queries"):
+        short_queries(["a man"], "sentences")
+
+
+def test_the_short_queries_are_measured_as_queries_about_their_captions_person():
+    """Two people, one picture each; both captions open with the scene. Their first clauses find one right answer
+    between them (a coin toss of "In this picture"), every clause finds three, each measured against its own
+    caption's person."""
+    feature = {"In this picture": [0.6, 0.8], "a man in a red coat": [1.0, 0.1],
+               "a woman in a blue dress": [0.1, 1.0]}
+    captions = ["In this picture, a man in a red coat", "In this picture, a woman in a blue dress"]
+    text_feats = torch.tensor([[1.0, 0.2], [0.2, 1.0]])
+    image_feats, pids = torch.eye(2), torch.tensor([0, 1])
+    encoded: list[str] = []
+
+    def encode(texts):
+        encoded.extend(texts)
+        return torch.tensor([feature[t] for t in texts])
+
+    def calibrated(how: str) -> dict:
+        ev = load_config(None, [f"eval.no_match_short_queries={how}"]).eval
+        return calibrate_no_match(encode, captions, text_feats, image_feats, pids, pids, 8, ev, None)
+
+    by_clauses = calibrated("clauses")
+    assert encoded == ["In this picture", "a man in a red coat", "In this picture", "a woman in a blue dress"]
+    assert by_clauses["short_queries"]["queries_answered_right"] == 3  # all but the man's "In this picture"
+    assert by_clauses["short_queries"]["absent_queries"] == 4
+    assert by_clauses["full_captions"]["queries_answered_right"] == 2
+    assert by_clauses["short_queries_from"] == "every clause of each caption"
+    assert "every clause" in by_clauses["calibrated_on"]
+    encoded.clear()
+    by_first = calibrated("first_clause")
+    assert encoded == ["In this picture", "In this picture"]
+    assert by_first["short_queries"]["queries_answered_right"] == 1  # the woman's: "In this picture" leans to her
+    with pytest.raises(ConfigError, match="no_match_short_queries"):
+        load_config(None, ["eval.no_match_short_queries=sentences"])
 
 
 def test_match_statistic_by_hand():

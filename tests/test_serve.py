@@ -265,7 +265,7 @@ def test_an_exported_folder_carries_its_no_good_match_rule(exported_model, train
     rule = meta["calibration"]["no_match"]
     assert meta["calibration"]["split"] == "val" and rule["rule"] == "cosine"
     short_words, full_words = rule["thresholds"]["cosine"]["words"]
-    assert 3 <= short_words < full_words  # measured on first clauses and on whole captions
+    assert 3 <= short_words < full_words  # measured on short queries and on whole captions
     assert meta["metrics"]["val"]["no_match"]["thresholds"] == rule["thresholds"]
     short = meta["metrics"]["val"]["no_match"]["short_queries"]
     right = short["queries_answered_right"]  # the threshold is their 8% quantile: at most one more flagged

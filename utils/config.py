@@ -55,6 +55,7 @@ CHOICES = {
     "eval.protocol": ("standard", "authors"),
     "eval.examples_pick": ("spread", "worst"),
     "eval.no_match_rule": ("cosine", "zscore", "both"),
+    "eval.no_match_short_queries": ("clauses", "first_clause"),
     "search.backend": ("auto", "exact", "faiss"),
     "search.feature_dtype": ("float32", "float16"),
 }
