@@ -228,8 +228,8 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
 
     encode(texts) -> [n, D] features of the short queries (short_queries of ``texts``: each a query about its
     caption's person). Returns {"rule", "thresholds", "quantile", "calibrated_on", "short_queries_from",
-    "short_queries": rates, "full_captions": rates, "every_rule": the rates each rule would have had, calibrated here}: rates on this
-    split's short queries and whole captions.
+    "short_queries": rates, "full_captions": rates, "every_rule": the rates each rule would have had, calibrated
+    here}: rates on this split's short queries and whole captions.
     """
     how = str(ev.get("no_match_short_queries", "clauses"))
     shorts, owner = short_queries(texts, how)
