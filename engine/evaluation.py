@@ -613,7 +613,20 @@ def evaluate_split(model: torch.nn.Module, splits: Any, split_name: str, tokeniz
     return results
 
 
+SELECTION_RANKINGS = ("t2i_blend", "t2i_rerank", "t2i")  # the first present is the ranking the model serves
+
+
 def selection_score(results: dict, metric: str) -> float:
     """The model-selection number of ``eval.selection_metric`` (of the blend when re-ranking ran: the ranking a
     re-ranking model serves)."""
-    return selection_value(next(results[k] for k in ("t2i_blend", "t2i_rerank", "t2i") if k in results), metric)
+    return selection_value(next(results[k] for k in SELECTION_RANKINGS if k in results), metric)
+
+
+def selection_ranking(results: dict) -> str:
+    """Which ranking selection_score read, in words: the epoch a run keeps, and so its test figures, depend on it
+    (a blend whose weight moves from 0 to 0.125 between two versions moved a run's kept epoch and test R@1)."""
+    key = next(k for k in SELECTION_RANKINGS if k in results)
+    if key == "t2i_blend":
+        weight = results["rerank_blend"]["weight"]
+        return f"cosine + {weight:g} x ITM" if weight else "the cosine order (blend weight 0)"
+    return "ITM re-ranking" if key == "t2i_rerank" else "the cosine order"

@@ -31,7 +31,7 @@ from engine.checkpoints import (TrainState, carry_best_over, check_finite_weight
                                 load_model_state, read_checkpoint_or_folder, read_resume,
                                 save_checkpoint)
 from engine.data import build_run_tokenizer, load_data, run_caption_words, save_run_tokenizer
-from engine.evaluation import evaluate_split, selection_score
+from engine.evaluation import evaluate_split, selection_ranking, selection_score
 from engine.identity_neighbours import identity_neighbours
 from models.ivt import build_model
 from models.objectives import RetrievalObjective, itm_objective_of
@@ -658,8 +658,8 @@ def end_of_epoch(run: Run, stop: StopRequest, watchdog: StallWatchdog) -> bool:
                                                      **metric_scalars(results)})
         if score > state.best_metric:
             state.best_metric, state.best_epoch, improved = score, epoch, True
-        logger.info("epoch %d: %s %s = %.2f (best %.2f at epoch %d)", epoch, run.selection,
-                    cfg.eval.selection_metric, score, state.best_metric, state.best_epoch)
+        logger.info("epoch %d: %s %s = %.2f of %s (best %.2f at epoch %d)", epoch, run.selection,
+                    cfg.eval.selection_metric, score, selection_ranking(results), state.best_metric, state.best_epoch)
     elif not run.selection:
         state.best_epoch, improved = epoch, True
     stop_now = stop.agreed(run.device)  # one collective, so every rank takes the same branches below

@@ -13,7 +13,7 @@ from utils.checkpoint import atomic_save, load_file
 from utils.config import load_config
 from engine.checkpoints import checkpoint_dict
 from engine.encoding import encode_images, encode_texts, rerank_scores
-from engine.evaluation import build_eval_protocol, chance_r1, evaluate_model
+from engine.evaluation import build_eval_protocol, chance_r1, evaluate_model, selection_ranking, selection_score
 from utils.metrics import retrieval_metrics
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=16", "model.stride=16",
@@ -417,9 +417,13 @@ def test_the_blend_keeps_a_head_that_helps_beyond_chance_and_no_other(splits, sy
     cfg = tiny_cfg(synth_root, "model.fusion_layers=1", "eval.rerank_top_k=10")
     model = tiny_model(cfg)
     _oracle_itm(model, build_eval_protocol(splits.test), tokenizer, cfg)
-    blend = evaluate_model(model, splits.test, tokenizer, cfg, "cpu", "test")["rerank_blend"]
+    chosen = evaluate_model(model, splits.test, tokenizer, cfg, "cpu", "test")
+    blend = chosen["rerank_blend"]
     evidence = blend["evidence"]  # the oracle ranks many queries better and none worse: p = 0.5 ** better
     assert blend["weight"] > 0 and blend["alpha"] == 0.05 and evidence["worse"] == 0 and evidence["better"] >= 6
+    # the epoch a run keeps is chosen on the ranking it serves, and its selection lines say which
+    assert selection_ranking(chosen) == f"cosine + {blend['weight']:g} x ITM"
+    assert selection_score(chosen, "R1") == chosen["t2i_blend"]["R1"] > chosen["t2i"]["R1"]
     assert evidence["p_value"] == pytest.approx(0.5 ** evidence["better"])
     assert evidence["threshold"] == pytest.approx(0.05 / 6)  # six non-zero weights in the grid
     # asking for more evidence than the queries give: the cosine order, and the blend's metrics are the cosine's
@@ -429,6 +433,8 @@ def test_the_blend_keeps_a_head_that_helps_beyond_chance_and_no_other(splits, sy
     assert results["rerank_blend"]["weight"] == 0.0
     assert results["rerank_blend"]["evidence"] == {**evidence, "threshold": pytest.approx(0.5 * evidence["p_value"])}
     assert results["t2i_blend"] == results["t2i"]
+    assert selection_ranking(results) == "the cosine order (blend weight 0)"
+    assert selection_ranking({"t2i": results["t2i"]}) == "the cosine order"
     # alpha 0 never leaves the cosine order, not even for the oracle; a level above 1 is refused when the config
     # is built, before anything is evaluated
     never = tiny_cfg(synth_root, "model.fusion_layers=1", "eval.rerank_top_k=10", "eval.rerank_blend_alpha=0")
