@@ -624,7 +624,7 @@ def selection_score(results: dict, metric: str) -> float:
 
 def selection_ranking(results: dict) -> str:
     """Which ranking selection_score read, in words: the epoch a run keeps, and so its test figures, depend on it
-    (a blend whose weight moves from 0 to 0.125 between two versions moved a run's kept epoch and test R@1)."""
+    (the same training kept another epoch, and another test R@1, when its blend's weight was 0.125 instead of 0)."""
     key = next(k for k in SELECTION_RANKINGS if k in results)
     if key == "t2i_blend":
         weight = results["rerank_blend"]["weight"]
