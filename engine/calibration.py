@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -38,36 +38,43 @@ NO_MATCH_RULES = ("both", *STATISTICS)
 _CLAUSE_END = re.compile(r"[,.;:!?]")
 
 
-def clauses_of(caption: str, min_words: int = 3) -> list[str]:
-    """The caption cut at its punctuation, each part taken further while it has fewer than ``min_words`` words ("A
-    man." is no description; a short tail joins the part before it): the short queries a person would type, one per
-    thing the caption says. A caption that opens with the scene ("In this picture, a man ...") has its description
-    in a later part, which is why every part is a short query and not the first alone."""
-    text = caption.strip()
-    spans: list[list[int]] = []  # [start, end) of each part in text
+_STRIPPED = ",.;:!? "
+
+
+def _parts(text: str, min_words: int) -> Iterator[tuple[int, int]]:
+    """(start, end) in ``text`` of each part cut at punctuation, a part run on to the next mark while it has fewer
+    than ``min_words`` words ("A man." is no description); then the rest after the last part, if any, as
+    (start, -1)."""
     start = 0
     for match in _CLAUSE_END.finditer(text):
         if len(text[start: match.start()].split()) >= min_words:
-            spans.append([start, match.start()])
+            yield start, match.start()
             start = match.end()
-    tail = text[start:].rstrip(",.;:!? ")
+    yield start, -1
+
+
+def clauses_of(caption: str, min_words: int = 3) -> list[str]:
+    """The caption cut into parts (_parts; a short tail joins the part before it): the short queries a person would
+    type, one per thing the caption says. A caption that opens with the scene ("In this picture, a man ...") has
+    its description in a later part, which is why every part is a short query and not the first alone."""
+    text = caption.strip()
+    spans = [[a, b] for a, b in _parts(text, min_words)]
+    start = spans.pop()[0]
+    tail = text[start:].rstrip(_STRIPPED)
     if tail.strip():
         if spans and len(tail.split()) < min_words:
             spans[-1][1] = start + len(tail)
         else:
             spans.append([start, start + len(tail)])
-    return [text[a:b].strip() for a, b in spans] or [text.rstrip(",.;:!? ")]
+    return [text[a:b].strip() for a, b in spans] or [text.rstrip(_STRIPPED)]
 
 
 def first_clause(caption: str, min_words: int = 3) -> str:
-    """The caption up to its first punctuation mark, taken further while that leaves fewer than ``min_words``
-    words ("A man." is no description): the short query a person would type, if captions open with the person."""
+    """The caption's first part (_parts), or the whole of it without closing punctuation when no part has
+    ``min_words`` words: the short query a person would type, if captions open with the person."""
     text = caption.strip()
-    for match in _CLAUSE_END.finditer(text):
-        head = text[: match.start()].strip()
-        if len(head.split()) >= min_words:
-            return head
-    return text.rstrip(",.;:!? ")
+    _, end = next(_parts(text, min_words))
+    return text[:end].strip() if end >= 0 else text.rstrip(_STRIPPED)
 
 
 SHORT_QUERIES = {"clauses": "every clause of each caption", "first_clause": "the first clause of each caption"}
