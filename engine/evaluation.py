@@ -613,19 +613,20 @@ def evaluate_split(model: torch.nn.Module, splits: Any, split_name: str, tokeniz
     return results
 
 
-SELECTION_RANKINGS = ("t2i_blend", "t2i_rerank", "t2i")  # the first present is the ranking the model serves
+def _served(results: dict) -> str:
+    """The key of the ranking the model serves: the blend when re-ranking ran, else the cosine's."""
+    return next(k for k in ("t2i_blend", "t2i_rerank", "t2i") if k in results)
 
 
 def selection_score(results: dict, metric: str) -> float:
-    """The model-selection number of ``eval.selection_metric`` (of the blend when re-ranking ran: the ranking a
-    re-ranking model serves)."""
-    return selection_value(next(results[k] for k in SELECTION_RANKINGS if k in results), metric)
+    """The model-selection number of ``eval.selection_metric`` of the ranking the model serves (_served)."""
+    return selection_value(results[_served(results)], metric)
 
 
 def selection_ranking(results: dict) -> str:
     """Which ranking selection_score read, in words: the epoch a run keeps, and so its test figures, depend on it
     (the same training kept another epoch, and another test R@1, when its blend's weight was 0.125 instead of 0)."""
-    key = next(k for k in SELECTION_RANKINGS if k in results)
+    key = _served(results)
     if key == "t2i_blend":
         weight = results["rerank_blend"]["weight"]
         return f"cosine + {weight:g} x ITM" if weight else "the cosine order (blend weight 0)"
