@@ -11,7 +11,8 @@
   with the length of a description (flat over most of each set, rising where the two meet), and the two ends are
   fitted so that, read that way, each set is flagged at that share (fit_ends).
   Both error rates are measured: right best answers flagged, and queries about a person removed from the gallery
-  (every image of their id taken out) not flagged.
+  (every image of their id taken out) not flagged. How far they can move on new people: the rule refitted on half
+  of the split's people and read on the other half, many times (held_out_rates).
 - Re-ranking that never loses: the top k ordered by ``cosine + w * ITM`` (the ITM match logit rescaled to the
   cosine's spread within each query's top k), ``w`` chosen on the split from a grid that contains 0 (the cosine
   order itself), so on that split the blend is never below cosine ranking; a weight above 0 only where the
@@ -228,15 +229,70 @@ def no_match_rates(measured: dict[str, torch.Tensor], thresholds: dict[str, dict
             if absent.any() else None, **counts}
 
 
+def _people_subset(measured: dict[str, torch.Tensor], people: torch.Tensor) -> dict[str, torch.Tensor]:
+    keep = torch.isin(measured["pids"], people)
+    return {key: value[keep] for key, value in measured.items()}
+
+
+def held_out_rates(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], quantile: float, rule: str,
+                   knots: Sequence[float], splits: int, seed: int = 0) -> list[dict[str, dict]]:
+    """The rule refitted on half of the split's people and read on the other half, ``splits`` times.
+
+    short, full: no_match_measure records with "words" and "pids" [n] (each query's person). A split's people are
+    drawn by a generator seeded with ``seed`` (the same halves on every run); a split whose fitted half has no right
+    answer in one of the sets is left out (no threshold to read). Returns per split kept {"short_queries": rates,
+    "full_captions": rates} (no_match_rates) of the held-out half: how far the rates can move on people the
+    threshold was not fitted on, at this split's size, since right answers come in clusters of one person's.
+    """
+    people = torch.unique(full["pids"])
+    if people.numel() < 2:
+        return []
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(splits):
+        order = people[torch.randperm(people.numel(), generator=generator)]
+        fitted, held = order[:people.numel() // 2], order[people.numel() // 2:]
+        thresholds = no_match_thresholds(_people_subset(short, fitted), _people_subset(full, fitted), quantile,
+                                         rule, knots)
+        if thresholds is None:
+            continue
+        out.append({"short_queries": no_match_rates(_people_subset(short, held), thresholds),
+                    "full_captions": no_match_rates(_people_subset(full, held), thresholds)})
+    return out
+
+
+HELD_OUT_PERCENTILES = (0.1, 0.5, 0.9)
+# What a checkpoint and a model folder carry of a calibration, and a later evaluation applies.
+CARRIED_KEYS = ("rule", "thresholds", "quantile", "calibrated_on", "held_out")
+
+
+def held_out_spread(rates: list[dict[str, dict]], splits: int, people: int) -> dict[str, Any]:
+    """The 10th, 50th and 90th percentiles of each held-out rate (held_out_rates) over the splits where it was
+    measured (a half without right answers or absent-person queries has none), with the splits asked for and
+    kept and the people in a fitted half."""
+    record: dict[str, Any] = {"splits": splits, "splits_kept": len(rates), "people_fitted": people // 2,
+                              "percentiles": list(HELD_OUT_PERCENTILES)}
+    for kind in ("short_queries", "full_captions"):
+        record[kind] = {}
+        for rate in ("right_top1_flagged", "absent_not_flagged"):
+            values = torch.tensor([r[kind][rate] for r in rates if r[kind].get(rate) is not None],
+                                  dtype=torch.float64)
+            record[kind][rate] = ([float(torch.quantile(values, p)) for p in HELD_OUT_PERCENTILES]
+                                  if values.numel() else None)
+    return record
+
+
 def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: Sequence[str],
                        text_feats: torch.Tensor, image_feats: torch.Tensor, query_pids: torch.Tensor,
                        gallery_pids: torch.Tensor, chunk_size: int, ev: Any, carried: dict | None) -> dict:
     """The "no good match" rule of ``eval`` (or the one ``carried`` with the model), measured on this split.
 
     encode(texts) -> [n, D] features of the short queries (short_queries of ``texts``: each a query about its
-    caption's person). Returns {"rule", "thresholds", "quantile", "calibrated_on", "short_queries_from",
-    "short_queries": rates, "full_captions": rates, "every_rule": the rates each rule would have had, calibrated
-    here}: rates on this split's short queries and whole captions.
+    caption's person). Returns {"rule", "thresholds", "quantile", "calibrated_on", "held_out",
+    "short_queries_from", "short_queries": rates, "full_captions": rates, "every_rule": the rates each rule would
+    have had, calibrated here}: rates on this split's short queries and whole captions. "held_out"
+    (held_out_spread, ``eval.no_match_held_out_splits`` half-splits of the people; None when 0) is measured where
+    the rule is calibrated and carried with it, so a test evaluation shows what val expected of new people.
     """
     how = str(ev.get("no_match_short_queries", "clauses"))
     shorts, owner = short_queries(texts, how)
@@ -245,6 +301,8 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     full = no_match_measure(text_feats, image_feats, query_pids, gallery_pids, chunk_size)
     short["words"] = torch.tensor([word_count(t) for t in shorts])
     full["words"] = torch.tensor([word_count(t) for t in texts])
+    short["pids"] = query_pids.cpu()[owner]
+    full["pids"] = query_pids.cpu()
     quantile = float(ev.no_match_quantile)
     every = {}
     for rule in NO_MATCH_RULES:  # what each rule would give, for choosing the rule itself
@@ -252,11 +310,14 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
         every[rule] = {"thresholds": thresholds, "short_queries": no_match_rates(short, thresholds),
                        "full_captions": no_match_rates(full, thresholds)}
     if carried:
-        record = {k: carried.get(k) for k in ("rule", "thresholds", "quantile", "calibrated_on")}
+        record = {k: carried.get(k) for k in CARRIED_KEYS}
     else:
         rule = str(ev.no_match_rule)
+        splits = int(ev.get("no_match_held_out_splits", 0))
+        held_out = (held_out_spread(held_out_rates(short, full, quantile, rule, ev.no_match_knots, splits), splits,
+                                    int(torch.unique(full["pids"]).numel())) if splits else None)
         record = {"rule": rule, "thresholds": every[rule]["thresholds"], "quantile": quantile,
-                  "calibrated_on": f"this split: {SHORT_QUERIES[how]} and the whole captions"}
+                  "calibrated_on": f"this split: {SHORT_QUERIES[how]} and the whole captions", "held_out": held_out}
     thresholds = record["thresholds"]
     return {**record, "short_queries_from": SHORT_QUERIES[how], "short_queries": no_match_rates(short, thresholds),
             "full_captions": no_match_rates(full, thresholds), "every_rule": every}

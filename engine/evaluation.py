@@ -33,7 +33,8 @@ from datasets.authors_text import authors_word_count
 from datasets.pixels import set_max_image_pixels
 from datasets.records import MissingImagesError, Record
 from datasets.transforms import build_test_transform
-from engine.calibration import (blend_grid, calibrate_no_match, choose_blend_weight, itm_pair_accuracy)
+from engine.calibration import (CARRIED_KEYS, blend_grid, calibrate_no_match, choose_blend_weight,
+                                itm_pair_accuracy)
 from engine.encoding import encode_images, encode_texts, rerank_scores
 from utils.checkpoint import atomic_write
 from utils.environment import environment_record
@@ -491,7 +492,7 @@ def calibration_record(results: dict, carried: dict | None) -> dict:
     split they were chosen on (the carried record unchanged when the evaluation applied one)."""
     if carried:
         return carried
-    rule = {k: results["no_match"][k] for k in ("rule", "thresholds", "quantile", "calibrated_on")}
+    rule = {k: results["no_match"].get(k) for k in CARRIED_KEYS}
     weight = results.get("rerank_blend", {}).get("weight")
     return {"split": results["split"], "no_match": rule, "rerank_blend_weight": weight}
 
@@ -523,6 +524,14 @@ def log_results(results: dict) -> None:
                     "%s%% of queries about an absent person not flagged", below, split,
                     no_match.get("short_queries_from", "first clauses"), rates["right_top1_flagged"],
                     "-" if rates.get("absent_not_flagged") is None else f"{rates['absent_not_flagged']:.1f}")
+        held_out = no_match.get("held_out")
+        if held_out and held_out.get("splits_kept"):
+            spans = {kind: held_out[kind]["right_top1_flagged"] for kind in ("short_queries", "full_captions")}
+            where = results.get("calibration", {}).get("split") or "the calibration split"
+            logger.info("no good match on new people: refitted on %d people of %s and read on the rest (%d splits), "
+                        "right best answers flagged %s of short queries, %s of whole captions (10th to 90th "
+                        "percentile)", held_out["people_fitted"], where, held_out["splits_kept"],
+                        *("-" if span is None else f"{span[0]:.1f}-{span[-1]:.1f}%" for span in spans.values()))
 
 
 def _json_ready(value: Any) -> Any:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from engine.calibration import (blend_evidence, blend_grid, blend_scores, calibrate_no_match, choose_blend_weight,
-                                clauses_of, first_clause, flagged, is_no_match, itm_pair_accuracy, match_statistic,
-                                no_match_measure, no_match_rates, no_match_thresholds, short_queries, sign_test_p,
-                                threshold_at)
+                                clauses_of, first_clause, flagged, held_out_rates, held_out_spread, is_no_match,
+                                itm_pair_accuracy, match_statistic, no_match_measure, no_match_rates,
+                                no_match_thresholds, short_queries, sign_test_p, threshold_at)
 from models.losses import sample_hard_negatives
 from utils.config import ConfigError, load_config
 from utils.metrics import retrieval_metrics, selection_value
@@ -68,12 +68,84 @@ def test_the_short_queries_are_measured_as_queries_about_their_captions_person()
     assert by_clauses["full_captions"]["queries_answered_right"] == 2
     assert by_clauses["short_queries_from"] == "every clause of each caption"
     assert "every clause" in by_clauses["calibrated_on"]
+    # two people: each split fits on one and reads the other; carried with the rule, not measured again
+    held_out = by_clauses["held_out"]
+    assert (held_out["splits"], held_out["people_fitted"]) == (100, 1) and held_out["splits_kept"] == 100
+    ev = load_config(None, ["eval.no_match_held_out_splits=7"]).eval
+    carried = calibrate_no_match(encode, captions, text_feats, image_feats, pids, pids, 8, ev, by_clauses)
+    assert carried["held_out"] == held_out and carried["thresholds"] == by_clauses["thresholds"]
+    assert calibrate_no_match(encode, captions, text_feats, image_feats, pids, pids, 8,
+                              load_config(None, ["eval.no_match_held_out_splits=0"]).eval, None)["held_out"] is None
+    with pytest.raises(ConfigError, match="no_match_held_out_splits"):
+        load_config(None, ["eval.no_match_held_out_splits=-1"])
     encoded.clear()
     by_first = calibrated("first_clause")
     assert encoded == ["In this picture", "In this picture"]
     assert by_first["short_queries"]["queries_answered_right"] == 1  # the woman's: "In this picture" leans to her
     with pytest.raises(ConfigError, match="no_match_short_queries"):
         load_config(None, ["eval.no_match_short_queries=sentences"])
+
+
+def _people_record(right_scores: dict[int, list[float]], words: int, absent_score: float) -> dict:
+    """A no_match_measure record of right best answers only: each person's statistics, one query per score."""
+    pids = [p for p, scores in right_scores.items() for _ in scores]
+    n = len(pids)
+    return {"present_cosine": torch.tensor([s for scores in right_scores.values() for s in scores]),
+            "absent_cosine": torch.full((n,), absent_score), "right": torch.ones(n, dtype=torch.bool),
+            "has_positive": torch.ones(n, dtype=torch.bool), "words": torch.full((n,), words),
+            "pids": torch.tensor(pids)}
+
+
+def _people_subset_by_hand(record: dict, people: set[int]) -> dict:
+    keep = torch.tensor([int(p) in people for p in record["pids"]])
+    return {k: v[keep] for k, v in record.items()}
+
+
+def test_held_out_rates_refit_on_half_the_people_by_hand():
+    """Four people whose right answers score alike: any two of them give the same thresholds (short queries: the
+    0.25 quantile of 0.2, 0.2, 0.4, 0.4, ... is 0.35; whole captions: 0.575), which flag the other two's 0.2 and
+    0.5, a quarter of their answers; their absent-person queries (0.3 short, 0.6 whole) are flagged, not flagged."""
+    short = _people_record({p: [0.2, 0.4, 0.6, 0.8] for p in range(4)}, 3, 0.3)
+    full = _people_record({p: [0.5, 0.6, 0.7, 0.9] for p in range(4)}, 12, 0.6)
+    fitted = no_match_thresholds(_people_subset_by_hand(short, {0, 1}), _people_subset_by_hand(full, {0, 1}), 0.25,
+                                 "cosine", (0.75, 0.25))["cosine"]
+    assert fitted["words"] == [3.0, 12.0] and fitted["values"] == pytest.approx([0.35, 0.575])
+    rates = held_out_rates(short, full, 0.25, "cosine", (0.75, 0.25), splits=5)
+    assert len(rates) == 5
+    for split in rates:
+        assert split["short_queries"]["right_top1_flagged"] == pytest.approx(25.0)
+        assert split["short_queries"]["absent_not_flagged"] == pytest.approx(0.0)
+        assert split["full_captions"]["right_top1_flagged"] == pytest.approx(25.0)
+        assert split["full_captions"]["absent_not_flagged"] == pytest.approx(100.0)
+        assert split["short_queries"]["queries_answered_right"] == 8  # two people's four answers: half held out
+    spread = held_out_spread(rates, 5, 4)
+    assert spread["short_queries"]["right_top1_flagged"] == pytest.approx([25.0] * 3)
+    assert (spread["splits"], spread["splits_kept"], spread["people_fitted"]) == (5, 5, 2)
+
+
+def test_held_out_rates_move_with_the_people_fitted():
+    """Two people whose right answers score high (0.7, 0.8) and two low (0.3, 0.4), quantile 0.25: fitted on the
+    high pair the threshold is 0.7 and flags every answer of the low pair (100%); on the low pair, 0.3 flags none
+    (0%); on one of each, 0.375 flags the other low person's 0.3 (25%). Every split is one of those three; the
+    percentiles say how far a split of people moves the rate."""
+    scores = {0: [0.7, 0.8], 1: [0.7, 0.8], 2: [0.3, 0.4], 3: [0.3, 0.4]}
+    short, full = _people_record(scores, 3, 0.0), _people_record(scores, 12, 0.0)
+    rates = held_out_rates(short, full, 0.25, "cosine", (0.75, 0.25), splits=60)
+    seen = sorted({round(r["short_queries"]["right_top1_flagged"], 6) for r in rates})
+    assert seen == [0.0, 25.0, 100.0]
+    assert all(r["short_queries"]["right_top1_flagged"] == r["full_captions"]["right_top1_flagged"] for r in rates)
+    # the same halves on every call (a seeded draw), another seed draws others
+    assert rates == held_out_rates(short, full, 0.25, "cosine", (0.75, 0.25), splits=60)
+    order = [r["short_queries"]["right_top1_flagged"] for r in rates]
+    assert order != [r["short_queries"]["right_top1_flagged"]
+                     for r in held_out_rates(short, full, 0.25, "cosine", (0.75, 0.25), splits=60, seed=1)]
+    spread = held_out_spread(rates, 60, 4)["short_queries"]["right_top1_flagged"]
+    assert spread == pytest.approx([0.0, 25.0, 100.0])  # 1 in 6 splits fits the low pair, 1 in 6 the high pair
+    assert held_out_spread(rates, 60, 4)["short_queries"]["absent_not_flagged"] == pytest.approx([0.0] * 3)
+    # one person: no half to fit on
+    one = _people_record({0: [0.5, 0.6]}, 3, 0.0)
+    assert held_out_rates(one, one, 0.25, "cosine", (0.75, 0.25), splits=10) == []
+    assert held_out_spread([], 10, 1)["short_queries"]["right_top1_flagged"] is None
 
 
 def test_match_statistic_by_hand():

@@ -73,7 +73,7 @@ MINIMUM = {
     "search.shard_images": 1, "search.exact_chunk_rows": 1, "search.faiss_min_images": 1,
     "search.ivf_max_lists": 1, "search.pq_bytes": 1, "search.train_sample_images": 1, "search.nprobe": 1,
     "search.ef_search": 1, "search.rescore_candidates": 1, "search.expand_top": 0, "search.expand_nprobe": 1, "search.verify_max_mib": 0,
-    "search.scan_max_images": 0,
+    "search.scan_max_images": 0, "eval.no_match_held_out_splits": 0,
 }
 # Keys that checkpoints of earlier versions may carry and today's schema dropped: a saved config rebuilt from a
 # checkpoint loses them with one log line (a YAML file or an override naming one is still an error).
