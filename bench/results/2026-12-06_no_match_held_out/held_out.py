@@ -58,12 +58,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     splits, (encode, cfg) = encoded_splits(args.checkpoint, args.data_root)
     for quantile in args.quantiles:
-        cfg.eval.no_match_quantile = quantile
+        ev = cfg.replace([f"eval.no_match_quantile={quantile}"]).eval
         record, carried = {"checkpoint": args.checkpoint, "data_root": args.data_root, "quantile": quantile}, None
         for split in ("val", "test"):
             sets, images = splits[split]
             result = calibrate_no_match(encode, sets.texts, encode(sets.texts), images, sets.query_pids,
-                                        sets.gallery_pids, 4096, cfg.eval, carried)
+                                        sets.gallery_pids, 4096, ev, carried)
             carried = carried or result
             record[split] = {kind: result[kind] for kind in ("short_queries", "full_captions")}
         record.update(held_out=carried["held_out"], thresholds=carried["thresholds"], machine=machine_record("cpu"))
