@@ -528,10 +528,13 @@ def log_results(results: dict) -> None:
         if held_out and held_out.get("splits_kept"):
             spans = {kind: held_out[kind]["right_top1_flagged"] for kind in ("short_queries", "full_captions")}
             where = results.get("calibration", {}).get("split") or "the calibration split"
+            fitted, asked = no_match.get("fitted_quantile"), no_match.get("quantile")
+            aim = ("" if fitted is None or fitted == asked else
+                   f"; fitted at {100 * fitted:.1f}% of {where}'s right answers for {100 * asked:g}% of new people's")
             logger.info("no good match on new people: refitted on %d people of %s and read on the rest (%d splits), "
                         "right best answers flagged %s of short queries, %s of whole captions (10th to 90th "
-                        "percentile)", held_out["people_fitted"], where, held_out["splits_kept"],
-                        *("-" if span is None else f"{span[0]:.1f}-{span[-1]:.1f}%" for span in spans.values()))
+                        "percentile)%s", held_out["people_fitted"], where, held_out["splits_kept"],
+                        *("-" if span is None else f"{span[0]:.1f}-{span[-1]:.1f}%" for span in spans.values()), aim)
 
 
 def _json_ready(value: Any) -> Any:

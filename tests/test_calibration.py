@@ -10,7 +10,8 @@ import torch
 from engine.calibration import (blend_evidence, blend_grid, blend_scores, calibrate_no_match, choose_blend_weight,
                                 clauses_of, first_clause, flagged, held_out_rates, held_out_spread, is_no_match,
                                 itm_pair_accuracy, match_statistic, no_match_measure, no_match_rates,
-                                no_match_thresholds, short_queries, sign_test_p, threshold_at)
+                                no_match_thresholds, quantile_for_new_people, short_queries, sign_test_p,
+                                threshold_at)
 from models.losses import sample_hard_negatives
 from utils.config import ConfigError, load_config
 from utils.metrics import retrieval_metrics, selection_value
@@ -74,10 +75,13 @@ def test_the_short_queries_are_measured_as_queries_about_their_captions_person()
     ev = load_config(None, ["eval.no_match_held_out_splits=7"]).eval
     carried = calibrate_no_match(encode, captions, text_feats, image_feats, pids, pids, 8, ev, by_clauses)
     assert carried["held_out"] == held_out and carried["thresholds"] == by_clauses["thresholds"]
-    assert calibrate_no_match(encode, captions, text_feats, image_feats, pids, pids, 8,
-                              load_config(None, ["eval.no_match_held_out_splits=0"]).eval, None)["held_out"] is None
+    off = load_config(None, ["eval.no_match_held_out_splits=0", "eval.no_match_quantile_on=fitted_people"]).eval
+    unmeasured = calibrate_no_match(encode, captions, text_feats, image_feats, pids, pids, 8, off, None)
+    assert unmeasured["held_out"] is None and unmeasured["fitted_quantile"] == unmeasured["quantile"] == 0.08
     with pytest.raises(ConfigError, match="no_match_held_out_splits"):
         load_config(None, ["eval.no_match_held_out_splits=-1"])
+    with pytest.raises(ConfigError, match="new_people"):  # the default needs the half-splits
+        load_config(None, ["eval.no_match_held_out_splits=0"])
     encoded.clear()
     by_first = calibrated("first_clause")
     assert encoded == ["In this picture", "In this picture"]
@@ -146,6 +150,53 @@ def test_held_out_rates_move_with_the_people_fitted():
     one = _people_record({0: [0.5, 0.6]}, 3, 0.0)
     assert held_out_rates(one, one, 0.25, "cosine", (0.75, 0.25), splits=10) == []
     assert held_out_spread([], 10, 1)["short_queries"]["right_top1_flagged"] is None
+
+
+def test_the_quantile_for_new_people_by_hand():
+    """Alike people: a half's threshold flags the other half's right answers as often as its own, so the quantile
+    stays the share asked for. High and low people (as above): for any quantile above 0 a split flags 100% (fitted
+    on the high pair), 0% (the low pair) or 25% (one of each) of the held-out answers, a mean M over the splits
+    drawn; the whole split's rate on new people is read as (q + M) / 2, which meets 25% at q = 50% - M."""
+    alike = {p: [0.2, 0.4, 0.6, 0.8] for p in range(4)}
+    short, full = _people_record(alike, 3, 0.0), _people_record(alike, 12, 0.0)
+    assert quantile_for_new_people(short, full, 0.25, "cosine", (0.75, 0.25), splits=20) == 0.25
+    scores = {0: [0.7, 0.8], 1: [0.7, 0.8], 2: [0.3, 0.4], 3: [0.3, 0.4]}
+    short, full = _people_record(scores, 3, 0.0), _people_record(scores, 12, 0.0)
+    rates = held_out_rates(short, full, 0.1, "cosine", (0.75, 0.25), splits=60)
+    mean = sum(r["short_queries"]["right_top1_flagged"] for r in rates) / len(rates) / 100
+    assert 0.25 < mean < 0.5  # held out, more than the 25% fitted
+    fitted = quantile_for_new_people(short, full, 0.25, "cosine", (0.75, 0.25), splits=60, steps=12)
+    assert fitted == pytest.approx(0.5 - mean, abs=0.25 / 2 ** 12)
+
+
+def test_calibration_fits_at_the_quantile_for_new_people():
+    """The high and low people of the test above as features: one picture each, two one-clause captions each whose
+    cosine with their own picture is 0.7 and 0.8 (0.3 and 0.4 for the low pair) and 0 with the others'. Fitted
+    for val's own people (fitted_people), the threshold is the 0.25 quantile of the eight right answers, 0.375;
+    for new people, that of the quantile quantile_for_new_people finds on the same answers, lower."""
+    image_feats = torch.cat([torch.eye(4), torch.zeros(4, 1)], dim=1)
+    cosines = [0.7, 0.8, 0.7, 0.8, 0.3, 0.4, 0.3, 0.4]
+    text_feats = torch.tensor([[c if d == i // 2 else 0.0 for d in range(4)] + [math.sqrt(1 - c * c)]
+                               for i, c in enumerate(cosines)])
+    captions = [f"person {i // 2} caption {i}" for i in range(8)]
+    query_pids, gallery_pids = torch.arange(8) // 2, torch.arange(4)
+    by_text = dict(zip(captions, text_feats))
+
+    def calibrated(on: str) -> dict:
+        ev = load_config(None, ["eval.no_match_quantile=0.25", "eval.no_match_held_out_splits=60",
+                                f"eval.no_match_quantile_on={on}"]).eval
+        return calibrate_no_match(lambda texts: torch.stack([by_text[t] for t in texts]), captions, text_feats,
+                                  image_feats, query_pids, gallery_pids, 8, ev, None)
+
+    own = calibrated("fitted_people")
+    assert own["fitted_quantile"] == 0.25
+    assert own["thresholds"]["cosine"]["values"] == pytest.approx([0.375, 0.375])
+    new = calibrated("new_people")
+    record = _people_record({0: [0.7, 0.8], 1: [0.7, 0.8], 2: [0.3, 0.4], 3: [0.3, 0.4]}, 4, 0.0)
+    expected = quantile_for_new_people(record, record, 0.25, "cosine", (0.75, 0.25), splits=60)
+    assert new["quantile"] == 0.25 and new["fitted_quantile"] == pytest.approx(expected) and expected < 0.2
+    # the 0.3 and 0.4 of the eight sorted right answers, read at 7 x the fitted quantile
+    assert new["thresholds"]["cosine"]["values"] == pytest.approx([0.3 + (7 * expected - 1) * 0.1] * 2)
 
 
 def test_match_statistic_by_hand():

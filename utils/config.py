@@ -56,6 +56,7 @@ CHOICES = {
     "eval.examples_pick": ("spread", "worst"),
     "eval.no_match_rule": ("cosine", "zscore", "both"),
     "eval.no_match_short_queries": ("clauses", "first_clause"),
+    "eval.no_match_quantile_on": ("new_people", "fitted_people"),
     "search.backend": ("auto", "exact", "faiss"),
     "search.feature_dtype": ("float32", "float16"),
 }
@@ -185,6 +186,10 @@ def _check_values(data: dict, source: str) -> None:
             raise ConfigError(f"{source}: text.levels entries must be word, phrase or sentence, got {text_level!r}")
     _check_ranges(data, source)
     _check_corpora(data["data"]["pretrain_corpora"], source)
+    if data["eval"]["no_match_quantile_on"] == "new_people" and data["eval"]["no_match_held_out_splits"] < 1:
+        raise ConfigError(f"{source}: eval.no_match_quantile_on=new_people estimates the rate on new people from "
+                          "eval.no_match_held_out_splits half-splits of the people, which is 0; set it to at least "
+                          "1 or eval.no_match_quantile_on=fitted_people")
     reference = data["train"]["reference_batch_size"]
     if reference is not None and reference < 1:
         raise ConfigError(f"{source}: key 'train.reference_batch_size' must be >= 1 or null, got {reference!r}")
