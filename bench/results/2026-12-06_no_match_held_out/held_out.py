@@ -55,21 +55,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("data_root")
     parser.add_argument("--quantiles", type=float, nargs="+", default=[0.04, 0.05, 0.06, 0.07, 0.08])
+    parser.add_argument("--quantile-on", choices=("fitted_people", "new_people"), default="fitted_people",
+                        help="eval.no_match_quantile_on (from 3366e01; runs.jsonl was made before, as fitted_people)")
     args = parser.parse_args(argv)
     splits, (encode, cfg) = encoded_splits(args.checkpoint, args.data_root)
     for quantile in args.quantiles:
-        ev = cfg.replace([f"eval.no_match_quantile={quantile}"]).eval
-        record, carried = {"checkpoint": args.checkpoint, "data_root": args.data_root, "quantile": quantile}, None
+        ev = cfg.replace([f"eval.no_match_quantile={quantile}", f"eval.no_match_quantile_on={args.quantile_on}"]).eval
+        record, carried = {"checkpoint": args.checkpoint, "data_root": args.data_root, "quantile": quantile,
+                           "quantile_on": args.quantile_on}, None
         for split in ("val", "test"):
             sets, images = splits[split]
             result = calibrate_no_match(encode, sets.texts, encode(sets.texts), images, sets.query_pids,
                                         sets.gallery_pids, 4096, ev, carried)
             carried = carried or result
             record[split] = {kind: result[kind] for kind in ("short_queries", "full_captions")}
-        record.update(held_out=carried["held_out"], thresholds=carried["thresholds"], machine=machine_record("cpu"))
+        record.update(held_out=carried["held_out"], thresholds=carried["thresholds"],
+                      fitted_quantile=carried.get("fitted_quantile", quantile), machine=machine_record("cpu"))
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        print(quantile, {s: {k: round(record[s][k]["right_top1_flagged"], 1) for k in record[s]}
+        print(quantile, round(record["fitted_quantile"], 4), {s: {k: round(record[s][k]["right_top1_flagged"], 1) for k in record[s]}
                          for s in ("val", "test")},
               {k: [round(v, 1) for v in record["held_out"][k]["right_top1_flagged"]]
                for k in ("short_queries", "full_captions")})
