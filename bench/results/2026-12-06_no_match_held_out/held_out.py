@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                       fitted_quantile=carried.get("fitted_quantile", quantile), machine=machine_record("cpu"))
         with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
-        print(quantile, round(record["fitted_quantile"], 4), {s: {k: round(record[s][k]["right_top1_flagged"], 1) for k in record[s]}
-                         for s in ("val", "test")},
+        print(quantile, round(record["fitted_quantile"], 4),
+              {s: {k: round(record[s][k]["right_top1_flagged"], 1) for k in record[s]} for s in ("val", "test")},
               {k: [round(v, 1) for v in record["held_out"][k]["right_top1_flagged"]]
                for k in ("short_queries", "full_captions")})
 
