@@ -324,10 +324,10 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     encode(texts) -> [n, D] features of the short queries (short_queries of ``texts``: each a query about its
     caption's person). ``eval.no_match_quantile_on``: fitted_people fits the thresholds at
     ``eval.no_match_quantile``; new_people at the quantile that flags that share of new people's right answers
-    (quantile_for_new_people, "fitted_quantile"). Returns {"rule", "thresholds", "quantile", "fitted_quantile",
-    "calibrated_on", "held_out",
-    "short_queries_from", "short_queries": rates, "full_captions": rates, "every_rule": the rates each rule would
-    have had, calibrated here}: rates on this split's short queries and whole captions. "held_out"
+    (quantile_for_new_people for the configured rule, "fitted_quantile"). Returns {"rule", "thresholds", "quantile",
+    "fitted_quantile", "calibrated_on", "held_out", "short_queries_from", "short_queries": rates, "full_captions":
+    rates, "every_rule": the rates each rule would have had, calibrated here at that fitted quantile}: rates on this
+    split's short queries and whole captions. "held_out"
     (held_out_spread, ``eval.no_match_held_out_splits`` half-splits of the people; None when 0) is measured where
     the rule is calibrated and carried with it, so a test evaluation shows what val expected of new people.
     """
