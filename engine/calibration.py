@@ -262,7 +262,7 @@ def held_out_rates(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor]
 
 
 def quantile_for_new_people(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], share: float, rule: str,
-                            knots: Sequence[float], splits: int, steps: int = 10) -> float:
+                            knots: Sequence[float], splits: int, steps: int = 7) -> float:
     """The quantile to fit on the whole split so that, on average, ``share`` of the right best answers of people it
     was not fitted on are flagged, in each set (short queries, whole captions) at most.
 
