@@ -8,9 +8,10 @@ short queries (what people type: every clause, or the first alone, as the checkp
 ``eval.no_match_short_queries`` says) is a query about the same person. "Present": ranked against the split's
 gallery; its best image is right or not. "Absent": every image of the query's person removed first. Each rule
 (engine.calibration's statistics, the gap at several ranks, and with a fusion stack the ITM head's match log-odds
-of the best image) is calibrated on val exactly as evaluate.py does (the ``--quantile`` of right best answers,
-split evenly between a rule's statistics, read between short and whole captions by word count) and applied to val
-and test.
+of the best image) is calibrated on val as evaluate.py does with ``eval.no_match_quantile_on=fitted_people`` (the
+``--quantile`` of val's own right best answers, split evenly between a rule's statistics, read between short and
+whole captions by word count; evaluate.py's default fits a lower quantile, for new people) and applied to val and
+test.
 
 Measurement honesty: an "absent" query whose description fits another person of the gallery equally well is not a
 query about nobody. The generator's identities are drawn again from SYNTHETIC.json (same seed, same people), the
