@@ -267,12 +267,11 @@ def quantile_for_new_people(short: dict[str, torch.Tensor], full: dict[str, torc
     was not fitted on are flagged, in each set (short queries, whole captions) at most.
 
     Fitted at quantile q on a few people, a threshold flags q of their right answers but more of anyone else's
-    (held_out_rates: fitted on 30 of a demo val's people, a median of 8.2-15.3% of the others' right
-    short answers where q is 8%): the fit sits in the low tail of the
-    people it saw. The excess shrinks as more people are fitted, about as one over their number, so for the whole
-    split it is taken as half the halves': the rate on new people at q is estimated as (q + the halves' mean
-    held-out rate) / 2, and q found by bisection in [0, share] (``steps`` halvings) where the larger of the two
-    sets' estimates meets ``share``. On a split of many people the excess vanishes and q tends to ``share``; 0 (the
+    (held_out_rates: fitted on 30 of a demo val's people, a median of 8.2-15.3% of the others' right short answers
+    where q is 8%): the fit sits in the low tail of the people it saw. The excess shrinks as more people are
+    fitted, about as one over their number, so for the whole split it is taken as half the halves': the rate on
+    new people at q is estimated as (q + the halves' mean held-out rate) / 2, and q found by bisection in
+    [0, share] (``steps`` halvings) where the larger of the two sets' estimates meets ``share``. On a split of many people the excess vanishes and q tends to ``share``; 0 (the
     lowest right answer) where even that is estimated to flag more than ``share`` of new people's, as for a model
     that has barely learned.
     """
