@@ -244,20 +244,33 @@ def held_out_rates(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor]
     "full_captions": rates} (no_match_rates) of the held-out half: how far the rates can move on people the
     threshold was not fitted on, at this split's size, since right answers come in clusters of one person's.
     """
+    return _rates_on_halves(_people_halves(short, full, splits, seed), quantile, rule, knots)
+
+
+def _people_halves(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], splits: int,
+                   seed: int) -> list[tuple[dict, dict, dict, dict]]:
+    """(short, full) of the fitted half, then of the held-out half, per split (held_out_rates)."""
     people = torch.unique(full["pids"])
     if people.numel() < 2:
         return []
     generator = torch.Generator().manual_seed(seed)
-    out = []
+    halves = []
     for _ in range(splits):
         order = people[torch.randperm(people.numel(), generator=generator)]
         fitted, held = order[:people.numel() // 2], order[people.numel() // 2:]
-        thresholds = no_match_thresholds(_people_subset(short, fitted), _people_subset(full, fitted), quantile,
-                                         rule, knots)
-        if thresholds is None:
-            continue
-        out.append({"short_queries": no_match_rates(_people_subset(short, held), thresholds),
-                    "full_captions": no_match_rates(_people_subset(full, held), thresholds)})
+        halves.append((_people_subset(short, fitted), _people_subset(full, fitted), _people_subset(short, held),
+                       _people_subset(full, held)))
+    return halves
+
+
+def _rates_on_halves(halves: list[tuple[dict, dict, dict, dict]], quantile: float, rule: str,
+                     knots: Sequence[float]) -> list[dict[str, dict]]:
+    out = []
+    for fitted_short, fitted_full, held_short, held_full in halves:
+        thresholds = no_match_thresholds(fitted_short, fitted_full, quantile, rule, knots)
+        if thresholds is not None:
+            out.append({"short_queries": no_match_rates(held_short, thresholds),
+                        "full_captions": no_match_rates(held_full, thresholds)})
     return out
 
 
@@ -275,8 +288,10 @@ def quantile_for_new_people(short: dict[str, torch.Tensor], full: dict[str, torc
     lowest right answer) where even that is estimated to flag more than ``share`` of new people's, as for a model
     that has barely learned.
     """
+    halves = _people_halves(short, full, splits, seed=0)  # the same halves as held_out_rates draws
+
     def estimate(quantile: float) -> float:
-        rates = held_out_rates(short, full, quantile, rule, knots, splits)
+        rates = _rates_on_halves(halves, quantile, rule, knots)
         means = [sum(v) / len(v) for v in ([r[kind]["right_top1_flagged"] for r in rates
                                              if r[kind].get("right_top1_flagged") is not None]
                                             for kind in ("short_queries", "full_captions")) if v]
