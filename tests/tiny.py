@@ -19,6 +19,6 @@ def tiny_overrides(data_root: Path, fmt: str = "cuhkpedes", num_ids: int = 12, s
         f"train.epochs={epochs}", "train.batch_size_per_gpu=8", f"train.max_steps_per_epoch={steps}",
         "train.amp=none", "train.log_every_steps=1", "train.warmup_epochs=1", "train.optimizer=adamw",
         "train.lr=0.001", "eval.batch_size=16", "eval.chunk_size=7",
-        # the "no good match" half-splits run at every evaluation; ten say as much of a tiny split as a hundred
+        # the "no good match" half-splits run at every evaluation; ten are plenty for what tests read of them
         "eval.no_match_held_out_splits=10",
     ]
