@@ -33,6 +33,9 @@ import torch
 
 from utils.metrics import apply_rerank, retrieval_metrics, selection_value
 
+# What a checkpoint and a model folder carry of a calibration, and a later evaluation applies.
+CARRIED_KEYS = ("rule", "thresholds", "quantile", "fitted_quantile", "calibrated_on", "held_out")
+HELD_OUT_PERCENTILES = (0.1, 0.5, 0.9)
 STATISTICS = ("zscore", "cosine")
 NO_MATCH_RULES = ("both", *STATISTICS)
 # A clause ends at punctuation or where a caption goes on with a new sentence part ("... shirt, and red shorts").
@@ -284,9 +287,9 @@ def quantile_for_new_people(short: dict[str, torch.Tensor], full: dict[str, torc
     where q is 8%): the fit sits in the low tail of the people it saw. The excess shrinks as more people are
     fitted, about as one over their number, so for the whole split it is taken as half the halves': the rate on
     new people at q is estimated as (q + the halves' mean held-out rate) / 2, and q found by bisection in
-    [0, share] (``steps`` halvings) where the larger of the two sets' estimates meets ``share``. On a split of many people the excess vanishes and q tends to ``share``; 0 (the
-    lowest right answer) where even that is estimated to flag more than ``share`` of new people's, as for a model
-    that has barely learned.
+    [0, share] (``steps`` halvings) where the larger of the two sets' estimates meets ``share``. On a split of many
+    people the excess vanishes and q tends to ``share``; 0 (the lowest right answer) where even that is estimated
+    to flag more than ``share`` of new people's, as for a model that has barely learned.
     """
     halves = _people_halves(short, full, splits, seed=0)  # the same halves as held_out_rates draws
 
@@ -307,11 +310,6 @@ def quantile_for_new_people(short: dict[str, torch.Tensor], full: dict[str, torc
         else:
             low = middle
     return low
-
-
-HELD_OUT_PERCENTILES = (0.1, 0.5, 0.9)
-# What a checkpoint and a model folder carry of a calibration, and a later evaluation applies.
-CARRIED_KEYS = ("rule", "thresholds", "quantile", "fitted_quantile", "calibrated_on", "held_out")
 
 
 def held_out_spread(rates: list[dict[str, dict]], splits: int, people: int) -> dict[str, Any]:
@@ -341,9 +339,9 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     (quantile_for_new_people for the configured rule, "fitted_quantile"). Returns {"rule", "thresholds", "quantile",
     "fitted_quantile", "calibrated_on", "held_out", "short_queries_from", "short_queries": rates, "full_captions":
     rates, "every_rule": the rates each rule would have had, calibrated here at that fitted quantile}: rates on this
-    split's short queries and whole captions. "held_out"
-    (held_out_spread, ``eval.no_match_held_out_splits`` half-splits of the people; None when 0) is measured where
-    the rule is calibrated and carried with it, so a test evaluation shows what val expected of new people.
+    split's short queries and whole captions. "held_out" (held_out_spread, ``eval.no_match_held_out_splits``
+    half-splits of the people; None when 0) is measured where the rule is calibrated and carried with it, so a
+    test evaluation shows what val expected of new people.
     """
     how = str(ev.get("no_match_short_queries", "clauses"))
     shorts, owner = short_queries(texts, how)
