@@ -4,7 +4,7 @@
         [--quantiles 0.04 0.05 0.06 0.07 0.08]
 
 For one checkpoint and the synthetic set it was trained on, per quantile: engine.calibration.calibrate_no_match on
-val as evaluation runs it (every clause as short queries, eval.no_match_held_out_splits half-splits of val's people
+val (``--calibrate-on test``: on test, carried to val) as evaluation runs it (every clause as short queries, eval.no_match_held_out_splits half-splits of val's people
 refitted and read on the other half), its record carried to test as training carries it. Appends one JSON line per
 quantile: val's held-out percentiles, the rates on val and on test, the thresholds, the machine.
 """
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("data_root")
     parser.add_argument("--quantiles", type=float, nargs="+", default=[0.04, 0.05, 0.06, 0.07, 0.08])
+    parser.add_argument("--calibrate-on", choices=("val", "test"), default="val",
+                        help="test: the roles swapped, the rule fitted on test and carried to val")
     parser.add_argument("--quantile-on", choices=("fitted_people", "new_people"), default="fitted_people",
                         help="eval.no_match_quantile_on (from 3366e01; runs.jsonl was made before, as fitted_people)")
     args = parser.parse_args(argv)
@@ -62,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     for quantile in args.quantiles:
         ev = cfg.replace([f"eval.no_match_quantile={quantile}", f"eval.no_match_quantile_on={args.quantile_on}"]).eval
         record, carried = {"checkpoint": args.checkpoint, "data_root": args.data_root, "quantile": quantile,
-                           "quantile_on": args.quantile_on}, None
-        for split in ("val", "test"):
+                           "quantile_on": args.quantile_on, "calibrated_on": args.calibrate_on}, None
+        for split in (("val", "test") if args.calibrate_on == "val" else ("test", "val")):
             sets, images = splits[split]
             result = calibrate_no_match(encode, sets.texts, encode(sets.texts), images, sets.query_pids,
                                         sets.gallery_pids, 4096, ev, carried)
