@@ -4,8 +4,9 @@
         [--quantiles 0.04 0.05 0.06 0.07 0.08]
 
 For one checkpoint and the synthetic set it was trained on, per quantile: engine.calibration.calibrate_no_match on
-val (``--calibrate-on test``: on test, carried to val) as evaluation runs it (every clause as short queries, eval.no_match_held_out_splits half-splits of val's people
-refitted and read on the other half), its record carried to test as training carries it. Appends one JSON line per
+val as evaluation runs it (every clause as short queries, eval.no_match_held_out_splits half-splits of val's people
+refitted and read on the other half), its record carried to test as training carries it (``--calibrate-on test``:
+the roles swapped). Appends one JSON line per
 quantile: val's held-out percentiles, the rates on val and on test, the thresholds, the machine.
 """
 from __future__ import annotations
