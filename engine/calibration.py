@@ -12,7 +12,7 @@
   fitted so that, read that way, each set is flagged at that share (fit_ends).
   Both error rates are measured: right best answers flagged, and queries about a person removed from the gallery
   (every image of their id taken out) not flagged. How far they can move on new people: the rule refitted on half
-  of the split's people and read on the other half, many times (held_out_rates).
+  of the split's people and read on the other half, many times (people_halves, held_out_rates).
 - Re-ranking that never loses: the top k ordered by ``cosine + w * ITM`` (the ITM match logit rescaled to the
   cosine's spread within each query's top k), ``w`` chosen on the split from a grid that contains 0 (the cosine
   order itself), so on that split the blend is never below cosine ranking; a weight above 0 only where the
@@ -237,22 +237,11 @@ def _people_subset(measured: dict[str, torch.Tensor], people: torch.Tensor) -> d
     return {key: value[keep] for key, value in measured.items()}
 
 
-def held_out_rates(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], quantile: float, rule: str,
-                   knots: Sequence[float], splits: int, seed: int = 0) -> list[dict[str, dict]]:
-    """The rule refitted on half of the split's people and read on the other half, ``splits`` times.
-
-    short, full: no_match_measure records with "words" and "pids" [n] (each query's person). A split's people are
-    drawn by a generator seeded with ``seed`` (the same halves on every run); a split whose fitted half has no right
-    answer in one of the sets is left out (no threshold to read). Returns per split kept {"short_queries": rates,
-    "full_captions": rates} (no_match_rates) of the held-out half: how far the rates can move on people the
-    threshold was not fitted on, at this split's size, since right answers come in clusters of one person's.
-    """
-    return _rates_on_halves(_people_halves(short, full, splits, seed), quantile, rule, knots)
-
-
-def _people_halves(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], splits: int,
-                   seed: int) -> list[tuple[dict, dict, dict, dict]]:
-    """(short, full) of the fitted half, then of the held-out half, per split (held_out_rates)."""
+def people_halves(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], splits: int,
+                  seed: int = 0) -> list[tuple[dict, dict, dict, dict]]:
+    """``splits`` random halves of the split's people: per split (short, full) of the fitted half, then of the
+    held-out half. short, full: no_match_measure records with "words" and "pids" [n] (each query's person). Drawn
+    by a generator seeded with ``seed`` (the same halves on every run); none with fewer than two people."""
     people = torch.unique(full["pids"])
     if people.numel() < 2:
         return []
@@ -266,8 +255,15 @@ def _people_halves(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor]
     return halves
 
 
-def _rates_on_halves(halves: list[tuple[dict, dict, dict, dict]], quantile: float, rule: str,
-                     knots: Sequence[float]) -> list[dict[str, dict]]:
+def held_out_rates(halves: list[tuple[dict, dict, dict, dict]], quantile: float, rule: str,
+                   knots: Sequence[float]) -> list[dict[str, dict]]:
+    """The rule refitted on each split's fitted half of the people (people_halves) and read on its held-out half.
+
+    A split whose fitted half has no right answer in one of the sets is left out (no threshold to read). Returns per
+    split kept {"short_queries": rates, "full_captions": rates} (no_match_rates) of the held-out half: how far the
+    rates can move on people the threshold was not fitted on, at this split's size, since right answers come in
+    clusters of one person's.
+    """
     out = []
     for fitted_short, fitted_full, held_short, held_full in halves:
         thresholds = no_match_thresholds(fitted_short, fitted_full, quantile, rule, knots)
@@ -277,24 +273,22 @@ def _rates_on_halves(halves: list[tuple[dict, dict, dict, dict]], quantile: floa
     return out
 
 
-def quantile_for_new_people(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor], share: float, rule: str,
-                            knots: Sequence[float], splits: int, steps: int = 7) -> float:
+def quantile_for_new_people(halves: list[tuple[dict, dict, dict, dict]], share: float, rule: str,
+                            knots: Sequence[float], steps: int = 7) -> float:
     """The quantile to fit on the whole split so that, on average, ``share`` of the right best answers of people it
-    was not fitted on are flagged, in each set (short queries, whole captions) at most.
+    was not fitted on are flagged, in each set (short queries, whole captions) at most; halves: people_halves.
 
     Fitted at quantile q on a few people, a threshold flags q of their right answers but more of anyone else's
-    (held_out_rates: fitted on 30 of a demo val's people, a median of 8.2-15.3% of the others' right short answers
-    where q is 8%): the fit sits in the low tail of the people it saw. The excess shrinks as more people are
+    (held_out_rates: fitted on 30 of a demo val's people, a median of 8.2-15.3% of the others' right short
+    answers where q is 8%): the fit sits in the low tail of the people it saw. The excess shrinks as more people are
     fitted, about as one over their number, so for the whole split it is taken as half the halves': the rate on
     new people at q is estimated as (q + the halves' mean held-out rate) / 2, and q found by bisection in
     [0, share] (``steps`` halvings) where the larger of the two sets' estimates meets ``share``. On a split of many
     people the excess vanishes and q tends to ``share``; 0 (the lowest right answer) where even that is estimated
     to flag more than ``share`` of new people's, as for a model that has barely learned.
     """
-    halves = _people_halves(short, full, splits, seed=0)  # the same halves as held_out_rates draws
-
     def estimate(quantile: float) -> float:
-        rates = _rates_on_halves(halves, quantile, rule, knots)
+        rates = held_out_rates(halves, quantile, rule, knots)
         means = [sum(v) / len(v) for v in ([r[kind]["right_top1_flagged"] for r in rates
                                              if r[kind].get("right_top1_flagged") is not None]
                                             for kind in ("short_queries", "full_captions")) if v]
@@ -338,10 +332,10 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     ``eval.no_match_quantile``; new_people at the quantile that flags that share of new people's right answers
     (quantile_for_new_people for the configured rule, "fitted_quantile"). Returns {"rule", "thresholds", "quantile",
     "fitted_quantile", "calibrated_on", "held_out", "short_queries_from", "short_queries": rates, "full_captions":
-    rates, "every_rule": the rates each rule would have had, calibrated here at that fitted quantile}: rates on this
-    split's short queries and whole captions. "held_out" (held_out_spread, ``eval.no_match_held_out_splits``
-    half-splits of the people; None when 0) is measured where the rule is calibrated and carried with it, so a
-    test evaluation shows what val expected of new people.
+    rates, "every_rule": the rates each rule would have had, calibrated here at that fitted quantile (a carried
+    rule's own when one is applied)}: rates on this split's short queries and whole captions. "held_out"
+    (held_out_spread, ``eval.no_match_held_out_splits`` half-splits of the people; None when 0) is measured where
+    the rule is calibrated and carried with it, so a test evaluation shows what val expected of new people.
     """
     how = str(ev.get("no_match_short_queries", "clauses"))
     shorts, owner = short_queries(texts, how)
@@ -354,9 +348,14 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     full["pids"] = query_pids.cpu()
     quantile, rule = float(ev.no_match_quantile), str(ev.no_match_rule)
     splits = int(ev.get("no_match_held_out_splits", 0))
-    fitted = quantile
-    if str(ev.get("no_match_quantile_on", "fitted_people")) == "new_people" and splits:
-        fitted = quantile_for_new_people(short, full, quantile, rule, ev.no_match_knots, splits)
+    halves = [] if carried else people_halves(short, full, splits)  # drawn once, read by both below
+    if carried:  # the carried rule's quantile: nothing is fitted here but every_rule's comparison
+        fitted = next((float(v) for v in (carried.get("fitted_quantile"), carried.get("quantile")) if v is not None),
+                      quantile)  # 0.0 is a fitted quantile (the lowest right answer), not a missing one
+    elif str(ev.get("no_match_quantile_on", "fitted_people")) == "new_people" and splits:
+        fitted = quantile_for_new_people(halves, quantile, rule, ev.no_match_knots)
+    else:
+        fitted = quantile
     every = {}
     for name in NO_MATCH_RULES:  # what each rule would give at the same fitted quantile, for choosing the rule
         thresholds = no_match_thresholds(short, full, fitted, name, ev.no_match_knots)
@@ -365,7 +364,7 @@ def calibrate_no_match(encode: Callable[[Sequence[str]], torch.Tensor], texts: S
     if carried:
         record = {k: carried.get(k) for k in CARRIED_KEYS}
     else:
-        held_out = (held_out_spread(held_out_rates(short, full, fitted, rule, ev.no_match_knots, splits), splits,
+        held_out = (held_out_spread(held_out_rates(halves, fitted, rule, ev.no_match_knots), splits,
                                     int(torch.unique(full["pids"]).numel())) if splits else None)
         record = {"rule": rule, "thresholds": every[rule]["thresholds"], "quantile": quantile,
                   "fitted_quantile": fitted,

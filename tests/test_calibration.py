@@ -10,8 +10,8 @@ import torch
 from engine.calibration import (blend_evidence, blend_grid, blend_scores, calibrate_no_match, choose_blend_weight,
                                 clauses_of, first_clause, flagged, held_out_rates, held_out_spread, is_no_match,
                                 itm_pair_accuracy, match_statistic, no_match_measure, no_match_rates,
-                                no_match_thresholds, quantile_for_new_people, short_queries, sign_test_p,
-                                threshold_at)
+                                no_match_thresholds, people_halves, quantile_for_new_people, short_queries,
+                                sign_test_p, threshold_at)
 from models.losses import sample_hard_negatives
 from utils.config import ConfigError, load_config
 from utils.metrics import retrieval_metrics, selection_value
@@ -75,6 +75,8 @@ def test_the_short_queries_are_measured_as_queries_about_their_captions_person()
     ev = load_config(None, ["eval.no_match_held_out_splits=7"]).eval
     carried = calibrate_no_match(encode, captions, text_feats, image_feats, pids, pids, 8, ev, by_clauses)
     assert carried["held_out"] == held_out and carried["thresholds"] == by_clauses["thresholds"]
+    # applied, a carried rule is compared with the others at its own fitted quantile, not searched for again
+    assert carried["every_rule"]["cosine"]["thresholds"] == by_clauses["thresholds"]
     off = load_config(None, ["eval.no_match_held_out_splits=0", "eval.no_match_quantile_on=fitted_people"]).eval
     unmeasured = calibrate_no_match(encode, captions, text_feats, image_feats, pids, pids, 8, off, None)
     assert unmeasured["held_out"] is None and unmeasured["fitted_quantile"] == unmeasured["quantile"] == 0.08
@@ -114,7 +116,7 @@ def test_held_out_rates_refit_on_half_the_people_by_hand():
     fitted = no_match_thresholds(_people_subset_by_hand(short, {0, 1}), _people_subset_by_hand(full, {0, 1}), 0.25,
                                  "cosine", (0.75, 0.25))["cosine"]
     assert fitted["words"] == [3.0, 12.0] and fitted["values"] == pytest.approx([0.35, 0.575])
-    rates = held_out_rates(short, full, 0.25, "cosine", (0.75, 0.25), splits=5)
+    rates = held_out_rates(people_halves(short, full, 5), 0.25, "cosine", (0.75, 0.25))
     assert len(rates) == 5
     for split in rates:
         assert split["short_queries"]["right_top1_flagged"] == pytest.approx(25.0)
@@ -134,21 +136,21 @@ def test_held_out_rates_move_with_the_people_fitted():
     percentiles say how far a split of people moves the rate."""
     scores = {0: [0.7, 0.8], 1: [0.7, 0.8], 2: [0.3, 0.4], 3: [0.3, 0.4]}
     short, full = _people_record(scores, 3, 0.0), _people_record(scores, 12, 0.0)
-    rates = held_out_rates(short, full, 0.25, "cosine", (0.75, 0.25), splits=60)
+    rates = held_out_rates(people_halves(short, full, 60), 0.25, "cosine", (0.75, 0.25))
     seen = sorted({round(r["short_queries"]["right_top1_flagged"], 6) for r in rates})
     assert seen == [0.0, 25.0, 100.0]
     assert all(r["short_queries"]["right_top1_flagged"] == r["full_captions"]["right_top1_flagged"] for r in rates)
     # the same halves on every call (a seeded draw), another seed draws others
-    assert rates == held_out_rates(short, full, 0.25, "cosine", (0.75, 0.25), splits=60)
+    assert rates == held_out_rates(people_halves(short, full, 60), 0.25, "cosine", (0.75, 0.25))
     order = [r["short_queries"]["right_top1_flagged"] for r in rates]
     assert order != [r["short_queries"]["right_top1_flagged"]
-                     for r in held_out_rates(short, full, 0.25, "cosine", (0.75, 0.25), splits=60, seed=1)]
+                     for r in held_out_rates(people_halves(short, full, 60, seed=1), 0.25, "cosine", (0.75, 0.25))]
     spread = held_out_spread(rates, 60, 4)["short_queries"]["right_top1_flagged"]
     assert spread == pytest.approx([0.0, 25.0, 100.0])  # 1 in 6 splits fits the low pair, 1 in 6 the high pair
     assert held_out_spread(rates, 60, 4)["short_queries"]["absent_not_flagged"] == pytest.approx([0.0] * 3)
     # one person: no half to fit on
     one = _people_record({0: [0.5, 0.6]}, 3, 0.0)
-    assert held_out_rates(one, one, 0.25, "cosine", (0.75, 0.25), splits=10) == []
+    assert held_out_rates(people_halves(one, one, 10), 0.25, "cosine", (0.75, 0.25)) == []
     assert held_out_spread([], 10, 1)["short_queries"]["right_top1_flagged"] is None
 
 
@@ -159,13 +161,13 @@ def test_the_quantile_for_new_people_by_hand():
     drawn; the whole split's rate on new people is read as (q + M) / 2, which meets 25% at q = 50% - M."""
     alike = {p: [0.2, 0.4, 0.6, 0.8] for p in range(4)}
     short, full = _people_record(alike, 3, 0.0), _people_record(alike, 12, 0.0)
-    assert quantile_for_new_people(short, full, 0.25, "cosine", (0.75, 0.25), splits=20) == 0.25
+    assert quantile_for_new_people(people_halves(short, full, 20), 0.25, "cosine", (0.75, 0.25)) == 0.25
     scores = {0: [0.7, 0.8], 1: [0.7, 0.8], 2: [0.3, 0.4], 3: [0.3, 0.4]}
     short, full = _people_record(scores, 3, 0.0), _people_record(scores, 12, 0.0)
-    rates = held_out_rates(short, full, 0.1, "cosine", (0.75, 0.25), splits=60)
+    rates = held_out_rates(people_halves(short, full, 60), 0.1, "cosine", (0.75, 0.25))
     mean = sum(r["short_queries"]["right_top1_flagged"] for r in rates) / len(rates) / 100
     assert 0.25 < mean < 0.5  # held out, more than the 25% fitted
-    fitted = quantile_for_new_people(short, full, 0.25, "cosine", (0.75, 0.25), splits=60, steps=12)
+    fitted = quantile_for_new_people(people_halves(short, full, 60), 0.25, "cosine", (0.75, 0.25), steps=12)
     assert fitted == pytest.approx(0.5 - mean, abs=0.25 / 2 ** 12)
 
 
@@ -193,7 +195,7 @@ def test_calibration_fits_at_the_quantile_for_new_people():
     assert own["thresholds"]["cosine"]["values"] == pytest.approx([0.375, 0.375])
     new = calibrated("new_people")
     record = _people_record({0: [0.7, 0.8], 1: [0.7, 0.8], 2: [0.3, 0.4], 3: [0.3, 0.4]}, 4, 0.0)
-    expected = quantile_for_new_people(record, record, 0.25, "cosine", (0.75, 0.25), splits=60)
+    expected = quantile_for_new_people(people_halves(record, record, 60), 0.25, "cosine", (0.75, 0.25))
     assert new["quantile"] == 0.25 and new["fitted_quantile"] == pytest.approx(expected) and expected < 0.2
     # the 0.3 and 0.4 of the eight sorted right answers, read at 7 x the fitted quantile
     assert new["thresholds"]["cosine"]["values"] == pytest.approx([0.3 + (7 * expected - 1) * 0.1] * 2)
