@@ -1,0 +1,94 @@
+"""The tables of this folder's README from its records and the earlier ones it compares with.
+
+    python bench/results/2026-12-06_block1_pretraining_seed/summarize.py > summary.md
+
+Test R@1 of the re-rank recipe (cosine order, and ITM replacing it inside the top 16) reading the encoder's
+output tokens or block 1, per miniature pretraining run; the same two recipes' "no good match" figures from
+bench/bench_no_match.py (this folder's no_match/).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from utils.errors import user_errors_as_one_line
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent
+STYLES = ("classic", "street", "cctv")
+# (fusion stack reads, pretraining run) -> the bench records of its fine-tuning runs
+RECORDS = {
+    ("output", "pretrain-38d8b9685d54 (seed 1234)"): [
+        RESULTS / "2026-12-06_fusion_reads_block/bench_output_recheck.jsonl",
+        *sorted((RESULTS / "2026-12-06_reproduction").glob("today_*_seed*.jsonl"))],
+    ("block 1", "pretrain-9d0034e48b51 (seed 1234)"): [RESULTS / "2026-12-06_fusion_reads_block/bench_block1.jsonl"],
+    ("output", "pretrain-0cf14c7d7687 (seed 1235)"): [HERE / "output_p1235.jsonl"],
+    ("block 1", "pretrain-c74ca1b10a3f (seed 1235)"): [HERE / "block1_p1235.jsonl"],
+}
+
+
+def runs(paths: list[Path]) -> dict[tuple[str, int], tuple[float, float]]:
+    """{(style, seed): (test R@1 cosine, test R@1 ITM replacing)} of fine-tuning records (zero-shot rows left out)."""
+    found = {}
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record.get("kind") != "zero_shot":
+                found[(record["style"], record["seed"])] = (record["test_R1"], record["test_R1_rerank"])
+    return found
+
+
+def recall_table() -> list[str]:
+    table = {key: runs(paths) for key, paths in RECORDS.items()}
+    lines = ["| reads | pretraining | seed | " + " | ".join(STYLES) + " |", "|---|---|---|---|---|---|"]
+    for (reads, pretraining), found in table.items():
+        for seed in sorted({seed for _, seed in found}):
+            cells = [f"{found[(s, seed)][0]:.2f} ({found[(s, seed)][1]:.2f})" for s in STYLES]
+            lines.append(f"| {reads} | {pretraining} | {seed} | " + " | ".join(cells) + " |")
+    lines += ["", "Block 1 minus the output reading, same pretraining seed and fine-tuning seed (test R@1, cosine):", ""]
+    keys = list(table)
+    diffs, itm_wins = [], {"output": [], "block 1": []}
+    for output, block in ((keys[0], keys[1]), (keys[2], keys[3])):
+        for style, seed in sorted(table[block]):
+            diff = table[block][(style, seed)][0] - table[output][(style, seed)][0]
+            diffs.append(diff)
+            lines.append(f"- {block[1]}, {style}, seed {seed}: {diff:+.2f}")
+    for (reads, _), found in table.items():
+        itm_wins[reads] += [itm - cosine for cosine, itm in found.values()]
+    lines += ["", f"Over {len(diffs)} pairs: mean {statistics.mean(diffs):+.2f}, block 1 above in "
+              f"{sum(d > 0 for d in diffs)}; ITM replacing minus the cosine on test: " + "; ".join(
+                  f"{reads} above in {sum(g > 0 for g in gains)} of {len(gains)} (mean {statistics.mean(gains):+.2f})"
+                  for reads, gains in itm_wins.items())]
+    return lines
+
+
+def no_match_table() -> list[str]:
+    lines = ["| model | separability (AUC) of right best answers from absent queries, test short / whole: cosine, "
+             "ITM | absent queries flagged at 10% of right answers flagged (a threshold set on test), cosine, ITM | "
+             "evaluate.py's rule (fitted for new people on val), test: right flagged short / whole, absent not "
+             "flagged short / whole |", "|---|---|---|---|"]
+    for path in sorted((HERE / "no_match").glob("nomatch_*.json")):
+        bench = json.loads(path.read_text(encoding="utf-8"))
+        name = path.stem.removeprefix("nomatch_")
+        reads, style, seed = name.split("-")
+        run = HERE / f"rerank-{reads}-pseed1235-pretrained-{style}-{seed}" / "metrics_test.json"
+        served = json.loads(run.read_text(encoding="utf-8"))["no_match"]
+        pair = lambda row: " / ".join(f"{row['test'][k]:.1f}" for k in ("short", "full"))  # noqa: E731
+        rates = [f"{served[k]['right_top1_flagged']:.1f}" for k in ("short_queries", "full_captions")]
+        absent = [f"{served[k]['absent_not_flagged']:.1f}" for k in ("short_queries", "full_captions")]
+        lines.append(f"| {name} | {pair(bench['auc']['cosine'])}, {pair(bench['auc']['itm'])} | "
+                     f"{pair(bench['best_at_limit']['cosine'])}, {pair(bench['best_at_limit']['itm'])} | "
+                     f"{' / '.join(rates)}, {' / '.join(absent)} |")
+    return lines
+
+
+@user_errors_as_one_line()
+def main() -> None:
+    print("\n".join(["## Test R@1, cosine (ITM replacing it in the top 16)", "", *recall_table(), "",
+                     "## No good match (absent: every image of the query's person removed; classic: queries about "
+                     "nobody)", "", *no_match_table()]))
+
+
+if __name__ == "__main__":
+    main()
