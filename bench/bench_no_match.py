@@ -8,10 +8,11 @@ short queries (what people type: every clause, or the first alone, as the checkp
 ``eval.no_match_short_queries`` says) is a query about the same person. "Present": ranked against the split's
 gallery; its best image is right or not. "Absent": every image of the query's person removed first. Each rule
 (engine.calibration's statistics, the gap at several ranks, and with a fusion stack the ITM head's match log-odds
-of the best image) is calibrated on val as evaluate.py does with ``eval.no_match_quantile_on=fitted_people`` (the
-``--quantile`` of val's own right best answers, split evenly between a rule's statistics, read between short and
-whole captions by word count; evaluate.py's default fits a lower quantile, for new people) and applied to val and
-test.
+of the best image) is calibrated on val as evaluate.py calibrates its rule (``--quantile`` of the right best
+answers, split evenly between a rule's statistics, read between short and whole captions by word count; with
+``--quantile-on new_people``, evaluate.py's default, the quantile fitted is the one estimated to flag that share of
+new people's right answers, from ``--held-out-splits`` half-splits of val's people, each rule for itself;
+``fitted_people``: that share of val's own) and applied to val and test.
 
 Measurement honesty: an "absent" query whose description fits another person of the gallery equally well is not a
 query about nobody. The generator's identities are drawn again from SYNTHETIC.json (same seed, same people), the
@@ -154,7 +155,7 @@ def measure(texts: list[str], text_feats: torch.Tensor, image_feats: torch.Tenso
     g = torch.nn.functional.normalize(image_feats.float(), dim=1)
     scores = q @ g.t()  # [Q, G]
     same = gallery_pids[None, :] == query_pids[:, None]
-    out.update({"text_feats": q, "words": torch.tensor([word_count(t) for t in texts])})
+    out.update({"text_feats": q, "words": torch.tensor([word_count(t) for t in texts]), "pids": query_pids.cpu()})
     for where, keep in (("present", None), ("absent", ~same)):
         out.update({f"{where}_gap@{k}": gap(scores, keep, k) for k in GAP_RANKS})
         best = (scores if keep is None else scores.masked_fill(~keep, float("-inf"))).argmax(dim=1)
@@ -296,22 +297,30 @@ def flagged_at(m: dict, name: str, limit: float) -> float | None:
     return 100.0 * float((absent < threshold).float().mean())
 
 
-def compare(measured: dict[str, dict], quantile: float, limit: float, knots: Sequence[float]) -> dict:
-    """Every rule calibrated on val (``quantile``; ``knots``: the model's eval.no_match_knots) and applied to val
-    and test; each statistic's separability and what it could do at best (best_at_limit); the chosen statistic
-    (see chosen_by)."""
-    from engine.calibration import no_match_thresholds
+def per_query(measured: dict) -> dict[str, torch.Tensor]:
+    """The per-query tensors [Q] of a measured dict: what people_halves splits by person."""
+    return {key: value for key, value in measured.items() if isinstance(value, torch.Tensor) and value.dim() == 1}
+
+
+def compare(measured: dict[str, dict], quantile: float, limit: float, knots: Sequence[float],
+            quantile_on: str = "new_people", splits: int = 100) -> dict:
+    """Every rule calibrated on val (``quantile``, for new people or val's own: see the module's docstring;
+    ``knots``: the model's eval.no_match_knots) and applied to val and test; each statistic's separability and what
+    it could do at best (best_at_limit); the chosen statistic (see chosen_by)."""
+    from engine.calibration import no_match_thresholds, people_halves, quantile_for_new_people
 
     singles = [k.removeprefix("present_") for k in measured["val"]["short"] if k.startswith("present_")]
     singles.sort(key=lambda name: name != "cosine")  # the served rule first, as the tables name its pairs
     add_expected_score(measured)
     singles.append("residual")
     add_linear_combination(measured, singles)
+    val = [per_query(measured["val"][kind]) for kind in ("short", "full")]
+    halves = people_halves(*val, splits) if quantile_on == "new_people" else []  # drawn once, for every rule
     table = {}
     for rule in rules_tried(singles) + [("lda",)]:
-        thresholds = no_match_thresholds(measured["val"]["short"], measured["val"]["full"], quantile, "", knots,
-                                         statistics=rule)
-        table["+".join(rule)] = {"thresholds": thresholds, **{
+        fitted = quantile_for_new_people(halves, quantile, "", knots, statistics=rule) if halves else quantile
+        thresholds = no_match_thresholds(*val, fitted, "", knots, statistics=rule)
+        table["+".join(rule)] = {"fitted_quantile": fitted, "thresholds": thresholds, **{
             split: {kind: rates_of(m, thresholds, m["about_nobody"]) for kind, m in both.items()}
             for split, both in measured.items()}}
 
@@ -325,7 +334,8 @@ def compare(measured: dict[str, dict], quantile: float, limit: float, knots: Seq
     mean_auc = {name: 0.5 * (row["val"]["short"] + row["val"]["full"]) for name, row in auc.items()
                 if name != "lda" and None not in row["val"].values()}
     chosen = max(mean_auc, key=mean_auc.get) if mean_auc else None
-    return {"rules": table, "auc": auc, "best_at_limit": best, "limit": limit, "chosen": chosen,
+    return {"rules": table, "quantile_on": quantile_on if halves else "fitted_people",
+            "held_out_splits": len(halves), "auc": auc, "best_at_limit": best, "limit": limit, "chosen": chosen,
             "chosen_by": "val only: the statistic that best tells val's right best answers from val's absent queries "
                          "about nobody (area under the ROC curve, mean of short and whole captions); lda excluded "
                          "(fitted on those very queries)"}
@@ -352,6 +362,7 @@ def markdown(result: dict) -> str:
         auc.append(f"| {name} | " + " | ".join(cells(row) + cells(result["best_at_limit"][name])) + " |")
     for rule, row in result["rules"].items():
         mark = " **(chosen)**" if rule == result["chosen"] else ""  # a single statistic's rule
+        mark += f" (q {row['fitted_quantile']:.3f})"
         for split in ("val", "test"):
             r = row[split]
             lines.append(f"| {rule}{mark} | {split} | {pair(r, 'right_top1_flagged')} | {pair(r, 'absent_not_flagged')} "
@@ -381,11 +392,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_checkpoint_arguments(parser)
     parser.add_argument("--quantile", type=float, default=0.08, help="the share of right answers a rule flags")
+    parser.add_argument("--quantile-on", choices=("new_people", "fitted_people"), default="new_people",
+                        help="the share --quantile is of: new people's right answers (evaluate.py's default) or val's")
+    parser.add_argument("--held-out-splits", type=int, default=100,
+                        help="half-splits of val's people that estimate the rate on new people (each of the "
+                             "~55 rules searched apart: about 3 minutes a model on the demo's val, one thread)")
     parser.add_argument("--limit", type=float, default=10.0, help="at most this %% of right answers flagged")
     parser.add_argument("--out", default=None, help="the JSON record (a .md table beside it)")
     args = parser.parse_args(argv)
     from bench.base import machine_record, report
 
+    if args.out:  # before the minutes of measuring, not after
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     began = time.time()
     with user_errors_as_one_line():
         model, cfg, tokenizer, splits = load_checkpoint(args)
@@ -393,7 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         measured = {split: encode_split(model, cfg, tokenizer, splits.split(split), people, args.batch_size)
                     for split in ("val", "test")}
-    result = compare(measured, args.quantile, args.limit, cfg.eval.no_match_knots)
+    result = compare(measured, args.quantile, args.limit, cfg.eval.no_match_knots, args.quantile_on,
+                     args.held_out_splits)
     counts = {split: {kind: {"queries": int(m["right"].numel()), "right": int(m["right"].sum()),
                              "absent": int(m["has_positive"].sum()),
                              "about_nobody": None if m["about_nobody"] is None else

@@ -256,8 +256,9 @@ def people_halves(short: dict[str, torch.Tensor], full: dict[str, torch.Tensor],
 
 
 def held_out_rates(halves: list[tuple[dict, dict, dict, dict]], quantile: float, rule: str,
-                   knots: Sequence[float]) -> list[dict[str, dict]]:
-    """The rule refitted on each split's fitted half of the people (people_halves) and read on its held-out half.
+                   knots: Sequence[float], statistics: Sequence[str] | None = None) -> list[dict[str, dict]]:
+    """The rule refitted on each split's fitted half of the people (people_halves) and read on its held-out half;
+    ``statistics``: any measured ones instead of the rule's (no_match_thresholds).
 
     A split whose fitted half has no right answer in one of the sets is left out (no threshold to read). Returns per
     split kept {"short_queries": rates, "full_captions": rates} (no_match_rates) of the held-out half: how far the
@@ -266,7 +267,7 @@ def held_out_rates(halves: list[tuple[dict, dict, dict, dict]], quantile: float,
     """
     out = []
     for fitted_short, fitted_full, held_short, held_full in halves:
-        thresholds = no_match_thresholds(fitted_short, fitted_full, quantile, rule, knots)
+        thresholds = no_match_thresholds(fitted_short, fitted_full, quantile, rule, knots, statistics)
         if thresholds is not None:
             out.append({"short_queries": no_match_rates(held_short, thresholds),
                         "full_captions": no_match_rates(held_full, thresholds)})
@@ -274,7 +275,8 @@ def held_out_rates(halves: list[tuple[dict, dict, dict, dict]], quantile: float,
 
 
 def quantile_for_new_people(halves: list[tuple[dict, dict, dict, dict]], share: float, rule: str,
-                            knots: Sequence[float], steps: int = 7) -> float:
+                            knots: Sequence[float], steps: int = 7, statistics: Sequence[str] | None = None
+                            ) -> float:
     """The quantile to fit on the whole split so that, on average, ``share`` of the right best answers of people it
     was not fitted on are flagged, in each set (short queries, whole captions) at most; halves: people_halves.
 
@@ -285,10 +287,11 @@ def quantile_for_new_people(halves: list[tuple[dict, dict, dict, dict]], share: 
     new people at q is estimated as (q + the halves' mean held-out rate) / 2, and q found by bisection in
     [0, share] (``steps`` halvings) where the larger of the two sets' estimates meets ``share``. On a split of many
     people the excess vanishes and q tends to ``share``; 0 (the lowest right answer) where even that is estimated
-    to flag more than ``share`` of new people's, as for a model that has barely learned.
+    to flag more than ``share`` of new people's, as for a model that has barely learned. ``statistics``: any
+    measured ones instead of the rule's (no_match_thresholds).
     """
     def estimate(quantile: float) -> float:
-        rates = held_out_rates(halves, quantile, rule, knots)
+        rates = held_out_rates(halves, quantile, rule, knots, statistics)
         means = [sum(v) / len(v) for v in ([r[kind]["right_top1_flagged"] for r in rates
                                              if r[kind].get("right_top1_flagged") is not None]
                                             for kind in ("short_queries", "full_captions")) if v]

@@ -2,12 +2,13 @@
 nobody, and the per-subset rates (hand-made identities and scores)."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 import torch
 
-from bench.bench_no_match import about_nobody, clauses, gap, measure, named_attributes, rates_of
+from bench.bench_no_match import about_nobody, clauses, compare, gap, measure, named_attributes, per_query, rates_of
 from datasets.synthetic.identities import Identity
 
 ANNA = Identity(gender="woman", hair_length="long", hair_colour="brown", skin=0, upper_type="coat",
@@ -73,3 +74,37 @@ def test_clauses_are_the_parts_a_right_person_must_fit():
     assert clauses("A man with long hair wears a blue coat and red shorts.") == \
         ["A man", "long hair wears a blue coat", "red shorts"]
     assert clauses("coat") == ["coat"]  # nothing of two words: the whole text
+
+
+def test_rules_are_fitted_for_new_people_as_evaluate_fits_its_own():
+    """Two people whose right answers score high (0.7, 0.8) and two low (0.3, 0.4), one picture each: fitted for
+    val's own people the cosine rule's threshold is the 0.25 quantile of the eight right answers, 0.375; for new
+    people (evaluate.py's default) each rule is fitted at the quantile quantile_for_new_people finds for its own
+    statistics on val's people, lower here, and the threshold with it."""
+    from engine.calibration import people_halves, quantile_for_new_people
+
+    image_feats = torch.cat([torch.eye(4), torch.zeros(4, 1)], dim=1)
+    cosines = [0.7, 0.8, 0.7, 0.8, 0.3, 0.4, 0.3, 0.4]
+    text_feats = torch.tensor([[c if d == i // 2 else 0.0 for d in range(4)] + [math.sqrt(1 - c * c)]
+                               for i, c in enumerate(cosines)])
+    texts = [f"person {i // 2} caption {i}" for i in range(8)]
+
+    def measured() -> dict:
+        m = measure(texts, text_feats, image_feats, torch.arange(8) // 2, torch.arange(4))
+        return {**m, "about_nobody": None}
+
+    sets = {split: {"short": measured(), "full": measured()} for split in ("val", "test")}
+    assert sets["val"]["short"]["pids"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    own = compare(sets, 0.25, 10.0, (0.75, 0.25), "fitted_people")
+    assert own["quantile_on"] == "fitted_people" and own["rules"]["cosine"]["fitted_quantile"] == 0.25
+    assert own["rules"]["cosine"]["thresholds"]["cosine"]["values"] == pytest.approx([0.375, 0.375])
+
+    sets = {split: {"short": measured(), "full": measured()} for split in ("val", "test")}
+    new = compare(sets, 0.25, 10.0, (0.75, 0.25), "new_people", 60)
+    record = per_query(sets["val"]["short"])
+    for rule in ("cosine", "cosine+zscore"):
+        expected = quantile_for_new_people(people_halves(record, record, 60), 0.25, "", (0.75, 0.25),
+                                           statistics=rule.split("+"))
+        assert new["rules"][rule]["fitted_quantile"] == pytest.approx(expected)
+    assert new["rules"]["cosine"]["fitted_quantile"] < 0.2 and new["held_out_splits"] == 60
+    assert max(new["rules"]["cosine"]["thresholds"]["cosine"]["values"]) < 0.375
