@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the share --quantile is of: new people's right answers (evaluate.py's default) or val's")
     parser.add_argument("--held-out-splits", type=int, default=100,
                         help="half-splits of val's people that estimate the rate on new people (each of the "
-                             "~55 rules searched apart: about 3 minutes a model on the demo's val, one thread)")
+                             "40-50 rules searched apart: about 3 minutes a model on a demo's val, one thread)")
     parser.add_argument("--limit", type=float, default=10.0, help="at most this %% of right answers flagged")
     parser.add_argument("--out", default=None, help="the JSON record (a .md table beside it)")
     args = parser.parse_args(argv)
