@@ -46,7 +46,8 @@ def recall_table() -> list[str]:
         for seed in sorted({seed for _, seed in found}):
             cells = [f"{found[(s, seed)][0]:.2f} ({found[(s, seed)][1]:.2f})" for s in STYLES]
             lines.append(f"| {reads} | {pretraining} | {seed} | " + " | ".join(cells) + " |")
-    lines += ["", "Block 1 minus the output reading, same pretraining seed and fine-tuning seed (test R@1, cosine):", ""]
+    lines += ["", "Block 1 minus the output reading, same pretraining seed and fine-tuning seed (test R@1, cosine):",
+              ""]
     keys = list(table)
     diffs, itm_wins = [], {"output": [], "block 1": []}
     for output, block in ((keys[0], keys[1]), (keys[2], keys[3])):
