@@ -4,7 +4,7 @@
 
 Test R@1 of the re-rank recipe (cosine order, and ITM replacing it inside the top 16) reading the encoder's
 output tokens or block 1, per miniature pretraining run; the same two recipes' "no good match" figures from
-bench/bench_no_match.py (this folder's no_match/).
+bench/bench_no_match.py (this folder's no_match/, and no_match_new_people/ from the bench fitting for new people).
 """
 from __future__ import annotations
 
@@ -84,11 +84,29 @@ def no_match_table() -> list[str]:
     return lines
 
 
+def new_people_table() -> list[str]:
+    """bench_no_match since bcfcf9a (no_match_new_people/): the cosine and ITM rules fitted for new people on val."""
+    lines = ["| model | rule | fitted quantile | val: right flagged short / whole | test: right flagged short / whole | "
+             "test: absent not flagged short / whole |", "|---|---|---|---|---|---|"]
+    for path in sorted((HERE / "no_match_new_people").glob("nomatch_*.json")):
+        rules = json.loads(path.read_text(encoding="utf-8"))["rules"]
+        for rule in ("cosine", "itm"):
+            row = rules[rule]
+            cells = [" / ".join("-" if row[split][kind].get(rate) is None else f"{row[split][kind][rate]:.1f}"
+                                for kind in ("short", "full"))
+                     for split, rate in (("val", "right_top1_flagged"), ("test", "right_top1_flagged"),
+                                         ("test", "absent_not_flagged"))]
+            lines.append(f"| {path.stem.removeprefix('nomatch_')} | {rule} | {row['fitted_quantile']:.3f} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
 @user_errors_as_one_line()
 def main() -> None:
     print("\n".join(["## Test R@1, cosine (ITM replacing it in the top 16)", "", *recall_table(), "",
                      "## No good match (absent: every image of the query's person removed; classic: queries about "
-                     "nobody)", "", *no_match_table()]))
+                     "nobody)", "", *no_match_table(), "",
+                     "## bench_no_match fitting each rule for new people (since bcfcf9a)", "", *new_people_table()]))
 
 
 if __name__ == "__main__":
