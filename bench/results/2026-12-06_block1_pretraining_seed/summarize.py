@@ -17,14 +17,14 @@ from utils.errors import user_errors_as_one_line
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent
 STYLES = ("classic", "street", "cctv")
-# (fusion stack reads, pretraining run) -> the bench records of its fine-tuning runs
+# pretraining seed -> what the fusion stack reads -> (its pretraining run, the bench records of the fine-tuning runs)
 RECORDS = {
-    ("output", "pretrain-38d8b9685d54 (seed 1234)"): [
+    1234: {"output": ("pretrain-38d8b9685d54", [
         RESULTS / "2026-12-06_fusion_reads_block/bench_output_recheck.jsonl",
-        *sorted((RESULTS / "2026-12-06_reproduction").glob("today_*_seed*.jsonl"))],
-    ("block 1", "pretrain-9d0034e48b51 (seed 1234)"): [RESULTS / "2026-12-06_fusion_reads_block/bench_block1.jsonl"],
-    ("output", "pretrain-0cf14c7d7687 (seed 1235)"): [HERE / "output_p1235.jsonl"],
-    ("block 1", "pretrain-c74ca1b10a3f (seed 1235)"): [HERE / "block1_p1235.jsonl"],
+        *sorted((RESULTS / "2026-12-06_reproduction").glob("today_*_seed*.jsonl"))]),
+        "block 1": ("pretrain-9d0034e48b51", [RESULTS / "2026-12-06_fusion_reads_block/bench_block1.jsonl"])},
+    1235: {"output": ("pretrain-0cf14c7d7687", [HERE / "output_p1235.jsonl"]),
+           "block 1": ("pretrain-c74ca1b10a3f", [HERE / "block1_p1235.jsonl"])},
 }
 
 
@@ -40,28 +40,36 @@ def runs(paths: list[Path]) -> dict[tuple[str, int], tuple[float, float]]:
 
 
 def recall_table() -> list[str]:
-    table = {key: runs(paths) for key, paths in RECORDS.items()}
+    table = {pretraining_seed: {reads: runs(paths) for reads, (_, paths) in sides.items()}
+             for pretraining_seed, sides in RECORDS.items()}
     lines = ["| reads | pretraining | seed | " + " | ".join(STYLES) + " |", "|---|---|---|---|---|---|"]
-    for (reads, pretraining), found in table.items():
-        for seed in sorted({seed for _, seed in found}):
-            cells = [f"{found[(s, seed)][0]:.2f} ({found[(s, seed)][1]:.2f})" for s in STYLES]
-            lines.append(f"| {reads} | {pretraining} | {seed} | " + " | ".join(cells) + " |")
+    for pretraining_seed, sides in table.items():
+        for reads, found in sides.items():
+            name = f"{RECORDS[pretraining_seed][reads][0]} (seed {pretraining_seed})"
+            for seed in sorted({seed for _, seed in found}):
+                cells = [f"{found[(s, seed)][0]:.2f} ({found[(s, seed)][1]:.2f})" for s in STYLES]
+                lines.append(f"| {reads} | {name} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "Block 1 minus the output reading, same pretraining seed and fine-tuning seed (test R@1, cosine):",
               ""]
-    keys = list(table)
     diffs, itm_wins = [], {"output": [], "block 1": []}
-    for output, block in ((keys[0], keys[1]), (keys[2], keys[3])):
-        for style, seed in sorted(table[block]):
-            diff = table[block][(style, seed)][0] - table[output][(style, seed)][0]
+    for pretraining_seed, sides in table.items():
+        for style, seed in sorted(sides["block 1"]):
+            diff = sides["block 1"][(style, seed)][0] - sides["output"][(style, seed)][0]
             diffs.append(diff)
-            lines.append(f"- {block[1]}, {style}, seed {seed}: {diff:+.2f}")
-    for (reads, _), found in table.items():
-        itm_wins[reads] += [itm - cosine for cosine, itm in found.values()]
+            lines.append(f"- {RECORDS[pretraining_seed]['block 1'][0]} (seed {pretraining_seed}), {style}, seed "
+                         f"{seed}: {diff:+.2f}")
+        for reads, found in sides.items():
+            itm_wins[reads] += [itm - cosine for cosine, itm in found.values()]
     lines += ["", f"Over {len(diffs)} pairs: mean {statistics.mean(diffs):+.2f}, block 1 above in "
               f"{sum(d > 0 for d in diffs)}; ITM replacing minus the cosine on test: " + "; ".join(
                   f"{reads} above in {sum(g > 0 for g in gains)} of {len(gains)} (mean {statistics.mean(gains):+.2f})"
                   for reads, gains in itm_wins.items())]
     return lines
+
+
+def on_test(row: dict) -> str:
+    """A bench_no_match per-statistic row's test figures, short queries / whole captions."""
+    return " / ".join(f"{row['test'][kind]:.1f}" for kind in ("short", "full"))
 
 
 def no_match_table() -> list[str]:
@@ -75,11 +83,10 @@ def no_match_table() -> list[str]:
         reads, style, seed = name.split("-")
         run = HERE / f"rerank-{reads}-pseed1235-pretrained-{style}-{seed}" / "metrics_test.json"
         served = json.loads(run.read_text(encoding="utf-8"))["no_match"]
-        pair = lambda row: " / ".join(f"{row['test'][k]:.1f}" for k in ("short", "full"))  # noqa: E731
         rates = [f"{served[k]['right_top1_flagged']:.1f}" for k in ("short_queries", "full_captions")]
         absent = [f"{served[k]['absent_not_flagged']:.1f}" for k in ("short_queries", "full_captions")]
-        lines.append(f"| {name} | {pair(bench['auc']['cosine'])}, {pair(bench['auc']['itm'])} | "
-                     f"{pair(bench['best_at_limit']['cosine'])}, {pair(bench['best_at_limit']['itm'])} | "
+        lines.append(f"| {name} | {on_test(bench['auc']['cosine'])}, {on_test(bench['auc']['itm'])} | "
+                     f"{on_test(bench['best_at_limit']['cosine'])}, {on_test(bench['best_at_limit']['itm'])} | "
                      f"{' / '.join(rates)}, {' / '.join(absent)} |")
     return lines
 
