@@ -93,8 +93,8 @@ def no_match_table() -> list[str]:
 
 def new_people_table() -> list[str]:
     """bench_no_match since bcfcf9a (no_match_new_people/): the cosine and ITM rules fitted for new people on val."""
-    lines = ["| model | rule | fitted quantile | val: right flagged short / whole | test: right flagged short / whole | "
-             "test: absent not flagged short / whole |", "|---|---|---|---|---|---|"]
+    lines = ["| model | rule | fitted quantile | val: right flagged short / whole | test: right flagged short / whole "
+             "| test: absent not flagged short / whole |", "|---|---|---|---|---|---|"]
     for path in sorted((HERE / "no_match_new_people").glob("nomatch_*.json")):
         rules = json.loads(path.read_text(encoding="utf-8"))["rules"]
         for rule in ("cosine", "itm"):
