@@ -170,8 +170,9 @@ def sample_hard_negatives(
     floor: float = HARD_NEGATIVE_WEIGHT_FLOOR,
     top_k: int = 0,
     never: torch.Tensor | None = None,
+    count: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one hard negative per anchor, never one that shares the anchor's person id.
+    """Draw one hard negative per anchor (or ``count`` different ones), never one that shares the anchor's person id.
 
     Args:
         sim_i2t: [B, B] image-to-text similarities, already divided by the temperature (row = image i,
@@ -191,10 +192,13 @@ def sample_hard_negatives(
         never: [B images, B texts] bool, pairs that are no true non-match although their ids differ (e.g. the
             same caption written for two persons); excluded like same-id pairs, except in a row where they would
             leave no candidate (that row keeps them rather than fail).
+        count: None draws one negative per row (``torch.multinomial``, as the authors). n draws n per row from the
+            same weights without replacement (Gumbel top-n); a row with fewer than n candidates repeats its
+            likeliest draws to fill its n.
 
     Returns:
-        neg_image_for_text: [B] long, for each text j the index of an image with a different pid.
-        neg_text_for_image: [B] long, for each image i the index of a text with a different pid.
+        neg_image_for_text: [B] long (count n: [B, n]), for each text j the index of an image with a different pid.
+        neg_text_for_image: [B] long (count n: [B, n]), for each image i the index of a text with a different pid.
 
     Sampling weights follow the authors' ITM: per row w = softmax(sim) + 1e-4, the softmax taken over the whole
     row (same-id entries included), then the entries sharing the anchor's pid set to 0, then one multinomial
@@ -238,9 +242,28 @@ def sample_hard_negatives(
             f"each batch"
         )
     w_t2i, w_i2t = _negative_weights(sim_i2t.float(), same_i2t, never, floor, top_k)
+    if count is not None:
+        return _draw_without_replacement(w_t2i, count, generator), _draw_without_replacement(w_i2t, count, generator)
     neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image_for_text, neg_text_for_image
+
+
+def _draw_without_replacement(weights: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, count] long: per row of weights [B, C] (>= 0, a positive entry in every row), ``count`` different
+    columns drawn in proportion to the weights without replacement: the ``count`` largest log-weights plus Gumbel
+    noise are such a draw (the Gumbel top-k trick). A row with m < ``count`` positive entries cycles through its m
+    draws, so that no zero-weight column is ever returned."""
+    if count < 1:
+        raise ValueError(f"sample_hard_negatives: count must be at least 1, got {count}")
+    uniform = torch.rand(weights.shape, generator=generator, device=weights.device).clamp_(min=1e-20)
+    keys = weights.log() - (-uniform.log()).log()  # log w + Gumbel(0, 1); -inf where w is 0
+    drawn = keys.topk(min(count, weights.shape[1]), dim=1)  # sorted: a row's candidates before its -inf entries
+    if drawn.indices.shape[1] == count and bool(torch.isfinite(drawn.values).all()):
+        return drawn.indices
+    available = torch.isfinite(drawn.values).sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
+    cycled = torch.arange(count, device=weights.device)[None, :] % available  # draw j of a row with m: its j mod m
+    return drawn.indices.gather(1, cycled)
 
 
 def _negative_weights(sim: torch.Tensor, same_i2t: torch.Tensor, never: torch.Tensor | None, floor: float,
@@ -273,39 +296,48 @@ def _keep_top_k(weights: torch.Tensor, sim: torch.Tensor, banned: torch.Tensor, 
     return weights.masked_fill(~kept, 0.0)
 
 
-def itm_targets(batch_size: int, device: torch.device | str) -> torch.Tensor:
-    """ITM labels [3B] long: 1 for the B positive pairs, then 0 for the 2B negatives (text->neg image, neg text->image)."""
+def itm_targets(batch_size: int, device: torch.device | str, negatives: int = 1) -> torch.Tensor:
+    """ITM labels [(1 + 2n)B] long: 1 for the B positive pairs, then 0 for the 2nB negatives (text -> negative
+    image, then negative text -> image; n = ``negatives`` per anchor, draw-major)."""
     return torch.cat(
         [
             torch.ones(batch_size, dtype=torch.long, device=device),
-            torch.zeros(2 * batch_size, dtype=torch.long, device=device),
+            torch.zeros(2 * negatives * batch_size, dtype=torch.long, device=device),
         ]
     )
 
 
-def itm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the 2-way ITM head: logits [n, 2], targets [n] long -> scalar float32."""
+def itm_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the 2-way ITM head: logits [n, 2], targets [n] long -> scalar float32; with weights [n],
+    the weighted mean (sum of weight x cross-entropy over the sum of the weights)."""
     if logits.dim() != 2 or logits.shape[1] != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(
             f"itm_loss: expected logits [n, 2] and targets [n], got {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
+    if weights is not None and weights.shape != targets.shape:
+        raise ValueError(f"itm_loss: expected weights {tuple(targets.shape)}, got {tuple(weights.shape)}")
     with _no_autocast(logits.device):
-        return F.cross_entropy(logits.float(), targets)
+        if weights is None:
+            return F.cross_entropy(logits.float(), targets)
+        per_pair = F.cross_entropy(logits.float(), targets, reduction="none")
+        return (weights.float() * per_pair).sum() / weights.float().sum()
 
 
-def itm_rank_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Pairwise ranking loss of the 2-way ITM head: logits [3B, 2] in :func:`itm_targets`' order -> scalar float32.
+def itm_rank_loss(logits: torch.Tensor, negatives: int = 1) -> torch.Tensor:
+    """Pairwise ranking loss of the 2-way ITM head: logits [(1 + 2n)B, 2] in :func:`itm_targets`' order (n =
+    ``negatives`` per anchor) -> scalar float32.
 
-    Each positive's match margin (logit 1 - logit 0) should exceed its two negatives' (the anchor text with its
-    negative image, the anchor image with its negative text): the mean of softplus(negative - positive) over both.
-    Re-ranking only compares pairs of one query, so this asks the head for the ordering alone: an offset common to
-    the pairs compared cancels, and the margin is no calibrated probability.
+    Each positive's match margin (logit 1 - logit 0) should exceed its negatives' (the anchor text with each
+    negative image, the anchor image with each negative text): the mean of softplus(negative - positive) over each
+    direction, averaged. Re-ranking only compares pairs of one query, so this asks the head for the ordering alone:
+    an offset common to the pairs compared cancels, and the margin is no calibrated probability.
     """
-    if logits.dim() != 2 or logits.shape[1] != 2 or logits.shape[0] % 3:
-        raise ValueError(f"itm_rank_loss: expected logits [3B, 2], got {tuple(logits.shape)}")
+    rows = 1 + 2 * negatives
+    if logits.dim() != 2 or logits.shape[1] != 2 or logits.shape[0] % rows:
+        raise ValueError(f"itm_rank_loss: expected logits [{rows}B, 2], got {tuple(logits.shape)}")
     with _no_autocast(logits.device):
-        margin = logits[:, 1].float() - logits[:, 0].float()  # [3B]
-        positive, negative_image, negative_text = margin.view(3, -1)  # [B] each
+        margin = logits[:, 1].float() - logits[:, 0].float()  # [(1 + 2n)B]
+        positive, negative_image, negative_text = margin.view(rows, -1).split([1, negatives, negatives])
         return 0.5 * (F.softplus(negative_image - positive).mean() + F.softplus(negative_text - positive).mean())
 
 

@@ -41,6 +41,9 @@ class RetrievalObjective(nn.Module):
         self.negative_hardness = float(loss_cfg.get("itm_negative_hardness", 1.0))
         self.hardness_ramp_epochs = float(loss_cfg.get("itm_negative_hardness_ramp_epochs", 0.0))
         self.negative_top_k = int(loss_cfg.get("itm_negative_top_k", 0))
+        self.negatives = int(loss_cfg.get("itm_negatives", 1))
+        if self.negatives < 1:
+            raise ModelConfigError(f"loss.itm_negatives must be at least 1 (negatives per anchor), got {self.negatives}")
         self.negative_floor = float(loss_cfg.get("itm_negative_floor", HARD_NEGATIVE_WEIGHT_FLOOR))
         self.exclude_same_caption = bool(loss_cfg.get("itm_exclude_same_caption", False))
         self.itm_objective = itm_objective_of(loss_cfg)
@@ -135,7 +138,8 @@ class RetrievalObjective(nn.Module):
 
     def _itm(self, image_tokens, image_feats, text_tokens, text_feats, text_mask, pids, temperature,
              caption_ids=None, swapped=None) -> torch.Tensor:
-        """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call.
+        """ITM over B positives and 2B hard negatives (a different person id), fused in one batched call;
+        ``loss.itm_negatives`` n > 1 draws n different negatives per anchor and direction, each weighing 1/n.
 
         Negatives are drawn from the softmax of the ITC similarities (``image_feats``/``text_feats`` as ITC sees
         them), so the hardest non-matching pairs are the likeliest. ``loss.itm_negative_hardness`` scales those
@@ -156,14 +160,22 @@ class RetrievalObjective(nn.Module):
             if self.exclude_same_caption and caption_ids is not None:  # [B images, B texts]: image i's own
                 # caption is text j, token for token
                 never = (caption_ids[:, None, :] == caption_ids[None, :, :]).all(dim=-1)
+        n = self.negatives
         neg_image_for_text, neg_text_for_image = sample_hard_negatives(
             sim_i2t, pids, pids, check=self.negative_check, floor=self.negative_floor, top_k=self.negative_top_k,
-            never=never)
-        texts = [text_tokens, text_tokens, text_tokens[neg_text_for_image]]
-        masks = [text_mask, text_mask, text_mask[neg_text_for_image]]
-        images = [image_tokens, image_tokens[neg_image_for_text], image_tokens]
-        text_features = [text_feats, text_feats, text_feats[neg_text_for_image]]
-        image_features = [image_feats, image_feats[neg_image_for_text], image_feats]
+            never=never, count=None if n == 1 else n)
+        if n > 1:  # [B, n] -> [nB], draw-major: entry d * B + b is anchor b's draw d
+            neg_image_for_text = neg_image_for_text.t().reshape(-1)
+            neg_text_for_image = neg_text_for_image.t().reshape(-1)
+
+        def anchors(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [nB, ...], each anchor beside its n draws
+            return x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
+
+        texts = [text_tokens, anchors(text_tokens), text_tokens[neg_text_for_image]]
+        masks = [text_mask, anchors(text_mask), text_mask[neg_text_for_image]]
+        images = [image_tokens, image_tokens[neg_image_for_text], anchors(image_tokens)]
+        text_features = [text_feats, anchors(text_feats), text_feats[neg_text_for_image]]
+        image_features = [image_feats, image_feats[neg_image_for_text], anchors(image_feats)]
         if swapped is not None:
             rows, swap_tokens, swap_mask, swap_features = swapped
             texts.append(swap_tokens)
@@ -174,7 +186,12 @@ class RetrievalObjective(nn.Module):
         logits = self.model.itm_logits(torch.cat(texts), torch.cat(masks), torch.cat(images),
                                        features=(torch.cat(text_features), torch.cat(image_features)))
         if self.itm_objective == "rank":
-            return itm_rank_loss(logits)
-        targets = itm_targets(pids.shape[0], logits.device)
+            return itm_rank_loss(logits, n)
+        targets = itm_targets(pids.shape[0], logits.device, n)
         targets = torch.cat([targets, targets.new_zeros(logits.shape[0] - targets.shape[0])])
-        return itm_loss(logits, targets)
+        if n == 1:
+            return itm_loss(logits, targets)
+        # each of an anchor's n draws weighs 1/n: the authors' loss (one draw) in expectation, with less variance
+        weights = torch.ones(logits.shape[0], device=logits.device)
+        weights[pids.shape[0]:pids.shape[0] * (1 + 2 * n)] = 1.0 / n
+        return itm_loss(logits, targets, weights)
