@@ -389,6 +389,47 @@ def test_the_itm_objective_trains_the_same_pairs_with_the_chosen_loss(monkeypatc
         RetrievalObjective(build_model(cfg), cfg.loss)
 
 
+def test_several_itm_negatives_per_anchor_pair_each_anchor_with_its_draws_and_weigh_them_1_over_n(monkeypatch):
+    from models.ivt import build_model
+    from models.losses import itm_loss, itm_rank_loss, itm_targets
+    from models.objectives import RetrievalObjective
+    from utils.config import load_config
+
+    base = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.fusion_layers=1",
+            "loss.itm_weight=1.0", "model.vit_weights=null", "model.bert_weights=null", "loss.itm_negatives=2"]
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(20, 2, generator=g)  # (1 + 2 x 2) x 4 pairs' logits
+    # every token of item i is i, so each fused pair shows which text and image it joined
+    image_tokens = torch.arange(4.0)[:, None, None].expand(4, 5, 32).clone()
+    text_tokens = torch.arange(4.0)[:, None, None].expand(4, 6, 32).clone()
+    pids = torch.tensor([0, 0, 1, 1])
+    inputs = (image_tokens, torch.randn(4, 32, generator=g), text_tokens, torch.randn(4, 32, generator=g),
+              torch.ones(4, 6, dtype=torch.long), pids, torch.tensor(0.07))
+    seen, losses = [], {}
+    for objective_name in ("match", "rank"):
+        cfg = load_config(None, base + [f"loss.itm_objective={objective_name}"])
+        objective = RetrievalObjective(build_model(cfg), cfg.loss)
+
+        def fake_itm_logits(texts, masks, images, features):
+            seen.append((texts[:, 0, 0].long(), images[:, 0, 0].long()))
+            return fused
+        monkeypatch.setattr(objective.model, "itm_logits", fake_itm_logits)
+        losses[objective_name] = float(objective._itm(*inputs))
+    weights = torch.tensor([1.0] * 4 + [0.5] * 16)
+    assert losses == {"match": pytest.approx(float(itm_loss(fused, itm_targets(4, "cpu", 2), weights))),
+                      "rank": pytest.approx(float(itm_rank_loss(fused, 2)))}
+    texts, images = seen[0]
+    assert texts[:4].tolist() == images[:4].tolist() == [0, 1, 2, 3]
+    # rows 4-11: text b (draw-major) with two different images of the other person; rows 12-19: image b likewise
+    assert texts[4:12].tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and images[12:].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    for anchors, drawn in ((texts[4:12], images[4:12]), (images[12:], texts[12:])):
+        assert (pids[drawn] != pids[anchors]).all()
+        assert (drawn[:4] != drawn[4:]).all()
+    cfg = load_config(None, base[:-1] + ["loss.itm_negatives=0"])
+    with pytest.raises(ValueError, match="loss.itm_negatives must be at least 1"):
+        RetrievalObjective(build_model(cfg), cfg.loss)
+
+
 def test_the_thresholds_flag_the_share_of_each_set_as_read_per_query():
     # 40 short queries of 4-12 words, 40 whole captions of 12-20, whole captions scoring 0.2 above short queries,
     # each set rising little with length (as measured); the ends' quantiles at the medians alone flag more of the

@@ -386,3 +386,61 @@ def test_cmpm_targets_are_bit_equal_to_the_authors_formula_for_every_positive_co
         assert torch.equal(cmpm_targets(labels), authors), count
         assert torch.equal(cmpm_targets(labels.t()), authors.t()), count  # the text-to-image direction's view
     assert torch.equal(cmpm_targets(torch.zeros(2, 3)), torch.zeros(2, 3))  # no positive: zeros, not NaN
+
+
+def test_several_hard_negatives_per_anchor_are_different_and_drawn_as_the_authors_weigh_them():
+    # Image 0 (pid 0) may pair with texts 2, 3, 4 (pids 1, 2, 3); its weights, from these similarities, are
+    # proportional to e^2, e^1, e^0 (the floor 1e-4 is negligible here): the first of two draws follows them, the
+    # second is never the first, and the pair {2, 3} comes with probability p2 p3 / (1 - p2) + p3 p2 / (1 - p3).
+    pids = torch.tensor([0, 0, 1, 2, 3])
+    sim = torch.zeros(5, 5)
+    sim[0, 2:] = torch.tensor([2.0, 1.0, 0.0])
+    weights = torch.tensor([math.exp(2.0), math.exp(1.0), 1.0])
+    p = weights / weights.sum()
+    g = torch.Generator().manual_seed(0)
+    firsts, pairs_23, runs = torch.zeros(3), 0, 20000
+    for _ in range(runs):
+        neg_img, neg_txt = sample_hard_negatives(sim, pids, pids, generator=g, count=2)
+        assert neg_img.shape == (5, 2) and neg_txt.shape == (5, 2)
+        assert (neg_txt[:, 0] != neg_txt[:, 1]).all() and (neg_img[:, 0] != neg_img[:, 1]).all()
+        assert (pids[neg_txt] != pids[:, None]).all() and (pids[neg_img] != pids[:, None]).all()
+        firsts[int(neg_txt[0, 0]) - 2] += 1
+        pairs_23 += set(neg_txt[0].tolist()) == {2, 3}
+    assert (firsts / runs).tolist() == pytest.approx(p.tolist(), abs=0.01)
+    expected_23 = float(p[0] * p[1] / (1 - p[0]) + p[1] * p[0] / (1 - p[1]))
+    assert pairs_23 / runs == pytest.approx(expected_23, abs=0.01)
+
+
+def test_a_row_with_fewer_candidates_than_asked_cycles_through_them():
+    # Text 0 (pid 0) has two candidate images (pids 1 and 2): four draws are both of them, twice, in one order.
+    pids = torch.tensor([0, 0, 0, 1, 2])
+    sim = torch.randn(5, 5, generator=torch.Generator().manual_seed(1))
+    neg_img, _ = sample_hard_negatives(sim, pids, pids, generator=torch.Generator().manual_seed(2), count=4)
+    first, second = neg_img[0, :2].tolist()
+    assert {first, second} == {3, 4}
+    assert neg_img[0].tolist() == [first, second, first, second]
+    assert (pids[neg_img[3]] != 1).all() and len(set(neg_img[3].tolist())) == 4
+    with pytest.raises(ValueError, match="count must be at least 1, got 0"):
+        sample_hard_negatives(sim, pids, pids, count=0)
+
+
+def test_itm_loss_weighs_each_pair_and_rank_loss_reads_several_negatives():
+    # match: positives weigh 1, each of two negatives per anchor 1/2
+    logits = torch.zeros(5, 2)
+    logits[0] = torch.tensor([0.0, 1.0])
+    targets = itm_targets(1, "cpu", negatives=2)
+    assert targets.tolist() == [1, 0, 0, 0, 0]
+    weights = torch.tensor([1.0, 0.5, 0.5, 0.5, 0.5])
+    expected = (math.log(1 + math.exp(-1)) + 0.5 * 4 * math.log(2)) / 3.0
+    assert itm_loss(logits, targets, weights).item() == pytest.approx(expected, rel=1e-6)
+    assert itm_loss(logits, targets, torch.ones(5)).item() == pytest.approx(itm_loss(logits, targets).item())
+    # rank, B = 1, n = 2: positive margin 1; negative images 0 and 3; negative texts 2 and -1
+    rank_logits = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 3.0], [0.0, 2.0], [1.0, 0.0]])
+
+    def softplus(x):
+        return math.log1p(math.exp(x))
+
+    expected = 0.5 * ((softplus(-1) + softplus(2)) / 2 + (softplus(1) + softplus(-2)) / 2)
+    assert itm_rank_loss(rank_logits, negatives=2).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"expected logits \[5B, 2\], got \(6, 2\)"):
+        itm_rank_loss(torch.zeros(6, 2), negatives=2)
