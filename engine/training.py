@@ -34,7 +34,7 @@ from engine.data import build_run_tokenizer, load_data, run_caption_words, save_
 from engine.evaluation import evaluate_split, selection_ranking, selection_score
 from engine.identity_neighbours import identity_neighbours
 from models.ivt import build_model
-from models.objectives import RetrievalObjective, itm_objective_of
+from models.objectives import RetrievalObjective, itm_negatives_of, itm_objective_of
 from utils import distributed as du
 from utils.amp import autocast
 from utils.checkpoint import CheckpointError, load_file, remove_orphan_temporaries, restore_rng_state
@@ -159,7 +159,7 @@ def prepare_run(cfg: Config, output_dir: Path, device: torch.device, resume_obj:
         raise ConfigError(f"train.batch_size_per_gpu {batch} is not a multiple of sampler.num_instances {instances} "
                           "(each batch holds batch_size_per_gpu / num_instances identities)")
     check_neighbour_batches(cfg, plan)
-    itm_objective_of(cfg.loss)  # the objective is built after the folder is taken
+    itm_objective_of(cfg.loss), itm_negatives_of(cfg.loss)  # the objective is built after the folder is taken
     train_records, eval_splits = load_data(cfg, plan)
     check_one_batch(cfg, plan, train_records, du.get_world_size())
     init_source = None if resume_obj is not None else (init_from or cfg.model.init_from)

@@ -28,6 +28,14 @@ def itm_objective_of(loss_cfg: Mapping[str, Any]) -> str:
     return objective
 
 
+def itm_negatives_of(loss_cfg: Mapping[str, Any]) -> int:
+    """``loss.itm_negatives``, checked (a ModelConfigError names the key and what it must be)."""
+    negatives = int(loss_cfg.get("itm_negatives", 1))
+    if negatives < 1:
+        raise ModelConfigError(f"loss.itm_negatives must be at least 1 (ITM negatives per anchor), got {negatives}")
+    return negatives
+
+
 class RetrievalObjective(nn.Module):
     """Computes the weighted losses of the recipe for one collated batch (see datasets.collate.TrainCollator)."""
 
@@ -41,9 +49,7 @@ class RetrievalObjective(nn.Module):
         self.negative_hardness = float(loss_cfg.get("itm_negative_hardness", 1.0))
         self.hardness_ramp_epochs = float(loss_cfg.get("itm_negative_hardness_ramp_epochs", 0.0))
         self.negative_top_k = int(loss_cfg.get("itm_negative_top_k", 0))
-        self.negatives = int(loss_cfg.get("itm_negatives", 1))
-        if self.negatives < 1:
-            raise ModelConfigError(f"loss.itm_negatives must be at least 1 (negatives per anchor), got {self.negatives}")
+        self.negatives = itm_negatives_of(loss_cfg)
         self.negative_floor = float(loss_cfg.get("itm_negative_floor", HARD_NEGATIVE_WEIGHT_FLOOR))
         self.exclude_same_caption = bool(loss_cfg.get("itm_exclude_same_caption", False))
         self.itm_objective = itm_objective_of(loss_cfg)

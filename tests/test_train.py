@@ -262,7 +262,8 @@ def test_user_mistakes_end_with_one_line_and_leave_the_run_directory_alone(tmp_p
     # neighbour-batch and ITM-objective settings the run cannot use stop before the folder is taken
     for setting, says in (("sampler.neighbour_share=1.5", r"sampler.neighbour_share must be in \[0, 1\], got 1.5"),
                           ("sampler.neighbours_listed=0", "sampler.neighbours_listed must be >= 1, got 0"),
-                          ("loss.itm_objective=listwise", "loss.itm_objective must be one of match | rank, got")):
+                          ("loss.itm_objective=listwise", "loss.itm_objective must be one of match | rank, got"),
+                          ("loss.itm_negatives=0", r"loss.itm_negatives must be at least 1 \(ITM negatives per")):
         with pytest.raises(SystemExit, match=f"^error: {says}"):
             train_cuhkpedes.main(["--output-dir", str(out)] + tiny_overrides(tmp_path / "data") + [setting])
     with pytest.raises(SystemExit, match="^error: sampler.neighbour_batches groups persons in P x K batches, but"):
