@@ -225,6 +225,19 @@ def sample_hard_negatives(
                 f"text {tuple(text_pids.shape)}"
             )
         same_i2t = image_pids[:, None] == text_pids[None, :]  # [B images, B texts]
+    _check_every_row_has_a_negative(same_i2t, check)
+    w_t2i, w_i2t = _negative_weights(sim_i2t.float(), same_i2t, never, floor, top_k)
+    if count is not None:
+        return _draw_without_replacement(w_t2i, count, generator), _draw_without_replacement(w_i2t, count, generator)
+    neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    return neg_image_for_text, neg_text_for_image
+
+
+def _check_every_row_has_a_negative(same_i2t: torch.Tensor, check: str) -> None:
+    """sample_hard_negatives' check (see its ``check``) that every image row and text column of same_i2t [B, B]
+    holds an entry of another person."""
+    b = same_i2t.shape[0]
     if check == "device":
         no_negative = same_i2t.all(dim=1).any() | same_i2t.all(dim=0).any()
         torch._assert_async(~no_negative, "sample_hard_negatives: some image or text row has no negative with a "
@@ -241,12 +254,6 @@ def sample_hard_negatives(
             f"negative with a different person id in the batch; the sampler must put at least two identities in "
             f"each batch"
         )
-    w_t2i, w_i2t = _negative_weights(sim_i2t.float(), same_i2t, never, floor, top_k)
-    if count is not None:
-        return _draw_without_replacement(w_t2i, count, generator), _draw_without_replacement(w_i2t, count, generator)
-    neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
-    neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
-    return neg_image_for_text, neg_text_for_image
 
 
 def _draw_without_replacement(weights: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -259,8 +266,7 @@ def _draw_without_replacement(weights: torch.Tensor, count: int, generator: torc
     uniform = torch.rand(weights.shape, generator=generator, device=weights.device).clamp_(min=1e-20)
     keys = weights.log() - (-uniform.log()).log()  # log w + Gumbel(0, 1); -inf where w is 0
     drawn = keys.topk(min(count, weights.shape[1]), dim=1)  # sorted: a row's candidates before its -inf entries
-    if drawn.indices.shape[1] == count and bool(torch.isfinite(drawn.values).all()):
-        return drawn.indices
+    # no branch on the values read back: the draw queues on the device without a host sync
     available = torch.isfinite(drawn.values).sum(dim=1, keepdim=True).clamp(min=1)  # [B, 1]
     cycled = torch.arange(count, device=weights.device)[None, :] % available  # draw j of a row with m: its j mod m
     return drawn.indices.gather(1, cycled)

@@ -82,9 +82,11 @@ def _step_syncs(model_overrides, loss_overrides, batch_extra=None) -> HostSyncCo
 def test_the_itm_step_has_no_host_sync_with_the_device_side_check():
     itm = {"itm_weight": 1.0, "itc_weight": 1.0}
     host = _step_syncs({"bmm_ratio": 0.0}, {**itm, "itm_negative_check": "host"})
-    assert host.total == 1 and "sample_hard_negatives" in next(iter(host.sites))
+    assert host.total == 1 and "_check_every_row_has_a_negative" in next(iter(host.sites))
     device = _step_syncs({"bmm_ratio": 0.0}, {**itm, "itm_negative_check": "device"})
     assert device.total == 0, device.sites
+    several = _step_syncs({"bmm_ratio": 0.0}, {**itm, "itm_negative_check": "device", "itm_negatives": 3})
+    assert several.total == 0, several.sites
 
 
 def test_swapped_caption_negatives_add_no_host_sync():
