@@ -193,8 +193,8 @@ def sample_hard_negatives(
             same caption written for two persons); excluded like same-id pairs, except in a row where they would
             leave no candidate (that row keeps them rather than fail).
         count: None draws one negative per row (``torch.multinomial``, as the authors). n draws n per row from the
-            same weights without replacement (Gumbel top-n); a row with fewer than n candidates repeats its
-            likeliest draws to fill its n.
+            same weights without replacement (Gumbel top-n); a row with m < n candidates cycles through its m
+            draws to fill its n.
 
     Returns:
         neg_image_for_text: [B] long (count n: [B, n]), for each text j the index of an image with a different pid.
