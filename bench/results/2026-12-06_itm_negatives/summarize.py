@@ -33,7 +33,8 @@ def figures(run_dir: Path) -> dict[str, float | str]:
             "w4": grid["4.0"]["R1"] - cosine, "pairs": test["itm_pair_accuracy"]["itm"]
             - test["itm_pair_accuracy"]["cosine"],
             "val": f"best {float(best):g}" + ("" if evidence is None else
-                                              f": {evidence['better']}/{evidence['worse']}, p {evidence['p_value']:.3f}")}
+                                              f": {evidence['better']}/{evidence['worse']}, "
+                                              f"p {evidence['p_value']:.3f}")}
 
 
 def row(reads: str, style: str, negatives: str, f: dict) -> str:
@@ -44,8 +45,8 @@ def row(reads: str, style: str, negatives: str, f: dict) -> str:
 @user_errors_as_one_line()
 def main() -> None:
     lines = ["| reads | style | ITM negatives | test R@1, cosine | ITM replacing, minus cosine | blend weight chosen on "
-             "val (val's best weight: val queries it ranks better/worse, sign test p) | served blend minus cosine, test | blend at "
-             "w 1 / 4 minus cosine, test | top-16 pairs ordered right, ITM minus cosine, test |",
+             "val (val's best weight: val queries it ranks better/worse, sign test p) | served blend minus cosine, "
+             "test | blend at w 1 / 4 minus cosine, test | top-16 pairs ordered right, ITM minus cosine, test |",
              "|---|---|---|---|---|---|---|---|---|"]
     gains = {"cosine": [], "itm": [], "pairs": []}
     for reads, (one, four) in PAIRS.items():
@@ -57,8 +58,9 @@ def main() -> None:
             lines += [row(reads, style, "1", before), row(reads, style, "4", after)]
             for key in gains:
                 gains[key].append(after[key] - before[key])
-    lines += ["", f"Four negatives minus one, over {len(gains['cosine'])} pairs: " + "; ".join(
-        f"{key} {' '.join(f'{g:+.2f}' for g in values)}" for key, values in gains.items())]
+    lines += ["", f"Four negatives minus one, over {len(gains['cosine'])} pairs (block 1, then output; classic, "
+              "street, cctv):", ""]
+    lines += [f"- {key}: {' '.join(f'{g:+.2f}' for g in values)}" for key, values in gains.items()]
     print("\n".join(lines))
 
 
