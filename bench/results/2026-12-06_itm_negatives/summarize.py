@@ -44,8 +44,8 @@ def row(reads: str, style: str, negatives: str, f: dict) -> str:
 
 @user_errors_as_one_line()
 def main() -> None:
-    lines = ["| reads | style | ITM negatives | test R@1, cosine | ITM replacing, minus cosine | blend weight chosen on "
-             "val (val's best weight: val queries it ranks better/worse, sign test p) | served blend minus cosine, "
+    lines = ["| reads | style | ITM negatives | test R@1, cosine | ITM replacing, minus cosine | blend weight chosen "
+             "on val (val's best weight: val queries it ranks better/worse, sign test p) | served blend minus cosine, "
              "test | blend at w 1 / 4 minus cosine, test | top-16 pairs ordered right, ITM minus cosine, test |",
              "|---|---|---|---|---|---|---|---|---|"]
     gains = {"cosine": [], "itm": [], "pairs": []}
