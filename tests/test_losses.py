@@ -398,7 +398,7 @@ def test_several_hard_negatives_per_anchor_are_different_and_drawn_as_the_author
     weights = torch.tensor([math.exp(2.0), math.exp(1.0), 1.0])
     p = weights / weights.sum()
     g = torch.Generator().manual_seed(0)
-    firsts, pairs_23, runs = torch.zeros(3), 0, 20000
+    firsts, pairs_23, runs = torch.zeros(3), 0, 5000
     for _ in range(runs):
         neg_img, neg_txt = sample_hard_negatives(sim, pids, pids, generator=g, count=2)
         assert neg_img.shape == (5, 2) and neg_txt.shape == (5, 2)
@@ -406,9 +406,9 @@ def test_several_hard_negatives_per_anchor_are_different_and_drawn_as_the_author
         assert (pids[neg_txt] != pids[:, None]).all() and (pids[neg_img] != pids[:, None]).all()
         firsts[int(neg_txt[0, 0]) - 2] += 1
         pairs_23 += set(neg_txt[0].tolist()) == {2, 3}
-    assert (firsts / runs).tolist() == pytest.approx(p.tolist(), abs=0.01)
+    assert (firsts / runs).tolist() == pytest.approx(p.tolist(), abs=0.02)  # 3 standard errors
     expected_23 = float(p[0] * p[1] / (1 - p[0]) + p[1] * p[0] / (1 - p[1]))
-    assert pairs_23 / runs == pytest.approx(expected_23, abs=0.01)
+    assert pairs_23 / runs == pytest.approx(expected_23, abs=0.02)
 
 
 def test_a_row_with_fewer_candidates_than_asked_cycles_through_them():
