@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.calibration import choose_blend_weight
 from utils.errors import user_errors_as_one_line
 
 HERE = Path(__file__).resolve().parent
@@ -26,13 +27,14 @@ def figures(run_dir: Path) -> dict[str, float | str]:
     test = json.loads((run_dir / "metrics_test.json").read_text(encoding="utf-8"))
     val = json.loads((run_dir / "metrics_val.json").read_text(encoding="utf-8"))
     grid, cosine = test["rerank_blend"]["grid"], test["t2i"]["R1"]
-    evidence, val_grid = val["rerank_blend"].get("evidence"), val["rerank_blend"]["grid"]
-    best = min(val_grid, key=lambda w: (-val_grid[w]["R1"], float(w)))  # as choose_blend_weight (R1 selection)
+    evidence, blend = val["rerank_blend"].get("evidence"), val["rerank_blend"]
+    # val's best weight, by evaluation's own rule (alpha 1: before its sign test)
+    best, _ = choose_blend_weight({float(w): row for w, row in blend["grid"].items()}, blend["selection_metric"])
     return {"cosine": cosine, "itm": test["t2i_rerank"]["R1"] - cosine, "weight": test["rerank_blend"]["weight"],
             "served": test["t2i_blend"]["R1"] - cosine, "w1": grid["1.0"]["R1"] - cosine,
             "w4": grid["4.0"]["R1"] - cosine, "pairs": test["itm_pair_accuracy"]["itm"]
             - test["itm_pair_accuracy"]["cosine"],
-            "val": f"best {float(best):g}" + ("" if evidence is None else
+            "val": f"best {best:g}" + ("" if evidence is None else
                                               f": {evidence['better']}/{evidence['worse']}, "
                                               f"p {evidence['p_value']:.3f}")}
 
