@@ -31,6 +31,18 @@ def preference(own: torch.Tensor, swapped: torch.Tensor) -> float:
     return round(100 * float(((own > swapped).float() + 0.5 * (own == swapped).float()).mean()), 2)
 
 
+def word_list(arguments: list[str]) -> list[str]:
+    """The words of ``--words``, written apart ("red blue") or as the config writes a list ("[red,blue]", as
+    loss.itm_swap_words=... takes it), lowercased. A word holding anything but letters and hyphens would never
+    match a caption's word, so it is an error rather than a silent measurement of nothing."""
+    words = [w.strip().lower() for a in arguments for w in a.strip().strip("[]").split(",") if w.strip()]
+    odd = [w for w in words if not w.replace("-", "").isalpha()]
+    if odd:
+        raise SystemExit(f"--words: {odd[0]!r} is not a word (letters and hyphens; a list is 'red blue' or "
+                         "'[red,blue]')")
+    return words
+
+
 def measure_split(model, cfg, tokenizer, records, words: frozenset[str], batch_size: int) -> dict:
     from datasets.collate import swap_two_words
     from datasets.text_levels import sentence_level
@@ -114,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_checkpoint_arguments(parser)
     parser.add_argument("--words", nargs="+", default=None,
-                        help="the words to exchange (default: the checkpoint's loss.itm_swap_words)")
+                        help="the words to exchange, 'red blue' or '[red,blue]' (default: the checkpoint's "
+                             "loss.itm_swap_words)")
     parser.add_argument("--splits", nargs="+", default=["val", "test"], choices=("val", "test"))
     parser.add_argument("--out", default=None, help="the JSON record")
     args = parser.parse_args(argv)
@@ -124,12 +137,15 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.time()
     with user_errors_as_one_line():
         model, cfg, tokenizer, splits = load_checkpoint(args)
-        words = [w.lower() for w in (args.words or cfg.loss.get("itm_swap_words") or ())]
+        words = word_list(args.words) if args.words else [w.lower() for w in cfg.loss.get("itm_swap_words") or ()]
         if not words:
             raise SystemExit(f"{args.checkpoint}: its config has no loss.itm_swap_words; name the words with --words")
     with torch.inference_mode():
         measured = {split: measure_split(model, cfg, tokenizer, splits.split(split), frozenset(words),
                                          args.batch_size) for split in args.splits}
+    if not any(m["swappable"] for m in measured.values()):  # a record of nothing measured reads as a result
+        raise SystemExit(f"{args.data_root}: no {'/'.join(args.splits)} caption holds two different of the "
+                         f"{len(words)} words {sorted(words)[:5]}{'...' if len(words) > 5 else ''}; nothing measured")
     payload = {"bench": "word_swaps",
                "command": " ".join(["python -m bench.bench_word_swaps", *(argv or sys.argv[1:])]),
                "checkpoint": args.checkpoint, "words": sorted(words), **measured,

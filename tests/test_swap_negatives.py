@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import train_cuhkpedes
 from bench import bench_word_swaps
-from bench.bench_word_swaps import preference
+from bench.bench_word_swaps import preference, word_list
 from datasets.build import build_train_loader, swap_words_of
 from datasets.collate import TrainCollator, swap_two_words
 from datasets.tokenizer import build_tokenizer
@@ -184,6 +184,28 @@ def test_a_run_with_swaps_trains_and_the_bench_scores_each_caption_against_its_s
     assert all(0 <= share <= 100 for share in record["test"]["prefers_caption"].values())
     caption, swapped = record["test"]["example"].values()
     assert swapped == swap_two_words(caption, frozenset(COLOURS)) != caption
+    # the list as a config writes it measures the same; words no caption holds are an error, not a record
+    same = bench_word_swaps.main(["--checkpoint", str(run / "best.pth"), "--data-root", str(data), "--splits", "test",
+                                  "--words", f"[{','.join(COLOURS)}]"])
+    assert same["test"] == record["test"]
+    with pytest.raises(SystemExit, match="no test caption holds two different of the 2 words .*nothing measured"):
+        bench_word_swaps.main(["--checkpoint", str(run / "best.pth"), "--data-root", str(data), "--splits", "test",
+                               "--words", "mauve", "taupe", "--out", str(tmp_path / "none.json")])
+    assert not (tmp_path / "none.json").exists()
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (["red", "Blue"], ["red", "blue"]),
+    (["[red,blue,navy-blue]"], ["red", "blue", "navy-blue"]),  # as loss.itm_swap_words=[...] is written
+    (["red,", "blue"], ["red", "blue"]),
+])
+def test_the_word_list_is_read_in_either_form(arguments, words):
+    assert word_list(arguments) == words
+
+
+def test_a_word_list_with_something_not_a_word_is_an_error():
+    with pytest.raises(SystemExit, match=r"--words: 'red;blue' is not a word"):
+        word_list(["red;blue"])
 
 
 def test_swapped_captions_join_the_image_to_text_softmax_only():
