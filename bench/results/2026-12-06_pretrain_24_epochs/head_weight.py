@@ -34,10 +34,10 @@ def main() -> None:
     if not model.config.itm_residual:
         raise SystemExit(f"{checkpoint}: model.itm_residual is false, its match logit has no prior to split off")
     record = {"checkpoint": checkpoint, "top_k": TOP_K}
+    transform, limit = build_test_transform(cfg.input), query_token_limit(cfg, "standard")
     with torch.inference_mode():
         for split in ("val", "test"):
             sets = build_eval_protocol(splits.split(split), "standard", cfg.data.format)
-            transform, limit = build_test_transform(cfg.input), query_token_limit(cfg, "standard")
             images = F.normalize(encode_images(model, sets.image_paths, transform, 64, "cpu", False, 0).float(), dim=-1)
             queries = F.normalize(encode_texts(model, tokenizer, list(sets.texts), limit, 64, "cpu", False).float(),
                                   dim=-1)

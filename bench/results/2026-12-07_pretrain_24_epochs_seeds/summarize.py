@@ -42,43 +42,34 @@ RUNS = {
 
 def zero_shot(jsonl: Path, run: str) -> dict[str, tuple[float, float]]:
     """style -> test R@1 of the cosine order and of ITM replacing it in the top 16, before any fine-tuning."""
-    if not jsonl.is_file():
-        return {}
     rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
     return {r["style"]: (r["test_R1"], r["test_R1_rerank"]) for r in rows
             if r.get("kind") == "zero_shot" and r["run"] == run}
 
 
-def fine_tuned(run_dir: Path) -> dict[str, float] | None:
+def fine_tuned(run_dir: Path) -> dict:
     """Test R@1 and mAP of the cosine order, ITM replacing it and the served blend (minus the cosine), the blend
     weight carried from val, val's best weight before the sign test and its test R@1 minus the cosine (what the
     blend would serve without the guard), top-16 (right, wrong) pairs the head orders right minus the cosine's,
     and "no good match" on test (the cosine rule calibrated on val): right best answers flagged and absent people
-    not flagged, short queries and whole captions, in % (None for runs older than today's rule, fitted for new
+    not flagged, short queries then whole captions, in % (None for runs older than today's rule, fitted for new
     people with every clause a short query: their records have no "held_out")."""
-    if not (run_dir / "metrics_test.json").is_file():
-        return None
     test = json.loads((run_dir / "metrics_test.json").read_text(encoding="utf-8"))
     cosine, no_match = test["t2i"]["R1"], test["no_match"]
     val_blend = json.loads((run_dir / "metrics_val.json").read_text(encoding="utf-8"))["rerank_blend"]
     unguarded, _ = choose_blend_weight({float(w): row for w, row in val_blend["grid"].items()},
                                        val_blend["selection_metric"])
     test_grid = {float(w): row for w, row in test["rerank_blend"]["grid"].items()}
-    today_rule = "held_out" in no_match
     return {"cosine": cosine, "mAP": test["t2i"]["mAP"], "itm": test["t2i_rerank"]["R1"] - cosine,
             "weight": test["rerank_blend"]["weight"], "served": test["t2i_blend"]["R1"] - cosine,
             "unguarded": unguarded, "unguarded_gain": test_grid[unguarded]["R1"] - cosine,
             "pairs": test["itm_pair_accuracy"]["itm"] - test["itm_pair_accuracy"]["cosine"],
-            **{f"{kind}_{what}": no_match[f"{kind}_queries" if kind == "short" else "full_captions"][what]
-               if today_rule else None
-               for kind in ("short", "full") for what in ("right_top1_flagged", "absent_not_flagged")}}
+            "no_match": tuple(no_match[kind][what] for kind in ("short_queries", "full_captions")
+                              for what in ("right_top1_flagged", "absent_not_flagged"))
+            if "held_out" in no_match else None}
 
 
 def mean_sd(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.2f} (one run)"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} runs)"
 
 
@@ -90,7 +81,7 @@ def main() -> None:
     for (epochs, seed), (run, jsonl, _) in RUNS.items():
         shots = zero_shot(jsonl, run)
         lines.append(f"| {epochs} | {seed} | {run} | " + " | ".join(
-            f"{shots[s][0]:.2f} / {shots[s][1]:.2f}" if s in shots else "-" for s in STYLES) + " |")
+            f"{shots[s][0]:.2f} / {shots[s][1]:.2f}" for s in STYLES) + " |")
     lines += ["", "## Fine-tuned (the re-rank recipe, fine-tuning seed 0)", "",
               "| style | epochs | seed | test R@1, cosine | mAP | ITM replacing, minus cosine | blend weight carried "
               "from val | served blend minus cosine | val's best weight without the sign test: its test R@1 minus "
@@ -99,16 +90,15 @@ def main() -> None:
     for style in STYLES:
         for (epochs, seed), by_style in found.items():
             f = by_style[style]
-            if f is not None:
-                lines.append(f"| {style} | {epochs} | {seed} | {f['cosine']:.2f} | {f['mAP']:.2f} | {f['itm']:+.2f} | "
-                             f"{f['weight']:g} | {f['served']:+.2f} | {f['unguarded']:g}: {f['unguarded_gain']:+.2f} | "
-                             f"{f['pairs']:+.2f} |")
+            lines.append(f"| {style} | {epochs} | {seed} | {f['cosine']:.2f} | {f['mAP']:.2f} | {f['itm']:+.2f} | "
+                         f"{f['weight']:g} | {f['served']:+.2f} | {f['unguarded']:g}: {f['unguarded_gain']:+.2f} | "
+                         f"{f['pairs']:+.2f} |")
     lines += ["", "## Over pretraining seeds: test R@1 of the cosine order, mean ± sd", "",
               "| style | 6 epochs | 24 epochs | 24-epoch runs whose served blend is above the cosine | ... without "
               "the sign test (above / below) |", "|---|---|---|---|---|"]
     for style in STYLES:
-        by_epochs = {e: [f[style]["cosine"] for (ep, _), f in found.items() if ep == e and f[style]] for e in (6, 24)}
-        long = [f[style] for (ep, _), f in found.items() if ep == 24 and f[style]]
+        by_epochs = {e: [f[style]["cosine"] for (ep, _), f in found.items() if ep == e] for e in (6, 24)}
+        long = [f[style] for (ep, _), f in found.items() if ep == 24]
         unguarded = [f["unguarded_gain"] for f in long]
         lines.append(f"| {style} | {mean_sd(by_epochs[6])} | {mean_sd(by_epochs[24])} | "
                      f"{sum(f['served'] > 0 for f in long)} of {len(long)} | {sum(g > 0 for g in unguarded)} / "
@@ -119,11 +109,10 @@ def main() -> None:
               "| whole captions |", "|---|---|---|---|---|"]
     for style in STYLES:
         for (epochs, seed), by_style in found.items():
-            f = by_style[style]
-            if f is not None and f["short_right_top1_flagged"] is not None:
-                lines.append(f"| {style} | {epochs} | {seed} | {f['short_right_top1_flagged']:.1f} / "
-                             f"{f['short_absent_not_flagged']:.1f} | {f['full_right_top1_flagged']:.1f} / "
-                             f"{f['full_absent_not_flagged']:.1f} |")
+            rates = by_style[style]["no_match"]
+            if rates is not None:
+                lines.append(f"| {style} | {epochs} | {seed} | {rates[0]:.1f} / {rates[1]:.1f} | "
+                             f"{rates[2]:.1f} / {rates[3]:.1f} |")
     print("\n".join(lines))
 
 
